@@ -1,0 +1,1 @@
+//! CPU activations. (To be written.)

@@ -1,0 +1,243 @@
+//! GEMM: `C = act(alpha * op(A) * op(B) + beta * C + bias)`, row-major, with
+//! transpose flags, leading dimensions, an optional strided batch, and an
+//! optional fused epilogue (bias per row or per column, then an activation).
+//!
+//! Shapes (per batch item): `op(A)` is `m x k`, `op(B)` is `k x n`, `C` is
+//! `m x n`. `A` is stored `m x k` (row stride `lda >= k`) or, transposed,
+//! `k x m` (`lda >= m`); likewise `B`. `C` has row stride `ldc >= n`.
+//! Batch item `i` starts at `i * stride_a` in `A` (and so on); a stride of 0
+//! shares one matrix across the batch (conv weights, for example).
+//!
+//! Conventions, as in BLAS: when `beta == 0`, `C` is not read (NaN there does
+//! not leak into the result); `k == 0` gives `C = act(beta * C + bias)`.
+
+pub mod cpu;
+
+use crate::error::{Error, Result, checked_product};
+use crate::ops::activation::Activation;
+
+/// The sizes and scalars of one (batched) GEMM. Mirrored in the kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    /// Rows of `op(A)` and `C`.
+    pub m: usize,
+    /// Columns of `op(B)` and `C`.
+    pub n: usize,
+    /// Columns of `op(A)`, rows of `op(B)`.
+    pub k: usize,
+    /// Row stride of `A` as stored.
+    pub lda: usize,
+    /// Row stride of `B` as stored.
+    pub ldb: usize,
+    /// Row stride of `C`.
+    pub ldc: usize,
+    /// Number of independent products.
+    pub batch: usize,
+    /// Elements between consecutive batch items of `A` (0: shared).
+    pub stride_a: usize,
+    /// Elements between consecutive batch items of `B` (0: shared).
+    pub stride_b: usize,
+    /// Elements between consecutive batch items of `C`.
+    pub stride_c: usize,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of the previous `C`.
+    pub beta: f32,
+    /// `op(A) = A^T`.
+    pub trans_a: bool,
+    /// `op(B) = B^T`.
+    pub trans_b: bool,
+}
+
+impl Gemm {
+    /// `C = A * B` for dense row-major matrices, no transpose, one batch item.
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Gemm {
+            m,
+            n,
+            k,
+            lda: k,
+            ldb: n,
+            ldc: n,
+            batch: 1,
+            stride_a: m * k,
+            stride_b: k * n,
+            stride_c: m * n,
+            alpha: 1.0,
+            beta: 0.0,
+            trans_a: false,
+            trans_b: false,
+        }
+    }
+
+    /// Sets the transpose flags and the dense leading dimensions that go with them.
+    pub fn transpose(mut self, trans_a: bool, trans_b: bool) -> Self {
+        self.trans_a = trans_a;
+        self.trans_b = trans_b;
+        self.lda = if trans_a { self.m } else { self.k };
+        self.ldb = if trans_b { self.k } else { self.n };
+        self
+    }
+
+    /// Sets alpha and beta.
+    pub fn scale(mut self, alpha: f32, beta: f32) -> Self {
+        self.alpha = alpha;
+        self.beta = beta;
+        self
+    }
+
+    /// Makes it a batch of `batch` dense products laid out back to back
+    /// (strides `m*k`, `k*n`, `m*n`); set a stride to 0 afterwards to share.
+    pub fn batched(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self.stride_a = self.m * self.k;
+        self.stride_b = self.k * self.n;
+        self.stride_c = self.m * self.n;
+        self
+    }
+
+    /// Rows and columns of `A` as stored.
+    pub fn a_dims(&self) -> (usize, usize) {
+        if self.trans_a {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        }
+    }
+
+    /// Rows and columns of `B` as stored.
+    pub fn b_dims(&self) -> (usize, usize) {
+        if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        }
+    }
+
+    /// Floating-point operations of the whole call (2 per multiply-add).
+    pub fn flops(&self) -> f64 {
+        2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+
+    /// Checks leading dimensions and the lengths of `a`, `b`, `c` and the bias.
+    pub fn check(&self, op: &'static str, a: usize, b: usize, c: usize, bias: Bias) -> Result<()> {
+        let (ar, ac) = self.a_dims();
+        let (br, bc) = self.b_dims();
+        check_ld(op, "lda", self.lda, ac)?;
+        check_ld(op, "ldb", self.ldb, bc)?;
+        check_ld(op, "ldc", self.ldc, self.n)?;
+        check_min_len(
+            op,
+            "A",
+            a,
+            span(op, self.batch, self.stride_a, ar, ac, self.lda)?,
+        )?;
+        check_min_len(
+            op,
+            "B",
+            b,
+            span(op, self.batch, self.stride_b, br, bc, self.ldb)?,
+        )?;
+        check_min_len(
+            op,
+            "C",
+            c,
+            span(op, self.batch, self.stride_c, self.m, self.n, self.ldc)?,
+        )?;
+        if self.batch > 1 && self.stride_c < checked_product(op, "C", &[self.m, self.ldc])? {
+            // Overlapping outputs would make the result depend on the order of
+            // the batch items, which differs between backends.
+            if self.m > 0 && self.n > 0 {
+                return Err(Error::invalid(
+                    op,
+                    "stride_c",
+                    format!(
+                        "batch items of C overlap: stride_c {} < m*ldc {}",
+                        self.stride_c,
+                        self.m * self.ldc
+                    ),
+                ));
+            }
+        }
+        match bias {
+            Bias::None => Ok(()),
+            Bias::PerRow(v) => crate::error::check_len(op, "bias (per row, m)", v.len(), self.m),
+            Bias::PerCol(v) => crate::error::check_len(op, "bias (per column, n)", v.len(), self.n),
+        }
+    }
+}
+
+fn check_ld(op: &'static str, name: &'static str, ld: usize, cols: usize) -> Result<()> {
+    if ld < cols.max(1) {
+        return Err(Error::invalid(
+            op,
+            name,
+            format!(
+                "leading dimension {ld} is smaller than the row length {cols} (at least max(cols, 1))"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_min_len(op: &'static str, what: &str, got: usize, need: usize) -> Result<()> {
+    if got < need {
+        return Err(Error::shape(
+            op,
+            format!("{what} length"),
+            format!("at least {need}"),
+            got,
+        ));
+    }
+    Ok(())
+}
+
+/// Elements a batch of `rows x cols` matrices with row stride `ld` spans.
+fn span(
+    op: &'static str,
+    batch: usize,
+    stride: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> Result<usize> {
+    if batch == 0 || rows == 0 || cols == 0 {
+        return Ok(0);
+    }
+    let last = checked_product(op, "batch stride", &[batch - 1, stride])?;
+    let inner = checked_product(op, "rows", &[rows - 1, ld])?;
+    last.checked_add(inner)
+        .and_then(|s| s.checked_add(cols))
+        .ok_or_else(|| Error::invalid(op, "shape", "matrix span overflows usize"))
+}
+
+/// A bias fused into the GEMM's epilogue, added before the activation.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Bias<'a> {
+    /// No bias.
+    #[default]
+    None,
+    /// One value per row of `C` (length `m`): conv output channels.
+    PerRow(&'a [f32]),
+    /// One value per column of `C` (length `n`): dense layer units.
+    PerCol(&'a [f32]),
+}
+
+/// What the GEMM does to each element of `C` after the product.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a> {
+    /// Added first.
+    pub bias: Bias<'a>,
+    /// Applied last.
+    pub activation: Activation,
+}
+
+impl Default for Epilogue<'_> {
+    fn default() -> Self {
+        Epilogue {
+            bias: Bias::None,
+            activation: Activation::LINEAR,
+        }
+    }
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Compiles kernels/*.cu to kernels/ptx/*.ptx with the pinned NVRTC (ci/setup).
+
+    ci/ptx            regenerate the PTX
+    ci/ptx --check    fail when the committed PTX differs from a fresh compile
+
+A kernel file targets compute_70 (every GPU since Volta) unless its first
+lines say otherwise with `// kestrel-target: compute_XX`, for kernels that
+need newer hardware; the host picks those by compute capability at run time.
+NVRTC runs without a GPU, so this works on any x86-64 Linux machine.
+"""
+import ctypes
+import difflib
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "kernels"
+PTX_DIR = KERNELS / "ptx"
+NVRTC = ROOT / ".tools/cuda/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
+DEFAULT_TARGET = "compute_70"
+# -lineinfo keeps source lines for compute-sanitizer and ncu without slowing
+# the code; fast-math stays off so the kernels round like the CPU reference.
+OPTIONS = ["-std=c++17", "-lineinfo", "-default-device", f"-I{KERNELS}"]
+
+
+def load_nvrtc():
+    if not NVRTC.exists():
+        sys.exit(f"ci/ptx: {NVRTC} is missing: run ci/setup first")
+    lib = ctypes.CDLL(str(NVRTC))
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def check(lib, status, what):
+    if status != 0:
+        raise RuntimeError(f"{what}: {lib.nvrtcGetErrorString(status).decode()}")
+
+
+def target_of(source: str) -> str:
+    m = re.search(r"^// kestrel-target: (compute_\w+)", source, re.M)
+    return m.group(1) if m else DEFAULT_TARGET
+
+
+def compile_one(lib, path: pathlib.Path) -> str:
+    source = path.read_text()
+    prog = ctypes.c_void_p()
+    check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), path.name.encode(),
+                                      0, None, None), f"{path.name}: nvrtcCreateProgram")
+    try:
+        opts = OPTIONS + [f"-arch={target_of(source)}"]
+        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        status = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        log_size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(log_size))
+        log = ctypes.create_string_buffer(log_size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        text = log.value.decode(errors="replace").strip()
+        if status != 0:
+            raise RuntimeError(f"{path.name} failed to compile:\n{text}")
+        if text:
+            # Warnings fail the build too: they are how NVRTC reports most slips.
+            raise RuntimeError(f"{path.name} compiled with warnings:\n{text}")
+        size = ctypes.c_size_t()
+        check(lib, lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
+        buf = ctypes.create_string_buffer(size.value)
+        check(lib, lib.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
+        return buf.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def main(argv):
+    check_only = "--check" in argv
+    lib = load_nvrtc()
+    sources = sorted(KERNELS.glob("*.cu"))
+    if not sources:
+        sys.exit("ci/ptx: no kernels/*.cu found")
+    PTX_DIR.mkdir(exist_ok=True)
+    failed = False
+    expected = set()
+    for src in sources:
+        out = PTX_DIR / (src.stem + ".ptx")
+        expected.add(out.name)
+        try:
+            ptx = compile_one(lib, src)
+        except RuntimeError as e:
+            print(f"ci/ptx: {e}", file=sys.stderr)
+            failed = True
+            continue
+        if check_only:
+            old = out.read_text() if out.exists() else ""
+            if old != ptx:
+                diff = list(difflib.unified_diff(old.splitlines(), ptx.splitlines(),
+                                                 str(out), "fresh compile", lineterm="", n=1))
+                print(f"ci/ptx --check: {out.relative_to(ROOT)} differs from a fresh compile of "
+                      f"{src.relative_to(ROOT)} (run ci/ptx and commit):", file=sys.stderr)
+                print("\n".join(diff[:40]), file=sys.stderr)
+                failed = True
+        else:
+            tmp = out.with_suffix(".ptx.tmp")
+            tmp.write_text(ptx)
+            tmp.replace(out)
+            print(f"{src.relative_to(ROOT)} -> {out.relative_to(ROOT)} ({target_of(src.read_text())})")
+    stale = sorted(p.name for p in PTX_DIR.glob("*.ptx") if p.name not in expected)
+    if stale:
+        print(f"ci/ptx: PTX without a source: {stale}", file=sys.stderr)
+        failed = True
+    if check_only and not failed:
+        print(f"ci/ptx --check: {len(sources)} kernel files match their committed PTX")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

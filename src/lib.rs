@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cuda;
 pub mod error;
 pub mod ops;
 pub mod tensor;

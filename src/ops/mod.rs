@@ -4,4 +4,6 @@
 //! `cuda.rs` (with the `cuda` feature) the kernel launches.
 
 pub mod activation;
+pub mod batchnorm;
+pub mod dropout;
 pub mod gemm;

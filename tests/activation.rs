@@ -78,7 +78,13 @@ fn kinds(alpha: f32) -> Vec<Activation> {
 fn away_from_zero(seed: u64, len: usize) -> Vec<f32> {
     data(seed, len, -8.0, 8.0)
         .into_iter()
-        .map(|v| if v.abs() < 0.01 { v + 0.02_f32.copysign(v) } else { v })
+        .map(|v| {
+            if v.abs() < 0.01 {
+                v + 0.02_f32.copysign(v)
+            } else {
+                v
+            }
+        })
         .collect()
 }
 
@@ -186,12 +192,7 @@ fn softmax_extreme_logits() {
         let mut y = vec![f32::NAN; x.len()];
         cpu::softmax_forward(&p, &x, &mut y).unwrap();
         let want = softmax_def(1, x.len(), &to_f64(&x));
-        assert_close(
-            &format!("softmax {x:?}"),
-            &y,
-            &want,
-            softmax_tol(x.len()),
-        );
+        assert_close(&format!("softmax {x:?}"), &y, &want, softmax_tol(x.len()));
         let s: f32 = y.iter().sum();
         assert!((s - 1.0).abs() < 1e-6, "softmax {x:?} sums to {s}");
     }
@@ -222,7 +223,10 @@ fn softmax_nan_poisons_only_its_row() {
     let dy = [0.0, f32::NAN, 1.0, 1.0, 0.0, 0.0];
     let mut dx = [0.0; 6];
     cpu::softmax_backward(&p, &y, &dy, &mut dx).unwrap();
-    assert!(dx[..3].iter().all(|v| v.is_nan()) && dx[3..].iter().all(|v| !v.is_nan()), "{dx:?}");
+    assert!(
+        dx[..3].iter().all(|v| v.is_nan()) && dx[3..].iter().all(|v| !v.is_nan()),
+        "{dx:?}"
+    );
 }
 
 #[test]
@@ -232,7 +236,10 @@ fn nan_propagates_for_every_kind() {
         let mut y = [0.0; 4];
         cpu::forward(act, &x, &mut y).unwrap();
         assert!(y[1].is_nan(), "{act:?} forward: {y:?}");
-        assert!(y.iter().enumerate().all(|(i, v)| v.is_nan() == (i == 1)), "{act:?}: {y:?}");
+        assert!(
+            y.iter().enumerate().all(|(i, v)| v.is_nan() == (i == 1)),
+            "{act:?}: {y:?}"
+        );
         let dy = [1.0; 4];
         let mut dx = [0.0; 4];
         cpu::backward(act, &x, &y, &dy, &mut dx).unwrap();
@@ -261,7 +268,11 @@ fn keras_defaults_and_kinks() {
 fn errors_name_the_op_and_sizes() {
     let x = [0.0f32; 5];
     let mut y = [0.0f32; 4];
-    assert_err_mentions(cpu::forward(Activation::RELU, &x, &mut y), "activation.forward", &["5", "4", "y"]);
+    assert_err_mentions(
+        cpu::forward(Activation::RELU, &x, &mut y),
+        "activation.forward",
+        &["5", "4", "y"],
+    );
     let mut dx = [0.0f32; 5];
     assert_err_mentions(
         cpu::backward(Activation::TANH, &x, &x, &[0.0; 6], &mut dx),
@@ -280,7 +291,11 @@ fn errors_name_the_op_and_sizes() {
     );
     assert_err_mentions(Softmax::new(3, 0), "softmax", &["cols", "0"]);
     let p = Softmax::new(2, 3).unwrap();
-    assert_err_mentions(cpu::softmax_forward(&p, &[0.0; 6], &mut [0.0; 5]), "softmax.forward", &["y", "6", "5"]);
+    assert_err_mentions(
+        cpu::softmax_forward(&p, &[0.0; 6], &mut [0.0; 5]),
+        "softmax.forward",
+        &["y", "6", "5"],
+    );
     assert_err_mentions(
         cpu::softmax_backward(&p, &[0.0; 6], &[0.0; 7], &mut [0.0; 6]),
         "softmax.backward",

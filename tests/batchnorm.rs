@@ -109,7 +109,11 @@ const MODES: [VarianceMode; 5] = [
 
 fn shape() -> impl Strategy<Value = (usize, usize, usize, usize, bool)> {
     (dim(9), dim(5), dim(7), dim(7), any::<bool>()).prop_map(|(n, c, h, w, conv)| {
-        if conv { (n, c, h, w, true) } else { (n, c, 1, 1, false) }
+        if conv {
+            (n, c, h, w, true)
+        } else {
+            (n, c, 1, 1, false)
+        }
     })
 }
 
@@ -129,7 +133,14 @@ struct Out {
     rv: Vec<f32>,
 }
 
-fn run_train(p: &BatchNorm, x: &[f32], gamma: &[f32], beta: &[f32], rm0: &[f32], rv0: &[f32]) -> Out {
+fn run_train(
+    p: &BatchNorm,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    rm0: &[f32],
+    rv0: &[f32],
+) -> Out {
     let mut o = Out {
         y: vec![f32::NAN; x.len()],
         mean: vec![f32::NAN; p.c],
@@ -137,8 +148,18 @@ fn run_train(p: &BatchNorm, x: &[f32], gamma: &[f32], beta: &[f32], rm0: &[f32],
         rm: rm0.to_vec(),
         rv: rv0.to_vec(),
     };
-    cpu::forward_training(p, x, gamma, beta, &mut o.y, &mut o.mean, &mut o.inv_std, &mut o.rm, &mut o.rv)
-        .unwrap();
+    cpu::forward_training(
+        p,
+        x,
+        gamma,
+        beta,
+        &mut o.y,
+        &mut o.mean,
+        &mut o.inv_std,
+        &mut o.rm,
+        &mut o.rv,
+    )
+    .unwrap();
     o
 }
 
@@ -248,7 +269,10 @@ fn large_batch_statistics_are_accurate() {
     let o = run_train(&p, &x, &gamma, &beta, &[0.0; 2], &[1.0; 2]);
     let (y, mean, var) = train_def(&p, &to_f64(&x), &to_f64(&gamma), &to_f64(&beta));
     assert_close("mean", &o.mean, &mean, STAT_TOL);
-    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-3f32 as f64).sqrt()).collect();
+    let inv: Vec<f64> = var
+        .iter()
+        .map(|v| 1.0 / (v + 1e-3f32 as f64).sqrt())
+        .collect();
     assert_close("inv_std", &o.inv_std, &inv, STAT_TOL);
     // x - mean near 30 loses |30| * 6e-8 * inv_std(~1.7) ~ 3e-6 to rounding.
     assert_close("y", &o.y, &y, FWD_TOL);
@@ -258,7 +282,10 @@ fn large_batch_statistics_are_accurate() {
 fn single_sample_dense_gives_beta() {
     // N = 1 dense: the variance is 0, x_hat = 0, y = beta exactly.
     for mode in MODES {
-        let p = BatchNorm::dense(1, 6).unwrap().with_variance_mode(mode).unwrap();
+        let p = BatchNorm::dense(1, 6)
+            .unwrap()
+            .with_variance_mode(mode)
+            .unwrap();
         let x = data(9, 6, -3.0, 3.0);
         let gamma = data(10, 6, -2.0, 2.0);
         let beta = data(11, 6, -2.0, 2.0);
@@ -274,7 +301,10 @@ fn single_sample_dense_gives_beta() {
         let mut dx = vec![f32::NAN; 6];
         let (mut dg, mut db) = (vec![0.0; 6], vec![0.0; 6]);
         let dy = data(12, 6, -1.0, 1.0);
-        cpu::backward(&p, &x, &dy, &gamma, &o.mean, &o.inv_std, &mut dx, &mut dg, &mut db).unwrap();
+        cpu::backward(
+            &p, &x, &dy, &gamma, &o.mean, &o.inv_std, &mut dx, &mut dg, &mut db,
+        )
+        .unwrap();
         assert!(dx.iter().all(|&v| v == 0.0), "{mode:?}: dx {dx:?}");
         assert_eq!(db, dy, "{mode:?}");
     }
@@ -285,7 +315,8 @@ fn nan_poisons_only_its_channel() {
     let p = BatchNorm::conv(3, 4, 5, 3).unwrap();
     let mut x = data(1, p.len(), -1.0, 1.0);
     let bad_ch = 2;
-    x[(1 * 4 + bad_ch) * 15 + 7] = f32::NAN;
+    let (img, k) = (1, 7);
+    x[(img * 4 + bad_ch) * 15 + k] = f32::NAN;
     let gamma = [1.0; 4];
     let beta = [0.0; 4];
     let o = run_train(&p, &x, &gamma, &beta, &[0.0; 4], &[1.0; 4]);
@@ -304,7 +335,10 @@ fn nan_poisons_only_its_channel() {
     let dy = data(2, p.len(), -1.0, 1.0);
     let mut dx = vec![0.0; p.len()];
     let (mut dg, mut db) = (vec![0.0; 4], vec![0.0; 4]);
-    cpu::backward(&p, &x, &dy, &gamma, &o.mean, &o.inv_std, &mut dx, &mut dg, &mut db).unwrap();
+    cpu::backward(
+        &p, &x, &dy, &gamma, &o.mean, &o.inv_std, &mut dx, &mut dg, &mut db,
+    )
+    .unwrap();
     for (idx, v) in dx.iter().enumerate() {
         assert_eq!(v.is_nan(), (idx / 15) % 4 == bad_ch, "dx[{idx}] = {v}");
     }
@@ -323,11 +357,22 @@ fn bit_identical_on_any_thread_count() {
         let o = run_train(&p, &x, &gamma, &beta, &[0.0; 3], &[1.0; 3]);
         let mut dx = vec![0.0; p.len()];
         let (mut dg, mut db) = (vec![0.0; 3], vec![0.0; 3]);
-        cpu::backward(&p, &x, &dy, &gamma, &o.mean, &o.inv_std, &mut dx, &mut dg, &mut db).unwrap();
+        cpu::backward(
+            &p, &x, &dy, &gamma, &o.mean, &o.inv_std, &mut dx, &mut dg, &mut db,
+        )
+        .unwrap();
         (o.y, o.mean, o.inv_std, o.rv, dx, dg, db)
     };
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
-    let many = rayon::ThreadPoolBuilder::new().num_threads(5).build().unwrap().install(run);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(run);
+    let many = rayon::ThreadPoolBuilder::new()
+        .num_threads(5)
+        .build()
+        .unwrap()
+        .install(run);
     assert!(one == many, "results differ between 1 and 5 threads");
 }
 
@@ -338,12 +383,24 @@ fn errors_name_the_op_and_sizes() {
     let mut y = vec![0.0f32; 24];
     let (mut m, mut s, mut rm, mut rv) = (vec![0.0; 3], vec![0.0; 3], vec![0.0; 3], vec![1.0; 3]);
     assert_err_mentions(
-        cpu::forward_training(&p, &x[..23], &[1.0; 3], &[0.0; 3], &mut y, &mut m, &mut s, &mut rm, &mut rv),
+        cpu::forward_training(
+            &p,
+            &x[..23],
+            &[1.0; 3],
+            &[0.0; 3],
+            &mut y,
+            &mut m,
+            &mut s,
+            &mut rm,
+            &mut rv,
+        ),
         "batchnorm.forward_training",
         &["x", "24", "23"],
     );
     assert_err_mentions(
-        cpu::forward_training(&p, &x, &[1.0; 2], &[0.0; 3], &mut y, &mut m, &mut s, &mut rm, &mut rv),
+        cpu::forward_training(
+            &p, &x, &[1.0; 2], &[0.0; 3], &mut y, &mut m, &mut s, &mut rm, &mut rv,
+        ),
         "batchnorm.forward_training",
         &["gamma", "3", "2"],
     );
@@ -354,11 +411,25 @@ fn errors_name_the_op_and_sizes() {
     );
     let (mut dg, mut db) = (vec![0.0; 3], vec![0.0; 3]);
     assert_err_mentions(
-        cpu::backward(&p, &x, &x[..20], &[1.0; 3], &m, &s, &mut y, &mut dg, &mut db),
+        cpu::backward(
+            &p,
+            &x,
+            &x[..20],
+            &[1.0; 3],
+            &m,
+            &s,
+            &mut y,
+            &mut dg,
+            &mut db,
+        ),
         "batchnorm.backward",
         &["dy", "24", "20"],
     );
-    assert_err_mentions(BatchNorm::conv(0, 3, 2, 2), "batchnorm", &["n", "at least 1"]);
+    assert_err_mentions(
+        BatchNorm::conv(0, 3, 2, 2),
+        "batchnorm",
+        &["n", "at least 1"],
+    );
     assert_err_mentions(BatchNorm::dense(4, 0), "batchnorm", &["c", "at least 1"]);
     assert_err_mentions(p.with_momentum(1.5), "batchnorm", &["momentum", "1.5"]);
     assert_err_mentions(p.with_epsilon(0.0), "batchnorm", &["epsilon", "0"]);

@@ -180,7 +180,10 @@ pub fn softmax_backward(p: &Softmax, y: &[f32], dy: &[f32], dx: &mut [f32]) -> R
     dx.par_chunks_mut(task)
         .zip(y.par_chunks(task).zip(dy.par_chunks(task)))
         .for_each(|(dxt, (yt, dyt))| {
-            for ((dxr, yr), dyr) in dxt.chunks_mut(cols).zip(yt.chunks(cols)).zip(dyt.chunks(cols))
+            for ((dxr, yr), dyr) in dxt
+                .chunks_mut(cols)
+                .zip(yt.chunks(cols))
+                .zip(dyt.chunks(cols))
             {
                 let mut s = 0.0f32;
                 for (&a, &b) in dyr.iter().zip(yr) {

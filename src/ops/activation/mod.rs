@@ -220,11 +220,20 @@ impl Softmax {
     /// the struct, which has public fields, still describes a valid softmax).
     pub fn check(&self, op: &'static str, bufs: &[(&str, usize)]) -> Result<()> {
         if self.cols == 0 {
-            return Err(Error::invalid(op, "cols", "a softmax needs at least 1 class, got 0"));
+            return Err(Error::invalid(
+                op,
+                "cols",
+                "a softmax needs at least 1 class, got 0",
+            ));
         }
         let len = checked_product(op, "rows x cols", &[self.rows, self.cols])?;
         for &(what, got) in bufs {
-            check_len(op, &format!("{what} (rows {} x cols {})", self.rows, self.cols), got, len)?;
+            check_len(
+                op,
+                &format!("{what} (rows {} x cols {})", self.rows, self.cols),
+                got,
+                len,
+            )?;
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! CPU batch normalization (the rayon reference); semantics in the module
 //! docs of [`super`].
 //!
-//! Per-channel reductions are split into fixed chunks of [`CHUNK`] samples,
+//! Per-channel reductions are split into fixed chunks of `CHUNK` samples,
 //! each summed in f64 in sample order, then combined in chunk order: the
 //! same bits on any thread count, and accurate for `m` in the millions.
 

@@ -289,7 +289,12 @@ impl BatchNorm {
             )?;
         }
         for &(what, got) in per_channel {
-            check_len(op, &format!("{what} (per channel, c {})", self.c), got, self.c)?;
+            check_len(
+                op,
+                &format!("{what} (per channel, c {})", self.c),
+                got,
+                self.c,
+            )?;
         }
         Ok(())
     }

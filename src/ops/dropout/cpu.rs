@@ -36,11 +36,9 @@ fn for_each_decision(p: &Dropout, base: usize, n: usize, mut f: impl FnMut(usize
 /// Writes the mask alone (1 kept, 0 dropped), fully overwriting `mask`.
 pub fn mask_only(p: &Dropout, mask: &mut [u8]) -> Result<()> {
     p.check("dropout.mask_only", &[("mask", mask.len())])?;
-    mask.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(t, mc)| {
-            for_each_decision(p, t * CHUNK, mc.len(), |j, k| mc[j] = k as u8);
-        });
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(t, mc)| {
+        for_each_decision(p, t * CHUNK, mc.len(), |j, k| mc[j] = k as u8);
+    });
     Ok(())
 }
 

@@ -107,7 +107,12 @@ impl Dropout {
     pub fn check(&self, op: &'static str, bufs: &[(&str, usize)]) -> Result<()> {
         self.validate(op)?;
         for &(what, got) in bufs {
-            check_len(op, &format!("{what} (dropout len {})", self.len), got, self.len)?;
+            check_len(
+                op,
+                &format!("{what} (dropout len {})", self.len),
+                got,
+                self.len,
+            )?;
         }
         Ok(())
     }

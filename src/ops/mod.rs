@@ -4,6 +4,8 @@
 //! `cuda.rs` (with the `cuda` feature) the kernel launches.
 
 pub mod activation;
+pub mod batchnorm;
 pub mod conv;
+pub mod dropout;
 pub mod gemm;
 pub mod pool;

@@ -1,1 +1,198 @@
-//! CPU activations. (To be written.)
+//! CPU activations and softmax (the rayon reference).
+//!
+//! Element-wise functions apply [`Activation::apply`] / [`Activation::grad`]
+//! to every element; they are pure per element, so any split over threads
+//! gives bit-identical results. The softmax works row by row, each row
+//! sequentially in column order, so it is thread-count independent too.
+
+use rayon::prelude::*;
+
+use super::{Activation, Softmax};
+use crate::error::{Result, check_len};
+
+/// Elements per rayon task: large enough that scheduling costs nothing
+/// next to the arithmetic, small enough to balance on many cores.
+const CHUNK: usize = 1 << 14;
+
+/// Rows per rayon task at least this many elements, so that narrow
+/// softmaxes (10 classes) do not spawn a task per row.
+const SOFTMAX_MIN_TASK: usize = 1 << 12;
+
+/// `y = f(x)` element-wise; `y` is fully overwritten.
+pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
+    const OP: &str = "activation.forward";
+    act.check(OP)?;
+    check_len(OP, "y (same as x)", y.len(), x.len())?;
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(yc, xc)| {
+            for (yv, &xv) in yc.iter_mut().zip(xc) {
+                *yv = act.apply(xv);
+            }
+        });
+    Ok(())
+}
+
+/// `x = f(x)` in place (the training loop keeps only the output when the
+/// backward can use `y` alone; see [`backward_from_output`]).
+pub fn forward_inplace(act: Activation, x: &mut [f32]) -> Result<()> {
+    act.check("activation.forward_inplace")?;
+    x.par_chunks_mut(CHUNK).for_each(|c| {
+        for v in c {
+            *v = act.apply(*v);
+        }
+    });
+    Ok(())
+}
+
+/// `dx = f'(x) * dy` element-wise from the forward's input `x`, its output
+/// `y = f(x)` and `dy`; `dx` is fully overwritten. A NaN in `x` gives NaN in
+/// `dx` for every kind.
+pub fn backward(act: Activation, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    const OP: &str = "activation.backward";
+    act.check(OP)?;
+    check_len(OP, "y (same as x)", y.len(), x.len())?;
+    check_len(OP, "dy (same as x)", dy.len(), x.len())?;
+    check_len(OP, "dx (same as x)", dx.len(), x.len())?;
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|((dxc, xc), (yc, dyc))| {
+            for i in 0..dxc.len() {
+                dxc[i] = act.grad(xc[i], yc[i], dyc[i]);
+            }
+        });
+    Ok(())
+}
+
+/// `g = f'(x) * g` in place, overwriting the incoming gradient `g` (= `dy`)
+/// with `dx`, from the forward's input `x` and output `y`.
+pub fn backward_inplace(act: Activation, x: &[f32], y: &[f32], g: &mut [f32]) -> Result<()> {
+    const OP: &str = "activation.backward_inplace";
+    act.check(OP)?;
+    check_len(OP, "y (same as x)", y.len(), x.len())?;
+    check_len(OP, "gradient (same as x)", g.len(), x.len())?;
+    g.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(y.par_chunks(CHUNK))
+        .for_each(|((gc, xc), yc)| {
+            for i in 0..gc.len() {
+                gc[i] = act.grad(xc[i], yc[i], gc[i]);
+            }
+        });
+    Ok(())
+}
+
+/// `g = f'(x) * g` in place from the output `y` alone, for a forward done
+/// in place. Exact for every kind: the sign of `y` is the sign of `x` for
+/// relu, elu and leaky relu with `alpha > 0` (and `y > 0` iff `x > 0`), and
+/// tanh, sigmoid and linear only read `y`. Leaky relu and elu with
+/// `alpha <= 0` lose that information, so they are rejected here.
+pub fn backward_from_output(act: Activation, y: &[f32], g: &mut [f32]) -> Result<()> {
+    const OP: &str = "activation.backward_from_output";
+    act.check(OP)?;
+    if matches!(
+        act.kind,
+        super::ActivationKind::Elu | super::ActivationKind::LeakyRelu
+    ) && act.alpha.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+    {
+        return Err(crate::error::Error::invalid(
+            OP,
+            "alpha",
+            format!(
+                "the input cannot be recovered from the output unless alpha > 0, got {}",
+                act.alpha
+            ),
+        ));
+    }
+    check_len(OP, "gradient (same as y)", g.len(), y.len())?;
+    g.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks(CHUNK))
+        .for_each(|(gc, yc)| {
+            for i in 0..gc.len() {
+                // y stands in for x: only its sign and NaN-ness are read
+                // for the piecewise kinds.
+                gc[i] = act.grad(yc[i], yc[i], gc[i]);
+            }
+        });
+    Ok(())
+}
+
+/// Rows per task so that each task has at least [`SOFTMAX_MIN_TASK`] elements.
+fn rows_per_task(cols: usize) -> usize {
+    SOFTMAX_MIN_TASK.div_ceil(cols).max(1)
+}
+
+/// Row-wise softmax, numerically stable (see [`Softmax`]); `y` is fully
+/// overwritten.
+pub fn softmax_forward(p: &Softmax, x: &[f32], y: &mut [f32]) -> Result<()> {
+    const OP: &str = "softmax.forward";
+    p.check(OP, &[("x", x.len()), ("y", y.len())])?;
+    if p.is_empty() {
+        return Ok(());
+    }
+    let cols = p.cols;
+    let task = rows_per_task(cols) * cols;
+    y.par_chunks_mut(task)
+        .zip(x.par_chunks(task))
+        .for_each(|(yt, xt)| {
+            for (yr, xr) in yt.chunks_mut(cols).zip(xt.chunks(cols)) {
+                softmax_row(xr, yr);
+            }
+        });
+    Ok(())
+}
+
+fn softmax_row(x: &[f32], y: &mut [f32]) {
+    // A NaN must survive the max: `v > m` is false against NaN either way.
+    let mut m = x[0];
+    for &v in &x[1..] {
+        if v > m || v.is_nan() {
+            m = v;
+        }
+        if m.is_nan() {
+            break;
+        }
+    }
+    let mut sum = 0.0f32;
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        let e = (xv - m).exp();
+        *yv = e;
+        sum += e;
+    }
+    // sum >= 1 (the max contributes exp(0)), so the reciprocal is safe.
+    let inv = 1.0 / sum;
+    for yv in y.iter_mut() {
+        *yv *= inv;
+    }
+}
+
+/// Softmax backward: `dx = y * (dy - sum(dy * y))` per row, from the
+/// forward's output `y`; `dx` is fully overwritten.
+pub fn softmax_backward(p: &Softmax, y: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    const OP: &str = "softmax.backward";
+    p.check(OP, &[("y", y.len()), ("dy", dy.len()), ("dx", dx.len())])?;
+    if p.is_empty() {
+        return Ok(());
+    }
+    let cols = p.cols;
+    let task = rows_per_task(cols) * cols;
+    dx.par_chunks_mut(task)
+        .zip(y.par_chunks(task).zip(dy.par_chunks(task)))
+        .for_each(|(dxt, (yt, dyt))| {
+            for ((dxr, yr), dyr) in dxt
+                .chunks_mut(cols)
+                .zip(yt.chunks(cols))
+                .zip(dyt.chunks(cols))
+            {
+                let mut s = 0.0f32;
+                for (&a, &b) in dyr.iter().zip(yr) {
+                    s += a * b;
+                }
+                for j in 0..cols {
+                    dxr[j] = yr[j] * (dyr[j] - s);
+                }
+            }
+        });
+    Ok(())
+}

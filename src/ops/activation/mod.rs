@@ -7,6 +7,8 @@
 
 pub mod cpu;
 
+use crate::error::{Error, Result, check_len, checked_product};
+
 /// Which element-wise function. Mirrored as `enum ActivationKind` in the kernels.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -153,5 +155,86 @@ pub fn sigmoid(x: f32) -> f32 {
     } else {
         let e = x.exp();
         e / (1.0 + e)
+    }
+}
+
+impl Activation {
+    /// Rejects a parameter that would make the function meaningless: elu's
+    /// and leaky relu's `alpha` must be finite (any sign is allowed, as in
+    /// Keras). `op` names the caller in the error.
+    pub fn check(&self, op: &'static str) -> Result<()> {
+        match self.kind {
+            ActivationKind::Elu | ActivationKind::LeakyRelu if !self.alpha.is_finite() => Err(
+                Error::invalid(op, "alpha", format!("must be finite, got {}", self.alpha)),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Row-wise softmax over a `rows x cols` row-major matrix (one row per
+/// sample, one column per class).
+///
+/// Forward: `y[r][j] = exp(x[r][j] - max_r) / sum_k exp(x[r][k] - max_r)`,
+/// where `max_r` is the row's maximum, so that no `exp` overflows (logits of
+/// +-50 or +-1e4 are fine). The sum is accumulated in f32 in column order.
+/// A NaN anywhere in a row makes the whole row NaN; a `+inf` logit gives a
+/// NaN row too (`inf - inf`), as in TensorFlow; `-inf` logits get 0.
+///
+/// Backward: `dx = y * (dy - sum_j(dy_j * y_j))` per row, from the forward's
+/// output `y`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Softmax {
+    /// Number of rows (samples).
+    pub rows: usize,
+    /// Number of columns (classes); at least 1.
+    pub cols: usize,
+}
+
+impl Softmax {
+    /// A softmax over `rows` rows of `cols >= 1` classes.
+    pub fn new(rows: usize, cols: usize) -> Result<Self> {
+        if cols == 0 {
+            return Err(Error::invalid(
+                "softmax",
+                "cols",
+                "a softmax needs at least 1 class, got 0",
+            ));
+        }
+        checked_product("softmax", "rows x cols", &[rows, cols])?;
+        Ok(Softmax { rows, cols })
+    }
+
+    /// `rows * cols`, the length of every buffer.
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks that each named buffer holds `rows * cols` elements (and that
+    /// the struct, which has public fields, still describes a valid softmax).
+    pub fn check(&self, op: &'static str, bufs: &[(&str, usize)]) -> Result<()> {
+        if self.cols == 0 {
+            return Err(Error::invalid(
+                op,
+                "cols",
+                "a softmax needs at least 1 class, got 0",
+            ));
+        }
+        let len = checked_product(op, "rows x cols", &[self.rows, self.cols])?;
+        for &(what, got) in bufs {
+            check_len(
+                op,
+                &format!("{what} (rows {} x cols {})", self.rows, self.cols),
+                got,
+                len,
+            )?;
+        }
+        Ok(())
     }
 }

@@ -41,7 +41,10 @@ pub struct DeviceInfo {
 impl DeviceInfo {
     /// "9.0".
     pub fn cc_string(&self) -> String {
-        format!("{}.{}", self.compute_capability.0, self.compute_capability.1)
+        format!(
+            "{}.{}",
+            self.compute_capability.0, self.compute_capability.1
+        )
     }
 
     /// "13.0".
@@ -103,7 +106,9 @@ pub struct CudaBackend {
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("info", &self.info).finish()
+        f.debug_struct("CudaBackend")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -124,8 +129,16 @@ impl CudaBackend {
                 format!("device {ordinal} requested, but the driver sees {count} device(s)"),
             ));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
-        let attr = |a| ctx.attribute(a).map_err(|e| driver_error("cuDeviceGetAttribute", e));
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
+        // SAFETY: kestrel launches everything on the one stream below, so
+        // stream order already serializes every read and write; cudarc's
+        // per-buffer events would only add two driver calls per launch.
+        unsafe { ctx.disable_event_tracking() };
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(|e| driver_error("cuDeviceGetAttribute", e))
+        };
         use cudarc::driver::sys::CUdevice_attribute as A;
         let info = DeviceInfo {
             ordinal,
@@ -134,13 +147,17 @@ impl CudaBackend {
                 .compute_capability()
                 .map_err(|e| driver_error("cuDeviceComputeCapability", e))?,
             driver_version: driver_version().unwrap_or(0),
-            total_memory: ctx.total_mem().map_err(|e| driver_error("cuDeviceTotalMem", e))?,
+            total_memory: ctx
+                .total_mem()
+                .map_err(|e| driver_error("cuDeviceTotalMem", e))?,
             multiprocessors: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
         };
         // A stream of our own, not the legacy default stream, so that
         // kestrel's work can overlap with other libraries' and be captured
         // into a CUDA graph.
-        let stream = ctx.new_stream().map_err(|e| driver_error("cuStreamCreate", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error("cuStreamCreate", e))?;
         Ok(CudaBackend {
             ctx,
             stream,
@@ -194,7 +211,9 @@ impl CudaBackend {
                     let m = self
                         .ctx
                         .load_module(cudarc::nvrtc::Ptx::from_src(module.ptx))
-                        .map_err(|e| self.error(&format!("{} (loading module {})", name, module.name), e))?;
+                        .map_err(|e| {
+                            self.error(&format!("{} (loading module {})", name, module.name), e)
+                        })?;
                     cache.insert(module.name, m.clone());
                     m
                 }
@@ -218,26 +237,38 @@ impl CudaBackend {
 
     /// Copies a host slice to a new device buffer.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(|e| self.error("cuMemcpyHtoD", e))
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| self.error("cuMemcpyHtoD", e))
     }
 
     /// Copies a device buffer to a new host vector (synchronizes the stream).
     pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(dev).map_err(|e| self.error("cuMemcpyDtoH", e))
+        self.stream
+            .clone_dtoh(dev)
+            .map_err(|e| self.error("cuMemcpyDtoH", e))
     }
 
     /// A zeroed device buffer.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros(len).map_err(|e| self.error("cuMemAlloc", e))
+        self.stream
+            .alloc_zeros(len)
+            .map_err(|e| self.error("cuMemAlloc", e))
     }
 
     /// Waits for every launch so far; reports asynchronous kernel faults.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| self.error("cuStreamSynchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| self.error("cuStreamSynchronize", e))
     }
 
     /// Maps a launch's result to an error naming the kernel.
-    pub fn launched(&self, kernel: &str, r: std::result::Result<impl Sized, DriverError>) -> Result<()> {
+    pub fn launched(
+        &self,
+        kernel: &str,
+        r: std::result::Result<impl Sized, DriverError>,
+    ) -> Result<()> {
         r.map(|_| ()).map_err(|e| self.error(kernel, e))
     }
 }

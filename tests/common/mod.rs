@@ -157,3 +157,20 @@ pub fn assert_err_mentions<T: std::fmt::Debug>(r: kestrel::Result<T>, op: &str, 
         }
     }
 }
+
+/// The GPU for `#[ignore = "needs a CUDA device"]` tests: device 0, or a
+/// panic that says why (such tests run only with `--include-ignored`).
+pub fn gpu() -> kestrel::cuda::CudaBackend {
+    kestrel::cuda::CudaBackend::new(0)
+        .unwrap_or_else(|e| panic!("GPU test without a usable GPU: {e}"))
+}
+
+/// A quiet NaN with a payload no kernel computes, for poisoning outputs
+/// before a launch: an element the kernel fails to write stays this value
+/// and fails the comparison.
+pub const POISON: f32 = f32::from_bits(0x7fc0_dead);
+
+/// A device buffer of `len` poison values.
+pub fn poisoned(gpu: &kestrel::cuda::CudaBackend, len: usize) -> cudarc::driver::CudaSlice<f32> {
+    gpu.upload(&vec![POISON; len]).expect("upload")
+}

@@ -5,3 +5,6 @@
 
 pub mod activation;
 pub mod gemm;
+pub mod bias;
+pub mod loss;
+pub mod optim;

@@ -1,4 +1,6 @@
 //! Bias add, its gradient, and the sum reductions, against f64 loops.
+// The references are plain index loops on purpose: they are the definitions.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 
@@ -134,11 +136,19 @@ fn results_do_not_depend_on_thread_count() {
         let pd = BiasShape::dense(p.n * p.c * 13, 79).unwrap();
         let mut dbd = vec![0.0; 79];
         cpu::backward(&pd, &dy[..pd.len()], &mut dbd).unwrap();
-        (db, dbd, cpu::sum(&dy).to_bits(), cpu::sum_squares(&dy).to_bits())
+        (
+            db,
+            dbd,
+            cpu::sum(&dy).to_bits(),
+            cpu::sum_squares(&dy).to_bits(),
+        )
     };
     let global = run();
     for threads in [1, 3] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         let local = pool.install(run);
         assert_eq!(
             local.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -150,7 +160,11 @@ fn results_do_not_depend_on_thread_count() {
             global.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             "dense db differs with {threads} threads"
         );
-        assert_eq!((local.2, local.3), (global.2, global.3), "sums differ with {threads} threads");
+        assert_eq!(
+            (local.2, local.3),
+            (global.2, global.3),
+            "sums differ with {threads} threads"
+        );
     }
 }
 
@@ -161,7 +175,10 @@ fn nan_propagates_to_its_channel_only() {
     dy[(3 + 1) * 4 + 2] = f32::NAN; // sample 1, channel 1
     let mut db = vec![0.0; 3];
     cpu::backward(&p, &dy, &mut db).unwrap();
-    assert!(db[1].is_nan() && db[0].is_finite() && db[2].is_finite(), "{db:?}");
+    assert!(
+        db[1].is_nan() && db[0].is_finite() && db[2].is_finite(),
+        "{db:?}"
+    );
     let mut x = vec![0.0; p.len()];
     cpu::add_inplace(&p, &mut x, &[0.0, f32::NAN, 1.0]).unwrap();
     assert!(x[4..8].iter().all(|v| v.is_nan()) && x[..4].iter().all(|v| *v == 0.0));
@@ -182,14 +199,48 @@ fn errors_name_op_and_sizes() {
     let p = BiasShape::conv(2, 3, 4).unwrap();
     let x = vec![0.0; 24];
     let mut y = vec![0.0; 24];
-    assert_err_mentions(cpu::add(&p, &x[..23], &[0.0; 3], &mut y), "bias.add", &["x", "24", "23"]);
-    assert_err_mentions(cpu::add(&p, &x, &[0.0; 2], &mut y), "bias.add", &["b", "3", "2"]);
-    assert_err_mentions(cpu::add(&p, &x, &[0.0; 3], &mut y[..20]), "bias.add", &["y", "24", "20"]);
+    assert_err_mentions(
+        cpu::add(&p, &x[..23], &[0.0; 3], &mut y),
+        "bias.add",
+        &["x", "24", "23"],
+    );
+    assert_err_mentions(
+        cpu::add(&p, &x, &[0.0; 2], &mut y),
+        "bias.add",
+        &["b", "3", "2"],
+    );
+    assert_err_mentions(
+        cpu::add(&p, &x, &[0.0; 3], &mut y[..20]),
+        "bias.add",
+        &["y", "24", "20"],
+    );
     let mut x2 = vec![0.0; 25];
-    assert_err_mentions(cpu::add_inplace(&p, &mut x2, &[0.0; 3]), "bias.add_inplace", &["x", "24", "25"]);
+    assert_err_mentions(
+        cpu::add_inplace(&p, &mut x2, &[0.0; 3]),
+        "bias.add_inplace",
+        &["x", "24", "25"],
+    );
     let mut db = vec![0.0; 4];
-    assert_err_mentions(cpu::backward(&p, &x, &mut db), "bias.backward", &["db", "3", "4"]);
+    assert_err_mentions(
+        cpu::backward(&p, &x, &mut db),
+        "bias.backward",
+        &["db", "3", "4"],
+    );
     let mut db = vec![0.0; 3];
-    assert_err_mentions(cpu::backward(&p, &x[..1], &mut db), "bias.backward", &["dy", "24", "1"]);
+    assert_err_mentions(
+        cpu::backward(&p, &x[..1], &mut db),
+        "bias.backward",
+        &["dy", "24", "1"],
+    );
     assert_err_mentions(BiasShape::conv(usize::MAX, 2, 2), "bias", &["shape"]);
+    let bad = BiasShape {
+        n: usize::MAX,
+        c: 2,
+        spatial: 2,
+    };
+    assert_err_mentions(
+        cpu::add_inplace(&bad, &mut [], &[0.0; 2]),
+        "bias.add_inplace",
+        &["shape"],
+    );
 }

@@ -4,7 +4,7 @@
 //! `cuda.rs` (with the `cuda` feature) the kernel launches.
 
 pub mod activation;
-pub mod gemm;
 pub mod bias;
+pub mod gemm;
 pub mod loss;
 pub mod optim;

@@ -67,9 +67,14 @@ impl BiasShape {
 
     /// Checks the length of an activation buffer (`x`, `y`, `dy`).
     pub fn check_x(&self, op: &'static str, what: &str, len: usize) -> Result<()> {
+        // The fields are public: the shape may not have gone through `new`.
+        checked_product(op, "shape [n, c, spatial]", &[self.n, self.c, self.spatial])?;
         check_len(
             op,
-            &format!("{what} [n={}, c={}, spatial={}]", self.n, self.c, self.spatial),
+            &format!(
+                "{what} [n={}, c={}, spatial={}]",
+                self.n, self.c, self.spatial
+            ),
             len,
             self.len(),
         )

@@ -41,7 +41,10 @@ fn for_rows(
 /// sum NaN whatever `m` is, so the plain comparison is enough here.
 #[inline]
 fn log_norm(z: &[f32]) -> (f32, f32) {
-    let m = z.iter().copied().fold(z[0], |m, v| if v > m { v } else { m });
+    let m = z
+        .iter()
+        .copied()
+        .fold(z[0], |m, v| if v > m { v } else { m });
     let s: f32 = z.iter().map(|&v| (v - m).exp()).sum();
     (m, s.ln())
 }

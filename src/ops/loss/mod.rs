@@ -72,10 +72,18 @@ impl LossParams {
     pub fn new(n: usize, classes: usize) -> Result<Self> {
         const OP: &str = "loss";
         if n == 0 {
-            return Err(Error::invalid(OP, "n", "batch size 0: the mean loss of no samples is undefined"));
+            return Err(Error::invalid(
+                OP,
+                "n",
+                "batch size 0: the mean loss of no samples is undefined",
+            ));
         }
         if classes == 0 {
-            return Err(Error::invalid(OP, "classes", "classes = 0: each sample needs at least one class/output"));
+            return Err(Error::invalid(
+                OP,
+                "classes",
+                "classes = 0: each sample needs at least one class/output",
+            ));
         }
         checked_product(OP, "shape [n, classes]", &[n, classes])?;
         Ok(LossParams {
@@ -108,8 +116,20 @@ impl LossParams {
         self.len() == 0
     }
 
-    /// Checks a `[n, classes]` buffer.
+    /// Checks a `[n, classes]` buffer (and the shape itself, since the
+    /// fields are public and may not have gone through [`LossParams::new`]).
     pub fn check_mat(&self, op: &'static str, what: &str, len: usize) -> Result<()> {
+        if self.n == 0 || self.classes == 0 {
+            return Err(Error::invalid(
+                op,
+                "shape",
+                format!(
+                    "n = {}, classes = {}: both must be > 0",
+                    self.n, self.classes
+                ),
+            ));
+        }
+        checked_product(op, "shape [n, classes]", &[self.n, self.classes])?;
         check_len(
             op,
             &format!("{what} [n={}, classes={}]", self.n, self.classes),

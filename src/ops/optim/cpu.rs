@@ -99,7 +99,11 @@ pub fn step(
 /// The per-tensor norm clipping factors: all equal to the global one, or
 /// each from its own tensor's norm. Squared norms are taken in parallel and
 /// summed in tensor order, in f64.
-fn clip_scales(opt: &Optimizer, count: usize, norm_sq_of: impl Fn(usize) -> f64 + Sync) -> Vec<f32> {
+fn clip_scales(
+    opt: &Optimizer,
+    count: usize,
+    norm_sq_of: impl Fn(usize) -> f64 + Sync,
+) -> Vec<f32> {
     let Some(c) = opt.clipnorm else {
         return vec![1.0; count];
     };

@@ -207,17 +207,42 @@ impl Optimizer {
     /// Checks every field's domain; the error names the field and its value.
     pub fn validate(&self) -> Result<()> {
         let fin = |v: f32| v.is_finite();
-        check_range("lr", self.lr, fin(self.lr) && self.lr > 0.0, "finite and > 0")?;
-        check_range("decay", self.decay, fin(self.decay) && self.decay >= 0.0, "finite and >= 0")?;
+        check_range(
+            "lr",
+            self.lr,
+            fin(self.lr) && self.lr > 0.0,
+            "finite and > 0",
+        )?;
+        check_range(
+            "decay",
+            self.decay,
+            fin(self.decay) && self.decay >= 0.0,
+            "finite and >= 0",
+        )?;
         check_range(
             "momentum",
             self.momentum,
             fin(self.momentum) && self.momentum >= 0.0,
             "finite and >= 0",
         )?;
-        check_range("rho", self.rho, (0.0..=1.0).contains(&self.rho), "in [0, 1]")?;
-        check_range("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)")?;
-        check_range("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)")?;
+        check_range(
+            "rho",
+            self.rho,
+            (0.0..=1.0).contains(&self.rho),
+            "in [0, 1]",
+        )?;
+        check_range(
+            "beta1",
+            self.beta1,
+            (0.0..1.0).contains(&self.beta1),
+            "in [0, 1)",
+        )?;
+        check_range(
+            "beta2",
+            self.beta2,
+            (0.0..1.0).contains(&self.beta2),
+            "in [0, 1)",
+        )?;
         check_range(
             "epsilon",
             self.epsilon,

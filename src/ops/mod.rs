@@ -7,7 +7,10 @@
 
 pub mod activation;
 pub mod batchnorm;
+pub mod bias;
 pub mod conv;
 pub mod dropout;
 pub mod gemm;
+pub mod loss;
+pub mod optim;
 pub mod pool;

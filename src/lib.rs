@@ -3,12 +3,14 @@
 //! small Keras-like training loop on top.
 //!
 //! Layout: [`ops`] holds one folder per op family (parameters, CPU reference,
-//! CUDA launches); [`tensor`] the host tensor; [`error`] the one error type.
+//! CUDA launches); [`tensor`] the host tensor; [`data`] the data sets and
+//! their loaders; [`error`] the one error type.
 //! Activations are NCHW, conv weights OIHW, matrices row-major, f32 throughout.
 
 #![warn(missing_docs)]
 
 pub mod cuda;
+pub mod data;
 pub mod error;
 pub mod ops;
 pub mod tensor;

@@ -36,3 +36,60 @@ __device__ __forceinline__ float activation_apply(Activation a, float x) {
         default: return x;
     }
 }
+
+// ===== gpu_elem block: activation gradient, deterministic f64 block sums,
+// ===== cheap index division. (Added with the activation, bias, batchnorm,
+// ===== dropout and pool kernels.)
+
+// a / b for the u64 indices every kernel carries; almost every real shape
+// fits in 32 bits, where the division is several times cheaper.
+__device__ __forceinline__ u64 udiv64(u64 a, u64 b) {
+    if (((a | b) >> 32) == 0) return (u64)((u32)a / (u32)b);
+    return a / b;
+}
+
+// dL/dx from x, y = f(x) and dL/dy: the same expressions as Rust's
+// Activation::grad (NaN in x gives NaN for the piecewise kinds).
+__device__ __forceinline__ float activation_grad(Activation a, float x, float y, float dy) {
+    switch (a.kind) {
+        case ACT_RELU: return x > 0.0f ? dy : (x != x ? x : 0.0f);
+        case ACT_ELU: return x > 0.0f ? dy : (x != x ? x : dy * (y + a.alpha));
+        case ACT_LEAKY_RELU: return x > 0.0f ? dy : (x != x ? x : dy * a.alpha);
+        case ACT_TANH: return dy * (1.0f - y * y);
+        case ACT_SIGMOID: return dy * y * (1.0f - y);
+        default: return dy;
+    }
+}
+
+// Block size of every reduction kernel that uses block_sum_f64.
+#define REDUCE_THREADS 256
+
+// Sum of v over the block in a fixed tree order (bit-identical run to run).
+// Every thread of a REDUCE_THREADS-thread block must call it; every thread
+// gets the result. Safe to call several times in a row (the leading barrier
+// keeps a late reader of the previous result from seeing new partials).
+__device__ __forceinline__ double block_sum_f64(double v) {
+    __shared__ double sh[REDUCE_THREADS];
+    __syncthreads();
+    sh[threadIdx.x] = v;
+    __syncthreads();
+#pragma unroll
+    for (u32 s = REDUCE_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    return sh[0];
+}
+
+// Element index of sample j (0 <= j < n*spatial) of channel ch in an
+// [n, c, spatial] tensor: image j / spatial, position j % spatial.
+__device__ __forceinline__ u64 channel_sample_index(u64 c, u64 spatial, u64 ch, u64 j) {
+    u64 img = udiv64(j, spatial);
+    u64 off = j - img * spatial;
+    return (img * c + ch) * spatial + off;
+}
+
+// Samples per block in the per-channel partial sums (bias gradient,
+// batchnorm statistics): 16 per thread, a fixed function of the shape.
+#define CHANNEL_CHUNK 4096ull
+// ===== end gpu_elem block

@@ -9,6 +9,7 @@
 
 mod modules;
 
+pub use modules::{ACTIVATION, BATCHNORM, BIAS, DROPOUT, POOL};
 pub use modules::{KernelModule, MODULES};
 
 use std::collections::HashMap;

@@ -28,4 +28,8 @@ macro_rules! modules {
 
 modules! {
     ACTIVATION => "activation",
+    BATCHNORM => "batchnorm",
+    BIAS => "bias",
+    DROPOUT => "dropout",
+    POOL => "pool",
 }

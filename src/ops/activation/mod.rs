@@ -6,6 +6,7 @@
 //! backend follows.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result, check_len, checked_product};
 

@@ -40,6 +40,7 @@
 //! become NaN, as they do in Keras.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result, check_len, checked_product};
 

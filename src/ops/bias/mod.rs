@@ -17,6 +17,7 @@
 //! values without losing their precision).
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Result, check_len, checked_product};
 

@@ -32,6 +32,7 @@
 //! as kept.
 
 pub mod cpu;
+pub mod cuda;
 pub mod philox;
 
 use crate::error::{Error, Result, check_len};

@@ -21,6 +21,7 @@
 //! argmax points at the first NaN.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result, check_len, checked_product};
 pub use crate::ops::conv::Padding;

@@ -1,0 +1,91 @@
+// Bias add, bias gradient and whole-buffer sums.
+// x, y, dy: [n, c, spatial] (dense: spatial = 1; NCHW: spatial = h*w);
+// b, db: [c]. BiasShape mirrors kestrel::ops::bias::BiasShape.
+// Every reduction is two-stage with f64 accumulation and a fixed order: the
+// same inputs give the same bits on every run (no float atomics).
+#include "common.cuh"
+
+struct BiasShape {
+    u64 n;
+    u64 c;
+    u64 spatial;
+};
+static_assert(sizeof(BiasShape) == 24, "BiasShape mirrors a #[repr(C)] Rust struct of 24 bytes");
+
+// y[i] = x[i] + b[(i / spatial) % c].
+extern "C" __global__ void bias_add(BiasShape p, const float* __restrict__ x, const float* __restrict__ b,
+                                    float* __restrict__ y, u64 len) {
+    GRID_STRIDE(i, len) {
+        u64 row = udiv64(i, p.spatial);
+        u64 ch = row - udiv64(row, p.c) * p.c;
+        y[i] = x[i] + b[ch];
+    }
+}
+
+// x[i] += b[(i / spatial) % c].
+extern "C" __global__ void bias_add_inplace(BiasShape p, float* __restrict__ x, const float* __restrict__ b, u64 len) {
+    GRID_STRIDE(i, len) {
+        u64 row = udiv64(i, p.spatial);
+        u64 ch = row - udiv64(row, p.c) * p.c;
+        x[i] += b[ch];
+    }
+}
+
+// Stage 1 of db: partial[ch * chunks + k] = sum of dy over samples
+// [k * CHANNEL_CHUNK, (k+1) * CHANNEL_CHUNK) of channel ch (a sample is one
+// (image, position) pair), in f64. Grid: x strides over chunks, y over
+// channels; blockDim.x == REDUCE_THREADS.
+extern "C" __global__ void bias_grad_partials(BiasShape p, const float* __restrict__ dy, double* __restrict__ partial,
+                                              u64 chunks) {
+    const u64 m = p.n * p.spatial;
+    for (u64 ch = blockIdx.y; ch < p.c; ch += gridDim.y) {
+        for (u64 k = blockIdx.x; k < chunks; k += gridDim.x) {
+            const u64 j0 = k * CHANNEL_CHUNK;
+            const u64 j1 = j0 + CHANNEL_CHUNK < m ? j0 + CHANNEL_CHUNK : m;
+            double acc = 0.0;
+            for (u64 j = j0 + threadIdx.x; j < j1; j += REDUCE_THREADS) {
+                acc += (double)dy[channel_sample_index(p.c, p.spatial, ch, j)];
+            }
+            acc = block_sum_f64(acc);
+            if (threadIdx.x == 0) partial[ch * chunks + k] = acc;
+        }
+    }
+}
+
+// Stage 2 of db: db[ch] = sum over k in order of partial[ch * chunks + k],
+// rounded once to f32 (0 when there are no samples).
+extern "C" __global__ void bias_grad_finalize(BiasShape p, const double* __restrict__ partial, u64 chunks,
+                                              float* __restrict__ db) {
+    GRID_STRIDE(ch, p.c) {
+        double s = 0.0;
+        for (u64 k = 0; k < chunks; ++k) s += partial[ch * chunks + k];
+        db[ch] = (float)s;
+    }
+}
+
+// Stage 1 of sum / sum of squares: partial[k] = sum over the contiguous
+// chunk k of REDUCE_CHUNK elements of x (or x^2, squared in f64).
+#define REDUCE_CHUNK 8192ull
+extern "C" __global__ void reduce_sum_partials(const float* __restrict__ x, u64 len, u32 square,
+                                               double* __restrict__ partial, u64 chunks) {
+    for (u64 k = blockIdx.x; k < chunks; k += gridDim.x) {
+        const u64 i0 = k * REDUCE_CHUNK;
+        const u64 i1 = i0 + REDUCE_CHUNK < len ? i0 + REDUCE_CHUNK : len;
+        double acc = 0.0;
+        for (u64 i = i0 + threadIdx.x; i < i1; i += REDUCE_THREADS) {
+            double v = (double)x[i];
+            acc += square ? v * v : v;
+        }
+        acc = block_sum_f64(acc);
+        if (threadIdx.x == 0) partial[k] = acc;
+    }
+}
+
+// Stage 2: out[0] = the sum of the partials, each thread taking a fixed
+// strided subset in order, then the fixed tree. One block of REDUCE_THREADS.
+extern "C" __global__ void reduce_sum_finalize(const double* __restrict__ partial, u64 chunks, double* __restrict__ out) {
+    double acc = 0.0;
+    for (u64 k = threadIdx.x; k < chunks; k += REDUCE_THREADS) acc += partial[k];
+    acc = block_sum_f64(acc);
+    if (threadIdx.x == 0) out[0] = acc;
+}

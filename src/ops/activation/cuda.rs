@@ -1,0 +1,191 @@
+//! CUDA activations and softmax (`kernels/activation.cu`): launch wrappers
+//! mirroring [`super::cpu`], with the same length checks before any launch.
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::{Activation, ActivationKind, Softmax};
+use crate::cuda::{ACTIVATION, CudaBackend};
+use crate::error::{Error, Result, check_len};
+
+// SAFETY: `#[repr(C)]` with a `#[repr(u32)]` enum and an f32: plain old
+// data of 8 bytes, mirrored as `struct Activation` in common.cuh.
+unsafe impl cudarc::driver::DeviceRepr for Activation {}
+// SAFETY: `#[repr(C)]`, two usizes: mirrored as `struct Softmax` in activation.cu.
+unsafe impl cudarc::driver::DeviceRepr for Softmax {}
+
+const _: () = assert!(std::mem::size_of::<Activation>() == 8);
+const _: () = assert!(std::mem::size_of::<Softmax>() == 16);
+
+/// Launches `$name` from activation.cu over `$n` elements with a
+/// grid-stride config, pushing the arguments then `n` as u64.
+macro_rules! launch_elementwise {
+    ($gpu:expr, $name:literal, $n:expr, $($arg:expr),+) => {{
+        let n: usize = $n;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = $gpu.function(&ACTIVATION, $name)?;
+        let cfg = $gpu.elementwise_config(n);
+        let n64 = n as u64;
+        let mut b = $gpu.stream().launch_builder(&f);
+        $(b.arg($arg);)+
+        b.arg(&n64);
+        // SAFETY: every buffer passed holds `n` elements (checked by the
+        // caller) and the kernel touches indices below `n` only.
+        let r = unsafe { b.launch(cfg) };
+        $gpu.launched($name, r)
+    }};
+}
+
+/// `y = f(x)` element-wise; `y` is fully overwritten.
+pub fn forward(
+    gpu: &CudaBackend,
+    act: Activation,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "activation.forward";
+    act.check(OP)?;
+    check_len(OP, "y (same as x)", y.len(), x.len())?;
+    launch_elementwise!(gpu, "activation_forward", x.len(), &act, x, y)
+}
+
+/// `x = f(x)` in place.
+pub fn forward_inplace(
+    gpu: &CudaBackend,
+    act: Activation,
+    x: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    act.check("activation.forward_inplace")?;
+    let n = x.len();
+    launch_elementwise!(gpu, "activation_forward_inplace", n, &act, x)
+}
+
+/// `dx = f'(x) * dy` from the forward's input `x` and output `y`; `dx` is
+/// fully overwritten.
+pub fn backward(
+    gpu: &CudaBackend,
+    act: Activation,
+    x: &CudaView<'_, f32>,
+    y: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "activation.backward";
+    act.check(OP)?;
+    check_len(OP, "y (same as x)", y.len(), x.len())?;
+    check_len(OP, "dy (same as x)", dy.len(), x.len())?;
+    check_len(OP, "dx (same as x)", dx.len(), x.len())?;
+    launch_elementwise!(gpu, "activation_backward", x.len(), &act, x, y, dy, dx)
+}
+
+/// `g = f'(x) * g` in place (the incoming gradient becomes `dx`).
+pub fn backward_inplace(
+    gpu: &CudaBackend,
+    act: Activation,
+    x: &CudaView<'_, f32>,
+    y: &CudaView<'_, f32>,
+    g: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "activation.backward_inplace";
+    act.check(OP)?;
+    check_len(OP, "y (same as x)", y.len(), x.len())?;
+    check_len(OP, "gradient (same as x)", g.len(), x.len())?;
+    launch_elementwise!(gpu, "activation_backward_inplace", x.len(), &act, x, y, g)
+}
+
+/// `g = f'(x) * g` in place from the output `y` alone (see
+/// [`super::cpu::backward_from_output`]: elu and leaky relu need `alpha > 0`).
+pub fn backward_from_output(
+    gpu: &CudaBackend,
+    act: Activation,
+    y: &CudaView<'_, f32>,
+    g: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "activation.backward_from_output";
+    act.check(OP)?;
+    if matches!(act.kind, ActivationKind::Elu | ActivationKind::LeakyRelu)
+        && act.alpha.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+    {
+        return Err(Error::invalid(
+            OP,
+            "alpha",
+            format!(
+                "the input cannot be recovered from the output unless alpha > 0, got {}",
+                act.alpha
+            ),
+        ));
+    }
+    check_len(OP, "gradient (same as y)", g.len(), y.len())?;
+    launch_elementwise!(gpu, "activation_backward_from_output", y.len(), &act, y, g)
+}
+
+/// One warp per row, eight rows per block, grid-strided over the rows.
+fn softmax_config(gpu: &CudaBackend, rows: usize) -> LaunchConfig {
+    const THREADS: u32 = 256;
+    let needed = rows.div_ceil((THREADS / 32) as usize).max(1);
+    let cap = (gpu.info().multiprocessors.max(1) * 16) as usize;
+    LaunchConfig {
+        grid_dim: (needed.min(cap) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Row-wise softmax (see [`Softmax`]); `y` is fully overwritten. Rows sum
+/// in a different order than the CPU's (a warp's lanes, then a butterfly),
+/// so the results agree within rounding, not bit for bit.
+pub fn softmax_forward(
+    gpu: &CudaBackend,
+    p: &Softmax,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "softmax.forward";
+    p.check(OP, &[("x", x.len()), ("y", y.len())])?;
+    if p.is_empty() {
+        return Ok(());
+    }
+    let f = gpu.function(&ACTIVATION, "softmax_forward")?;
+    let cfg = softmax_config(gpu, p.rows);
+    // SAFETY: x and y hold rows * cols elements (checked above); the kernel
+    // reads and writes rows below p.rows, columns below p.cols only.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(x)
+            .arg(y)
+            .launch(cfg)
+    };
+    gpu.launched("softmax_forward", r)
+}
+
+/// Softmax backward `dx = y * (dy - sum(dy * y))` per row; `dx` is fully
+/// overwritten.
+pub fn softmax_backward(
+    gpu: &CudaBackend,
+    p: &Softmax,
+    y: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "softmax.backward";
+    p.check(OP, &[("y", y.len()), ("dy", dy.len()), ("dx", dx.len())])?;
+    if p.is_empty() {
+        return Ok(());
+    }
+    let f = gpu.function(&ACTIVATION, "softmax_backward")?;
+    let cfg = softmax_config(gpu, p.rows);
+    // SAFETY: y, dy and dx hold rows * cols elements (checked above).
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(y)
+            .arg(dy)
+            .arg(dx)
+            .launch(cfg)
+    };
+    gpu.launched("softmax_backward", r)
+}

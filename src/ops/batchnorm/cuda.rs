@@ -1,0 +1,314 @@
+//! CUDA batch normalization (`kernels/batchnorm.cu`): launch wrappers
+//! mirroring [`super::cpu`], with the same checks before any launch.
+//!
+//! Per-channel sums are two-stage and deterministic: block `(k, ch)` sums
+//! samples `[4096 k, 4096 (k+1))` of channel `ch`, each thread in f64 over a
+//! fixed strided subset, then a fixed shared-memory tree; a second kernel
+//! adds the chunk sums in chunk order, in f64. The variance is two-pass
+//! (squared deviations from the f64 mean), as on the CPU, so the f64
+//! statistics differ from the CPU's only by f64 reassociation (relative
+//! ~1e-15) and the f32 `save_mean`, `save_inv_std` and running statistics
+//! agree with the CPU's to within one f32 rounding (almost always exactly;
+//! the running-statistic updates use the CPU's exact f32 operations).
+//! `y` and `dx` are f32 expressions that the compiler may contract into
+//! fused multiply-adds, so they agree within a few f32 ulps.
+//!
+//! Scratch per call (allocated with `gpu.zeros`): training forward
+//! `8 * c * (chunks + 1)` bytes, backward `16 * c * chunks + 12 * c`,
+//! inference `4 * c`, where `chunks = ceil(n * spatial / 4096)`.
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::BatchNorm;
+use crate::cuda::{BATCHNORM, CudaBackend};
+use crate::error::Result;
+
+// SAFETY: `#[repr(C)]`, three usizes, a bool, two f32s and a
+// `#[repr(u32)]` enum: plain old data of 40 bytes, mirrored as `struct
+// BatchNorm` in batchnorm.cu.
+unsafe impl cudarc::driver::DeviceRepr for BatchNorm {}
+const _: () = assert!(std::mem::size_of::<BatchNorm>() == 40);
+
+/// Samples per stage-1 block (`CHANNEL_CHUNK` in common.cuh).
+const CHANNEL_CHUNK: usize = 4096;
+/// Threads per reduction block (`REDUCE_THREADS` in common.cuh).
+const REDUCE_THREADS: u32 = 256;
+/// Grid dimensions beyond this stride (the kernels loop over the rest).
+const MAX_GRID: usize = 65535;
+
+fn chunks_of(p: &BatchNorm) -> usize {
+    p.sample_size().div_ceil(CHANNEL_CHUNK)
+}
+
+fn partials_config(p: &BatchNorm, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            chunks.clamp(1, MAX_GRID) as u32,
+            p.c.clamp(1, MAX_GRID) as u32,
+            1,
+        ),
+        block_dim: (REDUCE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Training forward: normalizes `x` with its batch statistics into `y`,
+/// writes `save_mean` and `save_inv_std` (all fully overwritten) and
+/// updates `running_mean` and `running_var` in place.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_training(
+    gpu: &CudaBackend,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    save_mean: &mut CudaViewMut<'_, f32>,
+    save_inv_std: &mut CudaViewMut<'_, f32>,
+    running_mean: &mut CudaViewMut<'_, f32>,
+    running_var: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    p.check(
+        "batchnorm.forward_training",
+        &[("x", x.len()), ("y", y.len())],
+        &[
+            ("gamma", gamma.len()),
+            ("beta", beta.len()),
+            ("save_mean", save_mean.len()),
+            ("save_inv_std", save_inv_std.len()),
+            ("running_mean", running_mean.len()),
+            ("running_var", running_var.len()),
+        ],
+    )?;
+    let chunks = chunks_of(p);
+    let chunks64 = chunks as u64;
+    let mut partial: CudaSlice<f64> = gpu.zeros(p.c * chunks)?;
+    let mut mean64: CudaSlice<f64> = gpu.zeros(p.c)?;
+    let stat = gpu.function(&BATCHNORM, "bn_stat_partials")?;
+    let cfg = partials_config(p, chunks);
+    // SAFETY (both passes): x holds n*c*spatial elements (checked); block
+    // (k, ch) reads samples of channel ch below n*spatial and mean64[ch],
+    // and writes partial[ch * chunks + k] < c * chunks, its length.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&stat)
+            .arg(p)
+            .arg(x)
+            .arg(&mean64)
+            .arg(&0u32)
+            .arg(&mut partial)
+            .arg(&chunks64)
+            .launch(cfg)
+    };
+    gpu.launched("bn_stat_partials", r)?;
+    let f = gpu.function(&BATCHNORM, "bn_mean")?;
+    // SAFETY: reads partial below c * chunks, writes mean64 below c.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(&partial)
+            .arg(&chunks64)
+            .arg(&mut mean64)
+            .launch(gpu.elementwise_config(p.c))
+    };
+    gpu.launched("bn_mean", r)?;
+    // SAFETY: as the first pass.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&stat)
+            .arg(p)
+            .arg(x)
+            .arg(&mean64)
+            .arg(&1u32)
+            .arg(&mut partial)
+            .arg(&chunks64)
+            .launch(cfg)
+    };
+    gpu.launched("bn_stat_partials", r)?;
+    let factor = p.variance_factor();
+    let f = gpu.function(&BATCHNORM, "bn_finalize_training")?;
+    // SAFETY: reads partial below c * chunks and mean64 below c; the four
+    // per-channel outputs hold c elements each (checked).
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(&partial)
+            .arg(&chunks64)
+            .arg(&mean64)
+            .arg(&factor)
+            .arg(&mut *save_mean)
+            .arg(&mut *save_inv_std)
+            .arg(running_mean)
+            .arg(running_var)
+            .launch(gpu.elementwise_config(p.c))
+    };
+    gpu.launched("bn_finalize_training", r)?;
+    apply(
+        gpu,
+        p,
+        x,
+        gamma,
+        beta,
+        &save_mean.as_view(),
+        &save_inv_std.as_view(),
+        y,
+    )
+}
+
+/// `y = gamma * ((x - mean) * inv_std) + beta` per channel; lengths checked
+/// by the callers.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    gpu: &CudaBackend,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    mean: &CudaView<'_, f32>,
+    inv_std: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let f = gpu.function(&BATCHNORM, "bn_apply")?;
+    let len = p.len() as u64;
+    // SAFETY: x and y hold n*c*spatial elements, the per-channel inputs c
+    // (checked by the callers); element i reads channel (i / spatial) % c.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(x)
+            .arg(gamma)
+            .arg(beta)
+            .arg(mean)
+            .arg(inv_std)
+            .arg(y)
+            .arg(&len)
+            .launch(gpu.elementwise_config(p.len()))
+    };
+    gpu.launched("bn_apply", r)
+}
+
+/// Inference forward with the running statistics; `y` fully overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_inference(
+    gpu: &CudaBackend,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    running_mean: &CudaView<'_, f32>,
+    running_var: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    p.check(
+        "batchnorm.forward_inference",
+        &[("x", x.len()), ("y", y.len())],
+        &[
+            ("gamma", gamma.len()),
+            ("beta", beta.len()),
+            ("running_mean", running_mean.len()),
+            ("running_var", running_var.len()),
+        ],
+    )?;
+    let mut inv_std: CudaSlice<f32> = gpu.zeros(p.c)?;
+    let f = gpu.function(&BATCHNORM, "bn_inference_inv_std")?;
+    // SAFETY: reads running_var below c (checked), writes inv_std below c.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(running_var)
+            .arg(&mut inv_std)
+            .launch(gpu.elementwise_config(p.c))
+    };
+    gpu.launched("bn_inference_inv_std", r)?;
+    apply(gpu, p, x, gamma, beta, running_mean, &inv_std.as_view(), y)
+}
+
+/// Backward through the training forward: writes `dx`, `dgamma` and
+/// `dbeta` (all fully overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &CudaBackend,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    save_mean: &CudaView<'_, f32>,
+    save_inv_std: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+    dgamma: &mut CudaViewMut<'_, f32>,
+    dbeta: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    p.check(
+        "batchnorm.backward",
+        &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())],
+        &[
+            ("gamma", gamma.len()),
+            ("save_mean", save_mean.len()),
+            ("save_inv_std", save_inv_std.len()),
+            ("dgamma", dgamma.len()),
+            ("dbeta", dbeta.len()),
+        ],
+    )?;
+    let chunks = chunks_of(p);
+    let chunks64 = chunks as u64;
+    let mut part_dy: CudaSlice<f64> = gpu.zeros(p.c * chunks)?;
+    let mut part_dy_xhat: CudaSlice<f64> = gpu.zeros(p.c * chunks)?;
+    let mut coefs: CudaSlice<f32> = gpu.zeros(3 * p.c)?;
+    let f = gpu.function(&BATCHNORM, "bn_backward_partials")?;
+    // SAFETY: x, dy hold n*c*spatial elements, save_* hold c (checked);
+    // block (k, ch) writes element ch * chunks + k of both partial buffers.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(x)
+            .arg(dy)
+            .arg(save_mean)
+            .arg(save_inv_std)
+            .arg(&mut part_dy)
+            .arg(&mut part_dy_xhat)
+            .arg(&chunks64)
+            .launch(partials_config(p, chunks))
+    };
+    gpu.launched("bn_backward_partials", r)?;
+    let f = gpu.function(&BATCHNORM, "bn_backward_finalize")?;
+    // SAFETY: reads the partials below c * chunks and gamma, save_inv_std
+    // below c; writes dgamma, dbeta below c (checked) and coefs below 3c.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(&part_dy)
+            .arg(&part_dy_xhat)
+            .arg(&chunks64)
+            .arg(gamma)
+            .arg(save_inv_std)
+            .arg(dgamma)
+            .arg(dbeta)
+            .arg(&mut coefs)
+            .launch(gpu.elementwise_config(p.c))
+    };
+    gpu.launched("bn_backward_finalize", r)?;
+    let f = gpu.function(&BATCHNORM, "bn_backward_dx")?;
+    let len = p.len() as u64;
+    // SAFETY: x, dy, dx hold n*c*spatial elements; element i reads channel
+    // (i / spatial) % c of save_* (c elements) and coefs (3c).
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(x)
+            .arg(dy)
+            .arg(save_mean)
+            .arg(save_inv_std)
+            .arg(&coefs)
+            .arg(dx)
+            .arg(&len)
+            .launch(gpu.elementwise_config(p.len()))
+    };
+    gpu.launched("bn_backward_dx", r)
+}

@@ -1,0 +1,104 @@
+//! CUDA dropout (`kernels/dropout.cu`, Philox in `kernels/philox.cuh`):
+//! launch wrappers mirroring [`super::cpu`], with the same checks before any
+//! launch. The masks are the CPU's bit for bit (the same Philox4x32-10
+//! counters and keep rule), and so are the values: `scale` is computed once
+//! on the host ([`Dropout::scale`]) and each value is one f32 product.
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::Dropout;
+use crate::cuda::{CudaBackend, DROPOUT};
+use crate::error::Result;
+
+// SAFETY: `#[repr(C)]` usize, f32, u64, u64: plain old data of 32 bytes
+// (4 bytes of padding after `rate`), mirrored as `struct Dropout` in dropout.cu.
+unsafe impl cudarc::driver::DeviceRepr for Dropout {}
+const _: () = assert!(std::mem::size_of::<Dropout>() == 32);
+
+/// One thread per 4-element Philox block.
+fn blocks_config(gpu: &CudaBackend, len: usize) -> LaunchConfig {
+    gpu.elementwise_config(len.div_ceil(4))
+}
+
+/// Writes the mask alone (1 kept, 0 dropped), fully overwriting `mask`.
+pub fn mask_only(gpu: &CudaBackend, p: &Dropout, mask: &mut CudaViewMut<'_, u8>) -> Result<()> {
+    p.check("dropout.mask_only", &[("mask", mask.len())])?;
+    if p.len == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&DROPOUT, "dropout_mask_only")?;
+    // SAFETY: mask holds p.len bytes (checked); the kernel writes below p.len.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(mask)
+            .launch(blocks_config(gpu, p.len))
+    };
+    gpu.launched("dropout_mask_only", r)
+}
+
+/// `y = x * scale` where kept, `x * 0.0` where dropped; writes `y` and
+/// `mask` (both fully overwritten).
+pub fn forward(
+    gpu: &CudaBackend,
+    p: &Dropout,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    mask: &mut CudaViewMut<'_, u8>,
+) -> Result<()> {
+    p.check(
+        "dropout.forward",
+        &[("x", x.len()), ("y", y.len()), ("mask", mask.len())],
+    )?;
+    if p.len == 0 {
+        return Ok(());
+    }
+    let scale = p.scale();
+    let f = gpu.function(&DROPOUT, "dropout_forward")?;
+    // SAFETY: x, y and mask hold p.len elements (checked); the kernel
+    // touches indices below p.len only.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(&scale)
+            .arg(x)
+            .arg(y)
+            .arg(mask)
+            .launch(blocks_config(gpu, p.len))
+    };
+    gpu.launched("dropout_forward", r)
+}
+
+/// `dx = dy * scale` where `mask` is nonzero, `dy * 0.0` elsewhere; `dx`
+/// fully overwritten.
+pub fn backward(
+    gpu: &CudaBackend,
+    p: &Dropout,
+    dy: &CudaView<'_, f32>,
+    mask: &CudaView<'_, u8>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    p.check(
+        "dropout.backward",
+        &[("dy", dy.len()), ("mask", mask.len()), ("dx", dx.len())],
+    )?;
+    if p.len == 0 {
+        return Ok(());
+    }
+    let scale = p.scale();
+    let f = gpu.function(&DROPOUT, "dropout_backward")?;
+    // SAFETY: dy, mask and dx hold p.len elements (checked).
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(&scale)
+            .arg(dy)
+            .arg(mask)
+            .arg(dx)
+            .launch(gpu.elementwise_config(p.len))
+    };
+    gpu.launched("dropout_backward", r)
+}

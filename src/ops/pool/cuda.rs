@@ -1,0 +1,125 @@
+//! CUDA max pooling (`kernels/pool.cu`): launch wrappers mirroring
+//! [`super::cpu`], with the same checks before any launch.
+//!
+//! The forward scans each window exactly as the CPU does, so `y` and
+//! `argmax` are the CPU's bits. The backward gathers, one thread per input
+//! element, over the windows that contain it, adding in row-major output
+//! order from 0: overlapping windows need no atomics and `dx` is the CPU's
+//! bits too.
+//!
+//! Unlike the CPU backward, the GPU backward does not scan `argmax` for
+//! out-of-plane indices first (that would cost a download): an entry that
+//! does not point into its own window, which the forward never writes,
+//! routes its gradient nowhere instead of failing. No entry can make the
+//! kernel read or write out of bounds.
+
+use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+
+use super::MaxPool2d;
+use crate::cuda::{CudaBackend, POOL};
+use crate::error::Result;
+
+// SAFETY: `#[repr(C)]`, fourteen usizes: plain old data of 112 bytes,
+// mirrored as `struct MaxPool2d` in pool.cu.
+unsafe impl cudarc::driver::DeviceRepr for MaxPool2d {}
+const _: () = assert!(std::mem::size_of::<MaxPool2d>() == 112);
+
+/// `y = maxpool(x)` and the argmax of every window (index within the
+/// image plane); `y` and `argmax` fully overwritten.
+pub fn forward(
+    gpu: &CudaBackend,
+    p: &MaxPool2d,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    argmax: &mut CudaViewMut<'_, u32>,
+) -> Result<()> {
+    const OP: &str = "maxpool2d.forward";
+    p.validate(OP)?;
+    p.check_x(OP, "x", x.len())?;
+    p.check_y(OP, "y", y.len())?;
+    p.check_y(OP, "argmax", argmax.len())?;
+    let ylen = p.y_len();
+    if ylen == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&POOL, "maxpool2d_forward")?;
+    let ylen64 = ylen as u64;
+    // SAFETY: validate() guarantees every window holds a real cell inside
+    // its h x w plane; x holds n*c*h*w and y, argmax n*c*oh*ow (checked).
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(x)
+            .arg(y)
+            .arg(argmax)
+            .arg(&ylen64)
+            .launch(gpu.elementwise_config(ylen))
+    };
+    gpu.launched("maxpool2d_forward", r)
+}
+
+/// `y = maxpool(x)` without the argmax (inference); `y` fully overwritten.
+pub fn forward_inference(
+    gpu: &CudaBackend,
+    p: &MaxPool2d,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "maxpool2d.forward_inference";
+    p.validate(OP)?;
+    p.check_x(OP, "x", x.len())?;
+    p.check_y(OP, "y", y.len())?;
+    let ylen = p.y_len();
+    if ylen == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&POOL, "maxpool2d_forward_inference")?;
+    let ylen64 = ylen as u64;
+    // SAFETY: as in `forward`.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(x)
+            .arg(y)
+            .arg(&ylen64)
+            .launch(gpu.elementwise_config(ylen))
+    };
+    gpu.launched("maxpool2d_forward_inference", r)
+}
+
+/// `dx[argmax] += dy` (see the module docs); `dx` fully overwritten.
+pub fn backward(
+    gpu: &CudaBackend,
+    p: &MaxPool2d,
+    dy: &CudaView<'_, f32>,
+    argmax: &CudaView<'_, u32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "maxpool2d.backward";
+    p.validate(OP)?;
+    p.check_y(OP, "dy", dy.len())?;
+    p.check_y(OP, "argmax", argmax.len())?;
+    p.check_x(OP, "dx", dx.len())?;
+    let xlen = p.x_len();
+    if xlen == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&POOL, "maxpool2d_backward")?;
+    let xlen64 = xlen as u64;
+    // SAFETY: dx holds n*c*h*w and dy, argmax n*c*oh*ow (checked); each
+    // thread reads dy and argmax only at windows (oy, ox) of its own plane
+    // with oy < out_h, ox < out_w, and writes its own dx element.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(dy)
+            .arg(argmax)
+            .arg(dx)
+            .arg(&xlen64)
+            .launch(gpu.elementwise_config(xlen))
+    };
+    gpu.launched("maxpool2d_backward", r)
+}

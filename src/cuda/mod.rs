@@ -9,7 +9,7 @@
 
 mod modules;
 
-pub use modules::{ACTIVATION, BATCHNORM, BIAS, DROPOUT, POOL};
+pub use modules::*;
 pub use modules::{KernelModule, MODULES};
 
 use std::collections::HashMap;

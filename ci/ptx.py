@@ -10,6 +10,7 @@ need newer hardware; the host picks those by compute capability at run time.
 NVRTC runs without a GPU, so this works on any x86-64 Linux machine.
 """
 import ctypes
+import os
 import difflib
 import pathlib
 import re
@@ -22,7 +23,7 @@ NVRTC = ROOT / ".tools/cuda/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
 DEFAULT_TARGET = "compute_70"
 # -lineinfo keeps source lines for compute-sanitizer and ncu without slowing
 # the code; fast-math stays off so the kernels round like the CPU reference.
-OPTIONS = ["-std=c++17", "-lineinfo", "-default-device", f"-I{KERNELS}"]
+OPTIONS = ["-std=c++17", "-lineinfo", "-default-device", "-I."]
 
 
 def load_nvrtc():
@@ -66,7 +67,10 @@ def compile_one(lib, path: pathlib.Path) -> str:
         check(lib, lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
         buf = ctypes.create_string_buffer(size.value)
         check(lib, lib.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
-        return buf.value.decode()
+        # -lineinfo records source paths, which NVRTC makes absolute from the
+        # working directory (main() runs in kernels/); strip that prefix so
+        # the PTX is the same in every checkout.
+        return buf.value.decode().replace(f'"{KERNELS}/', '"kernels/')
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -74,6 +78,7 @@ def compile_one(lib, path: pathlib.Path) -> str:
 def main(argv):
     check_only = "--check" in argv
     lib = load_nvrtc()
+    os.chdir(KERNELS)
     sources = sorted(KERNELS.glob("*.cu"))
     if not sources:
         sys.exit("ci/ptx: no kernels/*.cu found")

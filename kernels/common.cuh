@@ -64,21 +64,27 @@ __device__ __forceinline__ float activation_grad(Activation a, float x, float y,
 // Block size of every reduction kernel that uses block_sum_f64.
 #define REDUCE_THREADS 256
 
-// Sum of v over the block in a fixed tree order (bit-identical run to run).
-// Every thread of a REDUCE_THREADS-thread block must call it; every thread
-// gets the result. Safe to call several times in a row (the leading barrier
-// keeps a late reader of the previous result from seeing new partials).
+// Sum of v over the block in a fixed order (bit-identical run to run):
+// warp butterflies, then warp 0 over the per-warp sums; lane 0's value is
+// broadcast, so every thread gets the same bits. Every thread of the block
+// must call it; blockDim.x a multiple of 32, at most 1024. Safe to call
+// several times in a row (the leading barrier keeps a late reader of the
+// previous result from seeing new partials).
 __device__ __forceinline__ double block_sum_f64(double v) {
-    __shared__ double sh[REDUCE_THREADS];
+    __shared__ double warp_sums[32];
+    __shared__ double total;
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     __syncthreads();
-    sh[threadIdx.x] = v;
+    if (lane == 0) warp_sums[warp] = v;
     __syncthreads();
-#pragma unroll
-    for (u32 s = REDUCE_THREADS / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
+    if (warp == 0) {
+        v = lane < (blockDim.x >> 5) ? warp_sums[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) total = v;
     }
-    return sh[0];
+    __syncthreads();
+    return total;
 }
 
 // Element index of sample j (0 <= j < n*spatial) of channel ch in an

@@ -32,4 +32,6 @@ modules! {
     BIAS => "bias",
     DROPOUT => "dropout",
     POOL => "pool",
+    LOSS => "loss",
+    OPTIM => "optim",
 }

@@ -49,6 +49,7 @@
 //! - mae: per sample the mean over the outputs of `|pred - y|`.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result, check_len, checked_product};
 

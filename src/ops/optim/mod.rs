@@ -28,6 +28,7 @@
 //! A NaN gradient makes its parameter NaN (nothing on the path swallows it).
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 

@@ -1,0 +1,367 @@
+//! The fused optimizer step on the device (`kernels/optim.cu`), mirroring
+//! [`super::cpu::step`]: one call updates every parameter tensor of a model.
+//!
+//! Design (multi-tensor): a [`CudaOptimizerState`] owns the slots of all
+//! tensors in one flat device buffer per slot, a chunk -> tensor map
+//! (every tensor cut into [`CHUNK`]-element chunks), the clipnorm scratch
+//! (chunk partials, per-tensor sums and scales), and a device table of
+//! tensor descriptors (parameter, gradient and slot pointers, length, chunk
+//! range). The map is uploaded when the state is made; the descriptor table
+//! when the caller's parameter/gradient buffers are first seen and again only
+//! if they move (the wrapper compares the pointers on the host), so a
+//! training step uploads nothing and launches one kernel, or three with
+//! clipnorm. Separate tensors rather than one flat parameter buffer keep the
+//! API the CPU's (`&mut [params]`, `&[grads]`) and let each layer own its
+//! buffers.
+//!
+//! clipnorm never comes back to the host: chunk sums of squares (f64, fixed
+//! trees), then one block sums them per tensor in chunk order and, for the
+//! global norm, over tensors in a fixed tree, and writes each tensor's scale
+//! for the update kernel. The iteration-dependent scalars (`lr_t`, Adam's
+//! step) come from [`Optimizer::scalars`] on the host and go by value.
+//! No float atomics: the same inputs give the same bits.
+
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+
+use super::{Optimizer, OptimizerKind, OptimizerState, StepScalars};
+use crate::cuda::{CudaBackend, KernelModule, MODULES};
+use crate::error::{Error, Result, check_len};
+
+const OP: &str = "optimizer.step";
+
+/// Elements per chunk: one block's share of a tensor in the update and in
+/// the norm's first stage. Small enough that a 1M-parameter model still
+/// gives hundreds of blocks.
+pub const CHUNK: usize = 4096;
+const THREADS: u32 = 256;
+
+/// `kernels/optim.cu`, found by name in the registry (`src/cuda/modules.rs`
+/// re-exports only the list).
+fn module() -> Result<&'static KernelModule> {
+    MODULES
+        .iter()
+        .copied()
+        .find(|m| m.name == "optim")
+        .ok_or_else(|| Error::invalid(OP, "module", "kernels/optim.cu is not registered"))
+}
+
+// SAFETY: `StepScalars` is `#[repr(C)]` plain old data (a `#[repr(u32)]`
+// enum, two bools, f32s; no pointers), mirrored field for field by
+// `struct StepScalars` in kernels/optim.cu, which static_asserts the size.
+unsafe impl DeviceRepr for StepScalars {}
+
+const _: () = assert!(std::mem::size_of::<StepScalars>() == 56);
+
+/// One tensor as the kernels see it; mirrored by `struct OptTensor` in
+/// kernels/optim.cu. Device pointers as `u64` (0: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct OptTensor {
+    param: u64,
+    grad: u64,
+    slot0: u64,
+    slot1: u64,
+    len: u64,
+    first_chunk: u64,
+    chunks: u64,
+}
+
+// SAFETY: `#[repr(C)]` of u64 fields only, mirrored by `struct OptTensor`
+// (pointers are 8 bytes on every CUDA target), size asserted on both sides.
+unsafe impl DeviceRepr for OptTensor {}
+
+const _: () = assert!(std::mem::size_of::<OptTensor>() == 56);
+
+/// An optimizer's state on the device: the step counter (on the host, since
+/// the per-step scalars are formed there) and the slots of every tensor,
+/// plus the scratch of the step. Download it with
+/// [`CudaOptimizerState::download`] for a checkpoint, and resume with
+/// [`CudaOptimizerState::upload`].
+#[derive(Debug)]
+pub struct CudaOptimizerState {
+    kind: OptimizerKind,
+    iterations: u64,
+    sizes: Vec<usize>,
+    /// Offset of each tensor in the flat slot buffers.
+    offsets: Vec<usize>,
+    total: usize,
+    /// Flat slot buffers (at least one element, so that an empty model still
+    /// has a valid allocation); slot1 is Adam's second moment, else 1 element.
+    slot0: CudaSlice<f32>,
+    slot1: CudaSlice<f32>,
+    chunks: usize,
+    /// Which tensor each chunk belongs to `[chunks]`.
+    chunk_tensor: CudaSlice<u32>,
+    /// Host copy of the descriptors the device table holds (param and grad
+    /// pointers 0 until the first step).
+    descs: Vec<OptTensor>,
+    table: CudaSlice<OptTensor>,
+    /// The device table lacks the current descriptors (set at creation, so
+    /// that the first step uploads them whatever the pointers).
+    table_stale: bool,
+    partials: CudaSlice<f64>,
+    tensor_sq: CudaSlice<f64>,
+    scales: CudaSlice<f32>,
+}
+
+impl CudaOptimizerState {
+    /// A fresh state (`iterations = 0`) for tensors of the given sizes
+    /// (zero-sized tensors allowed): slots zero, or Adagrad's initial
+    /// accumulator, as [`OptimizerState::new`].
+    pub fn new(gpu: &CudaBackend, opt: &Optimizer, sizes: &[usize]) -> Result<Self> {
+        Self::upload(gpu, opt, &OptimizerState::new(opt, sizes)?)
+    }
+
+    /// The device copy of a host state (to resume from a checkpoint).
+    pub fn upload(gpu: &CudaBackend, opt: &Optimizer, host: &OptimizerState) -> Result<Self> {
+        opt.validate()?;
+        check_kind(opt, host.kind())?;
+        let sizes = host.sizes().to_vec();
+        if u32::try_from(sizes.len()).is_err() {
+            return Err(Error::invalid(
+                OP,
+                "sizes",
+                format!("{} tensors (at most {})", sizes.len(), u32::MAX),
+            ));
+        }
+        let mut offsets = Vec::with_capacity(sizes.len());
+        let mut total = 0usize;
+        let mut chunk_tensor = Vec::new();
+        let mut descs = Vec::with_capacity(sizes.len());
+        for (i, &n) in sizes.iter().enumerate() {
+            offsets.push(total);
+            total = total.checked_add(n).ok_or_else(|| {
+                Error::invalid(OP, "sizes", "the total number of parameters overflows")
+            })?;
+            let chunks = n.div_ceil(CHUNK);
+            descs.push(OptTensor {
+                len: n as u64,
+                first_chunk: chunk_tensor.len() as u64,
+                chunks: chunks as u64,
+                ..OptTensor::default()
+            });
+            chunk_tensor.extend(std::iter::repeat_n(i as u32, chunks));
+        }
+        let adam = host.kind() == OptimizerKind::Adam;
+        let mut flat0 = Vec::with_capacity(total.max(1));
+        let mut flat1 = Vec::with_capacity(if adam { total.max(1) } else { 1 });
+        for i in 0..sizes.len() {
+            let (s0, s1) = host.slots(i).expect("sizes and slots agree");
+            flat0.extend_from_slice(s0);
+            if adam {
+                flat1.extend_from_slice(s1);
+            }
+        }
+        flat0.resize(total.max(1), 0.0);
+        flat1.resize(if adam { total.max(1) } else { 1 }, 0.0);
+        let chunks = chunk_tensor.len();
+        chunk_tensor.resize(chunks.max(1), 0);
+        let count = sizes.len().max(1);
+        let mut table = descs.clone();
+        table.resize(count, OptTensor::default());
+        let mut state = CudaOptimizerState {
+            kind: host.kind(),
+            iterations: host.iterations(),
+            sizes,
+            offsets,
+            total,
+            slot0: gpu.upload(&flat0)?,
+            slot1: gpu.upload(&flat1)?,
+            chunks,
+            chunk_tensor: gpu.upload(&chunk_tensor)?,
+            descs,
+            table: gpu.upload(&table)?,
+            table_stale: true,
+            partials: gpu.zeros::<f64>(chunks.max(1))?,
+            tensor_sq: gpu.zeros::<f64>(count)?,
+            scales: gpu.zeros::<f32>(count)?,
+        };
+        // Slot pointers are fixed for the state's life; param/grad are filled
+        // in on the first step.
+        let stream = gpu.stream().clone();
+        let base0 = state.slot0.device_ptr(&stream).0;
+        let base1 = state.slot1.device_ptr(&stream).0;
+        for (d, &off) in state.descs.iter_mut().zip(&state.offsets) {
+            d.slot0 = base0 + (off * 4) as u64;
+            d.slot1 = if adam { base1 + (off * 4) as u64 } else { 0 };
+        }
+        Ok(state)
+    }
+
+    /// The host copy of this state (for a checkpoint; synchronizes).
+    pub fn download(&self, gpu: &CudaBackend, opt: &Optimizer) -> Result<OptimizerState> {
+        check_kind(opt, self.kind)?;
+        let mut host = OptimizerState::new(opt, &self.sizes)?;
+        host.set_iterations(self.iterations);
+        let flat0 = gpu.download(&self.slot0)?;
+        let flat1 = gpu.download(&self.slot1)?;
+        for (i, (&off, &n)) in self.offsets.iter().zip(&self.sizes).enumerate() {
+            let (s0, s1) = host.slots_mut(i).expect("same sizes");
+            s0.copy_from_slice(&flat0[off..off + n]);
+            if self.kind == OptimizerKind::Adam {
+                s1.copy_from_slice(&flat1[off..off + n]);
+            }
+        }
+        Ok(host)
+    }
+
+    /// The rule this state was made for.
+    pub fn kind(&self) -> OptimizerKind {
+        self.kind
+    }
+
+    /// Steps taken so far.
+    pub fn iterations(&self) -> u64 {
+        self.iterations
+    }
+
+    /// Sets the step counter (to resume a saved run).
+    pub fn set_iterations(&mut self, iterations: u64) {
+        self.iterations = iterations;
+    }
+
+    /// The parameter tensor sizes.
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+
+    /// All parameters of all tensors.
+    pub fn total_len(&self) -> usize {
+        self.total
+    }
+}
+
+fn check_kind(opt: &Optimizer, kind: OptimizerKind) -> Result<()> {
+    if opt.kind != kind {
+        return Err(Error::invalid(
+            OP,
+            "state",
+            format!("state was made for {kind:?}, optimizer is {:?}", opt.kind),
+        ));
+    }
+    Ok(())
+}
+
+fn chunk_config(gpu: &CudaBackend, chunks: usize) -> LaunchConfig {
+    let cap = (gpu.info().multiprocessors.max(1) * 8) as usize;
+    LaunchConfig {
+        grid_dim: (chunks.clamp(1, cap) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One optimizer step on the device over all parameter tensors:
+/// `params[i]` is updated in place from `grads[i]` and the state's slots,
+/// then the state's `iterations` is incremented; see [`super::cpu::step`]
+/// for the rules, clipping flavors and checks (the same, with the same
+/// errors, before anything is launched). Asynchronous: nothing is
+/// downloaded.
+pub fn step(
+    gpu: &CudaBackend,
+    opt: &Optimizer,
+    state: &mut CudaOptimizerState,
+    params: &mut [CudaViewMut<'_, f32>],
+    grads: &[CudaView<'_, f32>],
+) -> Result<()> {
+    opt.validate()?;
+    check_kind(opt, state.kind)?;
+    let sizes = &state.sizes;
+    check_len(OP, "params (number of tensors)", params.len(), sizes.len())?;
+    check_len(OP, "grads (number of tensors)", grads.len(), sizes.len())?;
+    for (i, &n) in sizes.iter().enumerate() {
+        check_len(OP, &format!("params[{i}]"), params[i].len(), n)?;
+        check_len(OP, &format!("grads[{i}]"), grads[i].len(), n)?;
+    }
+
+    let stream = gpu.stream();
+    // The kernels reach the caller's buffers through the descriptor table;
+    // refresh it only when a buffer moved since the last step.
+    let mut changed = std::mem::take(&mut state.table_stale);
+    for ((d, p), g) in state.descs.iter_mut().zip(params.iter_mut()).zip(grads) {
+        let pp = p.device_ptr_mut(stream).0;
+        let gp = g.device_ptr(stream).0;
+        if d.param != pp || d.grad != gp {
+            d.param = pp;
+            d.grad = gp;
+            changed = true;
+        }
+    }
+    if changed {
+        stream
+            .memcpy_htod(&state.descs, &mut state.table)
+            .map_err(|e| gpu.error("cuMemcpyHtoD", e))?;
+    }
+
+    let base = opt.scalars(state.iterations);
+    if state.chunks > 0 {
+        let chunks = state.chunks as u64;
+        let chunk = CHUNK as u64;
+        let use_scales: u32 = opt.clipnorm.is_some().into();
+        if let Some(c) = opt.clipnorm {
+            let f = gpu.function(module()?, "optim_sumsq")?;
+            // SAFETY: the table describes every tensor with pointers taken
+            // from the views above (checked to hold `len` elements each) and
+            // the state's own slots; chunk_tensor and partials hold `chunks`
+            // elements; every index stays below its tensor's len.
+            let r = unsafe {
+                stream
+                    .launch_builder(&f)
+                    .arg(&base)
+                    .arg(&state.table)
+                    .arg(&state.chunk_tensor)
+                    .arg(&chunks)
+                    .arg(&chunk)
+                    .arg(&mut state.partials)
+                    .launch(chunk_config(gpu, state.chunks))
+            };
+            gpu.launched("optim_sumsq", r)?;
+
+            let f = gpu.function(module()?, "optim_clip_scales")?;
+            let per_tensor: u32 = opt.clipnorm_per_tensor.into();
+            let count = sizes.len() as u64;
+            let one_block = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: table, tensor_sq and scales hold `count` entries,
+            // partials `chunks`; each tensor's chunk range lies inside it.
+            let r = unsafe {
+                stream
+                    .launch_builder(&f)
+                    .arg(&c)
+                    .arg(&per_tensor)
+                    .arg(&state.table)
+                    .arg(&count)
+                    .arg(&state.partials)
+                    .arg(&mut state.tensor_sq)
+                    .arg(&mut state.scales)
+                    .launch(one_block)
+            };
+            gpu.launched("optim_clip_scales", r)?;
+        }
+        let f = gpu.function(module()?, "optim_update")?;
+        // SAFETY: as for optim_sumsq; params are distinct `&mut` views, so no
+        // two tensors (and no gradient) alias a written element; slot1 is
+        // only dereferenced when non-null (Adam).
+        let r = unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&base)
+                .arg(&use_scales)
+                .arg(&state.scales)
+                .arg(&state.table)
+                .arg(&state.chunk_tensor)
+                .arg(&chunks)
+                .arg(&chunk)
+                .launch(chunk_config(gpu, state.chunks))
+        };
+        gpu.launched("optim_update", r)?;
+    }
+    state.iterations += 1;
+    Ok(())
+}

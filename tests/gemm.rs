@@ -237,7 +237,7 @@ fn scalars() -> impl Strategy<Value = (f32, f32)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Every transpose pair, dims with 1, primes and sizes off the 6 x 16
     /// tile edges, alpha/beta (beta = 0 over NaN in C), padded leading
@@ -268,7 +268,7 @@ proptest! {
 }
 
 /// Shapes large enough for several row and column tasks, several kc
-/// blocks and the parallel path (>= 2^19 multiply-adds), with epilogues.
+/// blocks and the parallel path (>= 2^20 multiply-adds), with epilogues.
 #[test]
 fn large_shapes_parallel_and_blocked() {
     let shapes = [
@@ -285,7 +285,7 @@ fn large_shapes_parallel_and_blocked() {
         case.check_both().unwrap();
     }
     // A batch of small products, run one item per thread.
-    let case = Case::new((40, 50, 60), (false, true), (1.0, 0.0), 9, 2, 0, (2, 1), 7);
+    let case = Case::new((40, 50, 60), (false, true), (1.0, 0.0), 12, 2, 0, (2, 1), 7);
     case.check_both().unwrap();
     // A shared A over a batch of large items.
     let case = Case::new(
@@ -386,7 +386,16 @@ fn thread_count_independent() {
             (2, 1),
             22,
         ),
-        Case::new((40, 50, 60), (false, true), (1.0, 0.0), 9, 2, 0, (2, 1), 23),
+        Case::new(
+            (40, 50, 60),
+            (false, true),
+            (1.0, 0.0),
+            12,
+            2,
+            0,
+            (2, 1),
+            23,
+        ),
     ];
     for case in &cases {
         for f in [cpu::gemm as GemmFn, cpu::gemm_portable] {

@@ -5,11 +5,18 @@
 //! - `op(A)` is packed once, whole, into `MR`-row panels per `kc` block of
 //!   `k` (the transpose is absorbed here). It is shared by every task, and
 //!   by every batch item when `stride_a == 0`.
-//! - The output is cut into tasks (at most ~`MC` rows by a few `NR`-wide
-//!   panels), which rayon runs in parallel. Each task walks all of `k` in
-//!   `kc` blocks: it packs its `kc x width` slice of `op(B)` into `NR`-column
-//!   panels (L2-resident), then runs the `MR x NR` micro-kernel over every
-//!   pair of A and B panels, with the B panel (`kc x NR`, 16 KiB) in L1.
+//! - The output is cut into tasks, which rayon runs in parallel: column
+//!   chunks of a few `NR`-wide panels spanning all rows (so that each packed
+//!   slice of B serves the whole height of C), split further into row groups
+//!   only when there are too few chunks for the threads. Each task walks all
+//!   of `k` in `kc` blocks: it packs its `kc x width` slice of `op(B)` into
+//!   `NR`-column panels (L2-resident), then, `MC` rows of packed A at a time
+//!   (L2-resident), runs the `MR x NR` micro-kernel over every pair of A and
+//!   B panels, with the B panel (`kc x NR`, 16 KiB) in L1. The C tile is
+//!   prefetched before each micro-kernel call: its rows are `ldc` apart.
+//! - Small problems (under `PAR_MIN_MACS`) run on the calling thread; a
+//!   batch of small products runs one item per thread. Scratch buffers are
+//!   kept per thread, so small calls do not allocate.
 //! - The micro-kernel's accumulators go to C through the epilogue: the
 //!   first `kc` block applies `beta` (not reading C when `beta == 0`), the
 //!   middle ones add, the last adds the bias and applies the activation.
@@ -38,8 +45,9 @@ const KC: usize = 256;
 const MC: usize = 144;
 /// Default columns of C per task (8 panels): the packed B slice is 128 KiB.
 const NC_TASK: usize = 128;
-/// Below this many multiply-adds (per call) threads cost more than they save.
-const PAR_MIN_MACS: usize = 1 << 19;
+/// Below this many multiply-adds (~2 MFLOP, some 40 us on one core) waking
+/// rayon's threads costs about as much as it saves.
+const PAR_MIN_MACS: usize = 1 << 20;
 
 /// Which micro-kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -422,6 +430,8 @@ unsafe fn task_avx2(t: &Task, bp: &mut [f32]) {
 
 /// Packs `op(B)[k0..k0+kcb][c0..c0+width]` into `NR`-column panels of
 /// `kcb x NR` (row `kk` of a panel contiguous), columns past `width` zero.
+/// (Inlined so that it is compiled for AVX2 inside [`task_avx2`].)
+#[inline(always)]
 fn pack_b(p: &Gemm, b: &[f32], k0: usize, kcb: usize, c0: usize, width: usize, bp: &mut [f32]) {
     for (jp, panel) in bp.chunks_exact_mut(kcb * NR).enumerate() {
         let j0 = jp * NR;

@@ -573,20 +573,33 @@ fn micro_portable(a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
 fn micro_avx2(a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
     use std::arch::x86_64::*;
     let mut t = [[_mm256_setzero_ps(); 2]; MR];
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-        // SAFETY: `bp` holds NR = 16 floats, so both 8-lane loads are in
-        // bounds; loadu has no alignment requirement.
-        let (b0, b1) = unsafe {
-            (
-                _mm256_loadu_ps(bp.as_ptr()),
-                _mm256_loadu_ps(bp.as_ptr().add(8)),
-            )
-        };
-        for (ti, &av) in t.iter_mut().zip(ap) {
-            let av = _mm256_set1_ps(av);
-            ti[0] = _mm256_fmadd_ps(av, b0, ti[0]);
-            ti[1] = _mm256_fmadd_ps(av, b1, ti[1]);
+    #[inline(always)]
+    fn step(t: &mut [[__m256; 2]; MR], ap: &[f32], bp: &[f32]) {
+        assert!(ap.len() >= MR && bp.len() >= NR);
+        // SAFETY: `bp` holds at least NR = 16 floats (asserted), so both
+        // 8-lane loads are in bounds; loadu has no alignment requirement.
+        // The caller has avx2 and fma, and this is inlined into it.
+        unsafe {
+            let b0 = _mm256_loadu_ps(bp.as_ptr());
+            let b1 = _mm256_loadu_ps(bp.as_ptr().add(8));
+            for (ti, &av) in t.iter_mut().zip(ap) {
+                let av = _mm256_set1_ps(av);
+                ti[0] = _mm256_fmadd_ps(av, b0, ti[0]);
+                ti[1] = _mm256_fmadd_ps(av, b1, ti[1]);
+            }
         }
+    }
+    // Four k-steps per trip, to keep the loop's own bookkeeping off the
+    // FMA ports.
+    let (a4, b4) = (a.chunks_exact(4 * MR), b.chunks_exact(4 * NR));
+    let (ar, br) = (a4.remainder(), b4.remainder());
+    for (ap, bp) in a4.zip(b4) {
+        for u in 0..4 {
+            step(&mut t, &ap[u * MR..], &bp[u * NR..]);
+        }
+    }
+    for (ap, bp) in ar.chunks_exact(MR).zip(br.chunks_exact(NR)) {
+        step(&mut t, ap, bp);
     }
     for (dst, ti) in acc.chunks_exact_mut(NR).zip(&t) {
         // SAFETY: `dst` holds 16 floats: two 8-lane stores.

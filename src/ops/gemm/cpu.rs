@@ -459,10 +459,13 @@ fn pack_b(p: &Gemm, b: &[f32], k0: usize, kcb: usize, c0: usize, width: usize, b
                 dst.copy_from_slice(src);
             }
         } else {
+            // Narrow edge (an output layer's 10 units, say): a fixed-length
+            // loop rather than two libc calls of a few bytes per row.
             for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
                 let src = &b[(k0 + kk) * p.ldb + c0 + j0..][..nr];
-                dst[..nr].copy_from_slice(src);
-                dst[nr..].fill(0.0);
+                for (jj, d) in dst.iter_mut().enumerate() {
+                    *d = if jj < nr { src[jj] } else { 0.0 };
+                }
             }
         }
     }

@@ -1,56 +1,857 @@
-//! CPU GEMM. (Straightforward row-parallel version; the blocked kernel
-//! replaces it.)
+//! CPU GEMM: a blocked, packed (Goto/BLIS-style) kernel with an AVX2+FMA
+//! micro-kernel chosen at run time and a portable fallback.
+//!
+//! Structure, outermost first, for one batch item:
+//! - `op(A)` is packed once, whole, into `MR`-row panels per `kc` block of
+//!   `k` (the transpose is absorbed here). It is shared by every task, and
+//!   by every batch item when `stride_a == 0`.
+//! - The output is cut into tasks, which rayon runs in parallel: column
+//!   chunks of a few `NR`-wide panels spanning all rows (so that each packed
+//!   slice of B serves the whole height of C), split further into row groups
+//!   only when there are too few chunks for the threads. Each task walks all
+//!   of `k` in `kc` blocks: it packs its `kc x width` slice of `op(B)` into
+//!   `NR`-column panels (L2-resident), then, `MC` rows of packed A at a time
+//!   (L2-resident), runs the `MR x NR` micro-kernel over every pair of A and
+//!   B panels, with the B panel (`kc x NR`, 16 KiB) in L1. The C tile is
+//!   prefetched before each micro-kernel call: its rows are `ldc` apart.
+//! - Small problems (under `PAR_MIN_MACS`) run on the calling thread; a
+//!   batch of small products runs one item per thread. Scratch buffers are
+//!   kept per thread, so small calls do not allocate.
+//! - The micro-kernel's accumulators go to C through the epilogue: the
+//!   first `kc` block applies `beta` (not reading C when `beta == 0`), the
+//!   middle ones add, the last adds the bias and applies the activation.
+//!
+//! Determinism: the value of each element of C depends only on the kernel
+//! (AVX2 or portable) and the `kc` blocking, which is a function of `k`
+//! alone; tasks only choose *which* elements a thread computes. So results
+//! are bit-identical for any number of threads.
+
+use std::cell::Cell;
 
 use rayon::prelude::*;
 
 use super::{Bias, Epilogue, Gemm};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::ops::activation::{Activation, ActivationKind};
 
-/// `C = act(alpha * op(A) * op(B) + beta * C + bias)` on the host.
+/// Rows of the micro-kernel's register tile.
+const MR: usize = 6;
+/// Columns of the register tile: two 8-lane AVX vectors. 6 x 2 accumulators
+/// plus two B vectors and one broadcast A value fill the 16 ymm registers.
+const NR: usize = 16;
+/// Largest `kc` block: a `kc x NR` panel of B is 16 KiB, half of L1d.
+const KC: usize = 256;
+/// Rows of C per task: a `MC x KC` block of packed A (~144 KiB) stays in L2.
+const MC: usize = 144;
+/// Default columns of C per task (8 panels): the packed B slice is 128 KiB.
+const NC_TASK: usize = 128;
+/// Below this many multiply-adds (~2 MFLOP, some 40 us on one core) waking
+/// rayon's threads costs about as much as it saves.
+const PAR_MIN_MACS: usize = 1 << 20;
+
+/// Which micro-kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    Portable,
+}
+
+fn best_kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Kernel::Avx2Fma;
+        }
+    }
+    Kernel::Portable
+}
+
+/// Whether [`gemm`] uses the AVX2+FMA micro-kernel on this CPU (otherwise it
+/// runs the same code as [`gemm_portable`]).
+pub fn uses_simd() -> bool {
+    best_kernel() != Kernel::Portable
+}
+
+/// `C = act(alpha * op(A) * op(B) + beta * C + bias)` on the host, for each
+/// batch item; see the [module docs](super) for shapes and conventions.
+///
+/// Overwrites the `m x n` block of each batch item of `c` (reading it only
+/// when `beta != 0`); elements between rows (`ldc > n`) and between batch
+/// items are not touched. Uses the AVX2+FMA micro-kernel where the CPU has
+/// it, and rayon threads for large problems; the result is bit-identical for
+/// any number of threads.
 pub fn gemm(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: Epilogue) -> Result<()> {
+    run(p, a, b, c, epi, best_kernel())
+}
+
+/// [`gemm`] with the portable (scalar, auto-vectorized) micro-kernel, which
+/// is what runs on CPUs without AVX2+FMA. Exposed so that tests cover it on
+/// every machine. Its results may differ from [`gemm`]'s in the last bits
+/// (separate multiply and add instead of FMA).
+pub fn gemm_portable(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: Epilogue) -> Result<()> {
+    run(p, a, b, c, epi, Kernel::Portable)
+}
+
+fn run(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: Epilogue, kern: Kernel) -> Result<()> {
     p.check("gemm", a.len(), b.len(), c.len(), epi.bias)?;
-    if p.m == 0 || p.n == 0 {
+    if p.batch == 0 || p.m == 0 || p.n == 0 {
         return Ok(());
     }
-    for bi in 0..p.batch {
-        let a = &a[bi * p.stride_a..];
-        let b = &b[bi * p.stride_b..];
-        // op(B) packed k x n so that each row of C is a sum of rows of it.
-        let mut bp = vec![0.0f32; p.k * p.n];
-        for kk in 0..p.k {
-            for j in 0..p.n {
-                bp[kk * p.n + j] = if p.trans_b {
-                    b[j * p.ldb + kk]
-                } else {
-                    b[kk * p.ldb + j]
-                };
+    if p.k == 0 {
+        scale_only(p, c, epi);
+        return Ok(());
+    }
+    let macs = p.m.saturating_mul(p.n).saturating_mul(p.k);
+    let item_parallel = macs >= PAR_MIN_MACS;
+    let plan = Plan::new(p, item_parallel);
+    with_scratch(&SCRATCH_A, |shared_a| {
+        // Packing A once for the whole batch when it is shared.
+        let shared = p.batch == 1 || p.stride_a == 0;
+        if shared {
+            plan.pack_a(p, a, item_parallel, shared_a);
+        }
+        let shared_a = &*shared_a;
+        let one = |bi: usize, c_item: &mut [f32], parallel: bool| {
+            let b_item = &b[bi * p.stride_b..];
+            if shared {
+                plan.item(p, shared_a, b_item, c_item, &epi, kern, parallel);
+            } else {
+                with_scratch(&SCRATCH_A, |own| {
+                    plan.pack_a(p, &a[bi * p.stride_a..], parallel, own);
+                    plan.item(p, own, b_item, c_item, &epi, kern, parallel);
+                });
+            }
+        };
+        if p.batch == 1 {
+            one(0, c, item_parallel);
+        } else if !item_parallel && macs.saturating_mul(p.batch) >= PAR_MIN_MACS {
+            // Many small products: one thread per batch item. `check`
+            // guarantees `stride_c >= m * ldc > 0`, so the chunks hold
+            // disjoint items.
+            c.par_chunks_mut(p.stride_c)
+                .take(p.batch)
+                .enumerate()
+                .for_each(|(bi, ci)| one(bi, ci, false));
+        } else {
+            for bi in 0..p.batch {
+                one(bi, &mut c[bi * p.stride_c..], item_parallel);
             }
         }
-        let c_item = &mut c[bi * p.stride_c..];
-        let rows: Vec<&mut [f32]> = c_item.chunks_mut(p.ldc).take(p.m).collect();
-        rows.into_par_iter().enumerate().for_each(|(i, crow)| {
-            let mut acc = vec![0.0f32; p.n];
-            for kk in 0..p.k {
-                let aik = if p.trans_a {
-                    a[kk * p.lda + i]
+    });
+    Ok(())
+}
+
+thread_local! {
+    /// Packed `op(A)`, reused across calls on the same thread.
+    static SCRATCH_A: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// A task's packed slice of `op(B)`, likewise.
+    static SCRATCH_B: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Buffers above this many floats are freed after use rather than kept.
+const SCRATCH_KEEP: usize = 1 << 20;
+
+/// Lends `f` the thread's scratch buffer. Taking it out (instead of
+/// borrowing) keeps a nested call (rayon may run another GEMM's task on
+/// this thread while this one waits) correct: that call just allocates.
+fn with_scratch<R>(
+    key: &'static std::thread::LocalKey<Cell<Vec<f32>>>,
+    f: impl FnOnce(&mut Vec<f32>) -> R,
+) -> R {
+    let mut v = key.take();
+    let r = f(&mut v);
+    if v.capacity() <= SCRATCH_KEEP {
+        key.set(v);
+    }
+    r
+}
+
+/// `k == 0`: `C = act(beta * C + bias)`.
+fn scale_only(p: &Gemm, c: &mut [f32], epi: Epilogue) {
+    for bi in 0..p.batch {
+        for i in 0..p.m {
+            let row = &mut c[bi * p.stride_c + i * p.ldc..][..p.n];
+            for (j, v) in row.iter_mut().enumerate() {
+                let prev = if p.beta == 0.0 { 0.0 } else { p.beta * *v };
+                *v = epi.activation.apply(prev + bias_at(epi.bias, i, j));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn bias_at(bias: Bias, i: usize, j: usize) -> f32 {
+    match bias {
+        Bias::None => 0.0,
+        Bias::PerRow(v) => v[i],
+        Bias::PerCol(v) => v[j],
+    }
+}
+
+/// The blocking of one call; all of it follows from the shape alone.
+struct Plan {
+    /// Number of `kc` blocks and the size of all but the last.
+    k_blocks: usize,
+    kc: usize,
+    /// `m` rounded up to whole `MR` panels.
+    m_pad: usize,
+    /// Output tiles, each run by one task: rows `r0..r1`, columns `c0..c1`.
+    tasks: Vec<(usize, usize, usize, usize)>,
+}
+
+impl Plan {
+    fn new(p: &Gemm, parallel: bool) -> Self {
+        // Equal blocks rather than KC and a thin remainder. This is the only
+        // choice that shapes the arithmetic, and it depends on k alone.
+        let k_blocks = p.k.div_ceil(KC);
+        let kc = p.k.div_ceil(k_blocks);
+        let m_pad = p.m.div_ceil(MR) * MR;
+
+        // Tasks span all rows where they can, so that each packed slice of B
+        // serves the whole height of C; they are split into narrower column
+        // chunks first, and into row groups only when that is not enough
+        // for every thread to have a few tasks to balance.
+        let want = if parallel {
+            4 * rayon::current_num_threads()
+        } else {
+            1
+        };
+        let n_panels = p.n.div_ceil(NR);
+        let mut chunk_panels = NC_TASK / NR;
+        let mut m_groups = 1;
+        while m_groups * n_panels.div_ceil(chunk_panels) < want {
+            if chunk_panels > 1 {
+                chunk_panels /= 2;
+            } else if m_groups * 2 * MR <= p.m {
+                m_groups *= 2;
+            } else {
+                break;
+            }
+        }
+        let rows = (p.m.div_ceil(m_groups)).div_ceil(MR) * MR;
+        let cols = chunk_panels * NR;
+        let mut tasks = Vec::new();
+        for r0 in (0..p.m).step_by(rows) {
+            for c0 in (0..p.n).step_by(cols) {
+                tasks.push((r0, (r0 + rows).min(p.m), c0, (c0 + cols).min(p.n)));
+            }
+        }
+        Plan {
+            k_blocks,
+            kc,
+            m_pad,
+            tasks,
+        }
+    }
+
+    /// `(start, len)` of `kc` block `kb`.
+    fn k_block(&self, p: &Gemm, kb: usize) -> (usize, usize) {
+        let k0 = kb * self.kc;
+        (k0, self.kc.min(p.k - k0))
+    }
+
+    /// Packs all of `op(A)` into `out`: block `kb` starts at
+    /// `kb * kc * m_pad` and holds `m_pad / MR` panels of `kcb x MR` (column
+    /// `kk` of a panel contiguous), rows past `m` zero. Every element of the
+    /// packed layout is written, so `out` may hold stale data.
+    fn pack_a(&self, p: &Gemm, a: &[f32], parallel: bool, out: &mut Vec<f32>) {
+        let blk_len = self.kc * self.m_pad;
+        out.resize(blk_len * self.k_blocks, 0.0);
+        let fill = |kb: usize, blk: &mut [f32]| {
+            let (k0, kcb) = self.k_block(p, kb);
+            // The last block may be shorter than kc: only its panels.
+            let blk = &mut blk[..kcb * self.m_pad];
+            for (ir, panel) in blk.chunks_exact_mut(kcb * MR).enumerate() {
+                let i0 = ir * MR;
+                let mr = MR.min(p.m - i0);
+                if p.trans_a {
+                    // op(A)[i][kk] = a[kk*lda + i]: each column of the panel
+                    // is a contiguous run of A.
+                    for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                        let src = &a[(k0 + kk) * p.lda + i0..][..mr];
+                        dst[..mr].copy_from_slice(src);
+                        dst[mr..].fill(0.0);
+                    }
+                } else if mr == MR {
+                    let rows: [&[f32]; MR] =
+                        std::array::from_fn(|ii| &a[(i0 + ii) * p.lda + k0..][..kcb]);
+                    for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                        for (d, row) in dst.iter_mut().zip(&rows) {
+                            *d = row[kk];
+                        }
+                    }
                 } else {
-                    a[i * p.lda + kk]
-                };
-                let brow = &bp[kk * p.n..(kk + 1) * p.n];
-                for (s, &bv) in acc.iter_mut().zip(brow) {
-                    *s += aik * bv;
+                    panel.fill(0.0);
+                    for ii in 0..mr {
+                        let src = &a[(i0 + ii) * p.lda + k0..][..kcb];
+                        for (dst, &v) in panel.chunks_exact_mut(MR).zip(src) {
+                            dst[ii] = v;
+                        }
+                    }
                 }
             }
-            for j in 0..p.n {
-                let prev = if p.beta == 0.0 { 0.0 } else { p.beta * crow[j] };
-                let bias = match epi.bias {
-                    Bias::None => 0.0,
-                    Bias::PerRow(v) => v[i],
-                    Bias::PerCol(v) => v[j],
-                };
-                crow[j] = epi.activation.apply(p.alpha * acc[j] + prev + bias);
+        };
+        if parallel && self.k_blocks > 1 {
+            out.par_chunks_mut(blk_len)
+                .enumerate()
+                .for_each(|(kb, blk)| fill(kb, blk));
+        } else {
+            for (kb, blk) in out.chunks_mut(blk_len).enumerate() {
+                fill(kb, blk);
             }
-        });
+        }
+    }
+
+    /// One batch item: runs every task, in parallel or not.
+    #[allow(clippy::too_many_arguments)]
+    fn item(
+        &self,
+        p: &Gemm,
+        packed_a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        epi: &Epilogue,
+        kern: Kernel,
+        parallel: bool,
+    ) {
+        let out = COut::new(c, p.ldc, p.m, p.n);
+        let run = |&(r0, r1, c0, c1): &(usize, usize, usize, usize)| {
+            let t = Task {
+                plan: self,
+                p,
+                packed_a,
+                b,
+                out: &out,
+                epi,
+                rows: (r0, r1),
+                cols: (c0, c1),
+            };
+            with_scratch(&SCRATCH_B, |bp| {
+                bp.resize(self.kc * (c1 - c0).div_ceil(NR) * NR, 0.0);
+                match kern {
+                    // SAFETY: `Avx2Fma` is only chosen after detecting avx2
+                    // and fma; the tasks partition the m x n block of C, so
+                    // no two calls get the same element.
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2Fma => unsafe { task_avx2(&t, bp) },
+                    // SAFETY: as above, for the tile.
+                    Kernel::Portable => unsafe { t.run(bp, micro_portable) },
+                }
+            });
+        };
+        if parallel && self.tasks.len() > 1 {
+            self.tasks.par_iter().for_each(run);
+        } else {
+            self.tasks.iter().for_each(run);
+        }
+    }
+}
+
+/// One task: rows `rows.0..rows.1`, columns `cols.0..cols.1` of C, over
+/// all of `k`.
+struct Task<'a> {
+    plan: &'a Plan,
+    p: &'a Gemm,
+    packed_a: &'a [f32],
+    b: &'a [f32],
+    out: &'a COut,
+    epi: &'a Epilogue<'a>,
+    rows: (usize, usize),
+    cols: (usize, usize),
+}
+
+impl Task<'_> {
+    /// Runs the task with micro-kernel `micro`, packing B into `bp`.
+    /// Inlined into [`task_avx2`] so that the packing and write-back loops
+    /// are compiled for AVX2 too.
+    ///
+    /// # Safety
+    /// No other thread may access the task's elements of C during the call.
+    #[inline(always)]
+    unsafe fn run(&self, bp: &mut [f32], micro: impl Fn(&[f32], &[f32], &mut [f32; MR * NR])) {
+        let (plan, p, out) = (self.plan, self.p, self.out);
+        let ((r0, r1), (c0, c1)) = (self.rows, self.cols);
+        let width = c1 - c0;
+        let panels = width.div_ceil(NR);
+        let mut acc = [0.0f32; MR * NR];
+        for kb in 0..plan.k_blocks {
+            let (k0, kcb) = plan.k_block(p, kb);
+            pack_b(p, self.b, k0, kcb, c0, width, bp);
+            let stage = Stage {
+                alpha: p.alpha,
+                beta: p.beta,
+                first: kb == 0,
+                last: kb + 1 == plan.k_blocks,
+                bias: self.epi.bias,
+                act: self.epi.activation,
+            };
+            let a_blk = &self.packed_a[kb * plan.kc * plan.m_pad..];
+            // MC rows at a time, so that their packed A stays in L2 while
+            // it meets every panel of the B slice.
+            for ic in (r0..r1).step_by(MC) {
+                let ic_end = (ic + MC).min(r1);
+                for jp in 0..panels {
+                    let b_panel = &bp[jp * kcb * NR..][..kcb * NR];
+                    let j0 = c0 + jp * NR;
+                    let nr = NR.min(c1 - j0);
+                    for i0 in (ic..ic_end).step_by(MR) {
+                        let a_panel = &a_blk[i0 * kcb..][..kcb * MR];
+                        let mr = MR.min(ic_end - i0);
+                        // C's rows are far apart (ldc) and, for a large C,
+                        // out of cache: ask for them now, so that they
+                        // arrive while the micro-kernel runs.
+                        out.prefetch(i0, j0, mr, nr);
+                        micro(a_panel, b_panel, &mut acc);
+                        for r in 0..mr {
+                            // SAFETY: in bounds (asserted by `row`); the
+                            // caller owns this task's tile of C, and the
+                            // slice is dropped before the next one is made.
+                            let row = unsafe { out.row(i0 + r, j0, nr) };
+                            stage.write(row, &acc[r * NR..][..nr], i0 + r, j0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`Task::run`] with the AVX2+FMA micro-kernel, all compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support avx2 and fma; as for [`Task::run`] otherwise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2(t: &Task, bp: &mut [f32]) {
+    // SAFETY: passed on from the caller (CPU features, exclusive tile).
+    unsafe { t.run(bp, |a, b, acc| micro_avx2(a, b, acc)) }
+}
+
+/// Packs `op(B)[k0..k0+kcb][c0..c0+width]` into `NR`-column panels of
+/// `kcb x NR` (row `kk` of a panel contiguous), columns past `width` zero.
+/// (Inlined so that it is compiled for AVX2 inside [`task_avx2`].)
+#[inline(always)]
+fn pack_b(p: &Gemm, b: &[f32], k0: usize, kcb: usize, c0: usize, width: usize, bp: &mut [f32]) {
+    for (jp, panel) in bp.chunks_exact_mut(kcb * NR).enumerate() {
+        let j0 = jp * NR;
+        if j0 >= width {
+            break;
+        }
+        let nr = NR.min(width - j0);
+        if p.trans_b {
+            // op(B)[kk][j] = b[j*ldb + kk]: read rows of B, scatter into the
+            // panel's columns (the panel is in L1).
+            if nr < NR {
+                panel.fill(0.0);
+            }
+            for jj in 0..nr {
+                let src = &b[(c0 + j0 + jj) * p.ldb + k0..][..kcb];
+                for (dst, &v) in panel.chunks_exact_mut(NR).zip(src) {
+                    dst[jj] = v;
+                }
+            }
+        } else if nr == NR {
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                let src: &[f32; NR] = b[(k0 + kk) * p.ldb + c0 + j0..][..NR]
+                    .try_into()
+                    .expect("NR elements");
+                dst.copy_from_slice(src);
+            }
+        } else {
+            // Narrow edge (an output layer's 10 units, say): a fixed-length
+            // loop rather than two libc calls of a few bytes per row.
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                let src = &b[(k0 + kk) * p.ldb + c0 + j0..][..nr];
+                for (jj, d) in dst.iter_mut().enumerate() {
+                    *d = if jj < nr { src[jj] } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// What the write-back of one `kc` block does.
+struct Stage<'a> {
+    alpha: f32,
+    beta: f32,
+    first: bool,
+    last: bool,
+    bias: Bias<'a>,
+    act: Activation,
+}
+
+impl Stage<'_> {
+    /// Folds one row of accumulators into `row` (row `i`, from column `j0`).
+    #[inline(always)]
+    fn write(&self, row: &mut [f32], acc: &[f32], i: usize, j0: usize) {
+        let alpha = self.alpha;
+        match (self.first, self.last) {
+            // The common case of a long k: keep it a plain vector loop.
+            (false, false) => {
+                for (c, &s) in row.iter_mut().zip(acc) {
+                    *c += alpha * s;
+                }
+            }
+            (true, false) => {
+                if self.beta == 0.0 {
+                    for (c, &s) in row.iter_mut().zip(acc) {
+                        *c = alpha * s;
+                    }
+                } else {
+                    let beta = self.beta;
+                    for (c, &s) in row.iter_mut().zip(acc) {
+                        *c = alpha * s + beta * *c;
+                    }
+                }
+            }
+            (first, true) => {
+                // beta == 0: C is not read, so NaN there cannot leak.
+                if !first {
+                    for (c, &s) in row.iter_mut().zip(acc) {
+                        *c += alpha * s;
+                    }
+                } else if self.beta == 0.0 {
+                    for (c, &s) in row.iter_mut().zip(acc) {
+                        *c = alpha * s;
+                    }
+                } else {
+                    let beta = self.beta;
+                    for (c, &s) in row.iter_mut().zip(acc) {
+                        *c = alpha * s + beta * *c;
+                    }
+                }
+                finish_row(row, self.bias, self.act, i, j0);
+            }
+        }
+    }
+}
+
+/// Adds the bias and applies the activation to (part of) row `i` of C,
+/// with a loop per case so that each stays simple (and vectorizes).
+#[inline(always)]
+fn finish_row(row: &mut [f32], bias: Bias, act: Activation, i: usize, j0: usize) {
+    match bias {
+        Bias::None => {}
+        Bias::PerRow(v) => {
+            let bi = v[i];
+            row.iter_mut().for_each(|c| *c += bi);
+        }
+        Bias::PerCol(v) => {
+            for (c, &bj) in row.iter_mut().zip(&v[j0..]) {
+                *c += bj;
+            }
+        }
+    }
+    match act.kind {
+        ActivationKind::Linear => {}
+        ActivationKind::Relu => row.iter_mut().for_each(|c| *c = Activation::RELU.apply(*c)),
+        _ => row.iter_mut().for_each(|c| *c = act.apply(*c)),
+    }
+}
+
+/// `acc = sum_kk a[kk] (x) b[kk]` over one pair of packed panels.
+///
+/// The portable micro-kernel: a fixed-size loop nest that LLVM vectorizes
+/// for whatever the target offers (SSE2 on baseline x86-64, NEON, ...).
+fn micro_portable(a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
+    let mut t = [[0.0f32; NR]; MR];
+    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+        for (ti, &av) in t.iter_mut().zip(ap) {
+            for (tij, &bv) in ti.iter_mut().zip(bp) {
+                *tij += av * bv;
+            }
+        }
+    }
+    for (dst, ti) in acc.chunks_exact_mut(NR).zip(&t) {
+        dst.copy_from_slice(ti);
+    }
+}
+
+/// `acc = sum_kk a[kk] (x) b[kk]` with AVX2+FMA: 12 ymm accumulators (6 rows x 16 columns);
+/// per `kk`, two loads of B, six broadcasts of A and twelve FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn micro_avx2(a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
+    use std::arch::x86_64::*;
+    let mut t = [[_mm256_setzero_ps(); 2]; MR];
+    #[inline(always)]
+    fn step(t: &mut [[__m256; 2]; MR], ap: &[f32], bp: &[f32]) {
+        assert!(ap.len() >= MR && bp.len() >= NR);
+        // SAFETY: `bp` holds at least NR = 16 floats (asserted), so both
+        // 8-lane loads are in bounds; loadu has no alignment requirement.
+        // The caller has avx2 and fma, and this is inlined into it.
+        unsafe {
+            let b0 = _mm256_loadu_ps(bp.as_ptr());
+            let b1 = _mm256_loadu_ps(bp.as_ptr().add(8));
+            for (ti, &av) in t.iter_mut().zip(ap) {
+                let av = _mm256_set1_ps(av);
+                ti[0] = _mm256_fmadd_ps(av, b0, ti[0]);
+                ti[1] = _mm256_fmadd_ps(av, b1, ti[1]);
+            }
+        }
+    }
+    // Four k-steps per trip, to keep the loop's own bookkeeping off the
+    // FMA ports.
+    let (a4, b4) = (a.chunks_exact(4 * MR), b.chunks_exact(4 * NR));
+    let (ar, br) = (a4.remainder(), b4.remainder());
+    for (ap, bp) in a4.zip(b4) {
+        for u in 0..4 {
+            step(&mut t, &ap[u * MR..], &bp[u * NR..]);
+        }
+    }
+    for (ap, bp) in ar.chunks_exact(MR).zip(br.chunks_exact(NR)) {
+        step(&mut t, ap, bp);
+    }
+    for (dst, ti) in acc.chunks_exact_mut(NR).zip(&t) {
+        // SAFETY: `dst` holds 16 floats: two 8-lane stores.
+        unsafe {
+            _mm256_storeu_ps(dst.as_mut_ptr(), ti[0]);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(8), ti[1]);
+        }
+    }
+}
+
+/// C of one batch item, shared by the tasks that each own a disjoint tile.
+struct COut {
+    ptr: *mut f32,
+    len: usize,
+    ldc: usize,
+}
+
+// SAFETY: `COut` is a view of a `&mut [f32]` that outlives it; the tasks that
+// share it write disjoint elements (see `Plan::task`).
+unsafe impl Send for COut {}
+// SAFETY: as above.
+unsafe impl Sync for COut {}
+
+impl COut {
+    fn new(c: &mut [f32], ldc: usize, m: usize, n: usize) -> Self {
+        // `Gemm::check` made sure that the m x n block fits.
+        assert!(m == 0 || (m - 1) * ldc + n <= c.len());
+        COut {
+            ptr: c.as_mut_ptr(),
+            len: c.len(),
+            ldc,
+        }
+    }
+
+    /// Hints the cache to fetch rows `i..i+rows`, columns `j..j+len`.
+    #[inline(always)]
+    fn prefetch(&self, i: usize, j: usize, rows: usize, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        for r in 0..rows {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let first = (i + r) * self.ldc + j;
+            let last = first + len - 1;
+            if last < self.len {
+                // SAFETY: both addresses are inside the borrowed slice (and a
+                // prefetch never faults anyway); nothing is read or written.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(self.ptr.add(first) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(self.ptr.add(last) as *const i8);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (i, j, rows, len);
+    }
+
+    /// Row `i`, columns `j..j+len`.
+    ///
+    /// # Safety
+    /// No other reference to these elements may be live while the slice is.
+    // Handing out `&mut` from `&self` is the point of this type: disjoint
+    // tasks each take their own rows through one shared view.
+    #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
+    unsafe fn row(&self, i: usize, j: usize, len: usize) -> &mut [f32] {
+        let start = i * self.ldc + j;
+        assert!(start + len <= self.len);
+        // SAFETY: in bounds of the borrowed slice (asserted); exclusivity is
+        // the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+/// Gradients of the linear part, `C = alpha * op(A) * op(B)` (each batch
+/// item): `dA` from `dC * op(B)^T` and `dB` from `op(A)^T * dC`, both scaled
+/// by `alpha`, each in the stored layout of its operand (transposed back
+/// when `trans_a` / `trans_b`, with `lda` / `ldb` and the batch strides of
+/// `A` / `B`). `dc` has C's layout (`ldc`, `stride_c`). Each is computed by
+/// [`gemm`] calls, so it is as fast and as deterministic.
+///
+/// `da` and `db` must have the lengths of `a` and `b`. They are overwritten
+/// where `A` / `B` hold elements; the gaps that the layout skips (between
+/// rows when `lda` exceeds the row length, between batch items) are left
+/// untouched. With `stride_a == 0` (one `A` shared by the batch) `dA` is the
+/// **sum** over the batch items, as the gradient of a shared weight is;
+/// likewise `dB` with `stride_b == 0`. The activation and bias of an
+/// epilogue are not part of this: apply their backward to `dC` first.
+pub fn gemm_backward(
+    p: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    dc: &[f32],
+    da: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+) -> Result<()> {
+    const OP: &str = "gemm_backward";
+    p.check(OP, a.len(), b.len(), dc.len(), Bias::None)?;
+    let (ar, ac) = p.a_dims();
+    let (br, bc) = p.b_dims();
+    if let Some(da) = &da {
+        crate::error::check_len(OP, "dA (as A)", da.len(), a.len())?;
+        check_no_overlap(OP, "stride_a", p, p.stride_a, ar, p.lda)?;
+    }
+    if let Some(db) = &db {
+        crate::error::check_len(OP, "dB (as B)", db.len(), b.len())?;
+        check_no_overlap(OP, "stride_b", p, p.stride_b, br, p.ldb)?;
+    }
+    if let Some(da) = da {
+        // d op(A) = alpha * dC op(B)^T (m x k); stored transposed: op(B) dC^T.
+        let q = if !p.trans_a {
+            Gemm {
+                m: p.m,
+                n: p.k,
+                k: p.n,
+                lda: p.ldc,
+                ldb: p.ldb,
+                ldc: p.lda,
+                trans_a: false,
+                trans_b: !p.trans_b,
+                ..*p
+            }
+        } else {
+            Gemm {
+                m: p.k,
+                n: p.m,
+                k: p.n,
+                lda: p.ldb,
+                ldb: p.ldc,
+                ldc: p.lda,
+                trans_a: p.trans_b,
+                trans_b: true,
+                ..*p
+            }
+        };
+        let (x, sx, y, sy) = if !p.trans_a {
+            (dc, p.stride_c, b, p.stride_b)
+        } else {
+            (b, p.stride_b, dc, p.stride_c)
+        };
+        grad(p, q, x, sx, y, sy, da, p.stride_a, (ar, ac))?;
+    }
+    if let Some(db) = db {
+        // d op(B) = alpha * op(A)^T dC (k x n); stored transposed: dC^T op(A).
+        let q = if !p.trans_b {
+            Gemm {
+                m: p.k,
+                n: p.n,
+                k: p.m,
+                lda: p.lda,
+                ldb: p.ldc,
+                ldc: p.ldb,
+                trans_a: !p.trans_a,
+                trans_b: false,
+                ..*p
+            }
+        } else {
+            Gemm {
+                m: p.n,
+                n: p.k,
+                k: p.m,
+                lda: p.ldc,
+                ldb: p.lda,
+                ldc: p.ldb,
+                trans_a: true,
+                trans_b: p.trans_a,
+                ..*p
+            }
+        };
+        let (x, sx, y, sy) = if !p.trans_b {
+            (a, p.stride_a, dc, p.stride_c)
+        } else {
+            (dc, p.stride_c, a, p.stride_a)
+        };
+        grad(p, q, x, sx, y, sy, db, p.stride_b, (br, bc))?;
+    }
+    Ok(())
+}
+
+/// Rejects batch items of an operand that overlap (but are not all the same
+/// matrix): their gradients could not be written independently.
+fn check_no_overlap(
+    op: &'static str,
+    name: &'static str,
+    p: &Gemm,
+    stride: usize,
+    rows: usize,
+    ld: usize,
+) -> Result<()> {
+    if p.batch > 1 && stride != 0 && stride < rows * ld && rows > 0 {
+        return Err(Error::invalid(
+            op,
+            name,
+            format!(
+                "batch items overlap ({name} {stride} < rows*ld {}), so their gradients cannot \
+                 be stored separately; use 0 (shared) or at least {}",
+                rows * ld,
+                rows * ld
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the gradient GEMM `q` (with its batch fields still those of `p`)
+/// into `out` (stored `dims`, row stride `q.ldc`, batch stride `s_out`),
+/// summing over the batch when `s_out == 0`.
+#[allow(clippy::too_many_arguments)]
+fn grad(
+    p: &Gemm,
+    q: Gemm,
+    x: &[f32],
+    sx: usize,
+    y: &[f32],
+    sy: usize,
+    out: &mut [f32],
+    s_out: usize,
+    dims: (usize, usize),
+) -> Result<()> {
+    let epi = Epilogue::default();
+    if p.batch == 0 {
+        // No items: a shared operand's gradient is the empty sum.
+        let (rows, cols) = dims;
+        if s_out == 0 && rows > 0 && cols > 0 && out.len() >= (rows - 1) * q.ldc + cols {
+            for r in 0..rows {
+                out[r * q.ldc..][..cols].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    if s_out != 0 || p.batch == 1 {
+        let q = Gemm {
+            stride_a: sx,
+            stride_b: sy,
+            stride_c: s_out,
+            beta: 0.0,
+            ..q
+        };
+        return gemm(&q, x, y, out, epi);
+    }
+    // Shared operand: its gradient sums the items, in batch order.
+    for bi in 0..p.batch {
+        let qi = Gemm {
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            beta: if bi == 0 { 0.0 } else { 1.0 },
+            ..q
+        };
+        gemm(&qi, &x[bi * sx..], &y[bi * sy..], out, epi)?;
     }
     Ok(())
 }

@@ -10,6 +10,11 @@
 //!
 //! Conventions, as in BLAS: when `beta == 0`, `C` is not read (NaN there does
 //! not leak into the result); `k == 0` gives `C = act(beta * C + bias)`.
+//!
+//! On the host: [`cpu::gemm`] (blocked, packed, AVX2+FMA where the CPU has
+//! it, rayon-parallel, bit-identical on any thread count),
+//! [`cpu::gemm_portable`] (the same without SIMD intrinsics) and
+//! [`cpu::gemm_backward`] (dA and dB of the linear part).
 
 pub mod cpu;
 

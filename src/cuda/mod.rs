@@ -9,6 +9,7 @@
 
 mod modules;
 
+pub use modules::{CONV, GEMM};
 pub use modules::{KernelModule, MODULES};
 
 use std::collections::HashMap;

@@ -28,4 +28,6 @@ macro_rules! modules {
 
 modules! {
     ACTIVATION => "activation",
+    CONV => "conv",
+    GEMM => "gemm",
 }

@@ -12,6 +12,7 @@
 //! not leak into the result); `k == 0` gives `C = act(beta * C + bias)`.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result, checked_product};
 use crate::ops::activation::Activation;

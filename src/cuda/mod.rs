@@ -10,7 +10,6 @@
 mod modules;
 
 pub use modules::*;
-pub use modules::{KernelModule, MODULES};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -34,4 +34,6 @@ modules! {
     POOL => "pool",
     LOSS => "loss",
     OPTIM => "optim",
+    CONV => "conv",
+    GEMM => "gemm",
 }

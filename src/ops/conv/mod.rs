@@ -22,6 +22,7 @@
 //! zeroed).
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result, check_len, checked_product};
 

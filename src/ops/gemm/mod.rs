@@ -17,6 +17,7 @@
 //! [`cpu::gemm_backward`] (dA and dB of the linear part).
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result, checked_product};
 use crate::ops::activation::Activation;

@@ -1,0 +1,359 @@
+//! CUDA convolution: im2col / col2im kernels (`kernels/conv.cu`) and the
+//! GEMM kernels (`kernels/gemm.cu`), mirroring `cpu.rs`.
+//!
+//! The column matrix has the CPU's layout, `[C*R*S, n*OH*OW]` for a chunk of
+//! `n` images. Each pass is one batched GEMM per chunk whose batch items are
+//! the images, so NCHW tensors are read and written in place, with no
+//! transposes:
+//!
+//! - forward: `y_i [K, OH*OW] = act(W [K, CRS] * col_i [CRS, OH*OW] + bias)`
+//!   (W shared: `stride_a = 0`; `col_i` is a column block of col, `ldb =
+//!   n*OH*OW`, `stride_b = OH*OW`); bias per row and activation in the
+//!   epilogue.
+//! - backward data: `col_i = W^T * dy_i`, then col2im (a deterministic gather).
+//! - backward filter: `dW = sum_i dy_i [K, OH*OW] * col_i^T`, the sum over
+//!   the images of a chunk taken inside the GEMM in image order (see
+//!   `gemm::cuda`), chunks added in order with `beta = 1`.
+//!
+//! Scratch: the column matrix of a chunk. A whole batch's can be huge (batch
+//! 128, 128 channels, 32x32, 3x3: 600 MB), so the batch goes through in
+//! chunks of as many images as fit in the workspace: either the caller's
+//! (`workspace: Some(..)`, at least `C*R*S*OH*OW` floats, one image's
+//! columns) or, with `None`, one allocated per call of at most
+//! [`WORKSPACE_FLOATS`]. dW's summation order depends only on the shape and
+//! the chunk size (the workspace's length), so it is the same run to run.
+
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, PushKernelArg};
+
+use super::Conv2d;
+use crate::cuda::{CONV, CudaBackend};
+use crate::error::{Error, Result};
+use crate::ops::activation::Activation;
+use crate::ops::gemm::Gemm;
+use crate::ops::gemm::cuda::{DeviceBias, DeviceEpilogue, gemm, launch, summed};
+
+// SAFETY: `Conv2d` is `#[repr(C)]` with only usize (u64) fields: plain old
+// data, mirrored as `struct Conv2d` in kernels/conv.cu (same size asserted).
+unsafe impl DeviceRepr for Conv2d {}
+const _: () = assert!(std::mem::size_of::<Conv2d>() == 120);
+
+/// The most scratch floats a call allocates for its column matrices when the
+/// caller gives no workspace: 256 MiB. The chunk is as many images as fit
+/// (at least one, whatever its size).
+pub const WORKSPACE_FLOATS: usize = 1 << 26;
+
+/// Floats of the column matrix of one image: `C*R*S*OH*OW`.
+pub fn col_floats_per_image(p: &Conv2d) -> usize {
+    p.col_rows() * p.out_h * p.out_w
+}
+
+/// Images per chunk for a workspace of `workspace_floats` (at least 1, at
+/// most `n`).
+pub fn images_per_chunk(p: &Conv2d, workspace_floats: usize) -> usize {
+    (workspace_floats / col_floats_per_image(p).max(1)).clamp(1, p.n.max(1))
+}
+
+/// Fills `col` (`[C*R*S, N*OH*OW]`) from `x` (`[N, C, H, W]`), like
+/// `cpu::im2col`. `col` is fully overwritten.
+pub fn im2col(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    col: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "conv2d.im2col";
+    p.validate(OP)?;
+    p.check_x(OP, "x", x.len())?;
+    p.check_col(OP, col.len())?;
+    // SAFETY: lengths checked just above.
+    unsafe { im2col_unchecked(gpu, p, x, col) }
+}
+
+/// The adjoint of [`im2col`], like `cpu::col2im`: each pixel of `x`
+/// (`[N, C, H, W]`, fully overwritten) sums its entries of `col` in
+/// `(r, s)` order; deterministic.
+pub fn col2im(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    col: &CudaView<'_, f32>,
+    x: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "conv2d.col2im";
+    p.validate(OP)?;
+    p.check_col(OP, col.len())?;
+    p.check_x(OP, "x", x.len())?;
+    // SAFETY: lengths checked just above.
+    unsafe { col2im_unchecked(gpu, p, col, x) }
+}
+
+/// # Safety
+/// `p` validated, `x.len() >= p.x_len()`, `col.len() >= p.col_len()`.
+unsafe fn im2col_unchecked(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    col: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let len = p.col_len();
+    if len == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&CONV, "conv_im2col")?;
+    // SAFETY: the kernel reads x[..x_len] and writes col[..col_len], both
+    // in bounds per the caller.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(x)
+            .arg(col)
+            .launch(gpu.elementwise_config(len))
+    };
+    gpu.launched("conv_im2col", r)
+}
+
+/// # Safety
+/// `p` validated, `col.len() >= p.col_len()`, `x.len() >= p.x_len()`.
+unsafe fn col2im_unchecked(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    col: &CudaView<'_, f32>,
+    x: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let len = p.x_len();
+    if len == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&CONV, "conv_col2im")?;
+    // SAFETY: the kernel reads col[..col_len] and writes x[..x_len], both
+    // in bounds per the caller.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(col)
+            .arg(x)
+            .launch(gpu.elementwise_config(len))
+    };
+    gpu.launched("conv_col2im", r)
+}
+
+/// Runs `body(workspace, chunk)` with a column workspace of at least
+/// `chunk` images: the caller's, or a fresh one bounded by [`WORKSPACE_FLOATS`].
+fn with_workspace(
+    gpu: &CudaBackend,
+    op: &'static str,
+    p: &Conv2d,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    mut body: impl FnMut(&mut CudaViewMut<'_, f32>, usize) -> Result<()>,
+) -> Result<()> {
+    let per_image = col_floats_per_image(p);
+    match workspace {
+        Some(ws) => {
+            if ws.len() < per_image {
+                return Err(Error::shape(
+                    op,
+                    "workspace length",
+                    format!("at least C*R*S*OH*OW = {per_image} (one image's columns)"),
+                    ws.len(),
+                ));
+            }
+            let chunk = images_per_chunk(p, ws.len());
+            body(ws, chunk)
+        }
+        None => {
+            let chunk = images_per_chunk(p, WORKSPACE_FLOATS);
+            // SAFETY: every pass writes the columns of a chunk (im2col or a
+            // beta = 0 GEMM) before anything reads them.
+            let mut ws = unsafe { gpu.stream().alloc::<f32>(chunk * per_image) }
+                .map_err(|e| gpu.error("cuMemAlloc (conv2d workspace)", e))?;
+            body(&mut ws.as_view_mut(), chunk)
+        }
+    }
+}
+
+/// `y = act(conv(x, w) + bias)` on the device, like `cpu::forward`: `x`
+/// `[N, C, H, W]`, `w` `[K, C, R, S]`, `bias` `[K]` (optional), `y`
+/// `[N, K, OH, OW]` fully overwritten. `workspace`: see the module docs.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    bias: Option<&CudaView<'_, f32>>,
+    activation: Activation,
+    y: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    const OP: &str = "conv2d.forward";
+    p.validate(OP)?;
+    p.check_x(OP, "x", x.len())?;
+    p.check_w(OP, "w", w.len())?;
+    if let Some(b) = bias {
+        p.check_bias(OP, b.len())?;
+    }
+    p.check_y(OP, "y", y.len())?;
+    if p.n == 0 {
+        return Ok(());
+    }
+    let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
+    let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
+    with_workspace(gpu, OP, p, workspace, |ws, chunk| {
+        for n0 in (0..p.n).step_by(chunk) {
+            let q = p.with_batch(chunk.min(p.n - n0));
+            let cols = q.col_cols();
+            let mut col = ws.slice_mut(..crs * cols);
+            let xq = x.slice(n0 * x_img..(n0 + q.n) * x_img);
+            // SAFETY: q is p over q.n images (valid); xq holds q's x, col q's columns.
+            unsafe { im2col_unchecked(gpu, &q, &xq, &mut col)? };
+            let g = Gemm {
+                m: p.k,
+                n: ohw,
+                k: crs,
+                lda: crs,
+                ldb: cols,
+                ldc: ohw,
+                batch: q.n,
+                stride_a: 0,
+                stride_b: ohw,
+                stride_c: y_img,
+                alpha: 1.0,
+                beta: 0.0,
+                trans_a: false,
+                trans_b: false,
+            };
+            let epi = DeviceEpilogue {
+                bias: bias.map_or(DeviceBias::None, DeviceBias::PerRow),
+                activation,
+            };
+            let mut yq = y.slice_mut(n0 * y_img..(n0 + q.n) * y_img);
+            // The public, checked GEMM: its checks hold by construction.
+            gemm(gpu, &g, w, &col.as_view(), &mut yq, epi)?;
+        }
+        Ok(())
+    })
+}
+
+/// `dx = col2im(w^T * dy)` on the device, like `cpu::backward_data`: `dy`
+/// `[N, K, OH, OW]`, `w` `[K, C, R, S]`, `dx` `[N, C, H, W]` fully
+/// overwritten. `workspace`: see the module docs.
+pub fn backward_data(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    dy: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    const OP: &str = "conv2d.backward_data";
+    p.validate(OP)?;
+    p.check_y(OP, "dy", dy.len())?;
+    p.check_w(OP, "w", w.len())?;
+    p.check_x(OP, "dx", dx.len())?;
+    if p.n == 0 {
+        return Ok(());
+    }
+    let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
+    let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
+    with_workspace(gpu, OP, p, workspace, |ws, chunk| {
+        for n0 in (0..p.n).step_by(chunk) {
+            let q = p.with_batch(chunk.min(p.n - n0));
+            let cols = q.col_cols();
+            let mut col = ws.slice_mut(..crs * cols);
+            let dyq = dy.slice(n0 * y_img..(n0 + q.n) * y_img);
+            // col_i [CRS, OHW] (columns i*OHW.. of col, ldc = cols) = W^T dy_i.
+            let g = Gemm {
+                m: crs,
+                n: ohw,
+                k: p.k,
+                lda: crs,
+                ldb: ohw,
+                ldc: cols,
+                batch: q.n,
+                stride_a: 0,
+                stride_b: y_img,
+                stride_c: ohw,
+                alpha: 1.0,
+                beta: 0.0,
+                trans_a: true,
+                trans_b: false,
+            };
+            // SAFETY: A = w (K x CRS, shared) has w_len elements; item i of B
+            // is dy_i, K x OHW at i*K*OHW, inside dyq (q.n*K*OHW); item i of C
+            // is the column block at i*OHW with row stride cols: its last
+            // element is (n-1)*OHW + (CRS-1)*cols + OHW - 1 < CRS*cols =
+            // col.len(), and distinct items own distinct columns.
+            unsafe { launch(gpu, &g, DeviceEpilogue::default(), w, &dyq, &mut col, 1)? };
+            let mut dxq = dx.slice_mut(n0 * x_img..(n0 + q.n) * x_img);
+            // SAFETY: col holds q's columns, dxq q's x.
+            unsafe { col2im_unchecked(gpu, &q, &col.as_view(), &mut dxq)? };
+        }
+        Ok(())
+    })
+}
+
+/// `dw = sum over images of dy * col^T` on the device, like
+/// `cpu::backward_filter`: `x` `[N, C, H, W]`, `dy` `[N, K, OH, OW]`, `dw`
+/// `[K, C, R, S]` fully overwritten (zero for an empty batch). The sum runs
+/// over the images in order within a chunk (split into a shape-determined
+/// number of partial sums added in order when dW alone would leave the
+/// device idle), chunks added in order: deterministic. `workspace`: see the
+/// module docs.
+pub fn backward_filter(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dw: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    const OP: &str = "conv2d.backward_filter";
+    p.validate(OP)?;
+    p.check_x(OP, "x", x.len())?;
+    p.check_y(OP, "dy", dy.len())?;
+    p.check_w(OP, "dw", dw.len())?;
+    if p.n == 0 {
+        return gpu
+            .stream()
+            .memset_zeros(dw)
+            .map_err(|e| gpu.error("cuMemsetD8 (conv2d.backward_filter dw)", e));
+    }
+    let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
+    let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
+    with_workspace(gpu, OP, p, workspace, |ws, chunk| {
+        for n0 in (0..p.n).step_by(chunk) {
+            let q = p.with_batch(chunk.min(p.n - n0));
+            let cols = q.col_cols();
+            let mut col = ws.slice_mut(..crs * cols);
+            let xq = x.slice(n0 * x_img..(n0 + q.n) * x_img);
+            // SAFETY: q is p over q.n images (valid); xq holds q's x, col q's columns.
+            unsafe { im2col_unchecked(gpu, &q, &xq, &mut col)? };
+            let dyq = dy.slice(n0 * y_img..(n0 + q.n) * y_img);
+            // dW [K, CRS] (+)= sum_i dy_i [K, OHW] * (col_i [CRS, OHW])^T;
+            // beta = 0 on the first chunk: dw is overwritten, never read.
+            let g = Gemm {
+                m: p.k,
+                n: crs,
+                k: ohw,
+                lda: ohw,
+                ldb: cols,
+                ldc: crs,
+                batch: q.n,
+                stride_a: y_img,
+                stride_b: ohw,
+                stride_c: 0,
+                alpha: 1.0,
+                beta: if n0 == 0 { 0.0 } else { 1.0 },
+                trans_a: false,
+                trans_b: true,
+            };
+            // SAFETY: item i of A is dy_i (K x OHW at i*K*OHW) inside dyq;
+            // item i of B (stored CRS x OHW, row stride cols) is the column
+            // block at i*OHW, last element (CRS-1)*cols + (n-1)*OHW + OHW - 1
+            // < col.len(); C is dw (K x CRS dense, w_len elements).
+            unsafe { summed(gpu, &g, &dyq, &col.as_view(), dw)? };
+        }
+        Ok(())
+    })
+}

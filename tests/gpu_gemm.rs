@@ -1,0 +1,573 @@
+//! The CUDA GEMM (`ops::gemm::cuda`) against the CPU reference
+//! (`ops::gemm::cpu::gemm`) and, for `gemm_backward`, against an f64
+//! definition: every transpose pair, odd/prime sizes off every tile edge and
+//! larger than several tiles, leading dimensions with gaps that must stay
+//! untouched, batches with shared operands, beta = 0 with NaN in C, k = 0,
+//! each epilogue, determinism and argument errors.
+//!
+//! Every test needs a CUDA device and is ignored otherwise:
+//! `cargo test --release --test gpu_gemm -- --ignored`.
+
+mod common;
+
+use common::*;
+use cudarc::driver::CudaSlice;
+use kestrel::cuda::CudaBackend;
+use kestrel::ops::activation::{Activation, ActivationKind};
+use kestrel::ops::gemm::cuda::{self as gg, DeviceBias, DeviceEpilogue};
+use kestrel::ops::gemm::{Bias, Epilogue, Gemm, cpu};
+use proptest::prelude::*;
+
+/// Each element is a sum of `terms` products of values in [-1, 1], computed
+/// in f32 on both sides in different orders (the GPU with fma). Each side's
+/// rounding error stays under ~1e-7 per term with random signs, so 1e-6 per
+/// term is an order of magnitude of slack, while an indexing mistake (an
+/// error of one term, ~0.1) still fails. The relative part covers the
+/// epilogue's transcendental activations (a few ulps apart).
+const TOL_PER_TERM: f64 = 1e-6;
+
+fn tol(terms: usize) -> Tol {
+    Tol::new(TOL_PER_TERM * terms.max(1) as f64, 1e-5)
+}
+
+/// Elements a batch of `rows x cols` matrices (row stride `ld`, batch
+/// stride `stride`) spans.
+fn span(batch: usize, stride: usize, rows: usize, cols: usize, ld: usize) -> usize {
+    if batch == 0 || rows == 0 || cols == 0 {
+        0
+    } else {
+        (batch - 1) * stride + (rows - 1) * ld + cols
+    }
+}
+
+fn lens(p: &Gemm) -> (usize, usize, usize) {
+    let (ar, ac) = p.a_dims();
+    let (br, bc) = p.b_dims();
+    (
+        span(p.batch, p.stride_a, ar, ac, p.lda),
+        span(p.batch, p.stride_b, br, bc, p.ldb),
+        span(p.batch, p.stride_c, p.m, p.n, p.ldc),
+    )
+}
+
+/// A device copy of `v` (one spare element so that empty buffers can be
+/// allocated); view it with `.slice(..v.len())`.
+fn dev(gpu: &CudaBackend, v: &[f32]) -> CudaSlice<f32> {
+    let mut h = v.to_vec();
+    h.push(POISON);
+    gpu.upload(&h).expect("upload")
+}
+
+fn host(gpu: &CudaBackend, d: &CudaSlice<f32>, len: usize) -> Vec<f32> {
+    let mut v = gpu.download(d).expect("download");
+    v.truncate(len);
+    v
+}
+
+#[derive(Clone, Copy, Debug)]
+enum BiasSel {
+    None,
+    Row,
+    Col,
+}
+
+/// Runs `p` with the given data on both backends; returns (gpu, cpu) C.
+#[allow(clippy::too_many_arguments)]
+fn run_both(
+    gpu: &CudaBackend,
+    p: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c0: &[f32],
+    bias: &[f32],
+    sel: BiasSel,
+    act: Activation,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut want = c0.to_vec();
+    let host_bias = match sel {
+        BiasSel::None => Bias::None,
+        BiasSel::Row => Bias::PerRow(bias),
+        BiasSel::Col => Bias::PerCol(bias),
+    };
+    cpu::gemm(
+        p,
+        a,
+        b,
+        &mut want,
+        Epilogue {
+            bias: host_bias,
+            activation: act,
+        },
+    )
+    .expect("cpu gemm");
+    let (da, db, mut dc, dbias) = (dev(gpu, a), dev(gpu, b), dev(gpu, c0), dev(gpu, bias));
+    let bias_view = dbias.slice(..bias.len());
+    let dev_bias = match sel {
+        BiasSel::None => DeviceBias::None,
+        BiasSel::Row => DeviceBias::PerRow(&bias_view),
+        BiasSel::Col => DeviceBias::PerCol(&bias_view),
+    };
+    gg::gemm(
+        gpu,
+        p,
+        &da.slice(..a.len()),
+        &db.slice(..b.len()),
+        &mut dc.slice_mut(..c0.len()),
+        DeviceEpilogue {
+            bias: dev_bias,
+            activation: act,
+        },
+    )
+    .expect("gpu gemm");
+    (host(gpu, &dc, c0.len()), want)
+}
+
+fn activation(i: u8) -> Activation {
+    let (kind, alpha) = match i % 6 {
+        0 => (ActivationKind::Linear, 0.0),
+        1 => (ActivationKind::Relu, 0.0),
+        2 => (ActivationKind::Elu, 1.0),
+        3 => (ActivationKind::LeakyRelu, 0.3),
+        4 => (ActivationKind::Tanh, 0.0),
+        _ => (ActivationKind::Sigmoid, 0.0),
+    };
+    Activation { kind, alpha }
+}
+
+/// A GEMM with the given sizes and transposes, leading dimensions `extra`
+/// past the row length, and a batch where A / B may be shared (stride 0)
+/// and C's items have a gap of `gap` elements between them.
+#[allow(clippy::too_many_arguments)]
+fn layout(
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    extra: usize,
+    batch: usize,
+    share: (bool, bool),
+    gap: usize,
+) -> Gemm {
+    let mut p = Gemm::new(m, n, k).transpose(ta, tb);
+    p.lda += extra;
+    p.ldb += (extra * 2) % 5;
+    p.ldc += extra;
+    let (ar, _) = p.a_dims();
+    let (br, _) = p.b_dims();
+    p.batch = batch;
+    p.stride_a = if share.0 { 0 } else { ar * p.lda + gap };
+    p.stride_b = if share.1 { 0 } else { br * p.ldb };
+    p.stride_c = m * p.ldc + gap;
+    p
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Random sizes, layouts, scalars and epilogues against the CPU; C starts
+    /// as data (beta != 0) or as POISON NaN (beta == 0, so it must not be
+    /// read), and the gaps between rows and batch items hold POISON that
+    /// must survive.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn matches_cpu(
+        m in dim(300), n in dim(300), k in dim(300), ta: bool, tb: bool,
+        extra in 0usize..4, batch in 1usize..4, share: (bool, bool), gap in 0usize..3,
+        beta_sel in 0u8..3, bias_sel in 0u8..3, act in 0u8..6, seed: u64,
+    ) {
+        let gpu = gpu();
+        let beta = [0.0f32, 1.0, -0.5][beta_sel as usize];
+        let p = layout(m, n, k, ta, tb, extra, batch, share, gap).scale(0.75, beta);
+        let (la, lb, lc) = lens(&p);
+        let mut rng = common::Rng::new(seed);
+        let a = rng.vec(la, -1.0, 1.0);
+        let b = rng.vec(lb, -1.0, 1.0);
+        let mut c0 = vec![POISON; lc];
+        if beta != 0.0 {
+            for bi in 0..batch {
+                for i in 0..m {
+                    for j in 0..n {
+                        c0[bi * p.stride_c + i * p.ldc + j] = rng.uniform(-1.0, 1.0);
+                    }
+                }
+            }
+        }
+        let sel = [BiasSel::None, BiasSel::Row, BiasSel::Col][bias_sel as usize];
+        let bias = rng.vec(match sel { BiasSel::Col => n, _ => m }, -1.0, 1.0);
+        let (got, want) = run_both(&gpu, &p, &a, &b, &c0, &bias, sel, activation(act));
+        let r = check_close("gemm C", &got, &to_f64(&want), tol(k));
+        prop_assert!(r.is_ok(), "{:?}: {}", p, r.unwrap_err());
+    }
+}
+
+/// Every transpose pair on sizes one off the 64- and 128-tiles in every
+/// dimension, both kernels (a large product selects the 128x128 tiles).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn tile_edges_every_transpose() {
+    let gpu = gpu();
+    let sizes = [
+        (1, 1, 1),
+        (63, 65, 17),
+        (64, 64, 16),
+        (65, 63, 15),
+        (127, 129, 9),
+        (128, 128, 8),
+        (129, 127, 7),
+        (257, 300, 33),
+        (1, 300, 257),
+        (300, 1, 5),
+    ];
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        for &(m, n, k) in &sizes {
+            let p = Gemm::new(m, n, k).transpose(ta, tb);
+            let a = data(1, m * k, -1.0, 1.0);
+            let b = data(2, k * n, -1.0, 1.0);
+            let c0 = vec![POISON; m * n];
+            let (got, want) = run_both(
+                &gpu,
+                &p,
+                &a,
+                &b,
+                &c0,
+                &[],
+                BiasSel::None,
+                Activation::LINEAR,
+            );
+            assert_close(
+                &format!("gemm {m}x{n}x{k} ta={ta} tb={tb}"),
+                &got,
+                &to_f64(&want),
+                tol(k),
+            );
+        }
+    }
+}
+
+/// Operands at offsets that are not 16-byte aligned, with leading
+/// dimensions that are and are not multiples of 4: the float4 path must
+/// fall back to scalar loads.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn misaligned_views() {
+    let gpu = gpu();
+    for (ta, tb) in [(false, false), (true, true), (false, true), (true, false)] {
+        for (off, extra) in [(1usize, 0usize), (2, 4), (3, 1), (0, 3)] {
+            let mut p = Gemm::new(70, 90, 40).transpose(ta, tb);
+            p.lda += extra;
+            p.ldb += extra;
+            let (la, lb, lc) = lens(&p);
+            let a = data(3, la + off, -1.0, 1.0);
+            let b = data(4, lb + off, -1.0, 1.0);
+            let c0 = vec![POISON; lc];
+            let mut want = c0.clone();
+            cpu::gemm(&p, &a[off..], &b[off..], &mut want, Epilogue::default()).unwrap();
+            let (da, db, mut dc) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &c0));
+            gg::gemm(
+                &gpu,
+                &p,
+                &da.slice(off..off + la),
+                &db.slice(off..off + lb),
+                &mut dc.slice_mut(..lc),
+                DeviceEpilogue::default(),
+            )
+            .unwrap();
+            assert_close(
+                &format!("gemm offset {off} extra {extra} ta={ta} tb={tb}"),
+                &host(&gpu, &dc, lc),
+                &to_f64(&want),
+                tol(40),
+            );
+        }
+    }
+}
+
+/// k == 0 gives act(beta * C + bias); beta == 0 then writes act(bias) over NaN.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn k_zero() {
+    let gpu = gpu();
+    for beta in [0.0f32, 2.0] {
+        let mut p = Gemm::new(5, 7, 0).scale(1.0, beta).batched(2);
+        p.lda = 1; // at least 1 even for an empty row
+        let c0 = if beta == 0.0 {
+            vec![f32::NAN; 70]
+        } else {
+            data(5, 70, -1.0, 1.0)
+        };
+        let bias = data(6, 7, -1.0, 1.0);
+        let (got, want) = run_both(
+            &gpu,
+            &p,
+            &[],
+            &[],
+            &c0,
+            &bias,
+            BiasSel::Col,
+            Activation::RELU,
+        );
+        assert_close("gemm k = 0", &got, &to_f64(&want), tol(1));
+        assert!(got.iter().all(|v| v.is_finite()), "NaN leaked from C");
+    }
+}
+
+/// NaN in an operand reaches exactly the outputs that use it.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn nan_propagates() {
+    let gpu = gpu();
+    let p = Gemm::new(3, 4, 5);
+    let mut a = data(7, 15, -1.0, 1.0);
+    a[5] = f32::NAN; // row 1
+    let b = data(8, 20, -1.0, 1.0);
+    let (got, want) = run_both(
+        &gpu,
+        &p,
+        &a,
+        &b,
+        &[0.0; 12],
+        &[],
+        BiasSel::None,
+        Activation::RELU,
+    );
+    assert_close("gemm NaN", &got, &to_f64(&want), tol(5));
+    assert!(got[4..8].iter().all(|v| v.is_nan()) && got[..4].iter().all(|v| !v.is_nan()));
+}
+
+/// A large batch with a shared A (the conv pattern) and many tiles: two
+/// launches give bit-identical results.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn deterministic() {
+    let gpu = gpu();
+    let mut p = Gemm::new(64, 200, 300).batched(9);
+    p.stride_a = 0;
+    let (la, lb, lc) = lens(&p);
+    let (a, b) = (data(9, la, -1.0, 1.0), data(10, lb, -1.0, 1.0));
+    let c0 = vec![POISON; lc];
+    let (first, want) = run_both(&gpu, &p, &a, &b, &c0, &[], BiasSel::None, Activation::TANH);
+    let (second, _) = run_both(&gpu, &p, &a, &b, &c0, &[], BiasSel::None, Activation::TANH);
+    assert_close("gemm batch", &first, &to_f64(&want), tol(300));
+    assert!(
+        first
+            .iter()
+            .zip(&second)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "two runs differ"
+    );
+}
+
+/// f64 gradients of `L = sum(dC * alpha * op(A) op(B))` per batch item, in
+/// the stored layouts of A and B, summed over items for a shared operand.
+fn backward_ref(
+    p: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    dc: &[f32],
+    la: usize,
+    lb: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut da = vec![0.0f64; la];
+    let mut db = vec![0.0f64; lb];
+    let ai = |bi: usize, i: usize, l: usize| {
+        bi * p.stride_a
+            + if p.trans_a {
+                l * p.lda + i
+            } else {
+                i * p.lda + l
+            }
+    };
+    let bi_ = |bi: usize, l: usize, j: usize| {
+        bi * p.stride_b
+            + if p.trans_b {
+                j * p.ldb + l
+            } else {
+                l * p.ldb + j
+            }
+    };
+    for bi in 0..p.batch {
+        for i in 0..p.m {
+            for j in 0..p.n {
+                let g = p.alpha as f64 * dc[bi * p.stride_c + i * p.ldc + j] as f64;
+                for l in 0..p.k {
+                    da[ai(bi, i, l)] += g * b[bi_(bi, l, j)] as f64;
+                    db[bi_(bi, l, j)] += g * a[ai(bi, i, l)] as f64;
+                }
+            }
+        }
+    }
+    (da, db)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// dA and dB against the f64 definition, every layout, shared operands
+    /// summed over the batch (split into partial sums when the batch is
+    /// long), the gaps of dA / dB untouched (they start as POISON and are
+    /// POISON in the reference too).
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn backward_matches_definition(
+        m in dim(70), n in dim(70), k in dim(70), ta: bool, tb: bool, extra in 0usize..3,
+        batch in 1usize..40, share: (bool, bool), seed: u64,
+    ) {
+        let gpu = gpu();
+        let p = layout(m, n, k, ta, tb, extra, batch, share, 1).scale(-1.5, 0.0);
+        let (la, lb, lc) = lens(&p);
+        let mut rng = common::Rng::new(seed);
+        let a = rng.vec(la, -1.0, 1.0);
+        let b = rng.vec(lb, -1.0, 1.0);
+        let dc = rng.vec(lc, -1.0, 1.0);
+        let (mut wa, mut wb) = backward_ref(&p, &a, &b, &dc, la, lb);
+        // Mark the gaps: the reference never writes them, so they keep POISON.
+        let (ar, ac) = p.a_dims();
+        let (br, bc) = p.b_dims();
+        let mark = |w: &mut Vec<f64>, stride: usize, rows: usize, cols: usize, ld: usize| {
+            let mut hit = vec![false; w.len()];
+            for bi in 0..p.batch { for r in 0..rows { for c in 0..cols {
+                hit[bi * stride + r * ld + c] = true;
+            }}}
+            for (v, h) in w.iter_mut().zip(hit) { if !h { *v = f64::NAN; } }
+        };
+        mark(&mut wa, p.stride_a, ar, ac, p.lda);
+        mark(&mut wb, p.stride_b, br, bc, p.ldb);
+        let (d_a, d_b, d_c) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &dc));
+        let mut ga = dev(&gpu, &vec![POISON; la]);
+        let mut gb = dev(&gpu, &vec![POISON; lb]);
+        gg::gemm_backward(
+            &gpu, &p, &d_a.slice(..la), &d_b.slice(..lb), &d_c.slice(..lc),
+            Some(&mut ga.slice_mut(..la)), Some(&mut gb.slice_mut(..lb)),
+        ).unwrap();
+        let terms_a = n * if share.0 { batch } else { 1 };
+        let terms_b = m * if share.1 { batch } else { 1 };
+        let r = check_close("dA", &host(&gpu, &ga, la), &wa, tol(terms_a * 2));
+        prop_assert!(r.is_ok(), "{:?}: {}", p, r.unwrap_err());
+        let r = check_close("dB", &host(&gpu, &gb, lb), &wb, tol(terms_b * 2));
+        prop_assert!(r.is_ok(), "{:?}: {}", p, r.unwrap_err());
+    }
+}
+
+/// A shared operand's gradient over a long batch (the split into partial
+/// sums) is bit-identical run to run, and an empty batch zeroes it.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn backward_shared_deterministic_and_empty() {
+    let gpu = gpu();
+    let mut p = Gemm::new(20, 30, 40).batched(100);
+    p.stride_a = 0;
+    let (la, lb, lc) = lens(&p);
+    let (a, b, dc) = (
+        data(11, la, -1.0, 1.0),
+        data(12, lb, -1.0, 1.0),
+        data(13, lc, -1.0, 1.0),
+    );
+    let (d_a, d_b, d_c) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &dc));
+    let run = || {
+        let mut ga = dev(&gpu, &vec![POISON; la]);
+        gg::gemm_backward(
+            &gpu,
+            &p,
+            &d_a.slice(..la),
+            &d_b.slice(..lb),
+            &d_c.slice(..lc),
+            Some(&mut ga.slice_mut(..la)),
+            None,
+        )
+        .unwrap();
+        host(&gpu, &ga, la)
+    };
+    let (first, second) = (run(), run());
+    let (want, _) = backward_ref(&p, &a, &b, &dc, la, lb);
+    assert_close("dA shared", &first, &want, tol(30 * 100 * 2));
+    assert!(
+        first
+            .iter()
+            .zip(&second)
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
+
+    let mut p0 = p;
+    p0.batch = 0;
+    let mut ga = dev(&gpu, &vec![POISON; la]);
+    gg::gemm_backward(
+        &gpu,
+        &p0,
+        &d_a.slice(..la),
+        &d_b.slice(..0),
+        &d_c.slice(..0),
+        Some(&mut ga.slice_mut(..la)),
+        None,
+    )
+    .unwrap();
+    assert!(host(&gpu, &ga, la).iter().all(|&v| v == 0.0));
+}
+
+/// Wrong lengths and bad leading dimensions are errors naming the op, before
+/// any launch.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn errors() {
+    let gpu = gpu();
+    let p = Gemm::new(4, 5, 6);
+    let (a, b, bias) = (
+        dev(&gpu, &[0.0; 24]),
+        dev(&gpu, &[0.0; 30]),
+        dev(&gpu, &[0.0; 5]),
+    );
+    let mut c = dev(&gpu, &[0.0; 20]);
+    let r = gg::gemm(
+        &gpu,
+        &p,
+        &a.slice(..23),
+        &b.slice(..30),
+        &mut c.slice_mut(..20),
+        DeviceEpilogue::default(),
+    );
+    assert_err_mentions(r, "gemm", &["A length", "at least 24", "23"]);
+    let r = gg::gemm(
+        &gpu,
+        &p,
+        &a.slice(..24),
+        &b.slice(..30),
+        &mut c.slice_mut(..19),
+        DeviceEpilogue::default(),
+    );
+    assert_err_mentions(r, "gemm", &["C length", "20", "19"]);
+    let bv = bias.slice(..5);
+    let r = gg::gemm(
+        &gpu,
+        &p,
+        &a.slice(..24),
+        &b.slice(..30),
+        &mut c.slice_mut(..20),
+        DeviceEpilogue {
+            bias: DeviceBias::PerRow(&bv),
+            activation: Activation::LINEAR,
+        },
+    );
+    assert_err_mentions(r, "gemm", &["bias (per row, m)", "4", "5"]);
+    let mut q = p;
+    q.lda = 5;
+    let r = gg::gemm(
+        &gpu,
+        &q,
+        &a.slice(..24),
+        &b.slice(..30),
+        &mut c.slice_mut(..20),
+        DeviceEpilogue::default(),
+    );
+    assert_err_mentions(r, "gemm", &["lda", "5", "6"]);
+    let mut ga = dev(&gpu, &[0.0; 23]);
+    let r = gg::gemm_backward(
+        &gpu,
+        &p,
+        &a.slice(..24),
+        &b.slice(..30),
+        &c.slice(..20),
+        Some(&mut ga.slice_mut(..23)),
+        None,
+    );
+    assert_err_mentions(r, "gemm_backward", &["dA", "24", "23"]);
+}

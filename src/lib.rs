@@ -12,6 +12,9 @@ pub mod cuda;
 pub mod error;
 pub mod ops;
 pub mod tensor;
+pub mod backend;
+pub mod nn;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::Tensor;

@@ -22,7 +22,9 @@ mod callbacks;
 mod checkpoint;
 mod progress;
 
-pub use callbacks::{Callback, EarlyStopping, EarlyStoppingMode, ModelCheckpoint, Verdict};
+pub use callbacks::{
+    Callback, EarlyStopping, EarlyStoppingMode, EarlyStoppingStep, ModelCheckpoint, Verdict,
+};
 
 use std::time::Instant;
 
@@ -198,11 +200,13 @@ impl Logs {
             .find(|(k, _)| *k == name)
             .map(|&(_, v)| v)
     }
-    /// Sets (or adds) an entry.
+    /// Sets (or adds) an entry (`acc` / `val_acc` are stored as
+    /// `accuracy` / `val_accuracy`).
     pub fn set(&mut self, name: &str, v: f64) {
-        match self.entries.iter_mut().find(|(k, _)| k == name) {
+        let name = canonical(name);
+        match self.entries.iter_mut().find(|(k, _)| *k == name) {
             Some(e) => e.1 = v,
-            None => self.entries.push((name.to_string(), v)),
+            None => self.entries.push((name, v)),
         }
     }
 }

@@ -8,12 +8,12 @@
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod cuda;
 pub mod error;
+pub mod nn;
 pub mod ops;
 pub mod tensor;
-pub mod backend;
-pub mod nn;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -5,8 +5,7 @@ mod common;
 use common::Rng;
 use kestrel::backend::CpuBackend;
 use kestrel::nn::{
-    Act, Activation, BatchNormalization, Conv2D, Dense, Dropout, Flatten, MaxPooling2D,
-    Sequential,
+    Act, Activation, BatchNormalization, Conv2D, Dense, Dropout, Flatten, MaxPooling2D, Sequential,
 };
 use kestrel::ops::optim::Optimizer;
 use kestrel::train::{Loss, Metric, Targets};
@@ -109,14 +108,23 @@ fn shape_mismatch_names_the_layer() {
         "{e}"
     );
     let mut m = Sequential::new(CpuBackend, 1);
-    m.add(Dense::new(4)).add(Dense::new(4)).add(Dense::new(4)).add(Conv2D::new(2, 3));
+    m.add(Dense::new(4))
+        .add(Dense::new(4))
+        .add(Dense::new(4))
+        .add(Conv2D::new(2, 3));
     let e = m.build(&[8]).unwrap_err().to_string();
-    assert!(e.contains("conv2d (Conv2D): expected an image input"), "{e}");
+    assert!(
+        e.contains("conv2d (Conv2D): expected an image input"),
+        "{e}"
+    );
     assert!(e.contains("got (None, 4)"), "{e}");
     let mut m = Sequential::new(CpuBackend, 1);
     m.add(Conv2D::new(2, 5));
     let e = m.build(&[1, 3, 3]).unwrap_err().to_string();
-    assert!(e.contains("conv2d (Conv2D)") && e.contains("kernel height 5"), "{e}");
+    assert!(
+        e.contains("conv2d (Conv2D)") && e.contains("kernel height 5"),
+        "{e}"
+    );
     // A rate of 1 is rejected at build time, naming the layer.
     let mut m = Sequential::new(CpuBackend, 1);
     m.add(Flatten).add(Dropout::new(1.0));

@@ -7,8 +7,7 @@ use kestrel::backend::CpuBackend;
 use kestrel::nn::{Act, Dense, Dropout, Sequential};
 use kestrel::ops::optim::Optimizer;
 use kestrel::train::{
-    Callback, EarlyStopping, EarlyStoppingStep, FitOptions, Logs, Loss, Metric, Targets,
-    Validation,
+    Callback, EarlyStopping, EarlyStoppingStep, FitOptions, Logs, Loss, Metric, Targets, Validation,
 };
 
 /// A separable 2-class problem in `d` dimensions: label = sign of a fixed
@@ -19,7 +18,11 @@ fn blobs(seed: u64, n: usize, d: usize) -> (Vec<f32>, Vec<u32>) {
     let x = r.vec(n * d, -1.0, 1.0);
     let y = (0..n)
         .map(|i| {
-            let s: f32 = x[i * d..(i + 1) * d].iter().zip(&w).map(|(a, b)| a * b).sum();
+            let s: f32 = x[i * d..(i + 1) * d]
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| a * b)
+                .sum();
             (s > 0.0) as u32
         })
         .collect();
@@ -64,7 +67,9 @@ fn learns_a_separable_problem() {
     let acc = h.get("accuracy").unwrap();
     assert_eq!(acc.len(), 8);
     let (xt, yt) = blobs(1, 1024, 4);
-    let logs = m.evaluate(&xt[512 * 4..], Targets::Sparse(&yt[512..]), 64).unwrap();
+    let logs = m
+        .evaluate(&xt[512 * 4..], Targets::Sparse(&yt[512..]), 64)
+        .unwrap();
     assert!(logs.get("acc").unwrap() > 0.95, "{logs:?}");
     // predict returns probabilities.
     let p = m.predict(&xt[..40], 16).unwrap();
@@ -80,8 +85,12 @@ fn partial_batch_kept_and_epoch_means_weighted() {
     // lr 1e-30 leaves every kernel unchanged in f32 (the zero-initialized
     // biases move to ~1e-31, far below any effect on the loss), so the
     // epoch's training loss must be the sample mean of the per-sample losses.
-    m.compile(sgd(1e-30), Loss::SparseCategoricalCrossentropy, &[Metric::Accuracy])
-        .unwrap();
+    m.compile(
+        sgd(1e-30),
+        Loss::SparseCategoricalCrossentropy,
+        &[Metric::Accuracy],
+    )
+    .unwrap();
     let w0 = m.get_weights().unwrap();
     let h = m.fit(&x, Targets::Sparse(&y), quiet(4, 2)).unwrap();
     let w1 = m.get_weights().unwrap();
@@ -90,7 +99,10 @@ fn partial_batch_kept_and_epoch_means_weighted() {
     assert_eq!(m.optimizer_iterations().unwrap(), 6);
     let full = m.evaluate(&x, Targets::Sparse(&y), 10).unwrap();
     let loss = h.get("loss").unwrap();
-    assert!((loss[0] - full.get("loss").unwrap()).abs() < 1e-6, "{loss:?} {full:?}");
+    assert!(
+        (loss[0] - full.get("loss").unwrap()).abs() < 1e-6,
+        "{loss:?} {full:?}"
+    );
     assert!((h.get("accuracy").unwrap()[1] - full.get("accuracy").unwrap()).abs() < 1e-12);
     // evaluate's own batching (3, 3, 3, 1) is weighted the same way.
     let e3 = m.evaluate(&x, Targets::Sparse(&y), 3).unwrap();
@@ -101,8 +113,12 @@ fn partial_batch_kept_and_epoch_means_weighted() {
 fn validation_split_takes_the_last_fraction() {
     let (x, y) = blobs(3, 10, 3);
     let mut m = model(5, 3, 0.0);
-    m.compile(sgd(0.1), Loss::SparseCategoricalCrossentropy, &[Metric::Accuracy])
-        .unwrap();
+    m.compile(
+        sgd(0.1),
+        Loss::SparseCategoricalCrossentropy,
+        &[Metric::Accuracy],
+    )
+    .unwrap();
     let opts = FitOptions {
         validation: Validation::Split(0.3),
         ..quiet(4, 1)
@@ -112,7 +128,9 @@ fn validation_split_takes_the_last_fraction() {
     assert_eq!(m.steps(), 2);
     let names: Vec<&str> = h.metrics.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(names, ["loss", "accuracy", "val_loss", "val_accuracy"]);
-    let v = m.evaluate(&x[7 * 3..], Targets::Sparse(&y[7..]), 4).unwrap();
+    let v = m
+        .evaluate(&x[7 * 3..], Targets::Sparse(&y[7..]), 4)
+        .unwrap();
     assert_eq!(h.get("val_loss").unwrap()[0], v.get("loss").unwrap());
     assert_eq!(h.get("val_acc").unwrap()[0], v.get("accuracy").unwrap());
 }
@@ -159,12 +177,15 @@ fn recompile_keeps_weights_and_resets_optimizer() {
     assert_eq!(m.optimizer_iterations().unwrap(), 0);
     // A fresh Adam's first step moves every weight with a nonzero gradient
     // by about lr (m/sqrt(v) = sign(g) at t = 1), whatever the old moments were.
-    let (_, g) = m.compute_gradients(&x[..16 * 3], Targets::Sparse(&y[..16])).unwrap();
+    let (_, g) = m
+        .compute_gradients(&x[..16 * 3], Targets::Sparse(&y[..16]))
+        .unwrap();
     let opts = FitOptions {
         shuffle: false,
         ..quiet(16, 1)
     };
-    m.fit(&x[..16 * 3], Targets::Sparse(&y[..16]), opts).unwrap();
+    m.fit(&x[..16 * 3], Targets::Sparse(&y[..16]), opts)
+        .unwrap();
     let w2 = m.get_weights().unwrap();
     let k0 = &g[0].1;
     for (j, (&a, &b)) in w[0].iter().zip(&w2[0]).enumerate() {
@@ -186,7 +207,10 @@ fn nan_loss_stops_with_a_clear_message() {
         shuffle: false,
         ..quiet(10, 3)
     };
-    let e = m.fit(&x, Targets::Sparse(&y), opts).unwrap_err().to_string();
+    let e = m
+        .fit(&x, Targets::Sparse(&y), opts)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("fit") && e.contains("NaN"), "{e}");
     assert!(e.contains("epoch 1") && e.contains("batch 3"), "{e}");
 }
@@ -197,15 +221,21 @@ fn targets_are_checked() {
     let mut m = model(5, 3, 0.0);
     m.compile(sgd(0.1), Loss::SparseCategoricalCrossentropy, &[])
         .unwrap();
-    let e = m.fit(&x, Targets::Sparse(&y[..9]), quiet(4, 1)).unwrap_err();
+    let e = m
+        .fit(&x, Targets::Sparse(&y[..9]), quiet(4, 1))
+        .unwrap_err();
     assert!(e.to_string().contains("targets"), "{e}");
     let mut bad = y.clone();
     bad[3] = 7;
     let e = m.fit(&x, Targets::Sparse(&bad), quiet(4, 1)).unwrap_err();
     assert!(e.to_string().contains("class index 7"), "{e}");
-    let e = m.fit(&x[..29], Targets::Sparse(&y), quiet(4, 1)).unwrap_err();
+    let e = m
+        .fit(&x[..29], Targets::Sparse(&y), quiet(4, 1))
+        .unwrap_err();
     assert!(e.to_string().contains("x length"), "{e}");
-    let e = m.compile(sgd(0.1), Loss::BinaryCrossentropy, &[]).unwrap_err();
+    let e = m
+        .compile(sgd(0.1), Loss::BinaryCrossentropy, &[])
+        .unwrap_err();
     assert!(e.to_string().contains("sigmoid"), "{e}");
 }
 
@@ -230,7 +260,10 @@ fn binary_and_regression_heads() {
 
     let mut r = Rng::new(2);
     let xr = r.vec(200 * 2, -1.0, 1.0);
-    let yr: Vec<f32> = xr.chunks(2).map(|v| 0.5 * v[0] - 0.3 * v[1] + 0.1).collect();
+    let yr: Vec<f32> = xr
+        .chunks(2)
+        .map(|v| 0.5 * v[0] - 0.3 * v[1] + 0.1)
+        .collect();
     let mut m = Sequential::new(CpuBackend, 1);
     m.add(Dense::new(1));
     m.build(&[2]).unwrap();
@@ -246,7 +279,11 @@ fn early_stopping_scripted() {
     let mut es = EarlyStopping::new("val_loss").patience(2);
     assert!(!es.maximizes());
     let seq = [1.0, 0.9, 0.95, 0.91, 0.8];
-    let steps: Vec<_> = seq[..4].iter().enumerate().map(|(e, &v)| es.update(e, v)).collect();
+    let steps: Vec<_> = seq[..4]
+        .iter()
+        .enumerate()
+        .map(|(e, &v)| es.update(e, v))
+        .collect();
     use EarlyStoppingStep::*;
     assert_eq!(steps[..4], [Improved, Improved, Waiting, Stop]);
     assert_eq!(es.best(), 0.9);
@@ -281,7 +318,12 @@ fn logs(name: &str, v: f64) -> Logs {
 fn early_stopping_restores_best_weights_only_when_it_stops() {
     let mut m = model(1, 3, 0.0);
     let set_all = |m: &mut Sequential<CpuBackend>, v: f32| {
-        let w: Vec<Vec<f32>> = m.get_weights().unwrap().iter().map(|t| vec![v; t.len()]).collect();
+        let w: Vec<Vec<f32>> = m
+            .get_weights()
+            .unwrap()
+            .iter()
+            .map(|t| vec![v; t.len()])
+            .collect();
         m.set_weights(&w).unwrap();
     };
     let first = |m: &Sequential<CpuBackend>| m.get_weights().unwrap()[0][0];
@@ -306,7 +348,10 @@ fn early_stopping_restores_best_weights_only_when_it_stops() {
     Callback::<CpuBackend>::on_train_begin(&mut es, &mut m).unwrap();
     for (e, &v) in [0.5, 0.4, 0.6].iter().enumerate() {
         set_all(&mut m, 10.0 + e as f32);
-        assert_eq!(es.on_epoch_end(e, &logs("val_loss", v), &mut m).unwrap(), Continue);
+        assert_eq!(
+            es.on_epoch_end(e, &logs("val_loss", v), &mut m).unwrap(),
+            Continue
+        );
     }
     Callback::<CpuBackend>::on_train_end(&mut es, &mut m).unwrap();
     assert_eq!(first(&m), 12.0);
@@ -320,8 +365,12 @@ fn early_stopping_in_fit() {
     let (x, y) = blobs(8, 64, 3);
     let mut m = model(1, 3, 0.0);
     // lr 1e-30: nothing changes, so val_loss never improves after epoch 0.
-    m.compile(sgd(1e-30), Loss::SparseCategoricalCrossentropy, &[Metric::Accuracy])
-        .unwrap();
+    m.compile(
+        sgd(1e-30),
+        Loss::SparseCategoricalCrossentropy,
+        &[Metric::Accuracy],
+    )
+    .unwrap();
     let mut es = EarlyStopping::new("val_loss").patience(2);
     let opts = FitOptions {
         validation: Validation::Split(0.25),

@@ -230,17 +230,7 @@ impl Backend for CpuBackend {
         dgamma: &mut Vec<f32>,
         dbeta: &mut Vec<f32>,
     ) -> Result<()> {
-        batchnorm::cpu::backward(
-            p,
-            x,
-            dy,
-            gamma,
-            save_mean,
-            save_inv_std,
-            dx,
-            dgamma,
-            dbeta,
-        )
+        batchnorm::cpu::backward(p, x, dy, gamma, save_mean, save_inv_std, dx, dgamma, dbeta)
     }
 
     fn dropout_forward(

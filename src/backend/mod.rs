@@ -293,8 +293,12 @@ pub trait Backend {
         labels: &Self::BufU32,
     ) -> Result<f64>;
     /// Sum over samples of the per-sample binary accuracy.
-    fn binary_accuracy(&self, p: &LossParams, probs: &Self::Buf, targets: &Self::Buf)
-    -> Result<f64>;
+    fn binary_accuracy(
+        &self,
+        p: &LossParams,
+        probs: &Self::Buf,
+        targets: &Self::Buf,
+    ) -> Result<f64>;
     /// Sum over samples of the per-sample mean absolute error.
     fn mae(&self, p: &LossParams, pred: &Self::Buf, targets: &Self::Buf) -> Result<f64>;
 

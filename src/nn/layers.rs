@@ -89,13 +89,7 @@ fn shape_err(name: &str, ty: &str, msg: String) -> Error {
     Error::Config(format!("{name} ({ty}): {msg}"))
 }
 
-fn init_values(
-    rng: &mut Rng,
-    init: Init,
-    len: usize,
-    fan_in: usize,
-    fan_out: usize,
-) -> Vec<f32> {
+fn init_values(rng: &mut Rng, init: Init, len: usize, fan_in: usize, fan_out: usize) -> Vec<f32> {
     match init {
         Init::Zeros => vec![0.0; len],
         Init::Ones => vec![1.0; len],
@@ -108,10 +102,12 @@ fn init_values(
             // dividing by it makes the truncated draws have std sqrt(2/fan_in).
             let sigma = (2.0 / fan_in.max(1) as f64).sqrt() / 0.879_625_66;
             (0..len)
-                .map(|_| loop {
-                    let z = rng.normal();
-                    if z.abs() <= 2.0 {
-                        break (z * sigma) as f32;
+                .map(|_| {
+                    loop {
+                        let z = rng.normal();
+                        if z.abs() <= 2.0 {
+                            break (z * sigma) as f32;
+                        }
                     }
                 })
                 .collect()
@@ -197,19 +193,23 @@ pub(crate) fn build_layer<B: Backend>(
                 }
             };
             if d.units == 0 {
-                return Err(shape_err(&name, ty, "units must be at least 1, got 0".into()));
+                return Err(shape_err(
+                    &name,
+                    ty,
+                    "units must be at least 1, got 0".into(),
+                ));
             }
             check_act(&name, ty, d.activation, true)?;
-            let w = init_values(
-                rng,
-                d.kernel_initializer,
-                inputs * d.units,
-                inputs,
-                d.units,
-            );
+            let w = init_values(rng, d.kernel_initializer, inputs * d.units, inputs, d.units);
             params.push(param(backend, "kernel", vec![inputs, d.units], w, true)?);
             if d.use_bias {
-                params.push(param(backend, "bias", vec![d.units], vec![0.0; d.units], true)?);
+                params.push(param(
+                    backend,
+                    "bias",
+                    vec![d.units],
+                    vec![0.0; d.units],
+                    true,
+                )?);
             }
             (
                 Kind::Dense {
@@ -223,8 +223,14 @@ pub(crate) fn build_layer<B: Backend>(
         }
         LayerSpec::Conv2D(c) => {
             let [ch, h, w] = expect_image("for a 2-D convolution")?;
-            let conv = Conv2d::new([1, ch, h, w], c.filters, c.kernel_size, c.strides, c.padding)
-                .map_err(wrap)?;
+            let conv = Conv2d::new(
+                [1, ch, h, w],
+                c.filters,
+                c.kernel_size,
+                c.strides,
+                c.padding,
+            )
+            .map_err(wrap)?;
             check_act(&name, ty, c.activation, false)?;
             let (r, s) = (c.kernel_size[0], c.kernel_size[1]);
             let wv = init_values(
@@ -234,7 +240,13 @@ pub(crate) fn build_layer<B: Backend>(
                 ch * r * s,
                 c.filters * r * s,
             );
-            params.push(param(backend, "kernel", vec![c.filters, ch, r, s], wv, true)?);
+            params.push(param(
+                backend,
+                "kernel",
+                vec![c.filters, ch, r, s],
+                wv,
+                true,
+            )?);
             if c.use_bias {
                 params.push(param(
                     backend,
@@ -281,8 +293,16 @@ pub(crate) fn build_layer<B: Backend>(
                     ));
                 }
             };
-            let bn = BatchNorm::new(1, c, spatial, is_conv, b.momentum, b.epsilon, b.variance_mode)
-                .map_err(wrap)?;
+            let bn = BatchNorm::new(
+                1,
+                c,
+                spatial,
+                is_conv,
+                b.momentum,
+                b.epsilon,
+                b.variance_mode,
+            )
+            .map_err(wrap)?;
             params.push(param(backend, "gamma", vec![c], vec![1.0; c], true)?);
             params.push(param(backend, "beta", vec![c], vec![0.0; c], true)?);
             params.push(param(backend, "moving_mean", vec![c], vec![0.0; c], false)?);
@@ -525,7 +545,11 @@ pub(crate) fn forward<B: Backend>(
                     backend.gemm(&g, x, w, out, bias, a)
                 })?;
             }
-            Kind::Conv { conv, act, use_bias } => {
+            Kind::Conv {
+                conv,
+                act,
+                use_bias,
+            } => {
                 let p = conv.with_batch(n);
                 let w = &layer.params[0].value;
                 let bias = if *use_bias {
@@ -766,7 +790,9 @@ fn act_backward<'a, B: Backend>(
         return Ok(gy);
     }
     if fused_epilogue(act) {
-        let a = act.elementwise().expect("fused activations are element-wise");
+        let a = act
+            .elementwise()
+            .expect("fused activations are element-wise");
         backend.activation_backward_from_output(a, y, gy)?;
         return Ok(gy);
     }

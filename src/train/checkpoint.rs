@@ -5,7 +5,7 @@
 //!
 //! Layout: the weights under their usual names; the optimizer's slots as
 //! `optimizer/<tensor>/slot0` (and `slot1` for Adam); scalars and the
-//! history in the metadata (`epoch`, `step`, `iterations`, `rng` as four
+//! history in the metadata (`epoch`, `step`, `dropout_seed`, `iterations`, `rng` as four
 //! hex u64, `optimizer`, `history` as `name=v,v,...;...` with f64 values
 //! printed so that they parse back exactly). The optimizer's
 //! hyper-parameters come from `compile`, not from the file.
@@ -18,7 +18,9 @@ use crate::backend::Backend;
 use crate::error::Result;
 use crate::nn::Rng;
 use crate::nn::Sequential;
-use crate::nn::weights_io::{atomic_write, f32_bytes, format_err, metadata, parse, read, serialize, tensor_f32};
+use crate::nn::weights_io::{
+    atomic_write, f32_bytes, format_err, metadata, parse, read, serialize, tensor_f32,
+};
 use crate::ops::optim::OptimizerState;
 
 const FORMAT: &str = "kestrel-checkpoint-1";
@@ -101,7 +103,11 @@ impl<B: Backend> Sequential<B> {
             let (s0, s1) = state.slots(i).ok_or_else(|| {
                 format_err(path, format!("optimizer state has no slots for {name}"))
             })?;
-            tensors.push((format!("optimizer/{name}/slot0"), shape.clone(), f32_bytes(s0)));
+            tensors.push((
+                format!("optimizer/{name}/slot0"),
+                shape.clone(),
+                f32_bytes(s0),
+            ));
             if !s1.is_empty() {
                 tensors.push((format!("optimizer/{name}/slot1"), shape, f32_bytes(s1)));
             }
@@ -112,6 +118,7 @@ impl<B: Backend> Sequential<B> {
         meta.insert("format".into(), FORMAT.into());
         meta.insert("epoch".into(), self.epoch.to_string());
         meta.insert("step".into(), self.step.to_string());
+        meta.insert("dropout_seed".into(), self.dropout_seed.to_string());
         meta.insert("iterations".into(), state.iterations().to_string());
         meta.insert("optimizer".into(), format!("{:?}", state.kind()));
         meta.insert(
@@ -154,6 +161,7 @@ impl<B: Backend> Sequential<B> {
                 .map_err(|_| format_err(path, format!("checkpoint {k:?} is not a number")))
         };
         let (epoch, step, iterations) = (num("epoch")?, num("step")?, num("iterations")?);
+        let dropout_seed = num("dropout_seed")?;
         let mut state = OptimizerState::new(&c.optimizer, &self.trainable_sizes())?;
         let kind = format!("{:?}", state.kind());
         if get("optimizer")? != &kind {
@@ -182,7 +190,12 @@ impl<B: Backend> Sequential<B> {
                 .map(|p| p.shape.clone())
                 .unwrap_or_default();
             let (s0, s1) = state.slots_mut(i).expect("sized from the model");
-            s0.copy_from_slice(&tensor_f32(path, &st, &format!("optimizer/{name}/slot0"), &shape)?);
+            s0.copy_from_slice(&tensor_f32(
+                path,
+                &st,
+                &format!("optimizer/{name}/slot0"),
+                &shape,
+            )?);
             if !s1.is_empty() {
                 s1.copy_from_slice(&tensor_f32(
                     path,
@@ -199,6 +212,7 @@ impl<B: Backend> Sequential<B> {
         c.state = dev_state;
         self.epoch = epoch as usize;
         self.step = step;
+        self.dropout_seed = dropout_seed;
         self.rng = Rng::from_state(rng);
         self.history = history;
         Ok(())

@@ -291,10 +291,7 @@ impl<B: Backend> Sequential<B> {
             optimizer,
             loss,
             metrics: metrics.to_vec(),
-            resolved: metrics
-                .iter()
-                .map(|&m| resolve(loss, m, outputs))
-                .collect(),
+            resolved: metrics.iter().map(|&m| resolve(loss, m, outputs)).collect(),
             head,
             state,
         });
@@ -340,7 +337,9 @@ impl<B: Backend> Sequential<B> {
                     return Err(Error::invalid(
                         what,
                         "targets",
-                        format!("sample {i}: class index {v} is out of range (classes = {classes})"),
+                        format!(
+                            "sample {i}: class index {v} is out of range (classes = {classes})"
+                        ),
                     ));
                 }
             }
@@ -395,14 +394,9 @@ impl<B: Backend> Sequential<B> {
             Loss::SparseCategoricalCrossentropy => {
                 b.sparse_softmax_cross_entropy(&p, logits, &ws.labels, &mut ws.losses, dz)?
             }
-            Loss::BinaryCrossentropy => b.sigmoid_cross_entropy(
-                &p,
-                logits,
-                &ws.targets,
-                &mut ws.losses,
-                &mut ws.probs,
-                dz,
-            )?,
+            Loss::BinaryCrossentropy => {
+                b.sigmoid_cross_entropy(&p, logits, &ws.targets, &mut ws.losses, &mut ws.probs, dz)?
+            }
             Loss::Mse => b.mse(&p, logits, &ws.targets, &mut ws.losses, dz)?,
         };
         let needs_probs = c
@@ -444,7 +438,11 @@ impl<B: Backend> Sequential<B> {
         self.compiled(OP)?;
         let n_all = self.check_data(OP, x, Some(&y))?;
         if opts.batch_size == 0 {
-            return Err(Error::invalid(OP, "batch_size", "must be at least 1, got 0"));
+            return Err(Error::invalid(
+                OP,
+                "batch_size",
+                "must be at least 1, got 0",
+            ));
         }
         let per = self.input_len();
         let outputs = self.output_len();
@@ -464,7 +462,9 @@ impl<B: Backend> Sequential<B> {
                     return Err(Error::invalid(
                         OP,
                         "validation_split",
-                        format!("{f} of {n_all} samples leaves an empty training or validation set"),
+                        format!(
+                            "{f} of {n_all} samples leaves an empty training or validation set"
+                        ),
                     ));
                 }
                 (
@@ -598,7 +598,11 @@ impl<B: Backend> Sequential<B> {
         self.compiled(OP)?;
         let n = self.check_data(OP, x, Some(&y))?;
         if batch_size == 0 {
-            return Err(Error::invalid(OP, "batch_size", "must be at least 1, got 0"));
+            return Err(Error::invalid(
+                OP,
+                "batch_size",
+                "must be at least 1, got 0",
+            ));
         }
         if n == 0 {
             return Err(Error::invalid(OP, "x", "no samples"));
@@ -636,7 +640,11 @@ impl<B: Backend> Sequential<B> {
         self.check_built(OP)?;
         let n = self.check_data(OP, x, None)?;
         if batch_size == 0 {
-            return Err(Error::invalid(OP, "batch_size", "must be at least 1, got 0"));
+            return Err(Error::invalid(
+                OP,
+                "batch_size",
+                "must be at least 1, got 0",
+            ));
         }
         let (per, outputs) = (self.input_len(), self.output_len());
         let out_slot = self.plan.output_slot();
@@ -647,10 +655,8 @@ impl<B: Backend> Sequential<B> {
             let end = (start + batch_size).min(n);
             let m = end - start;
             let wi = self.workspace(m, false)?;
-            self.backend.upload_into_f32(
-                &x[start * per..end * per],
-                &mut self.workspaces[wi].acts[0],
-            )?;
+            self.backend
+                .upload_into_f32(&x[start * per..end * per], &mut self.workspaces[wi].acts[0])?;
             let mode = self.mode(false, head != Head::None);
             self.run_forward(wi, mode)?;
             let ws = &mut self.workspaces[wi];
@@ -663,8 +669,11 @@ impl<B: Backend> Sequential<B> {
                     self.backend.download_into_f32(&ws.probs, dst)?;
                 }
                 Head::Sigmoid => {
-                    self.backend
-                        .activation_forward(OpAct::SIGMOID, &ws.acts[out_slot], &mut ws.probs)?;
+                    self.backend.activation_forward(
+                        OpAct::SIGMOID,
+                        &ws.acts[out_slot],
+                        &mut ws.probs,
+                    )?;
                     self.backend.download_into_f32(&ws.probs, dst)?;
                 }
                 Head::None => self.backend.download_into_f32(&ws.acts[out_slot], dst)?,
@@ -701,7 +710,10 @@ impl<B: Backend> Sequential<B> {
         let (loss, _) = self.loss_and_metrics(wi, true)?;
         self.run_backward(wi, mode)?;
         let grads = self.download_grads()?;
-        Ok((loss, self.trainable_names().into_iter().zip(grads).collect()))
+        Ok((
+            loss,
+            self.trainable_names().into_iter().zip(grads).collect(),
+        ))
     }
 
     /// The optimizer's step counter (`iterations` in Keras), 0 right after

@@ -28,7 +28,12 @@ fn fmt_logs(logs: &Logs) -> String {
 
 fn fmt_time(secs: f64) -> String {
     if secs >= 3600.0 {
-        format!("{}:{:02}:{:02}", secs as u64 / 3600, (secs as u64 % 3600) / 60, secs as u64 % 60)
+        format!(
+            "{}:{:02}:{:02}",
+            secs as u64 / 3600,
+            (secs as u64 % 3600) / 60,
+            secs as u64 % 60
+        )
     } else if secs >= 60.0 {
         format!("{}:{:02}", secs as u64 / 60, secs as u64 % 60)
     } else {

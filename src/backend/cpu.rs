@@ -24,7 +24,7 @@ fn gather<T: Copy>(
     dst: &mut [T],
 ) -> Result<()> {
     check_len(op, "dst (rows x row_len)", dst.len(), rows.len() * row_len)?;
-    let count = if row_len == 0 { 0 } else { src.len() / row_len };
+    let count = src.len().checked_div(row_len).unwrap_or(0);
     for (d, &r) in dst.chunks_mut(row_len.max(1)).zip(rows) {
         if r >= count {
             return Err(Error::invalid(

@@ -47,7 +47,7 @@ impl<B: Backend> Sequential<B> {
     pub fn new(backend: B, seed: u64) -> Self {
         // The dropout key comes from its own stream, so it does not depend
         // on how many numbers the initialization draws.
-        let dropout_seed = Rng::new(seed ^ 0xd409_0u64.wrapping_mul(0x9e37_79b9)).next_u64();
+        let dropout_seed = Rng::new(seed ^ 0x000d_4090_u64.wrapping_mul(0x9e37_79b9)).next_u64();
         Sequential {
             backend,
             specs: Vec::new(),
@@ -400,7 +400,7 @@ pub(crate) fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

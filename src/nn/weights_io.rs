@@ -60,6 +60,9 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// A tensor to serialize: name, shape, little-endian f32 bytes.
+pub(crate) type NamedTensor = (String, Vec<usize>, Vec<u8>);
+
 /// f32 values as little-endian bytes.
 pub(crate) fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -143,7 +146,7 @@ pub(crate) fn tensor_f32(
 
 impl<B: Backend> Sequential<B> {
     /// The weights as named tensors (name, shape, little-endian bytes).
-    pub(crate) fn weight_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<u8>)>> {
+    pub(crate) fn weight_tensors(&self) -> Result<Vec<NamedTensor>> {
         let values = self.get_weights()?;
         Ok(self
             .params()

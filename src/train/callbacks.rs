@@ -47,8 +47,9 @@ pub enum EarlyStoppingMode {
     Max,
 }
 
-/// Keras 2.3.1's EarlyStopping: an epoch improves when `current - min_delta
-/// > best` (max mode; `current + min_delta < best` in min mode); otherwise
+/// Keras 2.3.1's EarlyStopping: an epoch improves when
+/// `current - min_delta > best` (max mode; `current + min_delta < best` in
+/// min mode); otherwise
 /// `wait` grows, and training stops when `wait >= patience`. With
 /// `restore_best_weights`, the weights of the best epoch are put back only
 /// when it stops (not when training simply runs out of epochs). A missing
@@ -222,10 +223,8 @@ impl<B: Backend> Callback<B> for EarlyStopping {
             }
             EarlyStoppingStep::Waiting => Ok(Verdict::Continue),
             EarlyStoppingStep::Stop => {
-                if self.restore_best_weights {
-                    if let Some(w) = &self.best_weights {
-                        model.set_weights(w)?;
-                    }
+                if let (true, Some(w)) = (self.restore_best_weights, &self.best_weights) {
+                    model.set_weights(w)?;
                 }
                 Ok(Verdict::Stop)
             }
@@ -260,7 +259,7 @@ impl<B: Backend> Callback<B> for ModelCheckpoint {
         _logs: &Logs,
         model: &mut Sequential<B>,
     ) -> Result<Verdict> {
-        if (epoch + 1) % self.every.max(1) == 0 {
+        if (epoch + 1).is_multiple_of(self.every.max(1)) {
             model.save_checkpoint(&self.path)?;
         }
         Ok(Verdict::Continue)

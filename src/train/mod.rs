@@ -36,6 +36,9 @@ use crate::ops::loss::LossParams;
 use crate::ops::optim::Optimizer;
 use progress::Progress;
 
+/// Gradients by tensor name, as [`Sequential::compute_gradients`] returns them.
+pub type NamedGrads = Vec<(String, Vec<f32>)>;
+
 /// The training loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Loss {
@@ -309,7 +312,7 @@ impl<B: Backend> Sequential<B> {
     /// Checks `x` and the targets, returning the sample count.
     fn check_data(&self, what: &'static str, x: &[f32], y: Option<&Targets>) -> Result<usize> {
         let per = self.input_len();
-        if per == 0 || x.len() % per != 0 {
+        if per == 0 || !x.len().is_multiple_of(per) {
             return Err(Error::shape(
                 what,
                 format!("x length (a multiple of the sample size {per})"),
@@ -688,11 +691,7 @@ impl<B: Backend> Sequential<B> {
     /// the step counter (so dropout masks stay the same between calls).
     /// Batch normalization's moving statistics are updated, as in any
     /// training forward pass.
-    pub fn compute_gradients(
-        &mut self,
-        x: &[f32],
-        y: Targets,
-    ) -> Result<(f64, Vec<(String, Vec<f32>)>)> {
+    pub fn compute_gradients(&mut self, x: &[f32], y: Targets) -> Result<(f64, NamedGrads)> {
         const OP: &str = "compute_gradients";
         self.compiled(OP)?;
         let n = self.check_data(OP, x, Some(&y))?;

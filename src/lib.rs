@@ -9,11 +9,14 @@
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod cuda;
 pub mod data;
 pub mod error;
+pub mod nn;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::Tensor;

@@ -30,8 +30,8 @@ use std::cell::Cell;
 
 use rayon::prelude::*;
 
-use super::{Bias, Epilogue, Gemm};
-use crate::error::{Error, Result};
+use super::{Bias, Epilogue, Gemm, GradGemm, Operand};
+use crate::error::Result;
 use crate::ops::activation::{Activation, ActivationKind};
 
 /// Rows of the micro-kernel's register tile.
@@ -698,151 +698,50 @@ pub fn gemm_backward(
     db: Option<&mut [f32]>,
 ) -> Result<()> {
     const OP: &str = "gemm_backward";
-    p.check(OP, a.len(), b.len(), dc.len(), Bias::None)?;
-    let (ar, ac) = p.a_dims();
-    let (br, bc) = p.b_dims();
-    if let Some(da) = &da {
-        crate::error::check_len(OP, "dA (as A)", da.len(), a.len())?;
-        check_no_overlap(OP, "stride_a", p, p.stride_a, ar, p.lda)?;
-    }
-    if let Some(db) = &db {
-        crate::error::check_len(OP, "dB (as B)", db.len(), b.len())?;
-        check_no_overlap(OP, "stride_b", p, p.stride_b, br, p.ldb)?;
-    }
+    p.check_backward(
+        OP,
+        a.len(),
+        b.len(),
+        dc.len(),
+        da.as_ref().map(|d| d.len()),
+        db.as_ref().map(|d| d.len()),
+    )?;
+    let pick = |o: Operand| match o {
+        Operand::A => a,
+        Operand::B => b,
+        Operand::Dc => dc,
+    };
     if let Some(da) = da {
-        // d op(A) = alpha * dC op(B)^T (m x k); stored transposed: op(B) dC^T.
-        let q = if !p.trans_a {
-            Gemm {
-                m: p.m,
-                n: p.k,
-                k: p.n,
-                lda: p.ldc,
-                ldb: p.ldb,
-                ldc: p.lda,
-                trans_a: false,
-                trans_b: !p.trans_b,
-                ..*p
-            }
-        } else {
-            Gemm {
-                m: p.k,
-                n: p.m,
-                k: p.n,
-                lda: p.ldb,
-                ldb: p.ldc,
-                ldc: p.lda,
-                trans_a: p.trans_b,
-                trans_b: true,
-                ..*p
-            }
-        };
-        let (x, sx, y, sy) = if !p.trans_a {
-            (dc, p.stride_c, b, p.stride_b)
-        } else {
-            (b, p.stride_b, dc, p.stride_c)
-        };
-        grad(p, q, x, sx, y, sy, da, p.stride_a, (ar, ac))?;
+        let g = p.grad_a();
+        run_grad(&g, pick(g.x), pick(g.y), da)?;
     }
     if let Some(db) = db {
-        // d op(B) = alpha * op(A)^T dC (k x n); stored transposed: dC^T op(A).
-        let q = if !p.trans_b {
-            Gemm {
-                m: p.k,
-                n: p.n,
-                k: p.m,
-                lda: p.lda,
-                ldb: p.ldc,
-                ldc: p.ldb,
-                trans_a: !p.trans_a,
-                trans_b: false,
-                ..*p
-            }
-        } else {
-            Gemm {
-                m: p.n,
-                n: p.k,
-                k: p.m,
-                lda: p.ldc,
-                ldb: p.lda,
-                ldc: p.ldb,
-                trans_a: true,
-                trans_b: p.trans_a,
-                ..*p
-            }
-        };
-        let (x, sx, y, sy) = if !p.trans_b {
-            (a, p.stride_a, dc, p.stride_c)
-        } else {
-            (dc, p.stride_c, a, p.stride_a)
-        };
-        grad(p, q, x, sx, y, sy, db, p.stride_b, (br, bc))?;
+        let g = p.grad_b();
+        run_grad(&g, pick(g.x), pick(g.y), db)?;
     }
     Ok(())
 }
 
-/// Rejects batch items of an operand that overlap (but are not all the same
-/// matrix): their gradients could not be written independently.
-fn check_no_overlap(
-    op: &'static str,
-    name: &'static str,
-    p: &Gemm,
-    stride: usize,
-    rows: usize,
-    ld: usize,
-) -> Result<()> {
-    if p.batch > 1 && stride != 0 && stride < rows * ld && rows > 0 {
-        return Err(Error::invalid(
-            op,
-            name,
-            format!(
-                "batch items overlap ({name} {stride} < rows*ld {}), so their gradients cannot \
-                 be stored separately; use 0 (shared) or at least {}",
-                rows * ld,
-                rows * ld
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Runs the gradient GEMM `q` (with its batch fields still those of `p`)
-/// into `out` (stored `dims`, row stride `q.ldc`, batch stride `s_out`),
-/// summing over the batch when `s_out == 0`.
-#[allow(clippy::too_many_arguments)]
-fn grad(
-    p: &Gemm,
-    q: Gemm,
-    x: &[f32],
-    sx: usize,
-    y: &[f32],
-    sy: usize,
-    out: &mut [f32],
-    s_out: usize,
-    dims: (usize, usize),
-) -> Result<()> {
+/// Runs one gradient plan into `out`.
+fn run_grad(g: &GradGemm, x: &[f32], y: &[f32], out: &mut [f32]) -> Result<()> {
+    let q = g.q;
     let epi = Epilogue::default();
-    if p.batch == 0 {
-        // No items: a shared operand's gradient is the empty sum.
-        let (rows, cols) = dims;
-        if s_out == 0 && rows > 0 && cols > 0 && out.len() >= (rows - 1) * q.ldc + cols {
-            for r in 0..rows {
-                out[r * q.ldc..][..cols].fill(0.0);
+    if !g.sum_over_batch {
+        return gemm(&q, x, y, out, epi);
+    }
+    if q.batch == 0 {
+        // No items: a shared operand's gradient is the empty sum, written
+        // where the buffer holds a whole matrix (with no items the length
+        // checks asked for none).
+        if q.m > 0 && q.n > 0 && out.len() >= (q.m - 1) * q.ldc + q.n {
+            for r in 0..q.m {
+                out[r * q.ldc..][..q.n].fill(0.0);
             }
         }
         return Ok(());
     }
-    if s_out != 0 || p.batch == 1 {
-        let q = Gemm {
-            stride_a: sx,
-            stride_b: sy,
-            stride_c: s_out,
-            beta: 0.0,
-            ..q
-        };
-        return gemm(&q, x, y, out, epi);
-    }
     // Shared operand: its gradient sums the items, in batch order.
-    for bi in 0..p.batch {
+    for bi in 0..q.batch {
         let qi = Gemm {
             batch: 1,
             stride_a: 0,
@@ -851,7 +750,7 @@ fn grad(
             beta: if bi == 0 { 0.0 } else { 1.0 },
             ..q
         };
-        gemm(&qi, &x[bi * sx..], &y[bi * sy..], out, epi)?;
+        gemm(&qi, &x[bi * q.stride_a..], &y[bi * q.stride_b..], out, epi)?;
     }
     Ok(())
 }

@@ -16,9 +16,9 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{Bias, Gemm};
+use super::{Bias, Gemm, GradGemm, Operand};
 use crate::cuda::{CudaBackend, GEMM};
-use crate::error::{Error, Result, check_len};
+use crate::error::{Result, check_len};
 use crate::ops::activation::Activation;
 
 // SAFETY: `Gemm` is `#[repr(C)]` with only u64 (usize), f32 and bool fields:
@@ -279,144 +279,53 @@ pub fn gemm_backward(
     db: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     const OP: &str = "gemm_backward";
-    p.check(OP, a.len(), b.len(), dc.len(), Bias::None)?;
-    let (ar, ac) = p.a_dims();
-    let (br, bc) = p.b_dims();
-    if let Some(da) = &da {
-        check_len(OP, "dA (as A)", da.len(), a.len())?;
-        check_no_overlap(OP, "stride_a", p, p.stride_a, ar, p.lda)?;
-    }
-    if let Some(db) = &db {
-        check_len(OP, "dB (as B)", db.len(), b.len())?;
-        check_no_overlap(OP, "stride_b", p, p.stride_b, br, p.ldb)?;
-    }
+    p.check_backward(
+        OP,
+        a.len(),
+        b.len(),
+        dc.len(),
+        da.as_ref().map(|d| d.len()),
+        db.as_ref().map(|d| d.len()),
+    )?;
+    let pick = |o: Operand| match o {
+        Operand::A => a,
+        Operand::B => b,
+        Operand::Dc => dc,
+    };
     if let Some(da) = da {
-        // d op(A) = alpha * dC op(B)^T (m x k); stored transposed: op(B) dC^T.
-        let q = if !p.trans_a {
-            Gemm {
-                m: p.m,
-                n: p.k,
-                k: p.n,
-                lda: p.ldc,
-                ldb: p.ldb,
-                ldc: p.lda,
-                trans_a: false,
-                trans_b: !p.trans_b,
-                ..*p
-            }
-        } else {
-            Gemm {
-                m: p.k,
-                n: p.m,
-                k: p.n,
-                lda: p.ldb,
-                ldb: p.ldc,
-                ldc: p.lda,
-                trans_a: p.trans_b,
-                trans_b: true,
-                ..*p
-            }
-        };
-        let (x, sx, y, sy) = if !p.trans_a {
-            (dc, p.stride_c, b, p.stride_b)
-        } else {
-            (b, p.stride_b, dc, p.stride_c)
-        };
-        debug_assert_eq!((q.m, q.n), (ar, ac));
-        // SAFETY: q reads dC and B exactly where p's check placed them, and
-        // writes dA in A's layout, which `check` placed inside a.len() ==
-        // da.len(); distinct batch items of dA do not overlap (checked).
-        unsafe { grad(gpu, p, q, x, sx, y, sy, da, p.stride_a)? };
+        let g = p.grad_a();
+        // SAFETY: the plan reads dC and B exactly where p's check placed
+        // them, and writes dA in A's layout, which the check placed inside
+        // a.len() == da.len(); distinct batch items of dA do not overlap
+        // (checked).
+        unsafe { run_grad(gpu, &g, pick(g.x), pick(g.y), da)? };
     }
     if let Some(db) = db {
-        // d op(B) = alpha * op(A)^T dC (k x n); stored transposed: dC^T op(A).
-        let q = if !p.trans_b {
-            Gemm {
-                m: p.k,
-                n: p.n,
-                k: p.m,
-                lda: p.lda,
-                ldb: p.ldc,
-                ldc: p.ldb,
-                trans_a: !p.trans_a,
-                trans_b: false,
-                ..*p
-            }
-        } else {
-            Gemm {
-                m: p.n,
-                n: p.k,
-                k: p.m,
-                lda: p.ldc,
-                ldb: p.lda,
-                ldc: p.ldb,
-                trans_a: true,
-                trans_b: p.trans_a,
-                ..*p
-            }
-        };
-        let (x, sx, y, sy) = if !p.trans_b {
-            (a, p.stride_a, dc, p.stride_c)
-        } else {
-            (dc, p.stride_c, a, p.stride_a)
-        };
-        debug_assert_eq!((q.m, q.n), (br, bc));
+        let g = p.grad_b();
         // SAFETY: as for dA, with the roles of A and B exchanged.
-        unsafe { grad(gpu, p, q, x, sx, y, sy, db, p.stride_b)? };
+        unsafe { run_grad(gpu, &g, pick(g.x), pick(g.y), db)? };
     }
     Ok(())
 }
 
-/// Rejects batch items of an operand that overlap (but are not all the same
-/// matrix): their gradients could not be written independently.
-fn check_no_overlap(
-    op: &'static str,
-    name: &'static str,
-    p: &Gemm,
-    stride: usize,
-    rows: usize,
-    ld: usize,
-) -> Result<()> {
-    if p.batch > 1 && stride != 0 && rows > 0 && stride < rows * ld {
-        return Err(Error::invalid(
-            op,
-            name,
-            format!(
-                "batch items overlap ({name} {stride} < rows*ld {}), so their gradients cannot \
-                 be stored separately; use 0 (shared) or at least {}",
-                rows * ld,
-                rows * ld
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Runs the gradient GEMM `q` (batch fields still those of `p`) into `out`
-/// (batch stride `s_out`), summing over the batch when `s_out == 0`.
+/// Runs one gradient plan into `out`; a shared operand's plan sums over the
+/// batch (see `summed` for the fixed order).
 ///
 /// # Safety
-/// `q` with strides `sx`, `sy`, `s_out` must address `x`, `y` and `out` in bounds.
-#[allow(clippy::too_many_arguments)]
-unsafe fn grad(
+/// The plan's product must address `x`, `y` and `out` in bounds.
+unsafe fn run_grad(
     gpu: &CudaBackend,
-    p: &Gemm,
-    q: Gemm,
+    g: &GradGemm,
     x: &CudaView<'_, f32>,
-    sx: usize,
     y: &CudaView<'_, f32>,
-    sy: usize,
     out: &mut CudaViewMut<'_, f32>,
-    s_out: usize,
 ) -> Result<()> {
-    let q = Gemm {
-        stride_a: sx,
-        stride_b: sy,
-        stride_c: s_out,
-        beta: 0.0,
-        ..q
-    };
-    if p.batch == 0 {
+    let q = g.q;
+    if !g.sum_over_batch {
+        // SAFETY: per the caller; the output items are disjoint.
+        return unsafe { launch(gpu, &q, DeviceEpilogue::default(), x, y, out, 1) };
+    }
+    if q.batch == 0 {
         // No items: a shared operand's gradient is the empty sum, written
         // only where the buffer holds a whole matrix (as the CPU does; with
         // no items the length checks asked for none).
@@ -426,18 +335,10 @@ unsafe fn grad(
                 .checked_mul(q.ldc)
                 .and_then(|v| v.checked_add(q.n))
                 .is_some_and(|need| out.len() >= need);
-        if s_out == 0 && fits {
-            // SAFETY: the one m x n matrix fits in `out` (just checked).
-            unsafe { summed(gpu, &q, x, y, out)? };
+        if !fits {
+            return Ok(());
         }
-        return Ok(());
     }
-    if s_out != 0 || p.batch == 1 {
-        // SAFETY: per the caller; with s_out != 0 the items of out are disjoint.
-        unsafe { launch(gpu, &q, DeviceEpilogue::default(), x, y, out, 1) }
-    } else {
-        // A shared operand: its gradient sums the items (zero for none).
-        // SAFETY: per the caller.
-        unsafe { summed(gpu, &q, x, y, out) }
-    }
+    // SAFETY: per the caller (and the fit check for an empty batch).
+    unsafe { summed(gpu, &q, x, y, out) }
 }

@@ -247,3 +247,181 @@ impl Default for Epilogue<'_> {
         }
     }
 }
+
+/// Which buffer of the forward product a gradient GEMM reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operand {
+    /// The forward `A`.
+    A,
+    /// The forward `B`.
+    B,
+    /// The incoming gradient `dC` (in C's layout).
+    Dc,
+}
+
+/// One gradient of `C = alpha * op(A) * op(B)` as a GEMM of its own:
+/// `out = q.alpha * op(x) * op(y)` with `x`, `y` named by [`Operand`], `q`'s
+/// strides already those of `x`, `y` and the output, and `beta = 0`. When
+/// `sum_over_batch` (the operand is shared by the batch: stride 0), the
+/// output is one matrix that sums the batch items' products in batch order.
+///
+/// Both backends run these plans, so the transposes and leading dimensions
+/// of the backward pass are derived once, here.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradGemm {
+    /// The product to run.
+    pub q: Gemm,
+    /// Its first operand.
+    pub x: Operand,
+    /// Its second operand.
+    pub y: Operand,
+    /// Whether the output is a sum over the batch items.
+    pub sum_over_batch: bool,
+}
+
+impl Gemm {
+    /// Checks the buffers of a backward pass: the forward's `a`, `b`, `dc`
+    /// lengths and those of the requested gradients, which must have their
+    /// operand's length and must not have overlapping batch items.
+    pub fn check_backward(
+        &self,
+        op: &'static str,
+        a: usize,
+        b: usize,
+        dc: usize,
+        da: Option<usize>,
+        db: Option<usize>,
+    ) -> Result<()> {
+        self.check(op, a, b, dc, Bias::None)?;
+        if let Some(da) = da {
+            crate::error::check_len(op, "dA (as A)", da, a)?;
+            let (rows, _) = self.a_dims();
+            self.check_no_overlap(op, "stride_a", self.stride_a, rows, self.lda)?;
+        }
+        if let Some(db) = db {
+            crate::error::check_len(op, "dB (as B)", db, b)?;
+            let (rows, _) = self.b_dims();
+            self.check_no_overlap(op, "stride_b", self.stride_b, rows, self.ldb)?;
+        }
+        Ok(())
+    }
+
+    /// Rejects batch items of an operand that overlap (but are not all the
+    /// same matrix): their gradients could not be written independently.
+    fn check_no_overlap(
+        &self,
+        op: &'static str,
+        name: &'static str,
+        stride: usize,
+        rows: usize,
+        ld: usize,
+    ) -> Result<()> {
+        if self.batch > 1 && stride != 0 && rows > 0 && stride < rows * ld {
+            return Err(Error::invalid(
+                op,
+                name,
+                format!(
+                    "batch items overlap ({name} {stride} < rows*ld {}), so their gradients cannot \
+                     be stored separately; use 0 (shared) or at least {}",
+                    rows * ld,
+                    rows * ld
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `dA`, in A's stored layout: `d op(A) = alpha * dC * op(B)^T` (m x k),
+    /// computed transposed (`op(B) * dC^T`) when A is stored transposed.
+    pub fn grad_a(&self) -> GradGemm {
+        let p = self;
+        let (q, x, y) = if !p.trans_a {
+            let q = Gemm {
+                m: p.m,
+                n: p.k,
+                k: p.n,
+                lda: p.ldc,
+                ldb: p.ldb,
+                ldc: p.lda,
+                trans_a: false,
+                trans_b: !p.trans_b,
+                stride_a: p.stride_c,
+                stride_b: p.stride_b,
+                ..*p
+            };
+            (q, Operand::Dc, Operand::B)
+        } else {
+            let q = Gemm {
+                m: p.k,
+                n: p.m,
+                k: p.n,
+                lda: p.ldb,
+                ldb: p.ldc,
+                ldc: p.lda,
+                trans_a: p.trans_b,
+                trans_b: true,
+                stride_a: p.stride_b,
+                stride_b: p.stride_c,
+                ..*p
+            };
+            (q, Operand::B, Operand::Dc)
+        };
+        GradGemm {
+            q: Gemm {
+                stride_c: p.stride_a,
+                beta: 0.0,
+                ..q
+            },
+            x,
+            y,
+            sum_over_batch: p.stride_a == 0 && p.batch != 1,
+        }
+    }
+
+    /// `dB`, in B's stored layout: `d op(B) = alpha * op(A)^T * dC` (k x n),
+    /// computed transposed (`dC^T * op(A)`) when B is stored transposed.
+    pub fn grad_b(&self) -> GradGemm {
+        let p = self;
+        let (q, x, y) = if !p.trans_b {
+            let q = Gemm {
+                m: p.k,
+                n: p.n,
+                k: p.m,
+                lda: p.lda,
+                ldb: p.ldc,
+                ldc: p.ldb,
+                trans_a: !p.trans_a,
+                trans_b: false,
+                stride_a: p.stride_a,
+                stride_b: p.stride_c,
+                ..*p
+            };
+            (q, Operand::A, Operand::Dc)
+        } else {
+            let q = Gemm {
+                m: p.n,
+                n: p.k,
+                k: p.m,
+                lda: p.ldc,
+                ldb: p.lda,
+                ldc: p.ldb,
+                trans_a: true,
+                trans_b: p.trans_a,
+                stride_a: p.stride_c,
+                stride_b: p.stride_a,
+                ..*p
+            };
+            (q, Operand::Dc, Operand::A)
+        };
+        GradGemm {
+            q: Gemm {
+                stride_c: p.stride_b,
+                beta: 0.0,
+                ..q
+            },
+            x,
+            y,
+            sum_over_batch: p.stride_b == 0 && p.batch != 1,
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The CPU backend: host `Vec`s and the rayon references of [`crate::ops`].
 
-use super::{Backend, GemmBias};
+use super::{Backend, GemmBias, check_opt_kind, check_scalar_slot, check_scalars_count};
 use crate::error::{Error, Result, check_len};
 use crate::ops::activation::{self, Activation, Softmax};
 use crate::ops::batchnorm::{self, BatchNorm};
@@ -16,7 +16,8 @@ use crate::ops::pool::{self, MaxPool2d};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
-fn gather<T: Copy>(
+/// Copies rows `rows[i]` of `src` to row `i` of `dst` (the batch gather).
+pub(super) fn gather<T: Copy>(
     op: &'static str,
     src: &[T],
     row_len: usize,
@@ -38,11 +39,19 @@ fn gather<T: Copy>(
     Ok(())
 }
 
+/// `out[slot] = v`, or an error naming the slot.
+fn put(out: &mut [f64], slot: usize, v: f64) -> Result<()> {
+    check_scalar_slot(out.len(), slot)?;
+    out[slot] = v;
+    Ok(())
+}
+
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type BufU32 = Vec<u32>;
     type BufU8 = Vec<u8>;
     type OptState = OptimizerState;
+    type Scalars = Vec<f64>;
 
     fn name(&self) -> String {
         "cpu".to_string()
@@ -97,6 +106,19 @@ impl Backend for CpuBackend {
         check_len("copy", "dst", dst.len(), src.len())?;
         dst.copy_from_slice(src);
         Ok(())
+    }
+    fn download_u32(&self, buf: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(buf.clone())
+    }
+    fn download_u8(&self, buf: &Vec<u8>) -> Result<Vec<u8>> {
+        Ok(buf.clone())
+    }
+    fn scalars_new(&self, len: usize) -> Result<Vec<f64>> {
+        Ok(vec![0.0; len])
+    }
+    fn scalars_read(&self, s: &Vec<f64>, count: usize) -> Result<Vec<f64>> {
+        check_scalars_count(s.len(), count)?;
+        Ok(s[..count].to_vec())
     }
 
     fn gemm(
@@ -295,8 +317,12 @@ impl Backend for CpuBackend {
         labels: &Vec<f32>,
         losses: &mut Vec<f32>,
         dz: Option<&mut Vec<f32>>,
-    ) -> Result<f64> {
-        loss::cpu::softmax_cross_entropy(p, logits, labels, losses, None, dz.map(|d| &mut d[..]))
+        out: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let dz = dz.map(|d| &mut d[..]);
+        let v = loss::cpu::softmax_cross_entropy(p, logits, labels, losses, None, dz)?;
+        put(out, slot, v)
     }
     fn sparse_softmax_cross_entropy(
         &self,
@@ -305,15 +331,12 @@ impl Backend for CpuBackend {
         labels: &Vec<u32>,
         losses: &mut Vec<f32>,
         dz: Option<&mut Vec<f32>>,
-    ) -> Result<f64> {
-        loss::cpu::sparse_softmax_cross_entropy(
-            p,
-            logits,
-            labels,
-            losses,
-            None,
-            dz.map(|d| &mut d[..]),
-        )
+        out: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let dz = dz.map(|d| &mut d[..]);
+        let v = loss::cpu::sparse_softmax_cross_entropy(p, logits, labels, losses, None, dz)?;
+        put(out, slot, v)
     }
     fn sigmoid_cross_entropy(
         &self,
@@ -323,15 +346,12 @@ impl Backend for CpuBackend {
         losses: &mut Vec<f32>,
         probs: &mut Vec<f32>,
         dz: Option<&mut Vec<f32>>,
-    ) -> Result<f64> {
-        loss::cpu::sigmoid_cross_entropy(
-            p,
-            logits,
-            targets,
-            losses,
-            Some(probs),
-            dz.map(|d| &mut d[..]),
-        )
+        out: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let dz = dz.map(|d| &mut d[..]);
+        let v = loss::cpu::sigmoid_cross_entropy(p, logits, targets, losses, Some(probs), dz)?;
+        put(out, slot, v)
     }
     fn mse(
         &self,
@@ -340,30 +360,56 @@ impl Backend for CpuBackend {
         targets: &Vec<f32>,
         losses: &mut Vec<f32>,
         dz: Option<&mut Vec<f32>>,
-    ) -> Result<f64> {
-        loss::cpu::mse(p, pred, targets, losses, dz.map(|d| &mut d[..]))
+        out: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let v = loss::cpu::mse(p, pred, targets, losses, dz.map(|d| &mut d[..]))?;
+        put(out, slot, v)
     }
     fn categorical_accuracy(
         &self,
         p: &LossParams,
         scores: &Vec<f32>,
         labels: &Vec<f32>,
-    ) -> Result<f64> {
-        loss::cpu::categorical_accuracy(p, scores, labels)
+        out: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        put(
+            out,
+            slot,
+            loss::cpu::categorical_accuracy(p, scores, labels)?,
+        )
     }
     fn sparse_categorical_accuracy(
         &self,
         p: &LossParams,
         scores: &Vec<f32>,
         labels: &Vec<u32>,
-    ) -> Result<f64> {
-        loss::cpu::sparse_categorical_accuracy(p, scores, labels)
+        out: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let v = loss::cpu::sparse_categorical_accuracy(p, scores, labels)?;
+        put(out, slot, v)
     }
-    fn binary_accuracy(&self, p: &LossParams, probs: &Vec<f32>, targets: &Vec<f32>) -> Result<f64> {
-        loss::cpu::binary_accuracy(p, probs, targets)
+    fn binary_accuracy(
+        &self,
+        p: &LossParams,
+        probs: &Vec<f32>,
+        targets: &Vec<f32>,
+        out: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        put(out, slot, loss::cpu::binary_accuracy(p, probs, targets)?)
     }
-    fn mae(&self, p: &LossParams, pred: &Vec<f32>, targets: &Vec<f32>) -> Result<f64> {
-        loss::cpu::mae(p, pred, targets)
+    fn mae(
+        &self,
+        p: &LossParams,
+        pred: &Vec<f32>,
+        targets: &Vec<f32>,
+        out: &mut Vec<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        put(out, slot, loss::cpu::mae(p, pred, targets)?)
     }
 
     fn opt_state_new(&self, opt: &Optimizer, sizes: &[usize]) -> Result<OptimizerState> {
@@ -382,10 +428,19 @@ impl Backend for CpuBackend {
         let g: Vec<&[f32]> = grads.iter().map(|v| v.as_slice()).collect();
         optim::cpu::step(opt, state, &mut p, &g)
     }
-    fn opt_state_download(&self, state: &OptimizerState) -> Result<OptimizerState> {
+    fn opt_state_iterations(&self, state: &OptimizerState) -> u64 {
+        state.iterations()
+    }
+    fn opt_state_download(
+        &self,
+        opt: &Optimizer,
+        state: &OptimizerState,
+    ) -> Result<OptimizerState> {
+        check_opt_kind(opt, state)?;
         Ok(state.clone())
     }
-    fn opt_state_upload(&self, state: &OptimizerState) -> Result<OptimizerState> {
+    fn opt_state_upload(&self, opt: &Optimizer, state: &OptimizerState) -> Result<OptimizerState> {
+        check_opt_kind(opt, state)?;
         Ok(state.clone())
     }
 }

@@ -11,12 +11,27 @@
 //! What is shared between backends (shapes, which op runs when, loss
 //! dispatch, the fusion of the final softmax with the loss) lives in
 //! [`crate::nn`] and [`crate::train`]; a backend is a thin table of ops.
+//!
+//! Losses and metrics do not return their values: they write them into a
+//! slot of a [`Backend::Scalars`] buffer, which the caller reads in bulk
+//! ([`Backend::scalars_read`]). On the CPU that is a `Vec<f64>`; on a GPU
+//! the values stay on the device, so a training step never waits for the
+//! device: the fit loop reads them when it draws the progress bar and at the
+//! end of each epoch ([`Backend::defers_scalars`]).
+//!
+//! [`select`] picks a backend at run time (CUDA when a driver and a device
+//! are there, else the CPU) and [`AnyBackend`] / [`crate::with_backend!`] run a
+//! generic model on whichever was picked.
 
 pub mod cpu;
+pub mod cuda;
+mod select;
 
 pub use cpu::CpuBackend;
+pub use cuda::{GpuBackend, GpuBuf, GpuScalars};
+pub use select::{AnyBackend, DeviceChoice, select};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::activation::{Activation, Softmax};
 use crate::ops::batchnorm::BatchNorm;
 use crate::ops::bias::BiasShape;
@@ -26,6 +41,46 @@ use crate::ops::gemm::Gemm;
 use crate::ops::loss::LossParams;
 use crate::ops::optim::{Optimizer, OptimizerState};
 use crate::ops::pool::MaxPool2d;
+
+/// Rejects a scalar slot outside a buffer of `len` results.
+pub(crate) fn check_scalar_slot(len: usize, slot: usize) -> Result<()> {
+    if slot >= len {
+        return Err(Error::invalid(
+            "scalars",
+            "slot",
+            format!("slot {slot} is out of range (the buffer holds {len} results)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Rejects reading more results than a buffer of `len` holds.
+pub(crate) fn check_scalars_count(len: usize, count: usize) -> Result<()> {
+    if count > len {
+        return Err(Error::invalid(
+            "scalars_read",
+            "count",
+            format!("{count} results requested, the buffer holds {len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Rejects an optimizer state made for another rule than `opt`'s.
+pub(crate) fn check_opt_kind(opt: &Optimizer, state: &OptimizerState) -> Result<()> {
+    if opt.kind != state.kind() {
+        return Err(Error::invalid(
+            "optimizer state",
+            "state",
+            format!(
+                "state was made for {:?}, optimizer is {:?}",
+                state.kind(),
+                opt.kind
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// A bias fused into a GEMM's epilogue, as a backend buffer.
 #[derive(Debug)]
@@ -50,6 +105,9 @@ pub trait Backend {
     /// keeps it; converted to and from the host [`OptimizerState`] for
     /// checkpoints.
     type OptState;
+    /// f64 results (batch losses and metric sums) where the backend keeps
+    /// them until [`Backend::scalars_read`].
+    type Scalars;
 
     /// A short name for messages ("cpu", "cuda:0 (H100)").
     fn name(&self) -> String;
@@ -90,6 +148,26 @@ pub trait Backend {
     fn download_into_f32(&self, buf: &Self::Buf, host: &mut [f32]) -> Result<()>;
     /// `dst = src` (same length).
     fn copy_f32(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()>;
+    /// A u32 buffer's contents on the host.
+    fn download_u32(&self, buf: &Self::BufU32) -> Result<Vec<u32>>;
+    /// A u8 buffer's contents on the host.
+    fn download_u8(&self, buf: &Self::BufU8) -> Result<Vec<u8>>;
+    /// Waits until every op issued so far has finished (a no-op where ops
+    /// run synchronously); reports asynchronous device faults. For timing.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// A buffer of `len` f64 results, all 0.
+    fn scalars_new(&self, len: usize) -> Result<Self::Scalars>;
+    /// The first `count` results on the host (on a GPU: one synchronizing
+    /// copy). `count` beyond the buffer is an error.
+    fn scalars_read(&self, s: &Self::Scalars, count: usize) -> Result<Vec<f64>>;
+    /// Whether reading scalars waits for the device, so that callers should
+    /// read them in bulk rather than after every op (false on the CPU).
+    fn defers_scalars(&self) -> bool {
+        false
+    }
 
     /// `C = act(alpha * op(A) * op(B) + beta * C + bias)` (see [`crate::ops::gemm`]).
     fn gemm(
@@ -241,7 +319,9 @@ pub trait Backend {
     /// Bias gradient `db[c] = sum dy[:, c, :]` (overwrites `db`).
     fn bias_backward(&self, p: &BiasShape, dy: &Self::Buf, db: &mut Self::Buf) -> Result<()>;
 
-    /// Softmax + categorical cross-entropy from logits; returns the batch mean.
+    /// Softmax + categorical cross-entropy from logits; writes the batch
+    /// mean into `out[slot]`.
+    #[allow(clippy::too_many_arguments)]
     fn softmax_cross_entropy(
         &self,
         p: &LossParams,
@@ -249,8 +329,14 @@ pub trait Backend {
         labels: &Self::Buf,
         losses: &mut Self::Buf,
         dz: Option<&mut Self::Buf>,
-    ) -> Result<f64>;
-    /// Softmax + sparse categorical cross-entropy from logits.
+        out: &mut Self::Scalars,
+        slot: usize,
+    ) -> Result<()>;
+    /// Softmax + sparse categorical cross-entropy from logits; writes the
+    /// batch mean into `out[slot]`. Labels must be valid class indices: a
+    /// backend may give NaN instead of an error for one that is not (the
+    /// fit loop checks them on the host).
+    #[allow(clippy::too_many_arguments)]
     fn sparse_softmax_cross_entropy(
         &self,
         p: &LossParams,
@@ -258,8 +344,12 @@ pub trait Backend {
         labels: &Self::BufU32,
         losses: &mut Self::Buf,
         dz: Option<&mut Self::Buf>,
-    ) -> Result<f64>;
-    /// Sigmoid + binary cross-entropy from logits; also writes `probs`.
+        out: &mut Self::Scalars,
+        slot: usize,
+    ) -> Result<()>;
+    /// Sigmoid + binary cross-entropy from logits; also writes `probs`;
+    /// writes the batch mean into `out[slot]`.
+    #[allow(clippy::too_many_arguments)]
     fn sigmoid_cross_entropy(
         &self,
         p: &LossParams,
@@ -268,8 +358,11 @@ pub trait Backend {
         losses: &mut Self::Buf,
         probs: &mut Self::Buf,
         dz: Option<&mut Self::Buf>,
-    ) -> Result<f64>;
-    /// Mean squared error.
+        out: &mut Self::Scalars,
+        slot: usize,
+    ) -> Result<()>;
+    /// Mean squared error; writes the batch mean into `out[slot]`.
+    #[allow(clippy::too_many_arguments)]
     fn mse(
         &self,
         p: &LossParams,
@@ -277,30 +370,46 @@ pub trait Backend {
         targets: &Self::Buf,
         losses: &mut Self::Buf,
         dz: Option<&mut Self::Buf>,
-    ) -> Result<f64>;
-    /// Number of rows whose argmax matches the one-hot label's.
+        out: &mut Self::Scalars,
+        slot: usize,
+    ) -> Result<()>;
+    /// Number of rows whose argmax matches the one-hot label's, into `out[slot]`.
     fn categorical_accuracy(
         &self,
         p: &LossParams,
         scores: &Self::Buf,
         labels: &Self::Buf,
-    ) -> Result<f64>;
-    /// Number of rows whose argmax equals the label.
+        out: &mut Self::Scalars,
+        slot: usize,
+    ) -> Result<()>;
+    /// Number of rows whose argmax equals the label, into `out[slot]`
+    /// (labels as for [`Backend::sparse_softmax_cross_entropy`]).
     fn sparse_categorical_accuracy(
         &self,
         p: &LossParams,
         scores: &Self::Buf,
         labels: &Self::BufU32,
-    ) -> Result<f64>;
-    /// Sum over samples of the per-sample binary accuracy.
+        out: &mut Self::Scalars,
+        slot: usize,
+    ) -> Result<()>;
+    /// Sum over samples of the per-sample binary accuracy, into `out[slot]`.
     fn binary_accuracy(
         &self,
         p: &LossParams,
         probs: &Self::Buf,
         targets: &Self::Buf,
-    ) -> Result<f64>;
-    /// Sum over samples of the per-sample mean absolute error.
-    fn mae(&self, p: &LossParams, pred: &Self::Buf, targets: &Self::Buf) -> Result<f64>;
+        out: &mut Self::Scalars,
+        slot: usize,
+    ) -> Result<()>;
+    /// Sum over samples of the per-sample mean absolute error, into `out[slot]`.
+    fn mae(
+        &self,
+        p: &LossParams,
+        pred: &Self::Buf,
+        targets: &Self::Buf,
+        out: &mut Self::Scalars,
+        slot: usize,
+    ) -> Result<()>;
 
     /// A fresh optimizer state for parameter tensors of the given sizes.
     fn opt_state_new(&self, opt: &Optimizer, sizes: &[usize]) -> Result<Self::OptState>;
@@ -312,8 +421,12 @@ pub trait Backend {
         params: &mut [&mut Self::Buf],
         grads: &[&Self::Buf],
     ) -> Result<()>;
-    /// The state on the host (for checkpoints).
-    fn opt_state_download(&self, state: &Self::OptState) -> Result<OptimizerState>;
-    /// A backend state from a host state.
-    fn opt_state_upload(&self, state: &OptimizerState) -> Result<Self::OptState>;
+    /// Steps taken by the optimizer (`iterations` in Keras), without a copy.
+    fn opt_state_iterations(&self, state: &Self::OptState) -> u64;
+    /// The state on the host (for checkpoints); `opt` is the optimizer the
+    /// state was made for.
+    fn opt_state_download(&self, opt: &Optimizer, state: &Self::OptState)
+    -> Result<OptimizerState>;
+    /// A backend state from a host state, for the optimizer `opt`.
+    fn opt_state_upload(&self, opt: &Optimizer, state: &OptimizerState) -> Result<Self::OptState>;
 }

@@ -90,7 +90,7 @@ impl<B: Backend> Sequential<B> {
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let c = self.compiled("save_checkpoint")?;
-        let state = self.backend.opt_state_download(&c.state)?;
+        let state = self.backend.opt_state_download(&c.optimizer, &c.state)?;
         let mut tensors = self.weight_tensors()?;
         let names = self.trainable_names();
         let info = self.params();
@@ -206,7 +206,7 @@ impl<B: Backend> Sequential<B> {
             }
         }
         state.set_iterations(iterations);
-        let dev_state = self.backend.opt_state_upload(&state)?;
+        let dev_state = self.backend.opt_state_upload(&c.optimizer, &state)?;
         self.load_weight_tensors(path, &st)?;
         let c = self.compiled.as_mut().expect("checked above");
         c.state = dev_state;

@@ -244,6 +244,90 @@ impl History {
     }
 }
 
+/// The running sums of one epoch, fed from the per-step results as they
+/// are read back (see the fit loop).
+struct EpochSums {
+    /// Steps absorbed so far.
+    read: usize,
+    seen: usize,
+    loss: f64,
+    metrics: Vec<f64>,
+}
+
+impl EpochSums {
+    fn new(metrics: usize) -> Self {
+        EpochSums {
+            read: 0,
+            seen: 0,
+            loss: 0.0,
+            metrics: vec![0.0; metrics],
+        }
+    }
+
+    /// Reads the results of the steps run so far (`sizes` holds their batch
+    /// sizes) and adds those not yet absorbed; a non-finite loss stops
+    /// training with an error naming its batch. `at` is (epoch, epochs,
+    /// steps) for the message.
+    fn absorb<B: Backend>(
+        &mut self,
+        backend: &B,
+        results: &B::Scalars,
+        sizes: &[usize],
+        width: usize,
+        progress: &mut Progress,
+        at: (usize, usize, usize),
+    ) -> Result<()> {
+        let done = sizes.len();
+        if done == self.read {
+            return Ok(());
+        }
+        let v = backend.scalars_read(results, done * width)?;
+        for (s, &n) in sizes.iter().enumerate().skip(self.read) {
+            let row = &v[s * width..(s + 1) * width];
+            let loss = row[0];
+            if !loss.is_finite() {
+                progress.abort();
+                let (epoch, epochs, steps) = at;
+                let weights = if s + 1 == done {
+                    "the weights hold the last update".to_string()
+                } else {
+                    format!(
+                        "the weights hold the updates through batch {done} (losses are read \
+                         back from the device in bulk)"
+                    )
+                };
+                return Err(Error::invalid(
+                    "fit",
+                    "loss",
+                    format!(
+                        "the training loss is {loss} at epoch {} (of {epochs}), batch {} (of \
+                         {steps}): training stopped (TerminateOnNaN); {weights}",
+                        epoch + 1,
+                        s + 1
+                    ),
+                ));
+            }
+            self.seen += n;
+            self.loss += loss * n as f64;
+            for (a, m) in self.metrics.iter_mut().zip(&row[1..]) {
+                *a += m;
+            }
+        }
+        self.read = done;
+        Ok(())
+    }
+
+    /// The epoch means so far.
+    fn logs(&self, names: &[&str]) -> Logs {
+        let mut logs = Logs::default();
+        logs.set("loss", self.loss / self.seen as f64);
+        for (name, v) in names.iter().zip(&self.metrics) {
+            logs.set(name, v / self.seen as f64);
+        }
+        logs
+    }
+}
+
 fn resolve(loss: Loss, m: Metric, outputs: usize) -> Resolved {
     match m {
         Metric::Mae => Resolved::Mae,
@@ -378,30 +462,45 @@ impl<B: Backend> Sequential<B> {
         }
     }
 
-    /// The batch loss (mean) and metric sums on workspace `wi`, after a
-    /// forward pass with the head stripped; writes dL/d(logits) into the
-    /// output gradient when `grad`.
-    fn loss_and_metrics(&mut self, wi: usize, grad: bool) -> Result<(f64, Vec<f64>)> {
+    /// Writes the batch loss (mean) into `out[base]` and the metric sums
+    /// into `out[base + 1..]`, on workspace `wi`, after a forward pass with
+    /// the head stripped; writes dL/d(logits) into the output gradient when
+    /// `grad`. Nothing is read back: see [`Backend::scalars_read`].
+    fn loss_and_metrics(
+        &mut self,
+        wi: usize,
+        grad: bool,
+        out: &mut B::Scalars,
+        base: usize,
+    ) -> Result<()> {
         let c = self.compiled.as_ref().expect("checked by callers");
-        let out = self.plan.output_slot();
+        let slot = self.plan.output_slot();
         let outputs = self.output_len();
         let b = &self.backend;
         let ws = &mut self.workspaces[wi];
         let p = LossParams::new(ws.n, outputs)?;
-        let logits = &ws.acts[out];
-        let dz = if grad { ws.grads.get_mut(out) } else { None };
-        let loss = match c.loss {
+        let logits = &ws.acts[slot];
+        let dz = if grad { ws.grads.get_mut(slot) } else { None };
+        let (t, l) = (&ws.targets, &ws.labels);
+        match c.loss {
             Loss::CategoricalCrossentropy => {
-                b.softmax_cross_entropy(&p, logits, &ws.targets, &mut ws.losses, dz)?
+                b.softmax_cross_entropy(&p, logits, t, &mut ws.losses, dz, out, base)?
             }
             Loss::SparseCategoricalCrossentropy => {
-                b.sparse_softmax_cross_entropy(&p, logits, &ws.labels, &mut ws.losses, dz)?
+                b.sparse_softmax_cross_entropy(&p, logits, l, &mut ws.losses, dz, out, base)?
             }
-            Loss::BinaryCrossentropy => {
-                b.sigmoid_cross_entropy(&p, logits, &ws.targets, &mut ws.losses, &mut ws.probs, dz)?
-            }
-            Loss::Mse => b.mse(&p, logits, &ws.targets, &mut ws.losses, dz)?,
-        };
+            Loss::BinaryCrossentropy => b.sigmoid_cross_entropy(
+                &p,
+                logits,
+                t,
+                &mut ws.losses,
+                &mut ws.probs,
+                dz,
+                out,
+                base,
+            )?,
+            Loss::Mse => b.mse(&p, logits, t, &mut ws.losses, dz, out, base)?,
+        }
         let needs_probs = c
             .resolved
             .iter()
@@ -414,16 +513,16 @@ impl<B: Backend> Sequential<B> {
         } else {
             &ws.probs
         };
-        let mut sums = Vec::with_capacity(c.resolved.len());
-        for r in &c.resolved {
-            sums.push(match r {
-                Resolved::Categorical => b.categorical_accuracy(&p, logits, &ws.targets)?,
-                Resolved::Sparse => b.sparse_categorical_accuracy(&p, logits, &ws.labels)?,
-                Resolved::Binary => b.binary_accuracy(&p, probs, &ws.targets)?,
-                Resolved::Mae => b.mae(&p, probs, &ws.targets)?,
-            });
+        for (i, r) in c.resolved.iter().enumerate() {
+            let k = base + 1 + i;
+            match r {
+                Resolved::Categorical => b.categorical_accuracy(&p, logits, t, out, k)?,
+                Resolved::Sparse => b.sparse_categorical_accuracy(&p, logits, l, out, k)?,
+                Resolved::Binary => b.binary_accuracy(&p, probs, t, out, k)?,
+                Resolved::Mae => b.mae(&p, probs, t, out, k)?,
+            }
         }
-        Ok((loss, sums))
+        Ok(())
     }
 
     fn metric_names_logged(&self) -> Vec<&'static str> {
@@ -495,6 +594,13 @@ impl<B: Backend> Sequential<B> {
         let t_start = Instant::now();
         let mut epochs_run = 0usize;
         let mut stop = false;
+        // One row per step (loss, then the metrics), read back in bulk: at
+        // every step where reading is free (CPU), else when the progress
+        // bar redraws and at the end of the epoch, so that a GPU step never
+        // waits for the device.
+        let width = 1 + names.len();
+        let mut results = self.backend.scalars_new(steps * width)?;
+        let defer = self.backend.defers_scalars();
         for epoch in opts.initial_epoch..opts.epochs {
             progress.epoch_begin(epoch);
             for (i, v) in idx.iter_mut().enumerate() {
@@ -503,9 +609,8 @@ impl<B: Backend> Sequential<B> {
             if opts.shuffle {
                 self.rng.shuffle(&mut idx);
             }
-            let mut seen = 0usize;
-            let mut loss_sum = 0.0f64;
-            let mut metric_sums = vec![0.0f64; names.len()];
+            let mut acc = EpochSums::new(names.len());
+            let mut sizes = Vec::with_capacity(steps);
             for s in 0..steps {
                 let rows = &idx[s * bs..((s + 1) * bs).min(n_train)];
                 let n = rows.len();
@@ -515,43 +620,44 @@ impl<B: Backend> Sequential<B> {
                 self.upload_targets(wi, &y, rows)?;
                 let mode = self.mode(true, self.head() != Head::None);
                 self.run_forward(wi, mode)?;
-                let (loss, sums) = self.loss_and_metrics(wi, true)?;
-                if !loss.is_finite() {
-                    progress.abort();
-                    return Err(Error::invalid(
-                        OP,
-                        "loss",
-                        format!(
-                            "the training loss is {loss} at epoch {} (of {}), batch {} (of {steps}): \
-                             training stopped (TerminateOnNaN); the weights hold the last update",
-                            epoch + 1,
-                            opts.epochs,
-                            s + 1
-                        ),
-                    ));
+                self.loss_and_metrics(wi, true, &mut results, s * width)?;
+                sizes.push(n);
+                if !defer {
+                    // The loss is on the host already: stop before the
+                    // update, as Keras's TerminateOnNaN does.
+                    acc.absorb(
+                        &self.backend,
+                        &results,
+                        &sizes,
+                        width,
+                        &mut progress,
+                        (epoch, opts.epochs, steps),
+                    )?;
                 }
                 self.run_backward(wi, mode)?;
                 self.optimizer_step()?;
                 self.step += 1;
-                seen += n;
-                loss_sum += loss * n as f64;
-                for (a, v) in metric_sums.iter_mut().zip(&sums) {
-                    *a += v;
-                }
                 if progress.wants_update() {
-                    let mut logs = Logs::default();
-                    logs.set("loss", loss_sum / seen as f64);
-                    for (name, v) in names.iter().zip(&metric_sums) {
-                        logs.set(name, v / seen as f64);
-                    }
-                    progress.step(s + 1, &logs);
+                    acc.absorb(
+                        &self.backend,
+                        &results,
+                        &sizes,
+                        width,
+                        &mut progress,
+                        (epoch, opts.epochs, steps),
+                    )?;
+                    progress.step(s + 1, &acc.logs(&names));
                 }
             }
-            let mut logs = Logs::default();
-            logs.set("loss", loss_sum / seen as f64);
-            for (name, v) in names.iter().zip(&metric_sums) {
-                logs.set(name, v / seen as f64);
-            }
+            acc.absorb(
+                &self.backend,
+                &results,
+                &sizes,
+                width,
+                &mut progress,
+                (epoch, opts.epochs, steps),
+            )?;
+            let mut logs = acc.logs(&names);
             if let Some((vx, vy)) = val {
                 let v = self.evaluate(vx, vy, bs)?;
                 for (k, val) in v.entries {
@@ -613,8 +719,11 @@ impl<B: Backend> Sequential<B> {
         let per = self.input_len();
         let names = self.metric_names_logged();
         let all: Vec<usize> = (0..n).collect();
-        let (mut loss_sum, mut sums) = (0.0f64, vec![0.0f64; names.len()]);
-        for start in (0..n).step_by(batch_size) {
+        let width = 1 + names.len();
+        let batches = n.div_ceil(batch_size);
+        let mut results = self.backend.scalars_new(batches * width)?;
+        let mut sizes = Vec::with_capacity(batches);
+        for (b, start) in (0..n).step_by(batch_size).enumerate() {
             let rows = &all[start..(start + batch_size).min(n)];
             let wi = self.workspace(rows.len(), false)?;
             self.backend
@@ -622,10 +731,16 @@ impl<B: Backend> Sequential<B> {
             self.upload_targets(wi, &y, rows)?;
             let mode = self.mode(false, self.head() != Head::None);
             self.run_forward(wi, mode)?;
-            let (loss, s) = self.loss_and_metrics(wi, false)?;
-            loss_sum += loss * rows.len() as f64;
-            for (a, v) in sums.iter_mut().zip(&s) {
-                *a += v;
+            self.loss_and_metrics(wi, false, &mut results, b * width)?;
+            sizes.push(rows.len());
+        }
+        // One read for the whole evaluation.
+        let v = self.backend.scalars_read(&results, batches * width)?;
+        let (mut loss_sum, mut sums) = (0.0f64, vec![0.0f64; names.len()]);
+        for (row, &m) in v.chunks(width).zip(&sizes) {
+            loss_sum += row[0] * m as f64;
+            for (a, x) in sums.iter_mut().zip(&row[1..]) {
+                *a += x;
             }
         }
         let mut logs = Logs::default();
@@ -706,8 +821,11 @@ impl<B: Backend> Sequential<B> {
         self.upload_targets(wi, &y, &all)?;
         let mode = self.mode(true, self.head() != Head::None);
         self.run_forward(wi, mode)?;
-        let (loss, _) = self.loss_and_metrics(wi, true)?;
+        let width = 1 + self.metric_names_logged().len();
+        let mut results = self.backend.scalars_new(width)?;
+        self.loss_and_metrics(wi, true, &mut results, 0)?;
         self.run_backward(wi, mode)?;
+        let loss = self.backend.scalars_read(&results, 1)?[0];
         let grads = self.download_grads()?;
         Ok((
             loss,
@@ -719,6 +837,6 @@ impl<B: Backend> Sequential<B> {
     /// compile.
     pub fn optimizer_iterations(&self) -> Result<u64> {
         let c = self.compiled("optimizer_iterations")?;
-        Ok(self.backend.opt_state_download(&c.state)?.iterations())
+        Ok(self.backend.opt_state_iterations(&c.state))
     }
 }

@@ -22,7 +22,7 @@ use cudarc::driver::{
 
 use super::LossParams;
 use crate::cuda::{CudaBackend, KernelModule, MODULES};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 
 // SAFETY: `LossParams` is `#[repr(C)]` plain old data (two usize and an f32,
 // no pointers), mirrored field for field by `struct LossParams` in
@@ -65,60 +65,95 @@ fn sum_config(gpu: &CudaBackend, chunks: usize) -> LaunchConfig {
     }
 }
 
-/// Reduces the f64 `partials` (`len` of them) to one value on the device by
-/// repeated chunk sums, then downloads it.
-fn finish_sum(
+/// One chunk-sum pass: `out[i] = sum of x[i*SUM_CHUNK..]` for every chunk
+/// of the `len` values of `x`, with `kernel` ("loss_sum_f32" or
+/// "loss_sum_f64").
+///
+/// # Safety
+/// `x` must hold at least `len` elements and `out` at least
+/// `ceil(len / SUM_CHUNK)`.
+unsafe fn sum_pass<T: DeviceRepr>(
     gpu: &CudaBackend,
-    mut partials: cudarc::driver::CudaSlice<f64>,
-    mut len: usize,
-) -> Result<f64> {
-    let f = gpu.function(module()?, "loss_sum_f64")?;
-    while len > 1 {
-        let next_len = len.div_ceil(SUM_CHUNK);
-        let mut next = gpu.zeros::<f64>(next_len)?;
-        let (n, chunk) = (len as u64, SUM_CHUNK as u64);
-        // SAFETY: reads partials[..len] (its length) and writes
-        // next[..ceil(len / SUM_CHUNK)] (its length).
-        let r = unsafe {
-            gpu.stream()
-                .launch_builder(&f)
-                .arg(&partials)
-                .arg(&n)
-                .arg(&chunk)
-                .arg(&mut next)
-                .launch(sum_config(gpu, next_len))
-        };
-        gpu.launched("loss_sum_f64", r)?;
-        partials = next;
-        len = next_len;
-    }
-    Ok(gpu.download(&partials)?[0])
-}
-
-/// The fixed-order f64 sum of a device buffer of f32 (`kernel =
-/// "loss_sum_f32"`) or f64 (`"loss_sum_f64"`) values.
-fn device_sum<T: DeviceRepr>(gpu: &CudaBackend, kernel: &str, x: &CudaView<'_, T>) -> Result<f64> {
-    let n = x.len();
-    if n == 0 {
-        return Ok(0.0);
-    }
-    let chunks = n.div_ceil(SUM_CHUNK);
-    let mut partials = gpu.zeros::<f64>(chunks)?;
+    kernel: &str,
+    x: &CudaView<'_, T>,
+    len: usize,
+    out: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     let f = gpu.function(module()?, kernel)?;
-    let (n64, chunk) = (n as u64, SUM_CHUNK as u64);
-    // SAFETY: reads x[..n] (its length), writes partials[..ceil(n / SUM_CHUNK)]
-    // (its length).
+    let next_len = len.div_ceil(SUM_CHUNK);
+    let (n, chunk) = (len as u64, SUM_CHUNK as u64);
+    // SAFETY: reads x[..len] and writes out[..ceil(len / SUM_CHUNK)], both in
+    // bounds per the caller.
     let r = unsafe {
         gpu.stream()
             .launch_builder(&f)
             .arg(x)
-            .arg(&n64)
+            .arg(&n)
             .arg(&chunk)
-            .arg(&mut partials)
-            .launch(sum_config(gpu, chunks))
+            .arg(out)
+            .launch(sum_config(gpu, next_len))
     };
-    gpu.launched(kernel, r)?;
-    finish_sum(gpu, partials, chunks)
+    gpu.launched(kernel, r)
+}
+
+/// The fixed-order f64 sum of a device buffer of f32 (`kernel =
+/// "loss_sum_f32"`) or f64 (`"loss_sum_f64"`) values, written into the
+/// one-element `out` on the device (no synchronization): chunk sums, then
+/// chunk sums of those, until one value remains. 0 for an empty `x`.
+fn device_sum_into<T: DeviceRepr>(
+    gpu: &CudaBackend,
+    kernel: &str,
+    x: &CudaView<'_, T>,
+    out: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
+    check_len("loss.sum", "out (one f64)", out.len(), 1)?;
+    let n = x.len();
+    if n == 0 {
+        return gpu
+            .stream()
+            .memset_zeros(out)
+            .map_err(|e| gpu.error("cuMemsetD8 (loss sum)", e));
+    }
+    let chunks = n.div_ceil(SUM_CHUNK);
+    if chunks == 1 {
+        // SAFETY: x holds n elements; out one = ceil(n / SUM_CHUNK).
+        return unsafe { sum_pass(gpu, kernel, x, n, out) };
+    }
+    let mut partials = gpu.zeros::<f64>(chunks)?;
+    // SAFETY: x holds n elements, partials ceil(n / SUM_CHUNK).
+    unsafe { sum_pass(gpu, kernel, x, n, &mut partials.as_view_mut())? };
+    let mut len = chunks;
+    loop {
+        let next_len = len.div_ceil(SUM_CHUNK);
+        if next_len == 1 {
+            // SAFETY: partials holds len elements; out one.
+            return unsafe { sum_pass(gpu, "loss_sum_f64", &partials.as_view(), len, out) };
+        }
+        let mut next = gpu.zeros::<f64>(next_len)?;
+        // SAFETY: partials holds len elements, next ceil(len / SUM_CHUNK).
+        unsafe {
+            sum_pass(
+                gpu,
+                "loss_sum_f64",
+                &partials.as_view(),
+                len,
+                &mut next.as_view_mut(),
+            )?
+        };
+        partials = next;
+        len = next_len;
+    }
+}
+
+/// Runs `f` with a fresh one-element device total and downloads it
+/// (synchronizes): the host-returning wrappers below.
+fn to_host(
+    gpu: &CudaBackend,
+    f: impl FnOnce(&mut CudaViewMut<'_, f64>) -> Result<()>,
+) -> Result<f64> {
+    let mut total = gpu.zeros::<f64>(1)?;
+    f(&mut total.as_view_mut())?;
+    Ok(gpu.download(&total)?[0])
 }
 
 /// Checks the optional `[n, classes]` outputs.
@@ -163,7 +198,7 @@ fn check_label_error(
 }
 
 /// The two float-label losses share their launch: `kernel(p, gs, a, b,
-/// losses, probs, dz)`.
+/// losses, probs, dz)`, then the sum of `losses` into `total`.
 #[allow(clippy::too_many_arguments)]
 fn launch_float_labels(
     gpu: &CudaBackend,
@@ -175,7 +210,8 @@ fn launch_float_labels(
     losses: &mut CudaViewMut<'_, f32>,
     mut probs: Option<&mut CudaViewMut<'_, f32>>,
     mut dz: Option<&mut CudaViewMut<'_, f32>>,
-) -> Result<f64> {
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     let f = gpu.function(module()?, kernel)?;
     let stream = gpu.stream();
     {
@@ -202,7 +238,7 @@ fn launch_float_labels(
         };
         gpu.launched(kernel, r)?;
     }
-    Ok(device_sum(gpu, "loss_sum_f32", &losses.as_view())? / p.n as f64)
+    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), total)
 }
 
 /// Softmax + categorical cross-entropy on the device; see
@@ -217,12 +253,33 @@ pub fn softmax_cross_entropy(
     probs: Option<&mut CudaViewMut<'_, f32>>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<f64> {
+    let sum = to_host(gpu, |t| {
+        softmax_cross_entropy_into(gpu, p, logits, labels, losses, probs, dz, t)
+    })?;
+    Ok(sum / p.n as f64)
+}
+
+/// [`softmax_cross_entropy`] without the synchronization: writes the *sum*
+/// of the per-sample losses (not the mean) into the one-element `total` on
+/// the device.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_cross_entropy_into(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    labels: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     const OP: &str = "softmax_cross_entropy";
     p.check_mat(OP, "logits", logits.len())?;
     p.check_rows(OP, "losses", losses.len())?;
     check_opt(p, OP, "probs", &probs)?;
     check_opt(p, OP, "dz", &dz)?;
     p.check_mat(OP, "labels", labels.len())?;
+    check_len(OP, "total (one f64)", total.len(), 1)?;
     let gs = scale_over(p, p.n as f64);
     launch_float_labels(
         gpu,
@@ -234,6 +291,7 @@ pub fn softmax_cross_entropy(
         losses,
         probs,
         dz,
+        total,
     )
 }
 
@@ -247,9 +305,46 @@ pub fn sparse_softmax_cross_entropy(
     logits: &CudaView<'_, f32>,
     labels: &CudaView<'_, u32>,
     losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<f64> {
+    let sum = to_host(gpu, |t| {
+        sparse_xent(gpu, p, logits, labels, losses, probs, dz, t, true)
+    })?;
+    Ok(sum / p.n as f64)
+}
+
+/// [`sparse_softmax_cross_entropy`] without the synchronization: writes the
+/// *sum* of the per-sample losses into the one-element `total` on the
+/// device. Labels are not reported back (that would synchronize): a label
+/// `>= classes` is still never used as an index, and its row's loss and
+/// `dz` are NaN, so the total is NaN. Validate labels on the host first.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_softmax_cross_entropy_into(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    labels: &CudaView<'_, u32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
+    sparse_xent(gpu, p, logits, labels, losses, probs, dz, total, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sparse_xent(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    labels: &CudaView<'_, u32>,
+    losses: &mut CudaViewMut<'_, f32>,
     mut probs: Option<&mut CudaViewMut<'_, f32>>,
     mut dz: Option<&mut CudaViewMut<'_, f32>>,
-) -> Result<f64> {
+    total: &mut CudaViewMut<'_, f64>,
+    check_labels: bool,
+) -> Result<()> {
     const OP: &str = "sparse_softmax_cross_entropy";
     const KERNEL: &str = "sparse_softmax_xent";
     p.check_mat(OP, "logits", logits.len())?;
@@ -257,6 +352,7 @@ pub fn sparse_softmax_cross_entropy(
     check_opt(p, OP, "probs", &probs)?;
     check_opt(p, OP, "dz", &dz)?;
     p.check_rows(OP, "labels", labels.len())?;
+    check_len(OP, "total (one f64)", total.len(), 1)?;
     let gs = scale_over(p, p.n as f64);
     let f = gpu.function(module()?, KERNEL)?;
     let mut err = gpu.zeros::<u64>(2)?;
@@ -284,8 +380,10 @@ pub fn sparse_softmax_cross_entropy(
         };
         gpu.launched(KERNEL, r)?;
     }
-    check_label_error(gpu, p, OP, &err, labels)?;
-    Ok(device_sum(gpu, "loss_sum_f32", &losses.as_view())? / p.n as f64)
+    if check_labels {
+        check_label_error(gpu, p, OP, &err, labels)?;
+    }
+    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), total)
 }
 
 /// Sigmoid + binary cross-entropy on the device; see
@@ -300,12 +398,32 @@ pub fn sigmoid_cross_entropy(
     probs: Option<&mut CudaViewMut<'_, f32>>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<f64> {
+    let sum = to_host(gpu, |t| {
+        sigmoid_cross_entropy_into(gpu, p, logits, targets, losses, probs, dz, t)
+    })?;
+    Ok(sum / p.n as f64)
+}
+
+/// [`sigmoid_cross_entropy`] without the synchronization: writes the *sum*
+/// of the per-sample losses into the one-element `total` on the device.
+#[allow(clippy::too_many_arguments)]
+pub fn sigmoid_cross_entropy_into(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     const OP: &str = "sigmoid_cross_entropy";
     p.check_mat(OP, "logits", logits.len())?;
     p.check_rows(OP, "losses", losses.len())?;
     check_opt(p, OP, "probs", &probs)?;
     check_opt(p, OP, "dz", &dz)?;
     p.check_mat(OP, "targets", targets.len())?;
+    check_len(OP, "total (one f64)", total.len(), 1)?;
     let gs = scale_over(p, p.n as f64 * p.classes as f64);
     launch_float_labels(
         gpu,
@@ -317,6 +435,7 @@ pub fn sigmoid_cross_entropy(
         losses,
         probs,
         dz,
+        total,
     )
 }
 
@@ -328,14 +447,30 @@ pub fn mse(
     pred: &CudaView<'_, f32>,
     targets: &CudaView<'_, f32>,
     losses: &mut CudaViewMut<'_, f32>,
-    mut dz: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<f64> {
+    let sum = to_host(gpu, |t| mse_into(gpu, p, pred, targets, losses, dz, t))?;
+    Ok(sum / p.n as f64)
+}
+
+/// [`mse`] without the synchronization: writes the *sum* of the per-sample
+/// losses into the one-element `total` on the device.
+pub fn mse_into(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    pred: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    mut dz: Option<&mut CudaViewMut<'_, f32>>,
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     const OP: &str = "mse";
     const KERNEL: &str = "mse_loss";
     p.check_mat(OP, "pred", pred.len())?;
     p.check_rows(OP, "losses", losses.len())?;
     check_opt(p, OP, "dz", &dz)?;
     p.check_mat(OP, "targets", targets.len())?;
+    check_len(OP, "total (one f64)", total.len(), 1)?;
     let gs = scale_over(p, p.n as f64 * p.classes as f64 / 2.0);
     let f = gpu.function(module()?, KERNEL)?;
     let stream = gpu.stream();
@@ -357,20 +492,22 @@ pub fn mse(
         };
         gpu.launched(KERNEL, r)?;
     }
-    Ok(device_sum(gpu, "loss_sum_f32", &losses.as_view())? / p.n as f64)
+    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), total)
 }
 
 /// Launches a metric kernel `kernel(p, a, b, rows)` writing one f64 per
-/// row, and returns the fixed-order sum of the rows.
+/// row, and writes the fixed-order sum of the rows into `total`.
 fn metric_rows(
     gpu: &CudaBackend,
     kernel: &'static str,
     p: &LossParams,
     a: &CudaView<'_, f32>,
     b: &CudaView<'_, f32>,
-) -> Result<f64> {
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     let f = gpu.function(module()?, kernel)?;
-    let mut rows = gpu.zeros::<f64>(p.n)?;
+    // At least one element: the driver rejects empty allocations.
+    let mut rows = gpu.zeros::<f64>(p.n.max(1))?;
     // SAFETY: a and b were checked to hold n * classes elements, rows holds n.
     let r = unsafe {
         gpu.stream()
@@ -382,7 +519,7 @@ fn metric_rows(
             .launch(row_config(gpu, p))
     };
     gpu.launched(kernel, r)?;
-    device_sum(gpu, "loss_sum_f64", &rows.as_view())
+    device_sum_into(gpu, "loss_sum_f64", &rows.slice(..p.n), total)
 }
 
 /// Rows where `argmax(scores) == argmax(labels)`, on the device; see
@@ -393,10 +530,25 @@ pub fn categorical_accuracy(
     scores: &CudaView<'_, f32>,
     labels: &CudaView<'_, f32>,
 ) -> Result<f64> {
+    to_host(gpu, |t| {
+        categorical_accuracy_into(gpu, p, scores, labels, t)
+    })
+}
+
+/// [`categorical_accuracy`] into the one-element `total` on the device
+/// (no synchronization).
+pub fn categorical_accuracy_into(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    scores: &CudaView<'_, f32>,
+    labels: &CudaView<'_, f32>,
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     const OP: &str = "categorical_accuracy";
     p.check_mat(OP, "scores", scores.len())?;
     p.check_mat(OP, "labels", labels.len())?;
-    metric_rows(gpu, "metric_categorical_accuracy", p, scores, labels)
+    check_len(OP, "total (one f64)", total.len(), 1)?;
+    metric_rows(gpu, "metric_categorical_accuracy", p, scores, labels, total)
 }
 
 /// Rows where `argmax(scores) == labels[i]`, on the device; see
@@ -408,12 +560,37 @@ pub fn sparse_categorical_accuracy(
     scores: &CudaView<'_, f32>,
     labels: &CudaView<'_, u32>,
 ) -> Result<f64> {
+    to_host(gpu, |t| sparse_accuracy(gpu, p, scores, labels, t, true))
+}
+
+/// [`sparse_categorical_accuracy`] into the one-element `total` on the
+/// device (no synchronization; labels out of range are not reported, see
+/// [`sparse_softmax_cross_entropy_into`]).
+pub fn sparse_categorical_accuracy_into(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    scores: &CudaView<'_, f32>,
+    labels: &CudaView<'_, u32>,
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
+    sparse_accuracy(gpu, p, scores, labels, total, false)
+}
+
+fn sparse_accuracy(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    scores: &CudaView<'_, f32>,
+    labels: &CudaView<'_, u32>,
+    total: &mut CudaViewMut<'_, f64>,
+    check_labels: bool,
+) -> Result<()> {
     const OP: &str = "sparse_categorical_accuracy";
     const KERNEL: &str = "metric_sparse_accuracy";
     p.check_mat(OP, "scores", scores.len())?;
     p.check_rows(OP, "labels", labels.len())?;
+    check_len(OP, "total (one f64)", total.len(), 1)?;
     let f = gpu.function(module()?, KERNEL)?;
-    let mut rows = gpu.zeros::<f64>(p.n)?;
+    let mut rows = gpu.zeros::<f64>(p.n.max(1))?;
     let mut err = gpu.zeros::<u64>(2)?;
     // SAFETY: scores holds n * classes elements, labels and rows n, err 2.
     let r = unsafe {
@@ -427,8 +604,10 @@ pub fn sparse_categorical_accuracy(
             .launch(row_config(gpu, p))
     };
     gpu.launched(KERNEL, r)?;
-    check_label_error(gpu, p, OP, &err, labels)?;
-    device_sum(gpu, "loss_sum_f64", &rows.as_view())
+    if check_labels {
+        check_label_error(gpu, p, OP, &err, labels)?;
+    }
+    device_sum_into(gpu, "loss_sum_f64", &rows.slice(..p.n), total)
 }
 
 /// Keras 2.3.1's binary accuracy summed over the batch, on the device; see
@@ -439,10 +618,26 @@ pub fn binary_accuracy(
     probs: &CudaView<'_, f32>,
     targets: &CudaView<'_, f32>,
 ) -> Result<f64> {
+    Ok(to_host(gpu, |t| {
+        binary_accuracy_rows_into(gpu, p, probs, targets, t)
+    })? / p.classes as f64)
+}
+
+/// The numerator of [`binary_accuracy`] into the one-element `total` on
+/// the device (no synchronization): the count of matching elements over
+/// the batch, which the caller divides by `classes`.
+pub fn binary_accuracy_rows_into(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    probs: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     const OP: &str = "binary_accuracy";
     p.check_mat(OP, "probs", probs.len())?;
     p.check_mat(OP, "targets", targets.len())?;
-    Ok(metric_rows(gpu, "metric_binary_accuracy", p, probs, targets)? / p.classes as f64)
+    check_len(OP, "total (one f64)", total.len(), 1)?;
+    metric_rows(gpu, "metric_binary_accuracy", p, probs, targets, total)
 }
 
 /// Mean absolute error summed over the batch, on the device; see
@@ -453,8 +648,20 @@ pub fn mae(
     pred: &CudaView<'_, f32>,
     targets: &CudaView<'_, f32>,
 ) -> Result<f64> {
+    to_host(gpu, |t| mae_into(gpu, p, pred, targets, t))
+}
+
+/// [`mae`] into the one-element `total` on the device (no synchronization).
+pub fn mae_into(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    pred: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    total: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
     const OP: &str = "mae";
     p.check_mat(OP, "pred", pred.len())?;
     p.check_mat(OP, "targets", targets.len())?;
-    metric_rows(gpu, "metric_mae", p, pred, targets)
+    check_len(OP, "total (one f64)", total.len(), 1)?;
+    metric_rows(gpu, "metric_mae", p, pred, targets, total)
 }

@@ -1,0 +1,730 @@
+//! The CUDA backend: device buffers and the launch wrappers of
+//! `ops::*::cuda`, the GPU twin of [`super::cpu`].
+//!
+//! - Buffers are [`GpuBuf`]s: a `CudaSlice` plus the logical length, so that
+//!   an empty buffer (an empty batch) is a one-element allocation seen as
+//!   zero elements (the driver rejects zero-byte allocations).
+//! - Everything runs on the one stream of the [`CudaBackend`], so the order
+//!   of launches is the order of the calls and nothing waits for the device
+//!   except `download_*` and [`Backend::scalars_read`].
+//! - Losses and metrics write their batch values into [`GpuScalars`] on the
+//!   device (`ops::loss::cuda::*_into`); the divisor that turns a device sum
+//!   into the CPU's value (the batch size for a loss mean, `classes` for
+//!   binary accuracy) is kept on the host beside the slot and applied when
+//!   the values are read, with the same division the host wrappers do.
+//! - Scratch that would be allocated on every call is cached here: the
+//!   convolution's column workspace (grown to the largest a layer needs,
+//!   sliced to exactly the size an uncached call would allocate, so the
+//!   chunking and thus dW's summation order depend on the shape alone) and
+//!   the host staging buffer of the batch gather.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+
+use super::cpu::gather;
+use super::{Backend, GemmBias, check_scalar_slot, check_scalars_count};
+use crate::cuda::CudaBackend;
+use crate::error::{Result, check_len};
+use crate::ops::activation::{self, Activation, Softmax};
+use crate::ops::batchnorm::{self, BatchNorm};
+use crate::ops::bias::{self, BiasShape};
+use crate::ops::conv::{self, Conv2d};
+use crate::ops::dropout::{self, Dropout};
+use crate::ops::gemm::cuda::{DeviceBias, DeviceEpilogue};
+use crate::ops::gemm::{self, Gemm};
+use crate::ops::loss::{self, LossParams};
+use crate::ops::optim::cuda::CudaOptimizerState;
+use crate::ops::optim::{self, Optimizer, OptimizerState};
+use crate::ops::pool::{self, MaxPool2d};
+
+/// A device buffer of `len` elements (`len` may be 0: the allocation then
+/// holds one element that no view exposes).
+#[derive(Debug)]
+pub struct GpuBuf<T> {
+    mem: CudaSlice<T>,
+    len: usize,
+}
+
+impl<T: DeviceRepr> GpuBuf<T> {
+    /// Elements in the buffer.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buffer's elements, for the `ops::*::cuda` wrappers.
+    pub fn view(&self) -> CudaView<'_, T> {
+        self.mem.slice(..self.len)
+    }
+
+    /// The buffer's elements, writable.
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.mem.slice_mut(..self.len)
+    }
+}
+
+/// f64 results on the device (see the module docs): the raw device sums
+/// and, per slot, the divisor applied when they are read.
+#[derive(Debug)]
+pub struct GpuScalars {
+    sums: GpuBuf<f64>,
+    divisors: Vec<f64>,
+}
+
+/// The CUDA backend over one device (see the module docs).
+pub struct GpuBackend {
+    gpu: Arc<CudaBackend>,
+    /// The convolution's column workspace (grown, never shrunk).
+    conv_ws: Mutex<Option<CudaSlice<f32>>>,
+    /// Host staging for the batch gathers.
+    staging_f32: Mutex<Vec<f32>>,
+    staging_u32: Mutex<Vec<u32>>,
+}
+
+impl std::fmt::Debug for GpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuBackend")
+            .field("device", self.gpu.info())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these caches leaves nothing inconsistent
+    // (they are scratch), so a poisoned lock is simply taken over.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl GpuBackend {
+    /// Opens device `ordinal` (an error, never a panic, without a driver or
+    /// such a device).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Ok(Self::from_device(Arc::new(CudaBackend::new(ordinal)?)))
+    }
+
+    /// A backend on an already opened device (sharing its stream).
+    pub fn from_device(gpu: Arc<CudaBackend>) -> Self {
+        GpuBackend {
+            gpu,
+            conv_ws: Mutex::new(None),
+            staging_f32: Mutex::new(Vec::new()),
+            staging_u32: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The device, for direct use of the `ops::*::cuda` wrappers.
+    pub fn device(&self) -> &Arc<CudaBackend> {
+        &self.gpu
+    }
+
+    fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<GpuBuf<T>> {
+        Ok(GpuBuf {
+            mem: self.gpu.zeros(len.max(1))?,
+            len,
+        })
+    }
+
+    fn upload<T: DeviceRepr + ValidAsZeroBits>(&self, host: &[T]) -> Result<GpuBuf<T>> {
+        if host.is_empty() {
+            return self.alloc(0);
+        }
+        Ok(GpuBuf {
+            mem: self.gpu.upload(host)?,
+            len: host.len(),
+        })
+    }
+
+    fn upload_into<T: DeviceRepr>(&self, host: &[T], dst: &mut GpuBuf<T>) -> Result<()> {
+        check_len("upload", "dst", dst.len(), host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        // From pageable memory the driver stages the copy before returning,
+        // so `host` may be reused at once.
+        self.gpu
+            .stream()
+            .memcpy_htod(host, &mut dst.view_mut())
+            .map_err(|e| self.gpu.error("cuMemcpyHtoD", e))
+    }
+
+    fn download<T: DeviceRepr>(&self, buf: &GpuBuf<T>) -> Result<Vec<T>> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.gpu
+            .stream()
+            .clone_dtoh(&buf.view())
+            .map_err(|e| self.gpu.error("cuMemcpyDtoH", e))
+    }
+
+    /// Runs `f` with a column workspace of exactly the size an uncached
+    /// call would allocate for `p` (see the module docs).
+    fn with_conv_ws<R>(
+        &self,
+        p: &Conv2d,
+        f: impl FnOnce(Option<&mut CudaViewMut<'_, f32>>) -> Result<R>,
+    ) -> Result<R> {
+        let need = conv::cuda::images_per_chunk(p, conv::cuda::WORKSPACE_FLOATS)
+            * conv::cuda::col_floats_per_image(p);
+        if p.n == 0 || need == 0 {
+            // Nothing to compute (the wrappers return before using it).
+            return f(None);
+        }
+        let mut guard = lock(&self.conv_ws);
+        if guard.as_ref().is_none_or(|ws| ws.len() < need) {
+            *guard = None; // free the smaller one first
+            // SAFETY: the conv passes write the columns of a chunk (im2col or
+            // a beta = 0 GEMM) before anything reads them.
+            let ws = unsafe { self.gpu.stream().alloc::<f32>(need) }
+                .map_err(|e| self.gpu.error("cuMemAlloc (conv2d workspace)", e))?;
+            *guard = Some(ws);
+        }
+        let ws = guard.as_mut().expect("allocated above");
+        f(Some(&mut ws.slice_mut(..need)))
+    }
+
+    fn slot<'a>(
+        out: &'a mut GpuScalars,
+        slot: usize,
+        divisor: f64,
+    ) -> Result<CudaViewMut<'a, f64>> {
+        check_scalar_slot(out.sums.len(), slot)?;
+        out.divisors[slot] = divisor;
+        Ok(out.sums.mem.slice_mut(slot..slot + 1))
+    }
+}
+
+impl Backend for GpuBackend {
+    type Buf = GpuBuf<f32>;
+    type BufU32 = GpuBuf<u32>;
+    type BufU8 = GpuBuf<u8>;
+    type OptState = CudaOptimizerState;
+    type Scalars = GpuScalars;
+
+    fn name(&self) -> String {
+        let i = self.gpu.info();
+        format!("cuda:{} ({})", i.ordinal, i.name)
+    }
+    fn alloc_f32(&self, len: usize) -> Result<GpuBuf<f32>> {
+        self.alloc(len)
+    }
+    fn alloc_u32(&self, len: usize) -> Result<GpuBuf<u32>> {
+        self.alloc(len)
+    }
+    fn alloc_u8(&self, len: usize) -> Result<GpuBuf<u8>> {
+        self.alloc(len)
+    }
+    fn len_f32(&self, buf: &GpuBuf<f32>) -> usize {
+        buf.len()
+    }
+    fn upload_f32(&self, host: &[f32]) -> Result<GpuBuf<f32>> {
+        self.upload(host)
+    }
+    fn upload_into_f32(&self, host: &[f32], dst: &mut GpuBuf<f32>) -> Result<()> {
+        self.upload_into(host, dst)
+    }
+    fn upload_rows_f32(
+        &self,
+        src: &[f32],
+        row_len: usize,
+        rows: &[usize],
+        dst: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        let mut staging = lock(&self.staging_f32);
+        staging.resize(dst.len(), 0.0);
+        gather("upload_rows", src, row_len, rows, &mut staging)?;
+        self.upload_into(&staging, dst)
+    }
+    fn upload_rows_u32(
+        &self,
+        src: &[u32],
+        row_len: usize,
+        rows: &[usize],
+        dst: &mut GpuBuf<u32>,
+    ) -> Result<()> {
+        let mut staging = lock(&self.staging_u32);
+        staging.resize(dst.len(), 0);
+        gather("upload_rows", src, row_len, rows, &mut staging)?;
+        self.upload_into(&staging, dst)
+    }
+    fn download_f32(&self, buf: &GpuBuf<f32>) -> Result<Vec<f32>> {
+        self.download(buf)
+    }
+    fn download_into_f32(&self, buf: &GpuBuf<f32>, host: &mut [f32]) -> Result<()> {
+        check_len("download", "host", host.len(), buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let s = self.gpu.stream();
+        s.memcpy_dtoh(&buf.view(), host)
+            .map_err(|e| self.gpu.error("cuMemcpyDtoH", e))?;
+        // The copy is asynchronous: `host` is ready only after the stream.
+        self.gpu.synchronize()
+    }
+    fn copy_f32(&self, src: &GpuBuf<f32>, dst: &mut GpuBuf<f32>) -> Result<()> {
+        check_len("copy", "dst", dst.len(), src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.gpu
+            .stream()
+            .memcpy_dtod(&src.view(), &mut dst.view_mut())
+            .map_err(|e| self.gpu.error("cuMemcpyDtoD", e))
+    }
+    fn download_u32(&self, buf: &GpuBuf<u32>) -> Result<Vec<u32>> {
+        self.download(buf)
+    }
+    fn download_u8(&self, buf: &GpuBuf<u8>) -> Result<Vec<u8>> {
+        self.download(buf)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.gpu.synchronize()
+    }
+
+    fn scalars_new(&self, len: usize) -> Result<GpuScalars> {
+        Ok(GpuScalars {
+            sums: self.alloc(len)?,
+            divisors: vec![1.0; len],
+        })
+    }
+    fn scalars_read(&self, s: &GpuScalars, count: usize) -> Result<Vec<f64>> {
+        check_scalars_count(s.sums.len(), count)?;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let raw = self
+            .gpu
+            .stream()
+            .clone_dtoh(&s.sums.mem.slice(..count))
+            .map_err(|e| self.gpu.error("cuMemcpyDtoH", e))?;
+        Ok(raw.iter().zip(&s.divisors).map(|(v, d)| v / d).collect())
+    }
+    fn defers_scalars(&self) -> bool {
+        true
+    }
+
+    fn gemm(
+        &self,
+        p: &Gemm,
+        a: &GpuBuf<f32>,
+        b: &GpuBuf<f32>,
+        c: &mut GpuBuf<f32>,
+        bias: GemmBias<'_, GpuBuf<f32>>,
+        act: Activation,
+    ) -> Result<()> {
+        let (per_row, view) = match bias {
+            GemmBias::None => (false, None),
+            GemmBias::PerRow(v) => (true, Some(v.view())),
+            GemmBias::PerCol(v) => (false, Some(v.view())),
+        };
+        let bias = match &view {
+            None => DeviceBias::None,
+            Some(v) if per_row => DeviceBias::PerRow(v),
+            Some(v) => DeviceBias::PerCol(v),
+        };
+        let epi = DeviceEpilogue {
+            bias,
+            activation: act,
+        };
+        gemm::cuda::gemm(&self.gpu, p, &a.view(), &b.view(), &mut c.view_mut(), epi)
+    }
+
+    fn conv_forward(
+        &self,
+        p: &Conv2d,
+        x: &GpuBuf<f32>,
+        w: &GpuBuf<f32>,
+        bias: Option<&GpuBuf<f32>>,
+        act: Activation,
+        y: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        let bias = bias.map(|b| b.view());
+        self.with_conv_ws(p, |ws| {
+            conv::cuda::forward(
+                &self.gpu,
+                p,
+                &x.view(),
+                &w.view(),
+                bias.as_ref(),
+                act,
+                &mut y.view_mut(),
+                ws,
+            )
+        })
+    }
+    fn conv_backward_data(
+        &self,
+        p: &Conv2d,
+        dy: &GpuBuf<f32>,
+        w: &GpuBuf<f32>,
+        dx: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        self.with_conv_ws(p, |ws| {
+            conv::cuda::backward_data(&self.gpu, p, &dy.view(), &w.view(), &mut dx.view_mut(), ws)
+        })
+    }
+    fn conv_backward_filter(
+        &self,
+        p: &Conv2d,
+        x: &GpuBuf<f32>,
+        dy: &GpuBuf<f32>,
+        dw: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        self.with_conv_ws(p, |ws| {
+            conv::cuda::backward_filter(&self.gpu, p, &x.view(), &dy.view(), &mut dw.view_mut(), ws)
+        })
+    }
+
+    fn maxpool_forward(
+        &self,
+        p: &MaxPool2d,
+        x: &GpuBuf<f32>,
+        y: &mut GpuBuf<f32>,
+        argmax: &mut GpuBuf<u32>,
+    ) -> Result<()> {
+        pool::cuda::forward(
+            &self.gpu,
+            p,
+            &x.view(),
+            &mut y.view_mut(),
+            &mut argmax.view_mut(),
+        )
+    }
+    fn maxpool_forward_inference(
+        &self,
+        p: &MaxPool2d,
+        x: &GpuBuf<f32>,
+        y: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        pool::cuda::forward_inference(&self.gpu, p, &x.view(), &mut y.view_mut())
+    }
+    fn maxpool_backward(
+        &self,
+        p: &MaxPool2d,
+        dy: &GpuBuf<f32>,
+        argmax: &GpuBuf<u32>,
+        dx: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        pool::cuda::backward(&self.gpu, p, &dy.view(), &argmax.view(), &mut dx.view_mut())
+    }
+
+    fn batchnorm_forward_training(
+        &self,
+        p: &BatchNorm,
+        x: &GpuBuf<f32>,
+        gamma: &GpuBuf<f32>,
+        beta: &GpuBuf<f32>,
+        y: &mut GpuBuf<f32>,
+        save_mean: &mut GpuBuf<f32>,
+        save_inv_std: &mut GpuBuf<f32>,
+        running_mean: &mut GpuBuf<f32>,
+        running_var: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        batchnorm::cuda::forward_training(
+            &self.gpu,
+            p,
+            &x.view(),
+            &gamma.view(),
+            &beta.view(),
+            &mut y.view_mut(),
+            &mut save_mean.view_mut(),
+            &mut save_inv_std.view_mut(),
+            &mut running_mean.view_mut(),
+            &mut running_var.view_mut(),
+        )
+    }
+    fn batchnorm_forward_inference(
+        &self,
+        p: &BatchNorm,
+        x: &GpuBuf<f32>,
+        gamma: &GpuBuf<f32>,
+        beta: &GpuBuf<f32>,
+        running_mean: &GpuBuf<f32>,
+        running_var: &GpuBuf<f32>,
+        y: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        batchnorm::cuda::forward_inference(
+            &self.gpu,
+            p,
+            &x.view(),
+            &gamma.view(),
+            &beta.view(),
+            &running_mean.view(),
+            &running_var.view(),
+            &mut y.view_mut(),
+        )
+    }
+    fn batchnorm_backward(
+        &self,
+        p: &BatchNorm,
+        x: &GpuBuf<f32>,
+        dy: &GpuBuf<f32>,
+        gamma: &GpuBuf<f32>,
+        save_mean: &GpuBuf<f32>,
+        save_inv_std: &GpuBuf<f32>,
+        dx: &mut GpuBuf<f32>,
+        dgamma: &mut GpuBuf<f32>,
+        dbeta: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        batchnorm::cuda::backward(
+            &self.gpu,
+            p,
+            &x.view(),
+            &dy.view(),
+            &gamma.view(),
+            &save_mean.view(),
+            &save_inv_std.view(),
+            &mut dx.view_mut(),
+            &mut dgamma.view_mut(),
+            &mut dbeta.view_mut(),
+        )
+    }
+
+    fn dropout_forward(
+        &self,
+        p: &Dropout,
+        x: &GpuBuf<f32>,
+        y: &mut GpuBuf<f32>,
+        mask: &mut GpuBuf<u8>,
+    ) -> Result<()> {
+        dropout::cuda::forward(
+            &self.gpu,
+            p,
+            &x.view(),
+            &mut y.view_mut(),
+            &mut mask.view_mut(),
+        )
+    }
+    fn dropout_backward(
+        &self,
+        p: &Dropout,
+        dy: &GpuBuf<f32>,
+        mask: &GpuBuf<u8>,
+        dx: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        dropout::cuda::backward(&self.gpu, p, &dy.view(), &mask.view(), &mut dx.view_mut())
+    }
+
+    fn activation_forward(
+        &self,
+        act: Activation,
+        x: &GpuBuf<f32>,
+        y: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        activation::cuda::forward(&self.gpu, act, &x.view(), &mut y.view_mut())
+    }
+    fn activation_backward_inplace(
+        &self,
+        act: Activation,
+        x: &GpuBuf<f32>,
+        y: &GpuBuf<f32>,
+        g: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        activation::cuda::backward_inplace(&self.gpu, act, &x.view(), &y.view(), &mut g.view_mut())
+    }
+    fn activation_backward_from_output(
+        &self,
+        act: Activation,
+        y: &GpuBuf<f32>,
+        g: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        activation::cuda::backward_from_output(&self.gpu, act, &y.view(), &mut g.view_mut())
+    }
+    fn softmax_forward(&self, p: &Softmax, x: &GpuBuf<f32>, y: &mut GpuBuf<f32>) -> Result<()> {
+        activation::cuda::softmax_forward(&self.gpu, p, &x.view(), &mut y.view_mut())
+    }
+    fn softmax_backward(
+        &self,
+        p: &Softmax,
+        y: &GpuBuf<f32>,
+        dy: &GpuBuf<f32>,
+        dx: &mut GpuBuf<f32>,
+    ) -> Result<()> {
+        activation::cuda::softmax_backward(&self.gpu, p, &y.view(), &dy.view(), &mut dx.view_mut())
+    }
+    fn bias_backward(&self, p: &BiasShape, dy: &GpuBuf<f32>, db: &mut GpuBuf<f32>) -> Result<()> {
+        bias::cuda::backward(&self.gpu, p, &dy.view(), &mut db.view_mut())
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        p: &LossParams,
+        logits: &GpuBuf<f32>,
+        labels: &GpuBuf<f32>,
+        losses: &mut GpuBuf<f32>,
+        mut dz: Option<&mut GpuBuf<f32>>,
+        out: &mut GpuScalars,
+        slot: usize,
+    ) -> Result<()> {
+        let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut t = Self::slot(out, slot, p.n as f64)?;
+        loss::cuda::softmax_cross_entropy_into(
+            &self.gpu,
+            p,
+            &logits.view(),
+            &labels.view(),
+            &mut losses.view_mut(),
+            None,
+            dzv.as_mut(),
+            &mut t,
+        )
+    }
+    fn sparse_softmax_cross_entropy(
+        &self,
+        p: &LossParams,
+        logits: &GpuBuf<f32>,
+        labels: &GpuBuf<u32>,
+        losses: &mut GpuBuf<f32>,
+        mut dz: Option<&mut GpuBuf<f32>>,
+        out: &mut GpuScalars,
+        slot: usize,
+    ) -> Result<()> {
+        let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut t = Self::slot(out, slot, p.n as f64)?;
+        loss::cuda::sparse_softmax_cross_entropy_into(
+            &self.gpu,
+            p,
+            &logits.view(),
+            &labels.view(),
+            &mut losses.view_mut(),
+            None,
+            dzv.as_mut(),
+            &mut t,
+        )
+    }
+    fn sigmoid_cross_entropy(
+        &self,
+        p: &LossParams,
+        logits: &GpuBuf<f32>,
+        targets: &GpuBuf<f32>,
+        losses: &mut GpuBuf<f32>,
+        probs: &mut GpuBuf<f32>,
+        mut dz: Option<&mut GpuBuf<f32>>,
+        out: &mut GpuScalars,
+        slot: usize,
+    ) -> Result<()> {
+        let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut t = Self::slot(out, slot, p.n as f64)?;
+        loss::cuda::sigmoid_cross_entropy_into(
+            &self.gpu,
+            p,
+            &logits.view(),
+            &targets.view(),
+            &mut losses.view_mut(),
+            Some(&mut probs.view_mut()),
+            dzv.as_mut(),
+            &mut t,
+        )
+    }
+    fn mse(
+        &self,
+        p: &LossParams,
+        pred: &GpuBuf<f32>,
+        targets: &GpuBuf<f32>,
+        losses: &mut GpuBuf<f32>,
+        mut dz: Option<&mut GpuBuf<f32>>,
+        out: &mut GpuScalars,
+        slot: usize,
+    ) -> Result<()> {
+        let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut t = Self::slot(out, slot, p.n as f64)?;
+        loss::cuda::mse_into(
+            &self.gpu,
+            p,
+            &pred.view(),
+            &targets.view(),
+            &mut losses.view_mut(),
+            dzv.as_mut(),
+            &mut t,
+        )
+    }
+    fn categorical_accuracy(
+        &self,
+        p: &LossParams,
+        scores: &GpuBuf<f32>,
+        labels: &GpuBuf<f32>,
+        out: &mut GpuScalars,
+        slot: usize,
+    ) -> Result<()> {
+        let mut t = Self::slot(out, slot, 1.0)?;
+        loss::cuda::categorical_accuracy_into(&self.gpu, p, &scores.view(), &labels.view(), &mut t)
+    }
+    fn sparse_categorical_accuracy(
+        &self,
+        p: &LossParams,
+        scores: &GpuBuf<f32>,
+        labels: &GpuBuf<u32>,
+        out: &mut GpuScalars,
+        slot: usize,
+    ) -> Result<()> {
+        let mut t = Self::slot(out, slot, 1.0)?;
+        loss::cuda::sparse_categorical_accuracy_into(
+            &self.gpu,
+            p,
+            &scores.view(),
+            &labels.view(),
+            &mut t,
+        )
+    }
+    fn binary_accuracy(
+        &self,
+        p: &LossParams,
+        probs: &GpuBuf<f32>,
+        targets: &GpuBuf<f32>,
+        out: &mut GpuScalars,
+        slot: usize,
+    ) -> Result<()> {
+        let mut t = Self::slot(out, slot, p.classes as f64)?;
+        loss::cuda::binary_accuracy_rows_into(&self.gpu, p, &probs.view(), &targets.view(), &mut t)
+    }
+    fn mae(
+        &self,
+        p: &LossParams,
+        pred: &GpuBuf<f32>,
+        targets: &GpuBuf<f32>,
+        out: &mut GpuScalars,
+        slot: usize,
+    ) -> Result<()> {
+        let mut t = Self::slot(out, slot, 1.0)?;
+        loss::cuda::mae_into(&self.gpu, p, &pred.view(), &targets.view(), &mut t)
+    }
+
+    fn opt_state_new(&self, opt: &Optimizer, sizes: &[usize]) -> Result<CudaOptimizerState> {
+        CudaOptimizerState::new(&self.gpu, opt, sizes)
+    }
+    fn optimizer_step(
+        &self,
+        opt: &Optimizer,
+        state: &mut CudaOptimizerState,
+        params: &mut [&mut GpuBuf<f32>],
+        grads: &[&GpuBuf<f32>],
+    ) -> Result<()> {
+        // A handful of views per step; the state's descriptor table is
+        // re-uploaded only when a buffer moves (never, in a fit loop).
+        let mut p: Vec<CudaViewMut<'_, f32>> = params.iter_mut().map(|b| b.view_mut()).collect();
+        let g: Vec<CudaView<'_, f32>> = grads.iter().map(|b| b.view()).collect();
+        optim::cuda::step(&self.gpu, opt, state, &mut p, &g)
+    }
+    fn opt_state_iterations(&self, state: &CudaOptimizerState) -> u64 {
+        state.iterations()
+    }
+    fn opt_state_download(
+        &self,
+        opt: &Optimizer,
+        state: &CudaOptimizerState,
+    ) -> Result<OptimizerState> {
+        state.download(&self.gpu, opt)
+    }
+    fn opt_state_upload(
+        &self,
+        opt: &Optimizer,
+        state: &OptimizerState,
+    ) -> Result<CudaOptimizerState> {
+        CudaOptimizerState::upload(&self.gpu, opt, state)
+    }
+}

@@ -31,8 +31,12 @@
 //! (`$KESTREL_BENCH_DIR` overrides the folder) for `ci/bench-report`.
 //!
 //! Without a CUDA device this prints one line and exits 0. Shorter runs:
-//! `KESTREL_BENCH_MEASURE_MS` (default 500) and a criterion filter
-//! (`gpu -- gpu_conv`), which also skips the setup of filtered-out pairs.
+//! `KESTREL_BENCH_MEASURE_MS` (default 500) and a criterion filter (a
+//! regex, applied before a pair is set up). The whole suite is about 230
+//! pairs, several minutes; to stay within a 10-minute limit per command,
+//! run it in three parts: `gpu_gemm`, `gpu_conv`, and
+//! `'gpu_(pool|batchnorm|dropout|softmax_ce|optim)'` (each appends to the
+//! same JSON-lines file).
 //! cuBLAS/cuDNN are found on the loader path, or in
 //! `$KESTREL_BENCH_LIB_DIRS` (colon-separated), `/usr/local/cuda/lib64`, or
 //! the `nvidia/*/lib` folders of the Python packages (PyTorch's wheels).
@@ -132,7 +136,7 @@ struct Env {
     dnn: Option<dnn::Dnn>,
     measure: Duration,
     warm_up: Duration,
-    filter: Option<String>,
+    filter: Option<regex::Regex>,
     /// Conv workspace for kestrel (the default maximum, allocated once).
     conv_ws: RefCell<Option<CudaSlice<f32>>>,
 }
@@ -183,7 +187,7 @@ impl Env {
             dnn: None,
             measure: Duration::from_millis(measure),
             warm_up: Duration::from_millis((measure / 3).max(50)),
-            filter: criterion_filter(),
+            filter: criterion_filter().and_then(|f| regex::Regex::new(&f).ok()),
             conv_ws: RefCell::new(None),
         };
         env.blas = match open_blas(&env.gpu) {
@@ -227,20 +231,15 @@ impl Env {
         );
     }
 
+    /// Whether criterion's filter (a regex, as criterion reads it) selects
+    /// any implementation of this pair, so that filtered-out pairs cost no
+    /// setup.
     fn wanted(&self, group: &str, id: &str) -> bool {
         match &self.filter {
             None => true,
-            Some(f) => {
-                let names = [
-                    format!("{group}/kestrel/{id}"),
-                    format!("{group}/{id}"),
-                    group.to_string(),
-                ];
-                names.iter().any(|n| n.contains(f.as_str()))
-                    || ["cublas", "cudnn", "memcpy_dtod"]
-                        .iter()
-                        .any(|b| format!("{group}/{b}/{id}").contains(f.as_str()))
-            }
+            Some(re) => ["kestrel", "cublas", "cudnn", "memcpy_dtod"]
+                .iter()
+                .any(|f| re.is_match(&format!("{group}/{f}/{id}"))),
         }
     }
 
@@ -1182,6 +1181,16 @@ mod dnn {
                     .map_err(|e| err("cudnnSetConvolutionMathType", e))?;
             }
             let ok = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+            // The descriptor's FMA math type governs execution; a result may
+            // still report DEFAULT_MATH (as PyTorch notes), so only tensor-op
+            // results are refused.
+            let tensor_op = |m: sys::cudnnMathType_t| {
+                matches!(
+                    m,
+                    sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+                        | sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+                )
+            };
             let mut count = 0i32;
             // SAFETY: valid handle and descriptors; the perf arrays have the
             // requested number of entries and cuDNN writes `count` of them.
@@ -1201,8 +1210,8 @@ mod dnn {
                 .map_err(|e| err("cudnnFindConvolutionForwardAlgorithm", e))?;
                 let best = perf[..count.max(0) as usize]
                     .iter()
-                    .find(|r| r.status == ok && r.mathType == fma)
-                    .ok_or("no FMA forward algorithm")?;
+                    .find(|r| r.status == ok && !tensor_op(r.mathType))
+                    .ok_or("no FP32 (non-tensor-op) forward algorithm")?;
                 plan.fwd = (best.algo, best.memory);
 
                 let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 6] = std::mem::zeroed();
@@ -1220,8 +1229,8 @@ mod dnn {
                 .map_err(|e| err("cudnnFindConvolutionBackwardDataAlgorithm", e))?;
                 let best = perf[..count.max(0) as usize]
                     .iter()
-                    .find(|r| r.status == ok && r.mathType == fma)
-                    .ok_or("no FMA backward-data algorithm")?;
+                    .find(|r| r.status == ok && !tensor_op(r.mathType))
+                    .ok_or("no FP32 (non-tensor-op) backward-data algorithm")?;
                 plan.bwd_data = (best.algo, best.memory);
 
                 let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 7] = std::mem::zeroed();
@@ -1239,8 +1248,8 @@ mod dnn {
                 .map_err(|e| err("cudnnFindConvolutionBackwardFilterAlgorithm", e))?;
                 let best = perf[..count.max(0) as usize]
                     .iter()
-                    .find(|r| r.status == ok && r.mathType == fma)
-                    .ok_or("no FMA backward-filter algorithm")?;
+                    .find(|r| r.status == ok && !tensor_op(r.mathType))
+                    .ok_or("no FP32 (non-tensor-op) backward-filter algorithm")?;
                 plan.bwd_filter = (best.algo, best.memory);
             }
             let ws = plan

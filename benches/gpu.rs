@@ -37,9 +37,10 @@
 //! run it in three parts: `gpu_gemm`, `gpu_conv`, and
 //! `'gpu_(pool|batchnorm|dropout|softmax_ce|optim)'` (each appends to the
 //! same JSON-lines file).
-//! cuBLAS/cuDNN are found on the loader path, or in
-//! `$KESTREL_BENCH_LIB_DIRS` (colon-separated), `/usr/local/cuda/lib64`, or
-//! the `nvidia/*/lib` folders of the Python packages (PyTorch's wheels).
+//! cuBLAS/cuDNN are found on the loader path; failing that, the bench looks
+//! in `$KESTREL_BENCH_LIB_DIRS` (colon-separated), the toolkit's folders and
+//! the `nvidia/*/lib` folders of the Python packages (PyTorch's wheels) and
+//! re-executes itself once with those on `LD_LIBRARY_PATH`.
 //!
 //! TODO(cuda-backend): whole training steps on the GPU (keras-cnn batch 32,
 //! elu-cnn 32 and 128, through `Sequential::fit`) need a CUDA
@@ -454,73 +455,116 @@ fn criterion_filter() -> Option<String> {
     None
 }
 
-/// dlopen()s every file in the usual folders whose name starts with one of
-/// `prefixes` (in order, repeated until nothing more loads, so that
-/// dependencies between them resolve), leaking the handles: cudarc's later
-/// dlopen by soname then finds them already loaded.
-fn preload(prefixes: &[&str]) {
-    let mut dirs: Vec<String> = std::env::var("KESTREL_BENCH_LIB_DIRS")
-        .map(|v| v.split(':').map(String::from).collect())
+/// Folders that may hold cuBLAS / cuDNN: `$KESTREL_BENCH_LIB_DIRS`
+/// (colon-separated), the CUDA toolkit's, and the `nvidia/*/lib` folders of
+/// the Python packages (PyTorch's wheels ship both libraries there).
+fn library_dirs() -> Vec<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let mut dirs: Vec<PathBuf> = std::env::var("KESTREL_BENCH_LIB_DIRS")
+        .map(|v| {
+            v.split(':')
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
         .unwrap_or_default();
     dirs.push("/usr/local/cuda/lib64".into());
+    dirs.push("/usr/local/cuda/targets/x86_64-linux/lib".into());
     if let Ok(out) = std::process::Command::new("python3")
         .args(["-c", "import sys; print('\\n'.join(sys.path))"])
         .output()
     {
         for p in String::from_utf8_lossy(&out.stdout).lines() {
-            for sub in ["cublas", "cudnn", "cuda_runtime", "cuda_nvrtc"] {
-                dirs.push(format!("{p}/nvidia/{sub}/lib"));
+            let Ok(rd) = std::fs::read_dir(PathBuf::from(p).join("nvidia")) else {
+                continue;
+            };
+            for e in rd.filter_map(|e| e.ok()) {
+                dirs.push(e.path().join("lib"));
             }
         }
     }
-    let mut files = Vec::new();
-    for d in &dirs {
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
+/// The newest `<stem>.so.<major>` in `dirs` (e.g. `libcublas.so.13`).
+fn find_library(dirs: &[std::path::PathBuf], stem: &str) -> Option<std::path::PathBuf> {
+    let prefix = format!("{stem}.so.");
+    let mut best: Option<(u32, std::path::PathBuf)> = None;
+    for d in dirs {
         let Ok(rd) = std::fs::read_dir(d) else {
             continue;
         };
-        let mut names: Vec<_> = rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".so") && prefixes.iter().any(|p| n.starts_with(p)))
-            .collect();
-        names.sort_by_key(|n| {
-            (
-                prefixes.iter().position(|p| n.starts_with(p)).unwrap_or(99),
-                n.clone(),
-            )
-        });
-        files.extend(names.into_iter().map(|n| format!("{d}/{n}")));
-    }
-    let mut pending = files;
-    for _ in 0..4 {
-        let before = pending.len();
-        pending.retain(|f| {
-            // SAFETY: loading a vendor library runs its initializers; these
-            // are the CUDA math libraries the baseline needs anyway.
-            match unsafe { libloading::Library::new(f) } {
-                Ok(lib) => {
-                    std::mem::forget(lib);
-                    false
-                }
-                Err(_) => true,
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let major: u32 = rest
+                .split('.')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if best.as_ref().is_none_or(|(m, _)| major > *m) {
+                best = Some((major, e.path()));
             }
-        });
-        if pending.len() == before {
-            break;
         }
     }
+    best.map(|(_, p)| p)
+}
+
+/// cudarc looks for cuBLAS and cuDNN by a fixed list of names on the
+/// loader's path. When one of them is missing there but lies in a known
+/// folder (PyTorch's wheels, the toolkit), this re-executes the bench with
+/// `LD_LIBRARY_PATH` extended by those folders and by a scratch folder of
+/// `libcublas.so` / `libcudnn.so` links (cudarc's list has no `.so.13`);
+/// the loader reads `LD_LIBRARY_PATH` only at start-up. At most once.
+fn ensure_baseline_libraries() {
+    const GUARD: &str = "KESTREL_BENCH_LIBS_SET";
+    // SAFETY: only dlopen()s the libraries by their usual names.
+    let present = unsafe { blas_sys::is_culib_present() && cudarc::cudnn::sys::is_culib_present() };
+    if present || std::env::var_os(GUARD).is_some() {
+        return;
+    }
+    let dirs = library_dirs();
+    let links = std::env::temp_dir().join(format!("kestrel-bench-libs-{}", std::process::id()));
+    let mut path: Vec<std::path::PathBuf> = Vec::new();
+    for stem in ["libcublas", "libcudnn"] {
+        if let Some(lib) = find_library(&dirs, stem) {
+            if std::fs::create_dir_all(&links).is_ok() {
+                let _ = std::os::unix::fs::symlink(&lib, links.join(format!("{stem}.so")));
+            }
+            if let Some(d) = lib.parent() {
+                path.push(d.to_path_buf());
+            }
+        }
+    }
+    if path.is_empty() {
+        return;
+    }
+    path.insert(0, links);
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        path.extend(std::env::split_paths(&old));
+    }
+    let Ok(joined) = std::env::join_paths(path) else {
+        return;
+    };
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", joined)
+        .env(GUARD, "1")
+        .exec();
+    eprintln!("could not re-execute with the baseline libraries on LD_LIBRARY_PATH: {err}");
 }
 
 fn open_blas(gpu: &CudaBackend) -> Result<CudaBlas, String> {
     // SAFETY: only dlopen()s cuBLAS by its usual names.
     if !unsafe { blas_sys::is_culib_present() } {
-        preload(&["libcublasLt", "libcublas"]);
-        // SAFETY: as above.
-        if !unsafe { blas_sys::is_culib_present() } {
-            return Err(
-                "libcublas not found; set LD_LIBRARY_PATH or KESTREL_BENCH_LIB_DIRS".into(),
-            );
-        }
+        return Err("libcublas not found; set LD_LIBRARY_PATH or KESTREL_BENCH_LIB_DIRS".into());
     }
     let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| format!("cublasCreate: {e:?}"))?;
     // SAFETY: a valid handle; DEFAULT_MATH keeps sgemm in FP32 (no TF32).
@@ -1081,22 +1125,9 @@ mod dnn {
         pub fn open(gpu: &CudaBackend) -> Result<Dnn, String> {
             // SAFETY: only dlopen()s cuDNN by its usual names.
             if !unsafe { sys::is_culib_present() } {
-                preload(&[
-                    "libcudnn_graph",
-                    "libcudnn_engines_precompiled",
-                    "libcudnn_engines_runtime_compiled",
-                    "libcudnn_heuristic",
-                    "libcudnn_ops",
-                    "libcudnn_cnn",
-                    "libcudnn_adv",
-                    "libcudnn.so",
-                ]);
-                // SAFETY: as above.
-                if !unsafe { sys::is_culib_present() } {
-                    return Err(
-                        "libcudnn not found; set LD_LIBRARY_PATH or KESTREL_BENCH_LIB_DIRS".into(),
-                    );
-                }
+                return Err(
+                    "libcudnn not found; set LD_LIBRARY_PATH or KESTREL_BENCH_LIB_DIRS".into(),
+                );
             }
             let v = result::get_version();
             let version = format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100);
@@ -1402,6 +1433,9 @@ mod dnn {
 }
 
 fn main() {
+    if kestrel::cuda::driver_present() {
+        ensure_baseline_libraries();
+    }
     let env = match Env::open() {
         Ok(env) => env,
         Err(why) => {

@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""PyTorch baseline for kestrel's benchmarks: the same networks, batch sizes,
+optimizers and layer shapes, on the same GPU (or on the CPU).
+
+GPU (default, --device cuda):
+  - training steps of keras-cnn (batch 32 and 128) and elu-cnn (32 and 128)
+    with the seed runs' optimizers (RMSprop lr 1e-4 for keras-cnn c1 and
+    elu-cnn c11, Adam for c10, SGD for c7), each in three modes:
+      eager; eager with torch.optim.Adam(fused=True) / fused RMSprop-SGD
+      where PyTorch has them; and a CUDA graph of the whole step
+      (torch.cuda.graphs with capturable optimizers), or
+      torch.compile(mode="reduce-overhead") with --compile;
+  - per-layer convolution forward / backward-data / backward-filter of
+    every conv layer of both networks at batch 32 and 128
+    (torch.ops.aten.convolution_backward, i.e. cuDNN);
+  - GEMMs at the same shapes as benches/gpu.rs (square 1024/2048/4096, every
+    conv-as-GEMM and dense shape), torch.mm.
+  cuDNN with benchmark=True; TF32 off for matmul and cuDNN (FP32 like ours).
+  Timing: CUDA events around N calls after warm-up, median over repeats.
+
+CPU (--device cpu): the Fashion-MNIST mlp epoch (784-300-100-10 relu,
+  softmax, batch 32, SGD lr 0.01, 55,000 samples, shuffled) with
+  torch.set_num_threads(2): seconds per epoch; plus the keras-cnn step at
+  batch 32 and the per-layer conv timings at batch 32 (to put beside
+  benches/ops_cpu.rs and step_cpu.rs).
+
+Output: one JSON object on stdout: device, torch / cuDNN versions, settings,
+and "results": [{"family", "id", "median_ms", "work", "unit"}], where "id"
+follows kestrel's bench ids (benches/common/mod.rs), so that
+`ci/bench-report --pytorch FILE` can put each beside ours.
+
+  python3 benches/pytorch_baseline.py > pytorch-h100.json
+  python3 benches/pytorch_baseline.py --device cpu > pytorch-cpu.json
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# (net, layer, in channels, in size, filters, padding) -- benches/common/mod.rs
+KERAS_CNN_CONVS = [
+    ("keras-cnn", "conv1", 3, 32, 32, 1),
+    ("keras-cnn", "conv2", 32, 32, 32, 0),
+    ("keras-cnn", "conv3", 32, 15, 64, 1),
+    ("keras-cnn", "conv4", 64, 15, 64, 0),
+]
+ELU_CNN_CONVS = [
+    ("elu-cnn", "conv1", 3, 32, 128, 1),
+    ("elu-cnn", "conv2", 128, 32, 128, 0),
+    ("elu-cnn", "conv3", 128, 15, 256, 1),
+    ("elu-cnn", "conv4", 256, 15, 256, 0),
+    ("elu-cnn", "conv5", 256, 6, 512, 1),
+    ("elu-cnn", "conv6", 512, 6, 512, 0),
+]
+DENSES = [
+    ("keras-cnn", "dense1", 2304, 512),
+    ("keras-cnn", "dense2", 512, 10),
+    ("elu-cnn", "dense1", 2048, 1024),
+    ("elu-cnn", "dense2", 1024, 10),
+]
+MLP_DENSES = [("mlp", "dense1", 784, 300), ("mlp", "dense2", 300, 100), ("mlp", "dense3", 100, 10)]
+
+
+def keras_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Flatten(), nn.Linear(2304, 512), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(512, 10),
+    )
+
+
+def elu_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 128, 3, padding=1), nn.ELU(),
+        nn.Conv2d(128, 128, 3), nn.ELU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Conv2d(128, 256, 3, padding=1), nn.ELU(),
+        nn.Conv2d(256, 256, 3), nn.ELU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Conv2d(256, 512, 3, padding=1), nn.ELU(),
+        nn.Conv2d(512, 512, 3), nn.ELU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Flatten(), nn.Linear(2048, 1024), nn.ELU(), nn.Dropout(0.5),
+        nn.Linear(1024, 10),
+    )
+
+
+def mlp():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+class Timer:
+    """Median milliseconds per call: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device, repeats, min_ms):
+        self.device = device
+        self.repeats = repeats
+        self.min_ms = min_ms
+
+    def _once(self, fn, n):
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) * 1e3
+
+    def median_ms(self, fn, warmup=3):
+        for _ in range(warmup):
+            fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        # Calls per repeat: enough for min_ms of work.
+        n = 1
+        while True:
+            ms = self._once(fn, n)
+            if ms >= self.min_ms or n >= 1 << 16:
+                break
+            n *= 4
+        per = [self._once(fn, n) / n for _ in range(self.repeats)]
+        return statistics.median(per)
+
+
+def conv_flops(n, c, hw, k, pad):
+    out = hw + 2 * pad - 2
+    return 2.0 * n * k * out * out * c * 9
+
+
+def bench_convs(timer, device, batches, out):
+    for n in batches:
+        for net, name, c, hw, k, pad in KERAS_CNN_CONVS + ELU_CNN_CONVS:
+            x = torch.randn(n, c, hw, hw, device=device)
+            w = torch.randn(k, c, 3, 3, device=device)
+            y = F.conv2d(x, w, padding=pad)
+            dy = torch.randn_like(y)
+            flops = conv_flops(n, c, hw, k, pad)
+            base = f"{net}.{name}.b{n}"
+
+            def fwd():
+                F.conv2d(x, w, padding=pad)
+
+            def bwd(mask):
+                torch.ops.aten.convolution_backward(
+                    dy, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask)
+
+            for pass_, fn in [("fwd", fwd), ("bwd_data", lambda: bwd([True, False, False])),
+                              ("bwd_filter", lambda: bwd([False, True, False]))]:
+                ms = timer.median_ms(fn)
+                out.append(dict(family="conv", id=f"{base}.{pass_}", median_ms=ms,
+                                work=flops, unit="GFLOP/s"))
+
+
+def gemm_shapes(batches):
+    """(id, m, n, k, trans_a, trans_b) as in benches/common/mod.rs."""
+    shapes = [(f"square.{s}", s, s, s, False, False) for s in (1024, 2048, 4096)]
+    for n in batches:
+        for net, name, c, hw, k, pad in KERAS_CNN_CONVS + ELU_CNN_CONVS:
+            o = hw + 2 * pad - 2
+            crs, np_ = c * 9, n * o * o
+            b = f"{net}.{name}.b{n}"
+            shapes += [(f"{b}.fwd", k, np_, crs, False, False),
+                       (f"{b}.bwd_data", crs, np_, k, True, False),
+                       (f"{b}.bwd_filter", k, crs, np_, False, True)]
+        for net, name, i, u in DENSES:
+            b = f"{net}.{name}.b{n}"
+            shapes += [(f"{b}.fwd", n, u, i, False, False),
+                       (f"{b}.bwd_data", n, i, u, False, True),
+                       (f"{b}.bwd_filter", i, u, n, True, False)]
+    for net, name, i, u in MLP_DENSES:
+        b = f"{net}.{name}.b32"
+        shapes += [(f"{b}.fwd", 32, u, i, False, False),
+                   (f"{b}.bwd_data", 32, i, u, False, True),
+                   (f"{b}.bwd_filter", i, u, 32, True, False)]
+    return shapes
+
+
+def bench_gemms(timer, device, batches, out):
+    for gid, m, n, k, ta, tb in gemm_shapes(batches):
+        a = torch.randn(k, m, device=device).t() if ta else torch.randn(m, k, device=device)
+        b = torch.randn(n, k, device=device).t() if tb else torch.randn(k, n, device=device)
+        c = torch.empty(m, n, device=device)
+        ms = timer.median_ms(lambda: torch.mm(a, b, out=c))
+        out.append(dict(family="gemm", id=gid, median_ms=ms, work=2.0 * m * n * k,
+                        unit="GFLOP/s"))
+
+
+def make_optimizer(kind, params, device, fused, capturable=False):
+    kw = {}
+    if device.type == "cuda":
+        if fused:
+            kw["fused"] = True
+        if capturable:
+            kw["capturable"] = True
+    if kind == "rmsprop":
+        # Keras: rho 0.9, eps 1e-7 outside the sqrt (PyTorch: eps outside too).
+        return torch.optim.RMSprop(params, lr=1e-4, alpha=0.9, eps=1e-7,
+                                   **({} if not capturable else {"capturable": True}))
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=1e-3, eps=1e-7, **kw)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.01, **({"fused": True} if fused and device.type == "cuda" else {}))
+    raise ValueError(kind)
+
+
+def bench_steps(timer, device, cases, out, use_compile):
+    for net, n, opt_kind in cases:
+        for mode in ("eager", "fused", "graph"):
+            if mode == "fused" and opt_kind == "rmsprop":
+                continue  # RMSprop has no fused implementation
+            if mode == "graph" and device.type != "cuda":
+                continue
+            torch.manual_seed(0)
+            model = (keras_cnn() if net == "keras-cnn" else elu_cnn()).to(device)
+            x = torch.randn(n, 3, 32, 32, device=device)
+            y = torch.randint(0, 10, (n,), device=device)
+            loss_fn = nn.CrossEntropyLoss()
+            try:
+                if mode == "graph":
+                    ms = graph_step_ms(timer, model, x, y, loss_fn, opt_kind, device, use_compile)
+                else:
+                    opt = make_optimizer(opt_kind, model.parameters(), device, mode == "fused")
+
+                    def step():
+                        opt.zero_grad(set_to_none=True)
+                        loss_fn(model(x), y).backward()
+                        opt.step()
+
+                    ms = timer.median_ms(step, warmup=5)
+            except Exception as e:  # noqa: BLE001 -- report and go on
+                print(f"{net} b{n} {opt_kind} {mode}: {e}", file=sys.stderr)
+                continue
+            out.append(dict(family="step", id=f"{net}.step.b{n}.{opt_kind}.{mode}",
+                            median_ms=ms, work=n, unit="samples/s"))
+
+
+def graph_step_ms(timer, model, x, y, loss_fn, opt_kind, device, use_compile):
+    if use_compile:
+        opt = make_optimizer(opt_kind, model.parameters(), device, False)
+
+        @torch.compile(mode="reduce-overhead")
+        def fwd_bwd(x, y):
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+
+        def step():
+            opt.zero_grad(set_to_none=False)
+            fwd_bwd(x, y)
+            opt.step()
+
+        return timer.median_ms(step, warmup=10)
+    # Whole step (forward, backward, optimizer) captured in one CUDA graph,
+    # following the recipe of the PyTorch CUDA-graphs documentation.
+    opt = make_optimizer(opt_kind, model.parameters(), device, opt_kind != "rmsprop",
+                         capturable=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(g):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+    return timer.median_ms(g.replay, warmup=5)
+
+
+def mlp_epoch_seconds(device, samples=55_000, batch=32, epochs=3):
+    """Seconds per epoch of the Fashion-MNIST mlp (SGD lr 0.01), median of `epochs`."""
+    torch.manual_seed(0)
+    model = mlp().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.rand(samples, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (samples,), device=device)
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        perm = torch.randperm(samples, device=device)
+        for i in range(0, samples, batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
+    ap.add_argument("--compile", action="store_true",
+                    help='graph mode via torch.compile(mode="reduce-overhead") instead of CUDA graphs')
+    ap.add_argument("--only", default="", help="comma list of: conv,gemm,step,epoch")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    # FP32 everywhere, like kestrel: no TF32 in matmul or cuDNN.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    only = set(filter(None, args.only.split(",")))
+
+    def want(f):
+        return not only or f in only
+
+    results = []
+    if device.type == "cuda":
+        timer = Timer(device, args.repeats, min_ms=20.0)
+        name = torch.cuda.get_device_name(0)
+        batches = [32, 128]
+        if want("gemm"):
+            bench_gemms(timer, device, batches, results)
+        if want("conv"):
+            bench_convs(timer, device, batches, results)
+        if want("step"):
+            cases = [("keras-cnn", 32, "rmsprop"), ("keras-cnn", 32, "adam"),
+                     ("keras-cnn", 32, "sgd"), ("keras-cnn", 128, "rmsprop"),
+                     ("elu-cnn", 32, "rmsprop"), ("elu-cnn", 128, "rmsprop"),
+                     ("elu-cnn", 32, "adam"), ("elu-cnn", 128, "adam")]
+            bench_steps(timer, device, cases, results, args.compile)
+        if want("epoch"):
+            s = mlp_epoch_seconds(device)
+            results.append(dict(family="epoch", id="mlp.epoch.b32", median_ms=s * 1e3,
+                                work=55_000, unit="samples/s"))
+    else:
+        timer = Timer(device, max(3, args.repeats // 2), min_ms=200.0)
+        name = cpu_model()
+        if want("epoch"):
+            s = mlp_epoch_seconds(device)
+            print(f"mlp epoch (55,000 samples, batch 32, SGD, {args.threads} threads): "
+                  f"{s:.2f} s", file=sys.stderr)
+            results.append(dict(family="epoch", id="mlp.epoch.b32", median_ms=s * 1e3,
+                                work=55_000, unit="samples/s"))
+        if want("step"):
+            bench_steps(timer, device, [("keras-cnn", 32, "rmsprop")], results, False)
+        if want("conv"):
+            bench_convs(timer, device, [32], results)
+
+    json.dump(dict(
+        device=name,
+        device_type=device.type,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        settings=dict(tf32=False, cudnn_benchmark=True,
+                      graph_mode="torch.compile reduce-overhead" if args.compile else "cuda graph"),
+        time=int(time.time()),
+        results=results,
+    ), sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -89,7 +89,11 @@ impl Augmenter {
             ("height_shift_range", cfg.height_shift_range),
         ] {
             if !(0.0..1.0).contains(&v) {
-                return Err(Error::invalid("augment", arg, format!("{v} is not in [0, 1)")));
+                return Err(Error::invalid(
+                    "augment",
+                    arg,
+                    format!("{v} is not in [0, 1)"),
+                ));
             }
         }
         Ok(Augmenter {

@@ -704,12 +704,7 @@ impl OptimizerConfig {
 
 impl LayerConfig {
     /// The nn layer; `i` is the layer's index (for messages).
-    pub fn build(
-        &self,
-        flavor: KerasFlavor,
-        path: &Path,
-        i: usize,
-    ) -> Result<LayerSpec> {
+    pub fn build(&self, flavor: KerasFlavor, path: &Path, i: usize) -> Result<LayerSpec> {
         let key = format!("model.layers[{i}]");
         let check_alpha = |act: ActName, alpha: Option<f32>| -> Result<()> {
             match (act, alpha) {
@@ -931,8 +926,9 @@ impl LoadedConfig {
 
     /// Parses and validates `text` as if read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let config: RunConfig = toml::from_str(text)
-            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
+        let config: RunConfig = toml::from_str(text).map_err(|e| {
+            Error::Config(format!("{}: {}", path.display(), e.to_string().trim_end()))
+        })?;
         config.validate(path)?;
         Ok(LoadedConfig {
             path: path.to_path_buf(),
@@ -1041,8 +1037,15 @@ impl RunConfig {
                 ("features", d.features),
             ] {
                 match v {
-                    None => return err(&format!("data.{k}"), "required for a synthetic data set".into()),
-                    Some(0) => return err(&format!("data.{k}"), "must be at least 1, got 0".into()),
+                    None => {
+                        return err(
+                            &format!("data.{k}"),
+                            "required for a synthetic data set".into(),
+                        );
+                    }
+                    Some(0) => {
+                        return err(&format!("data.{k}"), "must be at least 1, got 0".into());
+                    }
                     _ => {}
                 }
             }
@@ -1106,7 +1109,10 @@ impl RunConfig {
         // Early stopping.
         if let Some(es) = &self.early_stopping {
             if !(es.min_delta.is_finite()) {
-                return err("early_stopping.min_delta", format!("{} is not finite", es.min_delta));
+                return err(
+                    "early_stopping.min_delta",
+                    format!("{} is not finite", es.min_delta),
+                );
             }
             if es.monitor.starts_with("val_") && f.validation() == ValidationPlan::None {
                 return err(
@@ -1125,7 +1131,10 @@ impl RunConfig {
                 ("height_shift_range", a.height_shift_range),
             ] {
                 if !(0.0..1.0).contains(&v) {
-                    return err(&format!("augmentation.{k}"), format!("{v} is not in [0, 1)"));
+                    return err(
+                        &format!("augmentation.{k}"),
+                        format!("{v} is not in [0, 1)"),
+                    );
                 }
             }
             if d.input_shape().len() != 3 {
@@ -1138,7 +1147,10 @@ impl RunConfig {
         // Stages.
         for (i, s) in self.stages.iter().enumerate() {
             if s.epochs == 0 {
-                return err(&format!("stages[{i}].epochs"), "must be at least 1, got 0".into());
+                return err(
+                    &format!("stages[{i}].epochs"),
+                    "must be at least 1, got 0".into(),
+                );
             }
         }
         // Loss and metrics against the data.
@@ -1148,9 +1160,14 @@ impl RunConfig {
         );
         match d.dataset {
             DatasetKind::SyntheticRegression if self.loss != LossName::Mse => {
-                return err("loss", "synthetic_regression has real targets: use mse".into());
+                return err(
+                    "loss",
+                    "synthetic_regression has real targets: use mse".into(),
+                );
             }
-            DatasetKind::SyntheticBinary if self.loss != LossName::BinaryCrossentropy && self.loss != LossName::Mse => {
+            DatasetKind::SyntheticBinary
+                if self.loss != LossName::BinaryCrossentropy && self.loss != LossName::Mse =>
+            {
                 return err(
                     "loss",
                     "synthetic_binary has one 0/1 target: use binary_crossentropy (or mse)".into(),

@@ -134,7 +134,10 @@ impl OwnedTargets {
 pub fn targets_for(y: &TargetData, loss: Loss, outputs: usize) -> Result<OwnedTargets> {
     let bad = |msg: String| Err(Error::Config(msg));
     match (y, loss) {
-        (TargetData::Classes(l, c), Loss::SparseCategoricalCrossentropy | Loss::CategoricalCrossentropy) => {
+        (
+            TargetData::Classes(l, c),
+            Loss::SparseCategoricalCrossentropy | Loss::CategoricalCrossentropy,
+        ) => {
             if outputs != *c {
                 return bad(format!(
                     "the data have {c} classes but the model has {outputs} outputs"
@@ -448,7 +451,12 @@ impl<B: Backend> Callback<B> for RunCallback<'_> {
         Ok(())
     }
 
-    fn on_epoch_end(&mut self, epoch: usize, logs: &Logs, model: &mut Sequential<B>) -> Result<Verdict> {
+    fn on_epoch_end(
+        &mut self,
+        epoch: usize,
+        logs: &Logs,
+        model: &mut Sequential<B>,
+    ) -> Result<Verdict> {
         let seconds = self.last.elapsed().as_secs_f64();
         *self.train_seconds += seconds;
         let row = EpochRow {
@@ -536,8 +544,11 @@ impl<B: Backend> Callback<B> for RunCallback<'_> {
     }
 }
 
-
-fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> Result<TrainOutcome> {
+fn train_on<B: Backend>(
+    cfg: &LoadedConfig,
+    opts: &TrainOptions,
+    backend: B,
+) -> Result<TrainOutcome> {
     let c = &cfg.config;
     let device = backend.name();
     let out = opts
@@ -599,10 +610,7 @@ fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> 
         .transpose()
         .map_err(wrap)?;
     let stages = cfg.stages(opts.epochs)?;
-    write_atomic(
-        &out.join(files::SUMMARY),
-        summary_text(cfg)?.as_bytes(),
-    )?;
+    write_atomic(&out.join(files::SUMMARY), summary_text(cfg)?.as_bytes())?;
     let augment = c
         .augmentation
         .as_ref()
@@ -612,14 +620,13 @@ fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> 
     if opts.resume {
         // Compile with the optimizer in use when the checkpoint was written,
         // so that its state loads; the stage loop re-compiles from there.
-        if let Some(k) = state.optimizer_stage {
-            if let Some(o) = stages[..=k.min(stages.len() - 1)]
+        if let Some(k) = state.optimizer_stage
+            && let Some(o) = stages[..=k.min(stages.len() - 1)]
                 .iter()
                 .rev()
                 .find_map(|s| s.recompile)
-            {
-                model.compile(o, loss, &c.metrics.iter().map(|&m| m.into()).collect::<Vec<_>>())?;
-            }
+        {
+            model.compile(o, loss, &metrics_of(c))?;
         }
         model.load_checkpoint(out.join(files::CHECKPOINT))?;
         if model.epochs_done() != state.model_epoch || model.steps() != state.model_step {
@@ -658,7 +665,11 @@ fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> 
         if !resuming_mid_stage && let Some(o) = stage.recompile {
             model.compile(o, loss, &metrics)?;
         }
-        let initial_epoch = if resuming_mid_stage { state.stage_epoch } else { 0 };
+        let initial_epoch = if resuming_mid_stage {
+            state.stage_epoch
+        } else {
+            0
+        };
         if initial_epoch >= stage.epochs {
             continue;
         }
@@ -668,12 +679,19 @@ fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> 
         {
             // Replay the stage's epochs so far (Keras keeps this state in
             // the callback object; kestrel rebuilds it from the history).
-            let done: Vec<&EpochRow> = state.history.rows.iter().filter(|r| r.stage == si).collect();
+            let done: Vec<&EpochRow> = state
+                .history
+                .rows
+                .iter()
+                .filter(|r| r.stage == si)
+                .collect();
             for (e, r) in done.iter().enumerate() {
                 let v = r
                     .values
                     .iter()
-                    .find(|(k, _)| crate::train::canonical(k) == crate::train::canonical(&es.monitor))
+                    .find(|(k, _)| {
+                        crate::train::canonical(k) == crate::train::canonical(&es.monitor)
+                    })
                     .and_then(|(_, v)| *v)
                     .unwrap_or(f64::NAN);
                 es.update(e, v);
@@ -754,7 +772,14 @@ fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> 
             }
             (Err(e), _) => {
                 write_history(&out, &state.history, cfg)?;
-                let diverged = matches!(&e, Error::InvalidArgument { op: "fit", arg: "loss", .. });
+                let diverged = matches!(
+                    &e,
+                    Error::InvalidArgument {
+                        op: "fit",
+                        arg: "loss",
+                        ..
+                    }
+                );
                 let result = result_json(
                     cfg,
                     &state,
@@ -792,7 +817,15 @@ fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> 
         0.0
     };
     if interrupted {
-        let result = result_json(cfg, &state, "interrupted", None, train_seconds, &device, seed);
+        let result = result_json(
+            cfg,
+            &state,
+            "interrupted",
+            None,
+            train_seconds,
+            &device,
+            seed,
+        );
         write_json(&out.join(files::RESULT), &result)?;
         if opts.verbose > 0 {
             eprintln!(
@@ -813,7 +846,15 @@ fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> 
     }
     let test = model.evaluate(&data.test.x, y_test.as_targets(), c.fit.batch_size)?;
     model.save_weights(out.join(files::WEIGHTS))?;
-    let result = result_json(cfg, &state, "finished", Some(&test), train_seconds, &device, seed);
+    let result = result_json(
+        cfg,
+        &state,
+        "finished",
+        Some(&test),
+        train_seconds,
+        &device,
+        seed,
+    );
     write_json(&out.join(files::RESULT), &result)?;
     if opts.verbose > 0 {
         eprintln!(
@@ -833,6 +874,10 @@ fn train_on<B: Backend>(cfg: &LoadedConfig, opts: &TrainOptions, backend: B) -> 
         seconds_per_epoch: spe,
         device,
     })
+}
+
+fn metrics_of(c: &config::RunConfig) -> Vec<Metric> {
+    c.metrics.iter().map(|&m| m.into()).collect()
 }
 
 fn write_history(out: &Path, h: &RunHistory, cfg: &LoadedConfig) -> Result<()> {

@@ -46,7 +46,12 @@ impl RunHistory {
     pub fn series(&self, name: &str) -> Vec<Option<f64>> {
         self.rows
             .iter()
-            .map(|r| r.values.iter().find(|(k, _)| k == name).and_then(|(_, v)| *v))
+            .map(|r| {
+                r.values
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .and_then(|(_, v)| *v)
+            })
             .collect()
     }
 
@@ -63,11 +68,18 @@ impl RunHistory {
             self.rows.iter().map(|r| r.stage).collect::<Vec<_>>().into(),
         );
         for c in self.columns() {
-            m.insert(c.clone(), serde_json::to_value(self.series(&c)).unwrap_or_default());
+            m.insert(
+                c.clone(),
+                serde_json::to_value(self.series(&c)).unwrap_or_default(),
+            );
         }
         m.insert(
             "seconds".into(),
-            self.rows.iter().map(|r| r.seconds).collect::<Vec<_>>().into(),
+            self.rows
+                .iter()
+                .map(|r| r.seconds)
+                .collect::<Vec<_>>()
+                .into(),
         );
         serde_json::Value::Object(m)
     }
@@ -107,11 +119,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes `value` as pretty JSON, atomically.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+    let mut s = serde_json::to_string_pretty(value).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     s.push('\n');
     write_atomic(path, s.as_bytes())
 }
@@ -173,7 +184,9 @@ fn panel(h: &RunHistory, name: &str, x0: f64, y0: f64, w: f64, ht: f64) -> Strin
     let values: Vec<f64> = train.iter().chain(&val).flatten().copied().collect();
     let (mut lo, mut hi) = values
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
     if values.is_empty() {
         (lo, hi) = (0.0, 1.0);
     }
@@ -248,7 +261,9 @@ fn panel(h: &RunHistory, name: &str, x0: f64, y0: f64, w: f64, ht: f64) -> Strin
                 Some(v) => {
                     let (x, y) = (px(i as f64 + 1.0), py(*v));
                     pts.push(format!("{x:.1},{y:.1}"));
-                    s += &format!("<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2.5\" fill=\"{color}\"/>\n");
+                    s += &format!(
+                        "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2.5\" fill=\"{color}\"/>\n"
+                    );
                 }
                 None => flush(&mut pts, &mut s),
             }
@@ -277,9 +292,12 @@ fn panel(h: &RunHistory, name: &str, x0: f64, y0: f64, w: f64, ht: f64) -> Strin
     s += &format!(
         "<rect x=\"{lx:.1}\" y=\"{ly:.1}\" width=\"140\" height=\"46\" fill=\"white\" fill-opacity=\"0.85\" stroke=\"#999\"/>\n"
     );
-    for (k, (label, color)) in [(name.to_string(), TRAIN_COLOR), (format!("val_{name}"), VAL_COLOR)]
-        .iter()
-        .enumerate()
+    for (k, (label, color)) in [
+        (name.to_string(), TRAIN_COLOR),
+        (format!("val_{name}"), VAL_COLOR),
+    ]
+    .iter()
+    .enumerate()
     {
         let y = ly + 16.0 + 20.0 * k as f64;
         s += &format!(

@@ -146,6 +146,10 @@ pub enum Validation<'a> {
     Data(&'a [f32], Targets<'a>),
 }
 
+/// A host-side transform of a training batch (`[n, sample...]`, in place):
+/// data augmentation, see [`FitOptions::batch_transform`].
+pub type BatchTransform<'a> = dyn FnMut(&mut [f32]) -> Result<()> + 'a;
+
 /// `fit`'s options (Keras's arguments).
 pub struct FitOptions<'a, B: Backend> {
     /// Samples per step (Keras default 32).
@@ -166,7 +170,7 @@ pub struct FitOptions<'a, B: Backend> {
     /// (data augmentation): called with the gathered batch, `[n, sample...]`
     /// row-major, which it may change in place. `None`: the batch goes
     /// straight from `x` into the backend's buffer.
-    pub batch_transform: Option<&'a mut dyn FnMut(&mut [f32]) -> Result<()>>,
+    pub batch_transform: Option<&'a mut BatchTransform<'a>>,
 }
 
 impl<B: Backend> Default for FitOptions<'_, B> {

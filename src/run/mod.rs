@@ -382,20 +382,28 @@ pub mod files {
 }
 
 /// The commit kestrel was built from: `$KESTREL_GIT_COMMIT` at build time,
-/// else `git rev-parse HEAD` in the source directory when it still exists.
+/// else `git rev-parse HEAD` in the source directory when it still exists
+/// (with `-dirty` when the checkout has uncommitted changes).
 pub fn git_commit() -> Option<String> {
     if let Some(c) = option_env!("KESTREL_GIT_COMMIT") {
         return Some(c.to_string());
     }
-    let out = std::process::Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "HEAD"]).filter(|s| !s.is_empty())?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty { format!("{head}-dirty") } else { head })
 }
 
 /// Trains the config's model (see the module docs), on the backend chosen
@@ -664,6 +672,10 @@ fn train_on<B: Backend>(
         let resuming_mid_stage = si == start_stage && state.stage_epoch > 0;
         if !resuming_mid_stage && let Some(o) = stage.recompile {
             model.compile(o, loss, &metrics)?;
+        }
+        if !resuming_mid_stage {
+            // Best weights are per stage (EarlyStopping starts afresh).
+            let _ = std::fs::remove_file(out.join(files::BEST_WEIGHTS));
         }
         let initial_epoch = if resuming_mid_stage {
             state.stage_epoch

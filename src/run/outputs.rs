@@ -288,7 +288,18 @@ fn panel(h: &RunHistory, name: &str, x0: f64, y0: f64, w: f64, ht: f64) -> Strin
         y0 - 10.0,
         esc(name)
     );
-    let (lx, ly) = (x0 + w - 150.0, y0 + 12.0);
+    // The legend goes in the corner the curves leave free: at the bottom
+    // when they end high (accuracy), at the top when they end low (loss).
+    let (first, last) = (
+        train.iter().flatten().next().copied().unwrap_or(0.0),
+        train.iter().flatten().last().copied().unwrap_or(0.0),
+    );
+    let ly = if last > first {
+        y0 + ht - 58.0
+    } else {
+        y0 + 12.0
+    };
+    let lx = x0 + w - 150.0;
     s += &format!(
         "<rect x=\"{lx:.1}\" y=\"{ly:.1}\" width=\"140\" height=\"46\" fill=\"white\" fill-opacity=\"0.85\" stroke=\"#999\"/>\n"
     );

@@ -16,7 +16,9 @@
 //!   batch is kept; epoch metrics are batch-size-weighted means (training
 //!   metrics in training mode, validation ones in inference mode). A NaN or
 //!   infinite training loss stops training with an error naming the epoch
-//!   and the batch.
+//!   and the batch. [`FitOptions::batch_transform`] may change each
+//!   gathered training batch on the host before it is uploaded (data
+//!   augmentation).
 
 mod callbacks;
 mod checkpoint;

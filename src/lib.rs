@@ -10,11 +10,13 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod cli;
 pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod nn;
 pub mod ops;
+pub mod run;
 pub mod tensor;
 pub mod train;
 

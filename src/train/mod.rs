@@ -16,7 +16,9 @@
 //!   batch is kept; epoch metrics are batch-size-weighted means (training
 //!   metrics in training mode, validation ones in inference mode). A NaN or
 //!   infinite training loss stops training with an error naming the epoch
-//!   and the batch.
+//!   and the batch. [`FitOptions::batch_transform`] may change each
+//!   gathered training batch on the host before it is uploaded (data
+//!   augmentation).
 
 mod callbacks;
 mod checkpoint;
@@ -146,6 +148,10 @@ pub enum Validation<'a> {
     Data(&'a [f32], Targets<'a>),
 }
 
+/// A host-side transform of a training batch (`[n, sample...]`, in place):
+/// data augmentation, see [`FitOptions::batch_transform`].
+pub type BatchTransform<'a> = dyn FnMut(&mut [f32]) -> Result<()> + 'a;
+
 /// `fit`'s options (Keras's arguments).
 pub struct FitOptions<'a, B: Backend> {
     /// Samples per step (Keras default 32).
@@ -162,6 +168,11 @@ pub struct FitOptions<'a, B: Backend> {
     pub callbacks: Vec<&'a mut dyn Callback<B>>,
     /// 0 silent, 1 progress bar, 2 one line per epoch.
     pub verbose: u8,
+    /// Transforms each training batch on the host before it is uploaded
+    /// (data augmentation): called with the gathered batch, `[n, sample...]`
+    /// row-major, which it may change in place. `None`: the batch goes
+    /// straight from `x` into the backend's buffer.
+    pub batch_transform: Option<&'a mut BatchTransform<'a>>,
 }
 
 impl<B: Backend> Default for FitOptions<'_, B> {
@@ -174,6 +185,7 @@ impl<B: Backend> Default for FitOptions<'_, B> {
             shuffle: true,
             callbacks: Vec::new(),
             verbose: 1,
+            batch_transform: None,
         }
     }
 }
@@ -587,6 +599,7 @@ impl<B: Backend> Sequential<B> {
         let names = self.metric_names_logged();
         let mut history = History::default();
         let mut idx: Vec<usize> = (0..n_train).collect();
+        let mut host_batch: Vec<f32> = Vec::new();
         let mut progress = Progress::new(opts.verbose, opts.epochs, steps);
         for cb in opts.callbacks.iter_mut() {
             cb.on_train_begin(self)?;
@@ -615,8 +628,24 @@ impl<B: Backend> Sequential<B> {
                 let rows = &idx[s * bs..((s + 1) * bs).min(n_train)];
                 let n = rows.len();
                 let wi = self.workspace(n, true)?;
-                self.backend
-                    .upload_rows_f32(x, per, rows, &mut self.workspaces[wi].acts[0])?;
+                if let Some(transform) = opts.batch_transform.as_mut() {
+                    host_batch.clear();
+                    for &r in rows {
+                        host_batch.extend_from_slice(&x[r * per..(r + 1) * per]);
+                    }
+                    transform(&mut host_batch)?;
+                    crate::error::check_len(
+                        "fit (batch_transform)",
+                        "transformed batch",
+                        host_batch.len(),
+                        n * per,
+                    )?;
+                    self.backend
+                        .upload_into_f32(&host_batch, &mut self.workspaces[wi].acts[0])?;
+                } else {
+                    self.backend
+                        .upload_rows_f32(x, per, rows, &mut self.workspaces[wi].acts[0])?;
+                }
                 self.upload_targets(wi, &y, rows)?;
                 let mode = self.mode(true, self.head() != Head::None);
                 self.run_forward(wi, mode)?;

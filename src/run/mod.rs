@@ -1,0 +1,960 @@
+//! Reproduction runs: a TOML config ([`config`]) in, a trained model and its
+//! records out.
+//!
+//! [`train`] loads the data, builds and compiles the model, runs the
+//! config's stages (one `fit` call each, re-compiling where a stage names a
+//! new optimizer), evaluates on the test set and writes into the output
+//! directory:
+//!
+//! - `summary.txt`: the config's description and the model summary;
+//! - `history.json`, `history.csv`: every logged value per epoch;
+//! - `curves.svg`: the learning curves;
+//! - `checkpoint.safetensors` + `checkpoint.json`: written (atomically)
+//!   after every epoch; `--resume` continues from them, bit for bit as if
+//!   never stopped;
+//! - `weights.safetensors`: the final weights;
+//! - `result.json`: test metrics, epochs, seconds per epoch, device,
+//!   version, commit, config.
+//!
+//! A NaN or infinite training loss stops the run with an error; the
+//! checkpoint of the last good epoch stays. Setting the stop flag (Ctrl-C
+//! does) ends the run at the end of the current epoch, after its checkpoint.
+
+pub mod augment;
+pub mod config;
+pub mod outputs;
+pub mod synthetic;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, CpuBackend};
+use crate::data::{DatasetName, one_hot};
+use crate::error::{Error, Result};
+use crate::nn::Sequential;
+use crate::ops::optim::Optimizer;
+use crate::train::{
+    Callback, EarlyStopping, EarlyStoppingStep, FitOptions, Logs, Loss, Metric, Targets,
+    Validation, Verdict,
+};
+use augment::Augmenter;
+use config::{DatasetKind, LoadedConfig, ValidationPlan};
+use outputs::{EpochRow, RunHistory, write_atomic, write_json};
+use synthetic::{Split, TargetData};
+
+/// Which backend to run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The rayon CPU backend.
+    Cpu,
+    /// A CUDA device (the first one).
+    Cuda,
+    /// CUDA when a driver and a device are there (and the CUDA backend is
+    /// built in), else the CPU.
+    #[default]
+    Auto,
+}
+
+/// What `kestrel train` takes besides the config.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// The backend.
+    pub device: DeviceChoice,
+    /// `--data DIR`: where to look for (or download) the data sets.
+    pub data_dir: Option<PathBuf>,
+    /// `--out DIR` (default `runs/<config stem>`).
+    pub out_dir: Option<PathBuf>,
+    /// `--epochs N`: the epochs of a single-stage run, or a cap on each stage.
+    pub epochs: Option<usize>,
+    /// `--seed S`: replaces the config's seed.
+    pub seed: Option<u64>,
+    /// `--resume`: continue from the output directory's checkpoint.
+    pub resume: bool,
+    /// `--stop-after N`: stop (with a checkpoint, as Ctrl-C does) after N
+    /// epochs of this invocation.
+    pub stop_after: Option<usize>,
+    /// fit's verbosity (1: progress bar).
+    pub verbose: u8,
+    /// Set it to stop at the end of the current epoch, after the checkpoint
+    /// (the Ctrl-C handler sets it).
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How a training run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ending {
+    /// Every stage ran (or early stopping ended them).
+    Finished,
+    /// Stopped by the stop flag or `--stop-after`; resume with `--resume`.
+    Interrupted,
+}
+
+/// What [`train`] returns.
+#[derive(Clone, Debug)]
+pub struct TrainOutcome {
+    /// How it ended.
+    pub ending: Ending,
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// The test metrics (`loss`, `accuracy`, ...) when finished.
+    pub test: Option<Logs>,
+    /// Epochs run in all (all stages, all invocations).
+    pub epochs: usize,
+    /// Mean seconds per epoch.
+    pub seconds_per_epoch: f64,
+    /// The backend's name.
+    pub device: String,
+}
+
+/// Targets in the form a loss wants, owned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OwnedTargets {
+    /// Class indices.
+    Sparse(Vec<u32>),
+    /// f32 rows.
+    Dense(Vec<f32>),
+}
+
+impl OwnedTargets {
+    /// Borrowed, for fit / evaluate.
+    pub fn as_targets(&self) -> Targets<'_> {
+        match self {
+            OwnedTargets::Sparse(v) => Targets::Sparse(v),
+            OwnedTargets::Dense(v) => Targets::Dense(v),
+        }
+    }
+}
+
+/// Converts targets for `loss`, checking that they fit a model with
+/// `outputs` outputs.
+pub fn targets_for(y: &TargetData, loss: Loss, outputs: usize) -> Result<OwnedTargets> {
+    let bad = |msg: String| Err(Error::Config(msg));
+    match (y, loss) {
+        (
+            TargetData::Classes(l, c),
+            Loss::SparseCategoricalCrossentropy | Loss::CategoricalCrossentropy,
+        ) => {
+            if outputs != *c {
+                return bad(format!(
+                    "the data have {c} classes but the model has {outputs} outputs"
+                ));
+            }
+            Ok(if loss == Loss::SparseCategoricalCrossentropy {
+                OwnedTargets::Sparse(l.clone())
+            } else {
+                OwnedTargets::Dense(one_hot(l, *c)?)
+            })
+        }
+        (TargetData::Classes(l, 2), Loss::BinaryCrossentropy) if outputs == 1 => {
+            Ok(OwnedTargets::Dense(l.iter().map(|&v| v as f32).collect()))
+        }
+        (TargetData::Real(v, w), Loss::Mse | Loss::BinaryCrossentropy) => {
+            if outputs != *w {
+                return bad(format!(
+                    "the data have {w} target(s) per sample but the model has {outputs} outputs"
+                ));
+            }
+            Ok(OwnedTargets::Dense(v.clone()))
+        }
+        (TargetData::Classes(_, c), l) => bad(format!(
+            "loss {} does not fit {c}-class labels with {outputs} outputs",
+            l.name()
+        )),
+        (TargetData::Real(..), l) => bad(format!("loss {} needs class labels", l.name())),
+    }
+}
+
+/// The data of a run: training set, optional validation set, test set.
+#[derive(Clone, Debug)]
+pub struct RunData {
+    /// Per-sample shape (NCHW).
+    pub sample_shape: Vec<usize>,
+    /// Training samples (before any `validation_split`).
+    pub train: Split,
+    /// Validation samples held out by `validation_first`.
+    pub held_out: Option<Split>,
+    /// Test samples.
+    pub test: Split,
+}
+
+/// Loads (or generates) the config's data and applies `validation_first`.
+pub fn load_data(cfg: &LoadedConfig, data_dir: Option<&Path>, seed: u64) -> Result<RunData> {
+    let c = &cfg.config;
+    let from = |ds: crate::data::Dataset| Split {
+        x: ds.x,
+        y: TargetData::Classes(ds.y, ds.classes),
+    };
+    let (train, test) = match c.data.dataset {
+        DatasetKind::FashionMnist | DatasetKind::Cifar10 => {
+            let name = if c.data.dataset == DatasetKind::FashionMnist {
+                DatasetName::FashionMnist
+            } else {
+                DatasetName::Cifar10
+            };
+            let (tr, te) = crate::data::load(name, data_dir)?;
+            (from(tr), from(te))
+        }
+        _ => synthetic::generate(&c.data, seed)?,
+    };
+    let sample_shape = c.data.input_shape();
+    let per: usize = sample_shape.iter().product();
+    let (train, held_out) = match c.fit.validation() {
+        ValidationPlan::First(k) => {
+            if k >= train.len() {
+                return Err(Error::Config(format!(
+                    "{}: fit.validation_first: {k} is not below the {} training samples",
+                    cfg.path.display(),
+                    train.len()
+                )));
+            }
+            let (v, t) = train.split_first(k, per);
+            (t, Some(v))
+        }
+        _ => (train, None),
+    };
+    Ok(RunData {
+        sample_shape,
+        train,
+        held_out,
+        test,
+    })
+}
+
+/// Builds and compiles the config's model on `backend` (first optimizer).
+pub fn build_model<B: Backend>(cfg: &LoadedConfig, backend: B, seed: u64) -> Result<Sequential<B>> {
+    let c = &cfg.config;
+    let mut m = Sequential::new(backend, seed);
+    for l in cfg.layers()? {
+        m.add(l);
+    }
+    m.build(&c.data.input_shape())
+        .map_err(|e| Error::Config(format!("{}: model: {e}", cfg.path.display())))?;
+    let metrics: Vec<Metric> = c.metrics.iter().map(|&m| m.into()).collect();
+    m.compile(cfg.optimizer()?, c.loss.into(), &metrics)
+        .map_err(|e| Error::Config(format!("{}: {e}", cfg.path.display())))?;
+    Ok(m)
+}
+
+/// `kestrel summary`: the description, the model summary and the recipe.
+pub fn summary_text(cfg: &LoadedConfig) -> Result<String> {
+    let c = &cfg.config;
+    let m = build_model(cfg, CpuBackend, c.seed)?;
+    let mut s = String::new();
+    s += &format!("config: {}\n", cfg.path.display());
+    if !c.description.is_empty() {
+        s += &format!("{}\n", c.description);
+    }
+    s += &format!(
+        "data: {:?}, input {:?}\n",
+        c.data.dataset,
+        c.data.input_shape()
+    )
+    .to_lowercase();
+    s += "\n";
+    s += &m.summary();
+    s += &format!("\noptimizer: {}\n", describe_optimizer(&cfg.optimizer()?));
+    s += &format!(
+        "loss: {}; metrics: {}\n",
+        Loss::from(c.loss).name(),
+        c.metrics
+            .iter()
+            .map(|&m| Metric::from(m).name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    s += &format!(
+        "fit: batch_size {}, shuffle {}, validation {}\n",
+        c.fit.batch_size,
+        c.fit.shuffle,
+        match c.fit.validation() {
+            ValidationPlan::None => "none".to_string(),
+            ValidationPlan::Split(f) => format!("last {f} of the training set"),
+            ValidationPlan::First(k) => format!("first {k} training samples"),
+            ValidationPlan::Test => "the test set".to_string(),
+        }
+    );
+    for (i, st) in cfg.stages(None)?.iter().enumerate() {
+        s += &format!(
+            "stage {}: up to {} epochs{}\n",
+            i + 1,
+            st.epochs,
+            st.recompile
+                .map(|o| format!(", re-compiled with {}", describe_optimizer(&o)))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(es) = &c.early_stopping {
+        s += &format!(
+            "early stopping: monitor {}, patience {}, min_delta {}, mode {:?}{}\n",
+            es.monitor,
+            es.patience,
+            es.min_delta,
+            es.mode,
+            if es.restore_best_weights {
+                ", restore best weights"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(a) = &c.augmentation {
+        s += &format!(
+            "augmentation: width shift {}, height shift {}, horizontal flip {}, fill nearest\n",
+            a.width_shift_range, a.height_shift_range, a.horizontal_flip
+        );
+    }
+    Ok(s)
+}
+
+/// One line describing an optimizer.
+pub fn describe_optimizer(o: &Optimizer) -> String {
+    use crate::ops::optim::OptimizerKind as K;
+    let mut s = match o.kind {
+        K::Sgd => format!(
+            "SGD(lr={}, momentum={}, nesterov={})",
+            o.lr, o.momentum, o.nesterov
+        ),
+        K::Adagrad => format!("Adagrad(lr={})", o.lr),
+        K::RmsProp => format!("RMSprop(lr={}, rho={})", o.lr, o.rho),
+        K::Adam => format!("Adam(lr={}, beta_1={}, beta_2={})", o.lr, o.beta1, o.beta2),
+    };
+    s += &format!(" decay={} epsilon={:e}", o.decay, o.epsilon);
+    if let Some(c) = o.clipnorm {
+        s += &format!(" clipnorm={c}");
+    }
+    if let Some(c) = o.clipvalue {
+        s += &format!(" clipvalue={c}");
+    }
+    s
+}
+
+/// `checkpoint.json`: where a run stands, beside `checkpoint.safetensors`
+/// (which holds the model's side: weights, optimizer state, generator).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// `"kestrel-run-1"`.
+    pub format: String,
+    /// The stage to run next (== the number of stages when all ran).
+    pub stage: usize,
+    /// Epochs done in that stage.
+    pub stage_epoch: usize,
+    /// The stage whose optimizer was in use at the checkpoint.
+    pub optimizer_stage: Option<usize>,
+    /// The model's epoch counter and step counter at the checkpoint (checked
+    /// against the checkpoint on resume).
+    pub model_epoch: usize,
+    /// See `model_epoch`.
+    pub model_step: u64,
+    /// The augmentation generator's state.
+    pub augment_rng: Option<[u64; 4]>,
+    /// Every epoch so far.
+    pub history: RunHistory,
+    /// The config's seed in effect.
+    pub seed: u64,
+}
+
+const STATE_FORMAT: &str = "kestrel-run-1";
+
+/// The file names in the output directory.
+pub mod files {
+    /// Per-epoch history, JSON.
+    pub const HISTORY_JSON: &str = "history.json";
+    /// Per-epoch history, CSV.
+    pub const HISTORY_CSV: &str = "history.csv";
+    /// Model summary.
+    pub const SUMMARY: &str = "summary.txt";
+    /// Final weights.
+    pub const WEIGHTS: &str = "weights.safetensors";
+    /// Checkpoint (model side).
+    pub const CHECKPOINT: &str = "checkpoint.safetensors";
+    /// Checkpoint (run side).
+    pub const CHECKPOINT_STATE: &str = "checkpoint.json";
+    /// The best weights seen (only with `restore_best_weights`).
+    pub const BEST_WEIGHTS: &str = "best_weights.safetensors";
+    /// Learning curves.
+    pub const CURVES: &str = "curves.svg";
+    /// Final result.
+    pub const RESULT: &str = "result.json";
+}
+
+/// The commit kestrel was built from: `$KESTREL_GIT_COMMIT` at build time,
+/// else `git rev-parse HEAD` in the source directory when it still exists
+/// (with `-dirty` when the checkout has uncommitted changes).
+pub fn git_commit() -> Option<String> {
+    if let Some(c) = option_env!("KESTREL_GIT_COMMIT") {
+        return Some(c.to_string());
+    }
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "HEAD"]).filter(|s| !s.is_empty())?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty { format!("{head}-dirty") } else { head })
+}
+
+/// Trains the config's model (see the module docs), on the backend chosen
+/// by `opts.device`.
+pub fn train(cfg: &LoadedConfig, opts: &TrainOptions) -> Result<TrainOutcome> {
+    // The one place that maps a device choice to a backend.
+    match opts.device {
+        DeviceChoice::Cpu => train_on(cfg, opts, CpuBackend),
+        DeviceChoice::Auto => {
+            // CUDA ARM (auto): when the CUDA backend implements `Backend`,
+            // pick it here if `crate::cuda::device_count()` is > 0.
+            if crate::cuda::driver_present() && crate::cuda::device_count().unwrap_or(0) > 0 {
+                eprintln!(
+                    "kestrel: a CUDA device is present, but the CUDA backend is not built into this version: training on the CPU"
+                );
+            } else if opts.verbose > 0 {
+                eprintln!("kestrel: no CUDA device: training on the CPU");
+            }
+            train_on(cfg, opts, CpuBackend)
+        }
+        // CUDA ARM: replace this error with
+        // `train_on(cfg, opts, <the CUDA backend for device 0>)`.
+        DeviceChoice::Cuda => Err(Error::Config(
+            "--device cuda: the CUDA backend is not built into this version of kestrel; use --device cpu"
+                .into(),
+        )),
+    }
+}
+
+/// The callback that records, checkpoints, stops early and stops on request.
+struct RunCallback<'a> {
+    out: &'a Path,
+    state: &'a mut RunState,
+    stage: usize,
+    stage_epochs: usize,
+    last_stage: bool,
+    verbose: u8,
+    early: Option<EarlyStopping>,
+    best_weights: Option<Vec<Vec<f32>>>,
+    restore_best: bool,
+    augment: Option<&'a std::cell::RefCell<Augmenter>>,
+    last: Instant,
+    stop: &'a AtomicBool,
+    stop_after: Option<usize>,
+    epochs_this_run: &'a mut usize,
+    interrupted: bool,
+    train_seconds: &'a mut f64,
+}
+
+impl<B: Backend> Callback<B> for RunCallback<'_> {
+    fn on_train_begin(&mut self, _model: &mut Sequential<B>) -> Result<()> {
+        self.last = Instant::now();
+        Ok(())
+    }
+
+    fn on_epoch_end(
+        &mut self,
+        epoch: usize,
+        logs: &Logs,
+        model: &mut Sequential<B>,
+    ) -> Result<Verdict> {
+        let seconds = self.last.elapsed().as_secs_f64();
+        *self.train_seconds += seconds;
+        let row = EpochRow {
+            epoch: self.state.history.rows.len() + 1,
+            stage: self.stage,
+            seconds,
+            values: logs
+                .entries
+                .iter()
+                .map(|(k, v)| (k.clone(), v.is_finite().then_some(*v)))
+                .collect(),
+        };
+        self.state.history.rows.push(row);
+        let mut verdict = Verdict::Continue;
+        if let Some(es) = &mut self.early {
+            let current = logs.get(&es.monitor).ok_or_else(|| {
+                Error::Config(format!(
+                    "early_stopping.monitor {:?} is not in the logs (available: {})",
+                    es.monitor,
+                    logs.entries
+                        .iter()
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            match es.update(epoch, current) {
+                EarlyStoppingStep::Improved => {
+                    if self.restore_best {
+                        let w = model.get_weights()?;
+                        // On disk too, so that a resumed run can restore them.
+                        model.save_weights(self.out.join(files::BEST_WEIGHTS))?;
+                        self.best_weights = Some(w);
+                    }
+                }
+                EarlyStoppingStep::Waiting => {}
+                EarlyStoppingStep::Stop => {
+                    if self.restore_best {
+                        match &self.best_weights {
+                            Some(w) => model.set_weights(w)?,
+                            None => {
+                                let p = self.out.join(files::BEST_WEIGHTS);
+                                if p.exists() {
+                                    model.load_weights(p)?;
+                                }
+                            }
+                        }
+                    }
+                    if self.verbose > 0 {
+                        eprintln!(
+                            "Epoch {}: early stopping ({} did not improve for {} epochs)",
+                            epoch + 1,
+                            es.monitor,
+                            es.patience
+                        );
+                    }
+                    verdict = Verdict::Stop;
+                }
+            }
+        }
+        let stage_done = verdict == Verdict::Stop || epoch + 1 >= self.stage_epochs;
+        if stage_done {
+            self.state.stage = self.stage + 1;
+            self.state.stage_epoch = 0;
+        } else {
+            self.state.stage = self.stage;
+            self.state.stage_epoch = epoch + 1;
+        }
+        self.state.optimizer_stage = Some(self.stage);
+        self.state.model_epoch = model.epochs_done();
+        self.state.model_step = model.steps();
+        self.state.augment_rng = self.augment.map(|a| a.borrow().rng_state());
+        model.save_checkpoint(self.out.join(files::CHECKPOINT))?;
+        write_json(&self.out.join(files::CHECKPOINT_STATE), &*self.state)?;
+        *self.epochs_this_run += 1;
+        let requested = self.stop.load(Ordering::SeqCst)
+            || self.stop_after.is_some_and(|n| *self.epochs_this_run >= n);
+        // A request at the run's very last epoch changes nothing: it finishes.
+        if requested && !(stage_done && self.last_stage) {
+            self.interrupted = true;
+            verdict = Verdict::Stop;
+        }
+        self.last = Instant::now();
+        Ok(verdict)
+    }
+}
+
+fn train_on<B: Backend>(
+    cfg: &LoadedConfig,
+    opts: &TrainOptions,
+    backend: B,
+) -> Result<TrainOutcome> {
+    let c = &cfg.config;
+    let device = backend.name();
+    let out = opts
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(cfg.stem()));
+    std::fs::create_dir_all(&out).map_err(|source| Error::Io {
+        path: out.clone(),
+        source,
+    })?;
+    let mut seed = opts.seed.unwrap_or(c.seed);
+    // Resume: the run's state first (its seed wins over the config's).
+    let mut state = if opts.resume {
+        let p = out.join(files::CHECKPOINT_STATE);
+        let text = std::fs::read_to_string(&p).map_err(|source| Error::Io {
+            path: p.clone(),
+            source: std::io::Error::new(
+                source.kind(),
+                format!("--resume: cannot read the run state ({source}); was the run started with this --out?"),
+            ),
+        })?;
+        let st: RunState = serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        if st.format != STATE_FORMAT {
+            return Err(Error::Format {
+                path: p,
+                msg: format!("expected format {STATE_FORMAT}, got {:?}", st.format),
+            });
+        }
+        if opts.seed.is_some_and(|s| s != st.seed) {
+            return Err(Error::Config(format!(
+                "--resume with --seed {} but the run was started with seed {}",
+                opts.seed.unwrap_or(0),
+                st.seed
+            )));
+        }
+        seed = st.seed;
+        st
+    } else {
+        RunState {
+            format: STATE_FORMAT.into(),
+            seed,
+            ..Default::default()
+        }
+    };
+    let data = load_data(cfg, opts.data_dir.as_deref(), seed)?;
+    let mut model = build_model(cfg, backend, seed)?;
+    let loss: Loss = c.loss.into();
+    let outputs = model.output_len();
+    let wrap = |e: Error| Error::Config(format!("{}: {e}", cfg.path.display()));
+    let y_train = targets_for(&data.train.y, loss, outputs).map_err(wrap)?;
+    let y_test = targets_for(&data.test.y, loss, outputs).map_err(wrap)?;
+    let y_held = data
+        .held_out
+        .as_ref()
+        .map(|h| targets_for(&h.y, loss, outputs))
+        .transpose()
+        .map_err(wrap)?;
+    let stages = cfg.stages(opts.epochs)?;
+    write_atomic(&out.join(files::SUMMARY), summary_text(cfg)?.as_bytes())?;
+    let augment = c
+        .augmentation
+        .as_ref()
+        .map(|a| Augmenter::new(a, &data.sample_shape, seed))
+        .transpose()?
+        .map(std::cell::RefCell::new);
+    if opts.resume {
+        // Compile with the optimizer in use when the checkpoint was written,
+        // so that its state loads; the stage loop re-compiles from there.
+        if let Some(k) = state.optimizer_stage
+            && let Some(o) = stages[..=k.min(stages.len() - 1)]
+                .iter()
+                .rev()
+                .find_map(|s| s.recompile)
+        {
+            model.compile(o, loss, &metrics_of(c))?;
+        }
+        model.load_checkpoint(out.join(files::CHECKPOINT))?;
+        if model.epochs_done() != state.model_epoch || model.steps() != state.model_step {
+            return Err(Error::Format {
+                path: out.join(files::CHECKPOINT),
+                msg: format!(
+                    "the checkpoint (epoch {}, step {}) and checkpoint.json (epoch {}, step {}) disagree; \
+                     the run was stopped while writing them: start it again without --resume",
+                    model.epochs_done(),
+                    model.steps(),
+                    state.model_epoch,
+                    state.model_step
+                ),
+            });
+        }
+        if let (Some(a), Some(s)) = (&augment, state.augment_rng) {
+            a.borrow_mut().set_rng_state(s);
+        }
+        if opts.verbose > 0 {
+            eprintln!(
+                "Resuming {} from epoch {} (stage {} of {})",
+                cfg.path.display(),
+                state.history.rows.len(),
+                (state.stage + 1).min(stages.len()),
+                stages.len()
+            );
+        }
+    }
+    let metrics: Vec<Metric> = c.metrics.iter().map(|&m| m.into()).collect();
+    let mut epochs_this_run = 0usize;
+    let mut train_seconds: f64 = state.history.rows.iter().map(|r| r.seconds).sum();
+    let mut interrupted = false;
+    let start_stage = state.stage;
+    for (si, stage) in stages.iter().enumerate().skip(start_stage) {
+        let resuming_mid_stage = si == start_stage && state.stage_epoch > 0;
+        if !resuming_mid_stage && let Some(o) = stage.recompile {
+            model.compile(o, loss, &metrics)?;
+        }
+        if !resuming_mid_stage {
+            // Best weights are per stage (EarlyStopping starts afresh).
+            let _ = std::fs::remove_file(out.join(files::BEST_WEIGHTS));
+        }
+        let initial_epoch = if resuming_mid_stage {
+            state.stage_epoch
+        } else {
+            0
+        };
+        if initial_epoch >= stage.epochs {
+            continue;
+        }
+        let mut early = c.early_stopping.as_ref().map(|e| e.build());
+        if let Some(es) = &mut early
+            && resuming_mid_stage
+        {
+            // Replay the stage's epochs so far (Keras keeps this state in
+            // the callback object; kestrel rebuilds it from the history).
+            let done: Vec<&EpochRow> = state
+                .history
+                .rows
+                .iter()
+                .filter(|r| r.stage == si)
+                .collect();
+            for (e, r) in done.iter().enumerate() {
+                let v = r
+                    .values
+                    .iter()
+                    .find(|(k, _)| {
+                        crate::train::canonical(k) == crate::train::canonical(&es.monitor)
+                    })
+                    .and_then(|(_, v)| *v)
+                    .unwrap_or(f64::NAN);
+                es.update(e, v);
+            }
+        }
+        let validation = match c.fit.validation() {
+            ValidationPlan::None => Validation::None,
+            ValidationPlan::Split(f) => Validation::Split(f),
+            ValidationPlan::First(_) => {
+                let h = data.held_out.as_ref().expect("split when loaded");
+                Validation::Data(&h.x, y_held.as_ref().expect("with held_out").as_targets())
+            }
+            ValidationPlan::Test => Validation::Data(&data.test.x, y_test.as_targets()),
+        };
+        let fit_result = {
+            let mut cb = RunCallback {
+                out: &out,
+                state: &mut state,
+                stage: si,
+                stage_epochs: stage.epochs,
+                last_stage: si + 1 == stages.len(),
+                verbose: opts.verbose,
+                early,
+                best_weights: None,
+                restore_best: c
+                    .early_stopping
+                    .as_ref()
+                    .is_some_and(|e| e.restore_best_weights),
+                augment: augment.as_ref(),
+                last: Instant::now(),
+                stop: &opts.stop,
+                stop_after: opts.stop_after,
+                epochs_this_run: &mut epochs_this_run,
+                interrupted: false,
+                train_seconds: &mut train_seconds,
+            };
+            let mut transform = |batch: &mut [f32]| -> Result<()> {
+                match &augment {
+                    Some(a) => a.borrow_mut().apply(batch),
+                    None => Ok(()),
+                }
+            };
+            if stages.len() > 1 && opts.verbose > 0 {
+                eprintln!(
+                    "Stage {}/{}: up to {} epochs{}",
+                    si + 1,
+                    stages.len(),
+                    stage.epochs,
+                    stage
+                        .recompile
+                        .map(|o| format!(", {}", describe_optimizer(&o)))
+                        .unwrap_or_default()
+                );
+            }
+            let fit_opts = FitOptions {
+                batch_size: c.fit.batch_size,
+                epochs: stage.epochs,
+                initial_epoch,
+                validation,
+                shuffle: c.fit.shuffle,
+                callbacks: vec![&mut cb],
+                verbose: opts.verbose,
+                batch_transform: if augment.is_some() {
+                    Some(&mut transform)
+                } else {
+                    None
+                },
+            };
+            let r = model.fit(&data.train.x, y_train.as_targets(), fit_opts);
+            (r, cb.interrupted)
+        };
+        match fit_result {
+            (Ok(_), stopped) => {
+                if stopped {
+                    interrupted = true;
+                    break;
+                }
+            }
+            (Err(e), _) => {
+                write_history(&out, &state.history, cfg)?;
+                let diverged = matches!(
+                    &e,
+                    Error::InvalidArgument {
+                        op: "fit",
+                        arg: "loss",
+                        ..
+                    }
+                );
+                let result = result_json(
+                    cfg,
+                    &state,
+                    if diverged { "diverged" } else { "failed" },
+                    None,
+                    train_seconds,
+                    &device,
+                    seed,
+                );
+                write_json(&out.join(files::RESULT), &result)?;
+                let done = state.history.rows.len();
+                return Err(if diverged {
+                    Error::Config(format!(
+                        "{e}\nThe run stopped. {}",
+                        if done > 0 {
+                            format!(
+                                "The checkpoint of the last good epoch ({done}) is {}.",
+                                out.join(files::CHECKPOINT).display()
+                            )
+                        } else {
+                            "No epoch completed, so there is no checkpoint.".to_string()
+                        }
+                    ))
+                } else {
+                    e
+                });
+            }
+        }
+    }
+    write_history(&out, &state.history, cfg)?;
+    let epochs = state.history.rows.len();
+    let spe = if epochs > 0 {
+        train_seconds / epochs as f64
+    } else {
+        0.0
+    };
+    if interrupted {
+        let result = result_json(
+            cfg,
+            &state,
+            "interrupted",
+            None,
+            train_seconds,
+            &device,
+            seed,
+        );
+        write_json(&out.join(files::RESULT), &result)?;
+        if opts.verbose > 0 {
+            eprintln!(
+                "Stopped after epoch {epochs}; checkpoint saved in {}. Continue with: kestrel train {} --out {} --resume",
+                out.display(),
+                cfg.path.display(),
+                out.display()
+            );
+        }
+        return Ok(TrainOutcome {
+            ending: Ending::Interrupted,
+            out_dir: out,
+            test: None,
+            epochs,
+            seconds_per_epoch: spe,
+            device,
+        });
+    }
+    let test = model.evaluate(&data.test.x, y_test.as_targets(), c.fit.batch_size)?;
+    model.save_weights(out.join(files::WEIGHTS))?;
+    let result = result_json(
+        cfg,
+        &state,
+        "finished",
+        Some(&test),
+        train_seconds,
+        &device,
+        seed,
+    );
+    write_json(&out.join(files::RESULT), &result)?;
+    if opts.verbose > 0 {
+        eprintln!(
+            "Test:{} - {epochs} epochs, {spe:.2} s/epoch on {device}; outputs in {}",
+            test.entries
+                .iter()
+                .map(|(k, v)| format!(" {k}: {v:.4}"))
+                .collect::<String>(),
+            out.display()
+        );
+    }
+    Ok(TrainOutcome {
+        ending: Ending::Finished,
+        out_dir: out,
+        test: Some(test),
+        epochs,
+        seconds_per_epoch: spe,
+        device,
+    })
+}
+
+fn metrics_of(c: &config::RunConfig) -> Vec<Metric> {
+    c.metrics.iter().map(|&m| m.into()).collect()
+}
+
+fn write_history(out: &Path, h: &RunHistory, cfg: &LoadedConfig) -> Result<()> {
+    write_json(&out.join(files::HISTORY_JSON), &h.to_json())?;
+    write_atomic(&out.join(files::HISTORY_CSV), h.to_csv().as_bytes())?;
+    let title = if cfg.config.description.is_empty() {
+        cfg.stem()
+    } else {
+        cfg.config.description.clone()
+    };
+    write_atomic(
+        &out.join(files::CURVES),
+        outputs::curves_svg(h, &title).as_bytes(),
+    )
+}
+
+fn result_json(
+    cfg: &LoadedConfig,
+    state: &RunState,
+    status: &str,
+    test: Option<&Logs>,
+    train_seconds: f64,
+    device: &str,
+    seed: u64,
+) -> serde_json::Value {
+    let epochs = state.history.rows.len();
+    let test = test.map(|t| {
+        t.entries
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+    });
+    let stage_epochs: Vec<usize> = {
+        let mut v = Vec::new();
+        for r in &state.history.rows {
+            if v.len() <= r.stage {
+                v.resize(r.stage + 1, 0);
+            }
+            v[r.stage] += 1;
+        }
+        v
+    };
+    serde_json::json!({
+        "status": status,
+        "config": cfg.path.display().to_string(),
+        "description": cfg.config.description,
+        "test": test,
+        "epochs": epochs,
+        "epochs_per_stage": stage_epochs,
+        "seconds_per_epoch": if epochs > 0 { train_seconds / epochs as f64 } else { 0.0 },
+        "train_seconds": train_seconds,
+        "device": device,
+        "seed": seed,
+        "kestrel_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": git_commit(),
+    })
+}
+
+/// `kestrel evaluate`: the test metrics of `weights` under the config's
+/// model, loss and metrics.
+pub fn evaluate(cfg: &LoadedConfig, weights: &Path, data_dir: Option<&Path>) -> Result<Logs> {
+    let c = &cfg.config;
+    let mut model = build_model(cfg, CpuBackend, c.seed)?;
+    model.load_weights(weights)?;
+    let data = load_data(cfg, data_dir, c.seed)?;
+    let y = targets_for(&data.test.y, c.loss.into(), model.output_len())?;
+    model.evaluate(&data.test.x, y.as_targets(), c.fit.batch_size)
+}

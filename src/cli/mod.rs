@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
+use crate::backend::DeviceChoice;
 use crate::error::Result;
 use crate::run::config::LoadedConfig;
-use crate::run::{self, DeviceChoice, Ending, TrainOptions};
+use crate::run::{self, Ending, TrainOptions};
 
-/// kestrel: train the seed networks on the CPU (or, later, on CUDA).
+/// kestrel: train the seed networks on a CUDA device or the CPU.
 #[derive(Debug, Parser)]
 #[command(name = "kestrel", version, about)]
 pub struct Cli {
@@ -22,25 +23,9 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// `--device`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DeviceArg {
-    /// The rayon CPU backend.
-    Cpu,
-    /// A CUDA device.
-    Cuda,
-    /// CUDA when available, else the CPU.
-    Auto,
-}
-
-impl From<DeviceArg> for DeviceChoice {
-    fn from(d: DeviceArg) -> Self {
-        match d {
-            DeviceArg::Cpu => DeviceChoice::Cpu,
-            DeviceArg::Cuda => DeviceChoice::Cuda,
-            DeviceArg::Auto => DeviceChoice::Auto,
-        }
-    }
+/// `--device`: `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
+fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
+    s.parse().map_err(|e: crate::Error| e.to_string())
 }
 
 /// The commands.
@@ -50,9 +35,10 @@ pub enum Command {
     Train {
         /// The run config (configs/*.toml).
         config: PathBuf,
-        /// Backend.
-        #[arg(long, value_enum, default_value = "auto")]
-        device: DeviceArg,
+        /// Backend: auto (CUDA device 0 when one is found, else the CPU),
+        /// cpu, cuda, or cuda:N.
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: DeviceChoice,
         /// Where the data sets are (or are downloaded to).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -146,7 +132,7 @@ pub fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
         } => {
             let cfg = LoadedConfig::load(&config)?;
             let opts = TrainOptions {
-                device: device.into(),
+                device,
                 data_dir: data,
                 out_dir: out,
                 epochs,

@@ -46,18 +46,7 @@ use config::{DatasetKind, LoadedConfig, ValidationPlan};
 use outputs::{EpochRow, RunHistory, write_atomic, write_json};
 use synthetic::{Split, TargetData};
 
-/// Which backend to run on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DeviceChoice {
-    /// The rayon CPU backend.
-    Cpu,
-    /// A CUDA device (the first one).
-    Cuda,
-    /// CUDA when a driver and a device are there (and the CUDA backend is
-    /// built in), else the CPU.
-    #[default]
-    Auto,
-}
+pub use crate::backend::DeviceChoice;
 
 /// What `kestrel train` takes besides the config.
 #[derive(Clone, Debug, Default)]
@@ -409,28 +398,11 @@ pub fn git_commit() -> Option<String> {
 /// Trains the config's model (see the module docs), on the backend chosen
 /// by `opts.device`.
 pub fn train(cfg: &LoadedConfig, opts: &TrainOptions) -> Result<TrainOutcome> {
-    // The one place that maps a device choice to a backend.
-    match opts.device {
-        DeviceChoice::Cpu => train_on(cfg, opts, CpuBackend),
-        DeviceChoice::Auto => {
-            // CUDA ARM (auto): when the CUDA backend implements `Backend`,
-            // pick it here if `crate::cuda::device_count()` is > 0.
-            if crate::cuda::driver_present() && crate::cuda::device_count().unwrap_or(0) > 0 {
-                eprintln!(
-                    "kestrel: a CUDA device is present, but the CUDA backend is not built into this version: training on the CPU"
-                );
-            } else if opts.verbose > 0 {
-                eprintln!("kestrel: no CUDA device: training on the CPU");
-            }
-            train_on(cfg, opts, CpuBackend)
-        }
-        // CUDA ARM: replace this error with
-        // `train_on(cfg, opts, <the CUDA backend for device 0>)`.
-        DeviceChoice::Cuda => Err(Error::Config(
-            "--device cuda: the CUDA backend is not built into this version of kestrel; use --device cpu"
-                .into(),
-        )),
-    }
+    // The one place that maps a device choice to a backend: `select` says
+    // once which one it picked, and never falls back from an explicit CUDA
+    // choice.
+    let backend = crate::backend::select(opts.device)?;
+    crate::with_backend!(backend, b => train_on(cfg, opts, b))
 }
 
 /// The callback that records, checkpoints, stops early and stops on request.

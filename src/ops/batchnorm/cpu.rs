@@ -36,6 +36,9 @@ where
 {
     let m = p.sample_size();
     let chunks = m.div_ceil(CHUNK);
+    if p.spatial == 1 {
+        return dense_per_channel_sum(p, chunks, term);
+    }
     let partials: Vec<f64> = (0..p.c * chunks)
         .into_par_iter()
         .map(|t| {
@@ -54,6 +57,38 @@ where
         .chunks(chunks)
         .map(|c| c.iter().fold(0.0f64, |a, &b| a + b))
         .collect()
+}
+
+/// [`per_channel_sum`] for dense inputs (`[n, c]`, one sample per row):
+/// the same additions in the same order (each channel's samples in order
+/// within a chunk, chunks in order), but row by row over contiguous memory,
+/// where one task per channel would read with a stride of `c` and drown in
+/// scheduling for the small batches of a dense layer.
+fn dense_per_channel_sum<F>(p: &BatchNorm, chunks: usize, term: F) -> Vec<f64>
+where
+    F: Fn(usize, usize) -> f64 + Sync,
+{
+    let m = p.sample_size();
+    let partials: Vec<Vec<f64>> = (0..chunks)
+        .into_par_iter()
+        .map(|k| {
+            let mut acc = vec![0.0f64; p.c];
+            for j in k * CHUNK..((k + 1) * CHUNK).min(m) {
+                let row = j * p.c;
+                for (ch, a) in acc.iter_mut().enumerate() {
+                    *a += term(ch, row + ch);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut sums = vec![0.0f64; p.c];
+    for part in &partials {
+        for (s, &v) in sums.iter_mut().zip(part) {
+            *s += v;
+        }
+    }
+    sums
 }
 
 /// `out[idx] = f(ch, idx)` for every element, parallel over images.

@@ -42,11 +42,11 @@
 //! the `nvidia/*/lib` folders of the Python packages (PyTorch's wheels) and
 //! re-executes itself once with those on `LD_LIBRARY_PATH`.
 //!
-//! TODO(cuda-backend): whole training steps on the GPU (keras-cnn batch 32,
-//! elu-cnn 32 and 128, through `Sequential::fit`) need a CUDA
-//! implementation of `kestrel::backend::Backend`, which this branch lacks
-//! (only `CpuBackend`); add them here as group `gpu_step` when it lands
-//! (the CPU versions are in `benches/step_cpu.rs`).
+//! `gpu_step`: whole training steps and epochs through `Sequential::fit` on
+//! the CUDA backend (keras-cnn batch 32, elu-cnn 32 and 128): wall-clock
+//! time, host overhead and the per-batch upload included, as a user sees
+//! it (`fit` synchronizes at the end of its epoch). The CPU versions are in
+//! `benches/step_cpu.rs`; PyTorch's in `benches/pytorch_baseline.py`.
 
 mod common;
 
@@ -64,8 +64,8 @@ use cudarc::driver::{
 
 use common::{
     DROPOUTS, ELU_CNN_CONVS, ELU_CNN_DENSE, KERAS_CNN_CONVS, KERAS_CNN_DENSE, KERAS_CNN_PARAMS,
-    MLP_DENSE, POOLS, data, json_num, json_str, one_hot, optimizer_bytes_per_param, optimizers,
-    unix_time, write_jsonl,
+    MLP_DENSE, POOLS, data, json_num, json_str, nets, one_hot, optimizer_bytes_per_param,
+    optimizers, unix_time, write_jsonl,
 };
 use kestrel::cuda::CudaBackend;
 use kestrel::ops::activation::Activation;
@@ -1432,6 +1432,53 @@ mod dnn {
     }
 }
 
+/// See the module docs (`gpu_step`).
+fn training_steps(c: &mut Criterion, env: &Env) {
+    use kestrel::backend::GpuBackend;
+    use kestrel::train::Targets;
+    let mut g = c.benchmark_group("gpu_step");
+    g.sample_size(10)
+        .warm_up_time(env.warm_up)
+        .measurement_time(env.measure);
+    // (network, batch, samples per fit call: one step, or a CIFAR-10 epoch)
+    let cases = [
+        ("keras-cnn", 32, 32, "step"),
+        ("elu-cnn", 32, 32, "step"),
+        ("elu-cnn", 128, 128, "step"),
+        ("keras-cnn", 32, 50_000, "epoch"),
+        ("elu-cnn", 32, 50_000, "epoch"),
+        ("elu-cnn", 128, 50_000, "epoch"),
+    ];
+    for (net, batch, samples, what) in cases {
+        let id = format!("{net}.{what}.b{batch}");
+        if !env.wanted("gpu_step", &id) {
+            continue;
+        }
+        let backend = match GpuBackend::new(0) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("gpu_step/{id}: the CUDA backend did not open ({e}); skipped");
+                continue;
+            }
+        };
+        let mut m = if net == "keras-cnn" {
+            nets::keras_cnn(backend)
+        } else {
+            nets::elu_cnn(backend)
+        };
+        let x = data(1, samples * 3 * 32 * 32);
+        let y = one_hot(samples, 10);
+        g.throughput(Throughput::Elements(samples as u64));
+        g.bench_function(BenchmarkId::new("kestrel", &id), |b| {
+            b.iter(|| {
+                m.fit(&x, Targets::Dense(&y), nets::one_epoch(batch))
+                    .unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
 fn main() {
     if kestrel::cuda::driver_present() {
         ensure_baseline_libraries();
@@ -1452,5 +1499,6 @@ fn main() {
     dropouts(&mut c, &env);
     softmax_ce(&mut c, &env);
     optimizer_steps(&mut c, &env);
+    training_steps(&mut c, &env);
     c.final_summary();
 }

@@ -11,10 +11,8 @@
 //! criterion's "elem/s" reads as samples/s. The data are random (the speed
 //! does not depend on them).
 //!
-//! GPU steps: TODO(cuda-backend): there is no CUDA implementation of
-//! `kestrel::backend::Backend` in this branch yet (only `CpuBackend`); once
-//! it lands, the same three benches (keras-cnn b32, elu-cnn b32 and b128)
-//! go into `benches/gpu.rs` with `Sequential::new(CudaBackend::..)`.
+//! The GPU versions (keras-cnn b32, elu-cnn b32 and b128, steps and
+//! epochs) are the `gpu_step` group of `benches/gpu.rs`.
 
 mod common;
 
@@ -24,63 +22,9 @@ use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
 
-use common::{data, one_hot};
+use common::{data, nets, one_hot};
 use kestrel::backend::CpuBackend;
-use kestrel::nn::{Act, Conv2D, Dense, Dropout, Flatten, MaxPooling2D, Sequential};
-use kestrel::ops::optim::Optimizer;
-use kestrel::train::{FitOptions, Loss, Metric, Targets};
-
-fn keras_cnn() -> Sequential<CpuBackend> {
-    let mut m = Sequential::new(CpuBackend, 1);
-    m.add(Conv2D::new(32, 3).same().activation(Act::Relu))
-        .add(Conv2D::new(32, 3).activation(Act::Relu))
-        .add(MaxPooling2D::new(2))
-        .add(Dropout::new(0.25))
-        .add(Conv2D::new(64, 3).same().activation(Act::Relu))
-        .add(Conv2D::new(64, 3).activation(Act::Relu))
-        .add(MaxPooling2D::new(2))
-        .add(Dropout::new(0.25))
-        .add(Flatten)
-        .add(Dense::new(512).activation(Act::Relu))
-        .add(Dropout::new(0.5))
-        .add(Dense::new(10).activation(Act::Softmax));
-    m.build(&[3, 32, 32]).unwrap();
-    assert_eq!(m.count_params().0, 1_250_858);
-    m.compile(
-        Optimizer::rmsprop(1e-4).unwrap().with_decay(1e-6).unwrap(),
-        Loss::CategoricalCrossentropy,
-        &[Metric::Accuracy],
-    )
-    .unwrap();
-    m
-}
-
-fn mlp() -> Sequential<CpuBackend> {
-    let mut m = Sequential::new(CpuBackend, 1);
-    m.add(Flatten)
-        .add(Dense::new(300).activation(Act::Relu))
-        .add(Dense::new(100).activation(Act::Relu))
-        .add(Dense::new(10).activation(Act::Softmax));
-    m.build(&[1, 28, 28]).unwrap();
-    assert_eq!(m.count_params().0, 266_610);
-    m.compile(
-        Optimizer::sgd(0.01, 0.0, false).unwrap(),
-        Loss::SparseCategoricalCrossentropy,
-        &[Metric::Accuracy],
-    )
-    .unwrap();
-    m
-}
-
-fn one_epoch<'a>(batch: usize) -> FitOptions<'a, CpuBackend> {
-    FitOptions {
-        batch_size: batch,
-        epochs: 1,
-        shuffle: false,
-        verbose: 0,
-        ..Default::default()
-    }
-}
+use kestrel::train::{FitOptions, Targets};
 
 fn steps(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_step");
@@ -90,19 +34,19 @@ fn steps(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2));
 
     let n = 32;
-    let mut m = keras_cnn();
+    let mut m = nets::keras_cnn(CpuBackend);
     let x = data(1, n * 3 * 32 * 32);
     let y = one_hot(n, 10);
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function(BenchmarkId::new("kestrel", "keras-cnn.step.b32"), |b| {
-        b.iter(|| m.fit(&x, Targets::Dense(&y), one_epoch(n)).unwrap())
+        b.iter(|| m.fit(&x, Targets::Dense(&y), nets::one_epoch(n)).unwrap())
     });
 
-    let mut m = mlp();
+    let mut m = nets::mlp(CpuBackend);
     let x = data(2, n * 784);
     let y: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
     g.bench_function(BenchmarkId::new("kestrel", "mlp.step.b32"), |b| {
-        b.iter(|| m.fit(&x, Targets::Sparse(&y), one_epoch(n)).unwrap())
+        b.iter(|| m.fit(&x, Targets::Sparse(&y), nets::one_epoch(n)).unwrap())
     });
     g.finish();
 }
@@ -116,7 +60,7 @@ fn mlp_epoch(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(10));
     let samples = 55_000;
-    let mut m = mlp();
+    let mut m = nets::mlp(CpuBackend);
     let x = data(3, samples * 784);
     let y: Vec<u32> = (0..samples as u32).map(|i| i % 10).collect();
     g.throughput(Throughput::Elements(samples as u64));
@@ -124,7 +68,7 @@ fn mlp_epoch(c: &mut Criterion) {
         b.iter(|| {
             let opts = FitOptions {
                 shuffle: true,
-                ..one_epoch(32)
+                ..nets::one_epoch(32)
             };
             m.fit(&x, Targets::Sparse(&y), opts).unwrap()
         })

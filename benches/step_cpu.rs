@@ -1,6 +1,7 @@
 //! Whole training steps on the CPU backend, through the real training loop
 //! (`Sequential::fit`): one keras-cnn step at batch 32 (RMSprop, one-hot
-//! categorical cross-entropy, as run c1), one mlp step at batch 32 (SGD lr
+//! categorical cross-entropy, as run c1), elu-cnn steps at batch 32 and
+//! 128 (as run c11), one mlp step at batch 32 (SGD lr
 //! 0.01, sparse labels, as run f1), and one full mlp epoch over 55,000
 //! samples (the Fashion-MNIST epoch that `benches/pytorch_baseline.py
 //! --device cpu` times in PyTorch with 2 threads).
@@ -41,6 +42,24 @@ fn steps(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("kestrel", "keras-cnn.step.b32"), |b| {
         b.iter(|| m.fit(&x, Targets::Dense(&y), nets::one_epoch(n)).unwrap())
     });
+
+    // elu-cnn is ~19x keras-cnn's work per image: a step, not an epoch, is
+    // what fits in a bench run on a CPU.
+    for batch in [32usize, 128] {
+        let mut m = nets::elu_cnn(CpuBackend);
+        let x = data(4, batch * 3 * 32 * 32);
+        let y = one_hot(batch, 10);
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(
+            BenchmarkId::new("kestrel", format!("elu-cnn.step.b{batch}")),
+            |b| {
+                b.iter(|| {
+                    m.fit(&x, Targets::Dense(&y), nets::one_epoch(batch))
+                        .unwrap()
+                })
+            },
+        );
+    }
 
     let mut m = nets::mlp(CpuBackend);
     let x = data(2, n * 784);

@@ -1,7 +1,7 @@
 //! The `kestrel` command line: argument parsing (clap) and the commands.
 //!
 //! `main.rs` only calls [`main`]; everything here is testable in-process
-//! through [`run`].
+//! through [`run()`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Train the run a config describes; outputs go to --out (default runs/<config name>/).
+    /// Train the run a config describes; outputs go to --out (default runs/CONFIG-NAME/).
     Train {
         /// The run config (configs/*.toml).
         config: PathBuf,

@@ -39,10 +39,7 @@ pub fn images_per_chunk(p: &Conv2d) -> usize {
 /// Fills `col` (`[C*R*S, N*OH*OW]`, layout in the module docs) from `x`
 /// (`[N, C, H, W]`). `col` is fully overwritten.
 pub fn im2col(p: &Conv2d, x: &[f32], col: &mut [f32]) -> Result<()> {
-    const OP: &str = "conv2d.im2col";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_col(OP, col.len())?;
+    p.check_im2col(x.len(), col.len())?;
     im2col_unchecked(p, x, col);
     Ok(())
 }
@@ -52,10 +49,7 @@ pub fn im2col(p: &Conv2d, x: &[f32], col: &mut [f32]) -> Result<()> {
 /// Each pixel sums its contributions in `(r, s)` order, so the result is
 /// deterministic.
 pub fn col2im(p: &Conv2d, col: &[f32], x: &mut [f32]) -> Result<()> {
-    const OP: &str = "conv2d.col2im";
-    p.validate(OP)?;
-    p.check_col(OP, col.len())?;
-    p.check_x(OP, "x", x.len())?;
+    p.check_col2im(col.len(), x.len())?;
     col2im_unchecked(p, col, x);
     Ok(())
 }
@@ -71,14 +65,7 @@ pub fn forward(
     activation: Activation,
     y: &mut [f32],
 ) -> Result<()> {
-    const OP: &str = "conv2d.forward";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_w(OP, "w", w.len())?;
-    if let Some(b) = bias {
-        p.check_bias(OP, b.len())?;
-    }
-    p.check_y(OP, "y", y.len())?;
+    p.check_forward(x.len(), w.len(), bias.map(|b| b.len()), y.len())?;
     if p.n == 0 {
         return Ok(());
     }
@@ -111,11 +98,7 @@ pub fn forward(
 /// `dy` `[N, K, OH, OW]`, `w` `[K, C, R, S]`, `dx` `[N, C, H, W]` fully
 /// overwritten.
 pub fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) -> Result<()> {
-    const OP: &str = "conv2d.backward_data";
-    p.validate(OP)?;
-    p.check_y(OP, "dy", dy.len())?;
-    p.check_w(OP, "w", w.len())?;
-    p.check_x(OP, "dx", dx.len())?;
+    p.check_backward_data(dy.len(), w.len(), dx.len())?;
     if p.n == 0 {
         return Ok(());
     }
@@ -144,11 +127,7 @@ pub fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) -> Resul
 /// The sum runs over chunks of images in order, each chunk's part summed
 /// inside one GEMM, so the order is fixed by the shape alone.
 pub fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Result<()> {
-    const OP: &str = "conv2d.backward_filter";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_y(OP, "dy", dy.len())?;
-    p.check_w(OP, "dw", dw.len())?;
+    p.check_backward_filter(x.len(), dy.len(), dw.len())?;
     if p.n == 0 {
         dw.fill(0.0);
         return Ok(());

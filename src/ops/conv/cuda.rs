@@ -61,10 +61,7 @@ pub fn im2col(
     x: &CudaView<'_, f32>,
     col: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    const OP: &str = "conv2d.im2col";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_col(OP, col.len())?;
+    p.check_im2col(x.len(), col.len())?;
     // SAFETY: lengths checked just above.
     unsafe { im2col_unchecked(gpu, p, x, col) }
 }
@@ -78,10 +75,7 @@ pub fn col2im(
     col: &CudaView<'_, f32>,
     x: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    const OP: &str = "conv2d.col2im";
-    p.validate(OP)?;
-    p.check_col(OP, col.len())?;
-    p.check_x(OP, "x", x.len())?;
+    p.check_col2im(col.len(), x.len())?;
     // SAFETY: lengths checked just above.
     unsafe { col2im_unchecked(gpu, p, col, x) }
 }
@@ -187,13 +181,7 @@ pub fn forward(
     workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     const OP: &str = "conv2d.forward";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_w(OP, "w", w.len())?;
-    if let Some(b) = bias {
-        p.check_bias(OP, b.len())?;
-    }
-    p.check_y(OP, "y", y.len())?;
+    p.check_forward(x.len(), w.len(), bias.map(|b| b.len()), y.len())?;
     if p.n == 0 {
         return Ok(());
     }
@@ -247,10 +235,7 @@ pub fn backward_data(
     workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     const OP: &str = "conv2d.backward_data";
-    p.validate(OP)?;
-    p.check_y(OP, "dy", dy.len())?;
-    p.check_w(OP, "w", w.len())?;
-    p.check_x(OP, "dx", dx.len())?;
+    p.check_backward_data(dy.len(), w.len(), dx.len())?;
     if p.n == 0 {
         return Ok(());
     }
@@ -309,10 +294,7 @@ pub fn backward_filter(
     workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     const OP: &str = "conv2d.backward_filter";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_y(OP, "dy", dy.len())?;
-    p.check_w(OP, "dw", dw.len())?;
+    p.check_backward_filter(x.len(), dy.len(), dw.len())?;
     if p.n == 0 {
         return gpu
             .stream()

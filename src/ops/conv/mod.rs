@@ -363,6 +363,52 @@ impl Conv2d {
         Conv2d { n, ..*self }
     }
 
+    /// The checks of `im2col` (op `conv2d.im2col`), shared by both backends.
+    pub fn check_im2col(&self, x: usize, col: usize) -> Result<()> {
+        const OP: &str = "conv2d.im2col";
+        self.validate(OP)?;
+        self.check_x(OP, "x", x)?;
+        self.check_col(OP, col)
+    }
+
+    /// The checks of `col2im` (op `conv2d.col2im`).
+    pub fn check_col2im(&self, col: usize, x: usize) -> Result<()> {
+        const OP: &str = "conv2d.col2im";
+        self.validate(OP)?;
+        self.check_col(OP, col)?;
+        self.check_x(OP, "x", x)
+    }
+
+    /// The checks of `forward` (op `conv2d.forward`).
+    pub fn check_forward(&self, x: usize, w: usize, bias: Option<usize>, y: usize) -> Result<()> {
+        const OP: &str = "conv2d.forward";
+        self.validate(OP)?;
+        self.check_x(OP, "x", x)?;
+        self.check_w(OP, "w", w)?;
+        if let Some(b) = bias {
+            self.check_bias(OP, b)?;
+        }
+        self.check_y(OP, "y", y)
+    }
+
+    /// The checks of `backward_data` (op `conv2d.backward_data`).
+    pub fn check_backward_data(&self, dy: usize, w: usize, dx: usize) -> Result<()> {
+        const OP: &str = "conv2d.backward_data";
+        self.validate(OP)?;
+        self.check_y(OP, "dy", dy)?;
+        self.check_w(OP, "w", w)?;
+        self.check_x(OP, "dx", dx)
+    }
+
+    /// The checks of `backward_filter` (op `conv2d.backward_filter`).
+    pub fn check_backward_filter(&self, x: usize, dy: usize, dw: usize) -> Result<()> {
+        const OP: &str = "conv2d.backward_filter";
+        self.validate(OP)?;
+        self.check_x(OP, "x", x)?;
+        self.check_y(OP, "dy", dy)?;
+        self.check_w(OP, "dw", dw)
+    }
+
     /// Checks the length of `x` (or `dx`).
     pub fn check_x(&self, op: &'static str, what: &str, len: usize) -> Result<()> {
         check_len(op, &format!("{what} [N*C*H*W]"), len, self.x_len())

@@ -9,11 +9,7 @@ use crate::error::{Error, Result};
 /// plane, see the module docs). `x` `[N, C, H, W]`; `y` and `argmax`
 /// `[N, C, OH, OW]`, both fully overwritten.
 pub fn forward(p: &MaxPool2d, x: &[f32], y: &mut [f32], argmax: &mut [u32]) -> Result<()> {
-    const OP: &str = "maxpool2d.forward";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_y(OP, "y", y.len())?;
-    p.check_y(OP, "argmax", argmax.len())?;
+    p.check_forward(x.len(), y.len(), argmax.len())?;
     let (hw, ohw) = (p.h * p.w, p.out_h * p.out_w);
     y.par_chunks_mut(ohw)
         .zip(argmax.par_chunks_mut(ohw))
@@ -33,10 +29,7 @@ pub fn forward(p: &MaxPool2d, x: &[f32], y: &mut [f32], argmax: &mut [u32]) -> R
 /// `y = maxpool(x)` without recording the argmax (inference). Same values
 /// as [`forward`]; `y` fully overwritten.
 pub fn forward_inference(p: &MaxPool2d, x: &[f32], y: &mut [f32]) -> Result<()> {
-    const OP: &str = "maxpool2d.forward_inference";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_y(OP, "y", y.len())?;
+    p.check_forward_inference(x.len(), y.len())?;
     let (hw, ohw) = (p.h * p.w, p.out_h * p.out_w);
     y.par_chunks_mut(ohw).enumerate().for_each(|(pi, yp)| {
         let plane = &x[pi * hw..][..hw];
@@ -54,10 +47,7 @@ pub fn forward_inference(p: &MaxPool2d, x: &[f32], y: &mut [f32]) -> Result<()> 
 /// row-major output order, so the result is deterministic.
 pub fn backward(p: &MaxPool2d, dy: &[f32], argmax: &[u32], dx: &mut [f32]) -> Result<()> {
     const OP: &str = "maxpool2d.backward";
-    p.validate(OP)?;
-    p.check_y(OP, "dy", dy.len())?;
-    p.check_y(OP, "argmax", argmax.len())?;
-    p.check_x(OP, "dx", dx.len())?;
+    p.check_backward(dy.len(), argmax.len(), dx.len())?;
     let (hw, ohw) = (p.h * p.w, p.out_h * p.out_w);
     if let Some(i) = argmax.iter().position(|&a| a as usize >= hw) {
         return Err(Error::invalid(

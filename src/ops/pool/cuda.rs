@@ -33,11 +33,7 @@ pub fn forward(
     y: &mut CudaViewMut<'_, f32>,
     argmax: &mut CudaViewMut<'_, u32>,
 ) -> Result<()> {
-    const OP: &str = "maxpool2d.forward";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_y(OP, "y", y.len())?;
-    p.check_y(OP, "argmax", argmax.len())?;
+    p.check_forward(x.len(), y.len(), argmax.len())?;
     let ylen = p.y_len();
     if ylen == 0 {
         return Ok(());
@@ -66,10 +62,7 @@ pub fn forward_inference(
     x: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    const OP: &str = "maxpool2d.forward_inference";
-    p.validate(OP)?;
-    p.check_x(OP, "x", x.len())?;
-    p.check_y(OP, "y", y.len())?;
+    p.check_forward_inference(x.len(), y.len())?;
     let ylen = p.y_len();
     if ylen == 0 {
         return Ok(());
@@ -97,11 +90,7 @@ pub fn backward(
     argmax: &CudaView<'_, u32>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    const OP: &str = "maxpool2d.backward";
-    p.validate(OP)?;
-    p.check_y(OP, "dy", dy.len())?;
-    p.check_y(OP, "argmax", argmax.len())?;
-    p.check_x(OP, "dx", dx.len())?;
+    p.check_backward(dy.len(), argmax.len(), dx.len())?;
     let xlen = p.x_len();
     if xlen == 0 {
         return Ok(());

@@ -196,6 +196,33 @@ impl MaxPool2d {
         self.n * self.c * self.out_h * self.out_w
     }
 
+    /// The checks of `forward` (op `maxpool2d.forward`), shared by both
+    /// backends.
+    pub fn check_forward(&self, x: usize, y: usize, argmax: usize) -> Result<()> {
+        const OP: &str = "maxpool2d.forward";
+        self.validate(OP)?;
+        self.check_x(OP, "x", x)?;
+        self.check_y(OP, "y", y)?;
+        self.check_y(OP, "argmax", argmax)
+    }
+
+    /// The checks of `forward_inference` (op `maxpool2d.forward_inference`).
+    pub fn check_forward_inference(&self, x: usize, y: usize) -> Result<()> {
+        const OP: &str = "maxpool2d.forward_inference";
+        self.validate(OP)?;
+        self.check_x(OP, "x", x)?;
+        self.check_y(OP, "y", y)
+    }
+
+    /// The length checks of `backward` (op `maxpool2d.backward`).
+    pub fn check_backward(&self, dy: usize, argmax: usize, dx: usize) -> Result<()> {
+        const OP: &str = "maxpool2d.backward";
+        self.validate(OP)?;
+        self.check_y(OP, "dy", dy)?;
+        self.check_y(OP, "argmax", argmax)?;
+        self.check_x(OP, "dx", dx)
+    }
+
     /// Checks the length of `x` (or `dx`).
     pub fn check_x(&self, op: &'static str, what: &str, len: usize) -> Result<()> {
         check_len(op, &format!("{what} [N*C*H*W]"), len, self.x_len())

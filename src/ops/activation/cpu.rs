@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use super::{Activation, Softmax};
-use crate::error::{Result, check_len};
+use crate::error::Result;
 
 /// Elements per rayon task: large enough that scheduling costs nothing
 /// next to the arithmetic, small enough to balance on many cores.
@@ -21,8 +21,7 @@ const SOFTMAX_MIN_TASK: usize = 1 << 12;
 /// `y = f(x)` element-wise; `y` is fully overwritten.
 pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
     const OP: &str = "activation.forward";
-    act.check(OP)?;
-    check_len(OP, "y (same as x)", y.len(), x.len())?;
+    act.check_elementwise(OP, &[("x", x.len()), ("y", y.len())])?;
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
@@ -50,10 +49,15 @@ pub fn forward_inplace(act: Activation, x: &mut [f32]) -> Result<()> {
 /// `dx` for every kind.
 pub fn backward(act: Activation, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
     const OP: &str = "activation.backward";
-    act.check(OP)?;
-    check_len(OP, "y (same as x)", y.len(), x.len())?;
-    check_len(OP, "dy (same as x)", dy.len(), x.len())?;
-    check_len(OP, "dx (same as x)", dx.len(), x.len())?;
+    act.check_elementwise(
+        OP,
+        &[
+            ("x", x.len()),
+            ("y", y.len()),
+            ("dy", dy.len()),
+            ("dx", dx.len()),
+        ],
+    )?;
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
@@ -69,9 +73,7 @@ pub fn backward(act: Activation, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32
 /// with `dx`, from the forward's input `x` and output `y`.
 pub fn backward_inplace(act: Activation, x: &[f32], y: &[f32], g: &mut [f32]) -> Result<()> {
     const OP: &str = "activation.backward_inplace";
-    act.check(OP)?;
-    check_len(OP, "y (same as x)", y.len(), x.len())?;
-    check_len(OP, "gradient (same as x)", g.len(), x.len())?;
+    act.check_elementwise(OP, &[("x", x.len()), ("y", y.len()), ("gradient", g.len())])?;
     g.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK))
@@ -90,22 +92,7 @@ pub fn backward_inplace(act: Activation, x: &[f32], y: &[f32], g: &mut [f32]) ->
 /// `alpha <= 0` lose that information, so they are rejected here.
 pub fn backward_from_output(act: Activation, y: &[f32], g: &mut [f32]) -> Result<()> {
     const OP: &str = "activation.backward_from_output";
-    act.check(OP)?;
-    if matches!(
-        act.kind,
-        super::ActivationKind::Elu | super::ActivationKind::LeakyRelu
-    ) && act.alpha.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
-    {
-        return Err(crate::error::Error::invalid(
-            OP,
-            "alpha",
-            format!(
-                "the input cannot be recovered from the output unless alpha > 0, got {}",
-                act.alpha
-            ),
-        ));
-    }
-    check_len(OP, "gradient (same as y)", g.len(), y.len())?;
+    act.check_from_output(OP, &[("y", y.len()), ("gradient", g.len())])?;
     g.par_chunks_mut(CHUNK)
         .zip(y.par_chunks(CHUNK))
         .for_each(|(gc, yc)| {

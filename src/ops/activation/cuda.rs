@@ -3,9 +3,9 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{Activation, ActivationKind, Softmax};
+use super::{Activation, Softmax};
 use crate::cuda::{ACTIVATION, CudaBackend};
-use crate::error::{Error, Result, check_len};
+use crate::error::Result;
 
 // SAFETY: `#[repr(C)]` with a `#[repr(u32)]` enum and an f32: plain old
 // data of 8 bytes, mirrored as `struct Activation` in common.cuh.
@@ -45,8 +45,7 @@ pub fn forward(
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "activation.forward";
-    act.check(OP)?;
-    check_len(OP, "y (same as x)", y.len(), x.len())?;
+    act.check_elementwise(OP, &[("x", x.len()), ("y", y.len())])?;
     launch_elementwise!(gpu, "activation_forward", x.len(), &act, x, y)
 }
 
@@ -72,10 +71,15 @@ pub fn backward(
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "activation.backward";
-    act.check(OP)?;
-    check_len(OP, "y (same as x)", y.len(), x.len())?;
-    check_len(OP, "dy (same as x)", dy.len(), x.len())?;
-    check_len(OP, "dx (same as x)", dx.len(), x.len())?;
+    act.check_elementwise(
+        OP,
+        &[
+            ("x", x.len()),
+            ("y", y.len()),
+            ("dy", dy.len()),
+            ("dx", dx.len()),
+        ],
+    )?;
     launch_elementwise!(gpu, "activation_backward", x.len(), &act, x, y, dy, dx)
 }
 
@@ -88,9 +92,7 @@ pub fn backward_inplace(
     g: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "activation.backward_inplace";
-    act.check(OP)?;
-    check_len(OP, "y (same as x)", y.len(), x.len())?;
-    check_len(OP, "gradient (same as x)", g.len(), x.len())?;
+    act.check_elementwise(OP, &[("x", x.len()), ("y", y.len()), ("gradient", g.len())])?;
     launch_elementwise!(gpu, "activation_backward_inplace", x.len(), &act, x, y, g)
 }
 
@@ -103,20 +105,7 @@ pub fn backward_from_output(
     g: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "activation.backward_from_output";
-    act.check(OP)?;
-    if matches!(act.kind, ActivationKind::Elu | ActivationKind::LeakyRelu)
-        && act.alpha.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
-    {
-        return Err(Error::invalid(
-            OP,
-            "alpha",
-            format!(
-                "the input cannot be recovered from the output unless alpha > 0, got {}",
-                act.alpha
-            ),
-        ));
-    }
-    check_len(OP, "gradient (same as y)", g.len(), y.len())?;
+    act.check_from_output(OP, &[("y", y.len()), ("gradient", g.len())])?;
     launch_elementwise!(gpu, "activation_backward_from_output", y.len(), &act, y, g)
 }
 

@@ -171,6 +171,39 @@ impl Activation {
             _ => Ok(()),
         }
     }
+
+    /// The checks of the element-wise ops, shared by both backends: the
+    /// parameter, then every other buffer against the first one, `(what,
+    /// len)`, named "(same as <first>)" in the error.
+    pub fn check_elementwise(&self, op: &'static str, bufs: &[(&str, usize)]) -> Result<()> {
+        self.check(op)?;
+        if let Some((&(first, n), rest)) = bufs.split_first() {
+            for &(what, len) in rest {
+                check_len(op, &format!("{what} (same as {first})"), len, n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks of `backward_from_output`: as [`Activation::check_elementwise`],
+    /// and the input must be recoverable from the output (elu and leaky relu
+    /// need `alpha > 0`).
+    pub fn check_from_output(&self, op: &'static str, bufs: &[(&str, usize)]) -> Result<()> {
+        self.check_elementwise(op, bufs)?;
+        if matches!(self.kind, ActivationKind::Elu | ActivationKind::LeakyRelu)
+            && self.alpha.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
+            return Err(Error::invalid(
+                op,
+                "alpha",
+                format!(
+                    "the input cannot be recovered from the output unless alpha > 0, got {}",
+                    self.alpha
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Row-wise softmax over a `rows x cols` row-major matrix (one row per

@@ -86,6 +86,22 @@ impl Error {
         }
     }
 
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Format`] for `path`.
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
     /// A [`Error::InvalidArgument`].
     pub fn invalid(op: &'static str, arg: &'static str, msg: impl Into<String>) -> Self {
         Error::InvalidArgument {

@@ -5,7 +5,7 @@
 //! 32x32 row-major. That is already CHW, so a record's pixels are one NCHW
 //! sample as they lie.
 
-use super::idx::{format_err, labels_to_classes, unit};
+use super::idx::{labels_to_classes, unit};
 use super::{Dataset, thousands};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -36,12 +36,9 @@ pub(crate) const CIFAR10_DIR: &str = "cifar-10-batches-bin";
 /// Loads one file of CIFAR-10 records, any whole number of them (at least
 /// one), as a [`Dataset`] of `[3, 32, 32]` samples divided by 255.
 pub fn load_cifar_bin_file(path: &Path) -> Result<Dataset> {
-    let raw = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let raw = std::fs::read(path).map_err(|source| Error::io(path, source))?;
     if raw.is_empty() || raw.len() % CIFAR_RECORD_BYTES != 0 {
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!(
                 "{} bytes is not a whole, non-zero number of {}-byte records \
@@ -123,17 +120,11 @@ pub fn cifar10_files_dir(path: &Path) -> Result<Option<PathBuf>> {
 /// member can write outside `dest`.
 pub fn extract_cifar10_tarball(tarball: &Path, dest: &Path) -> Result<PathBuf> {
     let out_dir = dest.join(CIFAR10_DIR);
-    std::fs::create_dir_all(&out_dir).map_err(|source| Error::Io {
-        path: out_dir.clone(),
-        source,
-    })?;
-    let file = std::fs::File::open(tarball).map_err(|source| Error::Io {
-        path: tarball.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(&out_dir).map_err(|source| Error::io(&out_dir, source))?;
+    let file = std::fs::File::open(tarball).map_err(|source| Error::io(tarball, source))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let bad = |e: std::io::Error| {
-        format_err(
+        Error::format(
             tarball,
             format!(
                 "not a readable gzipped tar archive ({} bytes): {e}",
@@ -170,7 +161,7 @@ pub fn extract_cifar10_tarball(tarball: &Path, dest: &Path) -> Result<PathBuf> {
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&part);
-            return Err(format_err(
+            return Err(Error::format(
                 tarball,
                 format!(
                     "extracting {} to {} failed: {e}",
@@ -182,7 +173,7 @@ pub fn extract_cifar10_tarball(tarball: &Path, dest: &Path) -> Result<PathBuf> {
     }
     let missing = missing_files(&out_dir);
     if !missing.is_empty() {
-        return Err(format_err(
+        return Err(Error::format(
             tarball,
             format!(
                 "the archive ({} bytes) lacks {}/{}: is it the binary version \
@@ -229,13 +220,10 @@ pub fn load_cifar10_dir(
         if let Some(records) = records_per_file {
             let expected = (records * CIFAR_RECORD_BYTES) as u64;
             let size = std::fs::metadata(&file)
-                .map_err(|source| Error::Io {
-                    path: file.clone(),
-                    source,
-                })?
+                .map_err(|source| Error::io(&file, source))?
                 .len();
             if size != expected {
-                return Err(format_err(
+                return Err(Error::format(
                     &file,
                     format!(
                         "{} bytes, expected {} for {} records of {} bytes \

@@ -177,10 +177,7 @@ fn net_err(dest: &Path, url: &str, e: impl std::fmt::Display) -> Error {
 /// removed. A checksum mismatch is an [`Error::Format`] giving both digests.
 pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(|source| Error::io(dir, source))?;
     static SERIAL: AtomicU64 = AtomicU64::new(0);
     let tmp = TempFile {
         path: dir.join(format!(
@@ -201,10 +198,7 @@ pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
     let body = response.body_mut();
     let total = body.content_length();
     let mut reader = body.as_reader();
-    let file = std::fs::File::create(&tmp.path).map_err(|source| Error::Io {
-        path: tmp.path.clone(),
-        source,
-    })?;
+    let file = std::fs::File::create(&tmp.path).map_err(|source| Error::io(&tmp.path, source))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut hasher = checksum.hasher();
     let mut progress = Progress::new(file_name(dest), total);
@@ -217,10 +211,8 @@ pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
             Err(e) => return Err(net_err(dest, url, e)),
         };
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|source| Error::Io {
-            path: tmp.path.clone(),
-            source,
-        })?;
+        out.write_all(&buf[..n])
+            .map_err(|source| Error::io(&tmp.path, source))?;
         progress.advance(n as u64);
     }
     progress.finish();
@@ -228,10 +220,8 @@ pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
         path: tmp.path.clone(),
         source: e.into_error(),
     })?;
-    file.sync_all().map_err(|source| Error::Io {
-        path: tmp.path.clone(),
-        source,
-    })?;
+    file.sync_all()
+        .map_err(|source| Error::io(&tmp.path, source))?;
     drop(file);
     if let Some(t) = total
         && t != progress.done
@@ -259,10 +249,7 @@ pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
             ),
         });
     }
-    std::fs::rename(&tmp.path, dest).map_err(|source| Error::Io {
-        path: dest.to_path_buf(),
-        source,
-    })?;
+    std::fs::rename(&tmp.path, dest).map_err(|source| Error::io(dest, source))?;
     let mut tmp = tmp;
     tmp.keep = true;
     Ok(())

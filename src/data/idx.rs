@@ -90,24 +90,10 @@ impl Contents {
     }
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-pub(crate) fn format_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Format {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
-}
-
 /// Reads a file whole, gunzipping it when it starts with the gzip magic
 /// bytes (whatever its name), keeping what a broken stream yielded.
 pub(crate) fn read_contents(path: &Path) -> Result<Contents> {
-    let raw = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let disk_size = raw.len() as u64;
     if !raw.starts_with(&GZIP_MAGIC) {
         return Ok(Contents {
@@ -137,7 +123,7 @@ pub(crate) fn read_contents(path: &Path) -> Result<Contents> {
 pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
     let c = read_contents(path)?;
     if let Some(e) = &c.gzip_error {
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!(
                 "gzip data ({} bytes on disk) is truncated or corrupt after {} bytes \
@@ -165,7 +151,7 @@ fn check_header(path: &Path, c: &Contents, magic: u32, header: usize, what: &str
             LABELS_MAGIC => " (this is an IDX label file)",
             _ => "",
         };
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!(
                 "magic number 0x{found:08x}{hint}, expected 0x{magic:08x} ({what}){}",
@@ -174,7 +160,7 @@ fn check_header(path: &Path, c: &Contents, magic: u32, header: usize, what: &str
         ));
     }
     if b.len() < header {
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!(
                 "{} bytes{}, too short for the {header}-byte header of {what}{}",
@@ -194,7 +180,7 @@ fn expected_size(path: &Path, header: usize, dims: &[u32]) -> Result<usize> {
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .and_then(|p| p.checked_add(header as u64))
         .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| format_err(path, format!("dimensions {dims:?} are too large")))
+        .ok_or_else(|| Error::format(path, format!("dimensions {dims:?} are too large")))
 }
 
 fn parse_images(path: &Path, c: Contents) -> Result<IdxImages> {
@@ -209,7 +195,7 @@ fn parse_images(path: &Path, c: Contents) -> Result<IdxImages> {
     let dims = [be_u32(b, 4), be_u32(b, 8), be_u32(b, 12)];
     let expected = expected_size(path, 16, &dims)?;
     if b.len() != expected || c.gzip_error.is_some() {
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!(
                 "{} bytes{}, expected {} for {} images of {}x{}{}",
@@ -245,7 +231,7 @@ fn parse_labels(path: &Path, c: Contents) -> Result<Vec<u8>> {
     let n = be_u32(b, 4);
     let expected = expected_size(path, 8, &[n])?;
     if b.len() != expected || c.gzip_error.is_some() {
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!(
                 "{} bytes{}, expected {} for {} labels{}",
@@ -281,7 +267,7 @@ pub fn load_idx_dataset(images: &Path, labels: &Path, classes: usize) -> Result<
     let img = load_idx_images(images)?;
     let lab = load_idx_labels(labels)?;
     if lab.len() != img.count {
-        return Err(format_err(
+        return Err(Error::format(
             labels,
             format!(
                 "{} labels, but {} holds {} images: the counts must agree",
@@ -307,7 +293,7 @@ pub(crate) fn labels_to_classes(path: &Path, labels: &[u8], classes: usize) -> R
         .enumerate()
         .find(|&(_, &l)| l as usize >= classes)
     {
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!(
                 "label {l} at index {} is out of range: expected a class below {classes}",
@@ -345,7 +331,7 @@ pub fn load_fashion_mnist(dir: &Path) -> Result<(Dataset, Dataset)> {
         let (images, labels) = (find(pair[0])?, find(pair[1])?);
         let set = load_idx_dataset(&images, &labels, FASHION_MNIST_CLASSES)?;
         if set.sample_shape[1..] != [28, 28] {
-            return Err(format_err(
+            return Err(Error::format(
                 &images,
                 format!(
                     "images of {}x{}, expected 28x28 for Fashion-MNIST",

@@ -14,20 +14,6 @@ use super::Sequential;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-pub(crate) fn format_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Format {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
-}
-
 /// Writes `bytes` to `path` atomically (see the module docs). On failure
 /// the temporary file is removed and `path` is untouched.
 pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -37,16 +23,16 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     let file_name = path
         .file_name()
-        .ok_or_else(|| format_err(path, "not a file path"))?
+        .ok_or_else(|| Error::format(path, "not a file path"))?
         .to_string_lossy()
         .into_owned();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
-        f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
         // Make the rename itself durable; not every platform can open a
         // directory, so a failure here is not an error.
         if let Ok(d) = std::fs::File::open(&dir) {
@@ -77,22 +63,22 @@ pub(crate) fn serialize(
     let mut views = Vec::with_capacity(tensors.len());
     for (name, shape, bytes) in tensors {
         let v = TensorView::new(Dtype::F32, shape.clone(), bytes)
-            .map_err(|e| format_err(path, format!("tensor {name}: {e}")))?;
+            .map_err(|e| Error::format(path, format!("tensor {name}: {e}")))?;
         views.push((name.clone(), v));
     }
     safetensors::serialize(views, metadata)
-        .map_err(|e| format_err(path, format!("cannot serialize: {e}")))
+        .map_err(|e| Error::format(path, format!("cannot serialize: {e}")))
 }
 
 /// Reads a whole file.
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| io_err(path, e))
+    std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
 /// Parses a safetensors buffer, with an error that says what is wrong.
 pub(crate) fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
     SafeTensors::deserialize(bytes).map_err(|e| {
-        format_err(
+        Error::format(
             path,
             format!(
                 "not a valid safetensors file ({} bytes; truncated or corrupted?): {e}",
@@ -105,7 +91,7 @@ pub(crate) fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>>
 /// The metadata of a safetensors buffer.
 pub(crate) fn metadata(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
     let (_, m) = SafeTensors::read_metadata(bytes).map_err(|e| {
-        format_err(
+        Error::format(
             path,
             format!("not a valid safetensors file ({} bytes): {e}", bytes.len()),
         )
@@ -122,15 +108,15 @@ pub(crate) fn tensor_f32(
 ) -> Result<Vec<f32>> {
     let t = st
         .tensor(name)
-        .map_err(|_| format_err(path, format!("missing tensor {name:?} (shape {shape:?})")))?;
+        .map_err(|_| Error::format(path, format!("missing tensor {name:?} (shape {shape:?})")))?;
     if t.dtype() != Dtype::F32 {
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!("tensor {name:?}: expected dtype F32, got {:?}", t.dtype()),
         ));
     }
     if t.shape() != shape {
-        return Err(format_err(
+        return Err(Error::format(
             path,
             format!(
                 "tensor {name:?}: expected shape {shape:?}, got {:?}",

@@ -15,11 +15,11 @@ use std::path::Path;
 
 use super::{History, Logs};
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::Rng;
 use crate::nn::Sequential;
 use crate::nn::weights_io::{
-    atomic_write, f32_bytes, format_err, metadata, parse, read, serialize, tensor_f32,
+    atomic_write, f32_bytes, metadata, parse, read, serialize, tensor_f32,
 };
 use crate::ops::optim::OptimizerState;
 
@@ -45,7 +45,7 @@ fn encode_history(h: &History) -> (String, String) {
 }
 
 fn decode_history(path: &Path, epochs: &str, metrics: &str) -> Result<History> {
-    let bad = |what: &str| format_err(path, format!("checkpoint history: cannot parse {what}"));
+    let bad = |what: &str| Error::format(path, format!("checkpoint history: cannot parse {what}"));
     let epoch: Vec<usize> = if epochs.is_empty() {
         Vec::new()
     } else {
@@ -101,7 +101,7 @@ impl<B: Backend> Sequential<B> {
                 .map(|p| p.shape.clone())
                 .unwrap_or_default();
             let (s0, s1) = state.slots(i).ok_or_else(|| {
-                format_err(path, format!("optimizer state has no slots for {name}"))
+                Error::format(path, format!("optimizer state has no slots for {name}"))
             })?;
             tensors.push((
                 format!("optimizer/{name}/slot0"),
@@ -147,10 +147,10 @@ impl<B: Backend> Sequential<B> {
         let meta = metadata(path, &bytes)?;
         let get = |k: &str| {
             meta.get(k)
-                .ok_or_else(|| format_err(path, format!("checkpoint metadata lacks {k:?}")))
+                .ok_or_else(|| Error::format(path, format!("checkpoint metadata lacks {k:?}")))
         };
         if get("format")? != FORMAT {
-            return Err(format_err(
+            return Err(Error::format(
                 path,
                 format!("expected format {FORMAT}, got {:?}", get("format")?),
             ));
@@ -158,14 +158,14 @@ impl<B: Backend> Sequential<B> {
         let num = |k: &str| -> Result<u64> {
             get(k)?
                 .parse()
-                .map_err(|_| format_err(path, format!("checkpoint {k:?} is not a number")))
+                .map_err(|_| Error::format(path, format!("checkpoint {k:?} is not a number")))
         };
         let (epoch, step, iterations) = (num("epoch")?, num("step")?, num("iterations")?);
         let dropout_seed = num("dropout_seed")?;
         let mut state = OptimizerState::new(&c.optimizer, &self.trainable_sizes())?;
         let kind = format!("{:?}", state.kind());
         if get("optimizer")? != &kind {
-            return Err(format_err(
+            return Err(Error::format(
                 path,
                 format!(
                     "checkpoint optimizer is {}, the model is compiled with {kind}",
@@ -177,10 +177,10 @@ impl<B: Backend> Sequential<B> {
             .split(',')
             .map(|s| u64::from_str_radix(s, 16))
             .collect::<std::result::Result<_, _>>()
-            .map_err(|_| format_err(path, "checkpoint rng state is malformed"))?;
+            .map_err(|_| Error::format(path, "checkpoint rng state is malformed"))?;
         let rng: [u64; 4] = rng_words
             .try_into()
-            .map_err(|_| format_err(path, "checkpoint rng state needs 4 words"))?;
+            .map_err(|_| Error::format(path, "checkpoint rng state needs 4 words"))?;
         let history = decode_history(path, get("history_epochs")?, get("history")?)?;
         let info = self.params();
         for (i, name) in self.trainable_names().iter().enumerate() {

@@ -452,17 +452,7 @@ impl<B: Backend> Callback<B> for RunCallback<'_> {
         self.state.history.rows.push(row);
         let mut verdict = Verdict::Continue;
         if let Some(es) = &mut self.early {
-            let current = logs.get(&es.monitor).ok_or_else(|| {
-                Error::Config(format!(
-                    "early_stopping.monitor {:?} is not in the logs (available: {})",
-                    es.monitor,
-                    logs.entries
-                        .iter()
-                        .map(|(k, _)| k.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
+            let current = es.monitored(logs)?;
             match es.update(epoch, current) {
                 EarlyStoppingStep::Improved => {
                     if self.restore_best {

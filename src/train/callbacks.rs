@@ -150,6 +150,22 @@ impl EarlyStopping {
         };
     }
 
+    /// The monitored value in an epoch's logs, or an error listing the
+    /// metrics that are there.
+    pub fn monitored(&self, logs: &Logs) -> Result<f64> {
+        logs.get(&self.monitor).ok_or_else(|| {
+            Error::Config(format!(
+                "EarlyStopping: monitor {:?} is not in the logs (available: {})",
+                self.monitor,
+                logs.entries
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
     /// The rule, on one epoch's value of the monitor (no weights involved).
     pub fn update(&mut self, epoch: usize, current: f64) -> EarlyStoppingStep {
         let improved = if self.maximizes() {
@@ -203,17 +219,7 @@ impl<B: Backend> Callback<B> for EarlyStopping {
         logs: &Logs,
         model: &mut Sequential<B>,
     ) -> Result<Verdict> {
-        let current = logs.get(&self.monitor).ok_or_else(|| {
-            Error::Config(format!(
-                "EarlyStopping: monitor {:?} is not in the logs (available: {})",
-                self.monitor,
-                logs.entries
-                    .iter()
-                    .map(|(k, _)| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
+        let current = self.monitored(logs)?;
         match self.update(epoch, current) {
             EarlyStoppingStep::Improved => {
                 if self.restore_best_weights {

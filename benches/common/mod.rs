@@ -356,82 +356,38 @@ pub fn unix_time() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The seed networks as kestrel models on any backend, compiled as their
-/// seed runs compile them (SEED_RUNS.md).
+/// The seed networks as kestrel models on any backend, built from the run
+/// configs themselves (`configs/*.toml`), so the benches time exactly the
+/// networks, losses and optimizers of the runs.
 pub mod nets {
     use kestrel::backend::Backend;
-    use kestrel::nn::{Act, Conv2D, Dense, Dropout, Flatten, MaxPooling2D, Sequential};
-    use kestrel::ops::optim::Optimizer;
-    use kestrel::train::{FitOptions, Loss, Metric};
+    use kestrel::nn::Sequential;
+    use kestrel::run::build_model;
+    use kestrel::run::config::LoadedConfig;
+    use kestrel::train::FitOptions;
 
-    fn rmsprop() -> Optimizer {
-        Optimizer::rmsprop(1e-4).unwrap().with_decay(1e-6).unwrap()
+    fn from_config<B: Backend>(stem: &str, backend: B) -> Sequential<B> {
+        let path = format!("{}/configs/{stem}.toml", env!("CARGO_MANIFEST_DIR"));
+        let cfg = LoadedConfig::load(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        build_model(&cfg, backend, 1).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
-    /// keras-cnn (seed 002, 1,250,858 parameters), RMSprop lr 1e-4, decay 1e-6.
+    /// keras-cnn as run c1 (RMSprop lr 1e-4, decay 1e-6, categorical CE).
     pub fn keras_cnn<B: Backend>(backend: B) -> Sequential<B> {
-        let mut m = Sequential::new(backend, 1);
-        m.add(Conv2D::new(32, 3).same().activation(Act::Relu))
-            .add(Conv2D::new(32, 3).activation(Act::Relu))
-            .add(MaxPooling2D::new(2))
-            .add(Dropout::new(0.25))
-            .add(Conv2D::new(64, 3).same().activation(Act::Relu))
-            .add(Conv2D::new(64, 3).activation(Act::Relu))
-            .add(MaxPooling2D::new(2))
-            .add(Dropout::new(0.25))
-            .add(Flatten)
-            .add(Dense::new(512).activation(Act::Relu))
-            .add(Dropout::new(0.5))
-            .add(Dense::new(10).activation(Act::Softmax));
-        m.build(&[3, 32, 32]).unwrap();
+        let m = from_config("c1-keras-cnn-rmsprop-1e-4", backend);
         assert_eq!(m.count_params().0, 1_250_858);
-        m.compile(
-            rmsprop(),
-            Loss::CategoricalCrossentropy,
-            &[Metric::Accuracy],
-        )
-        .unwrap();
         m
     }
 
-    /// elu-cnn (seed 000), RMSprop lr 1e-4, decay 1e-6.
+    /// elu-cnn as run c11 (RMSprop lr 1e-4, decay 1e-6, categorical CE).
     pub fn elu_cnn<B: Backend>(backend: B) -> Sequential<B> {
-        let mut m = Sequential::new(backend, 1);
-        for filters in [128, 256, 512] {
-            m.add(Conv2D::new(filters, 3).same().activation(Act::Elu(1.0)))
-                .add(Conv2D::new(filters, 3).activation(Act::Elu(1.0)))
-                .add(MaxPooling2D::new(2))
-                .add(Dropout::new(0.25));
-        }
-        m.add(Flatten)
-            .add(Dense::new(1024).activation(Act::Elu(1.0)))
-            .add(Dropout::new(0.5))
-            .add(Dense::new(10).activation(Act::Softmax));
-        m.build(&[3, 32, 32]).unwrap();
-        m.compile(
-            rmsprop(),
-            Loss::CategoricalCrossentropy,
-            &[Metric::Accuracy],
-        )
-        .unwrap();
-        m
+        from_config("c11-elu-cnn-rmsprop", backend)
     }
 
-    /// The Fashion-MNIST mlp (266,610 parameters), SGD lr 0.01.
+    /// The Fashion-MNIST mlp as run f1 (SGD lr 0.01, sparse CE).
     pub fn mlp<B: Backend>(backend: B) -> Sequential<B> {
-        let mut m = Sequential::new(backend, 1);
-        m.add(Flatten)
-            .add(Dense::new(300).activation(Act::Relu))
-            .add(Dense::new(100).activation(Act::Relu))
-            .add(Dense::new(10).activation(Act::Softmax));
-        m.build(&[1, 28, 28]).unwrap();
+        let m = from_config("f1-mlp-sgd", backend);
         assert_eq!(m.count_params().0, 266_610);
-        m.compile(
-            Optimizer::sgd(0.01, 0.0, false).unwrap(),
-            Loss::SparseCategoricalCrossentropy,
-            &[Metric::Accuracy],
-        )
-        .unwrap();
         m
     }
 

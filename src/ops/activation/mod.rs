@@ -174,7 +174,7 @@ impl Activation {
 
     /// The checks of the element-wise ops, shared by both backends: the
     /// parameter, then every other buffer against the first one, `(what,
-    /// len)`, named "(same as <first>)" in the error.
+    /// len)`, named "(same as FIRST)" in the error.
     pub fn check_elementwise(&self, op: &'static str, bufs: &[(&str, usize)]) -> Result<()> {
         self.check(op)?;
         if let Some((&(first, n), rest)) = bufs.split_first() {

@@ -1,0 +1,21 @@
+// What the emulator's runtime and an emulated kernel share about a CUDA
+// thread: the built-in index types and the record a fiber reads its
+// threadIdx/blockIdx/blockDim/gridDim from, and the warp operations.
+#pragma once
+
+struct uint3 {
+    unsigned int x, y, z;
+};
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+
+namespace kemu {
+struct ThreadView {
+    uint3 thread_idx;
+    uint3 block_idx;
+    uint3 block_dim;
+    uint3 grid_dim;
+};
+enum WarpOp : int { WARP_SYNC = 0, SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, VOTE_BALLOT, VOTE_ANY, VOTE_ALL };
+}  // namespace kemu

@@ -1,0 +1,694 @@
+// The CUDA driver API as cudarc 0.19 calls it, for one emulated device.
+//
+// Streams execute synchronously: a launch or copy is complete when its call
+// returns, so its error is returned by that call (a GPU would report a
+// kernel fault at the next synchronization). Calls the emulator does not
+// implement are exported by stubs.cpp (generated) and return
+// CUDA_ERROR_NOT_SUPPORTED.
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <sstream>
+#include <thread>
+
+#include "runtime.h"
+
+namespace kemu {
+
+namespace {
+thread_local std::string t_detail;
+thread_local int t_detail_code = -1;
+
+uint64_t env_u64(const char* name, uint64_t fallback) {
+    const char* v = getenv(name);
+    if (!v || !*v) return fallback;
+    char* end;
+    unsigned long long x = strtoull(v, &end, 0);
+    if (*end) {
+        fprintf(stderr, "kemu: %s=%s is not a number; using %llu\n", name, v, (unsigned long long)fallback);
+        return fallback;
+    }
+    return x;
+}
+}  // namespace
+
+Result fail(Result code, const std::string& msg) {
+    t_detail = msg;
+    t_detail_code = code;
+    if (!config().quiet) fprintf(stderr, "kemu: error %d: %s\n", (int)code, msg.c_str());
+    return code;
+}
+
+const char* last_detail(int code) { return code == t_detail_code ? t_detail.c_str() : nullptr; }
+
+const Config& config() {
+    static const Config c = [] {
+        Config c;
+        const char* order = getenv("KEMU_ORDER");
+        std::string o = order ? order : "forward";
+        if (o == "forward") c.order = Order::Forward;
+        else if (o == "reverse") c.order = Order::Reverse;
+        else if (o == "random") c.order = Order::Random;
+        else fprintf(stderr, "kemu: KEMU_ORDER=%s is not forward, reverse or random; using forward\n", order);
+        c.seed = env_u64("KEMU_SEED", 1);
+        const char* cc = getenv("KEMU_COMPUTE_CAPABILITY");
+        if (cc && *cc) {
+            int major = 0, minor = 0;
+            if (sscanf(cc, "%d.%d", &major, &minor) == 2 && major >= 7) {
+                c.major = major;
+                c.minor = minor;
+            } else {
+                fprintf(stderr, "kemu: KEMU_COMPUTE_CAPABILITY=%s is not MAJOR.MINOR (>= 7.0); using 9.0\n", cc);
+            }
+        }
+        c.multiprocessors = (int)env_u64("KEMU_SMS", 4);
+        if (c.multiprocessors < 1) c.multiprocessors = 1;
+        c.memory_bytes = env_u64("KEMU_MEMORY_MIB", 8192) << 20;
+        unsigned hw = std::thread::hardware_concurrency();
+        c.workers = (unsigned)env_u64("KEMU_WORKERS", hw ? hw : 2);
+        if (c.workers < 1) c.workers = 1;
+#if defined(KEMU_MEMCHECK)
+        c.memcheck = true;
+#endif
+        c.quiet = env_u64("KEMU_QUIET", 0) != 0;
+        return c;
+    }();
+    return c;
+}
+
+const char* device_name() {
+    static const std::string n = [] {
+        std::ostringstream s;
+        s << "kestrel emulated CUDA device (CPU, not a GPU; sm_" << config().major << config().minor
+          << (config().memcheck ? ", memcheck" : "") << ")";
+        return s.str();
+    }();
+    return n.c_str();
+}
+
+}  // namespace kemu
+
+using namespace kemu;
+
+namespace {
+
+struct Context {
+    int device = 0;
+    int refs = 0;
+};
+struct Stream {
+    Context* ctx;
+};
+struct Event {
+    std::chrono::steady_clock::time_point t{};
+    bool recorded = false;
+    bool timing = true;
+};
+
+Context g_primary;
+std::mutex g_ctx_m;
+bool g_initialized = false;
+thread_local Context* t_current = nullptr;
+
+constexpr int DRIVER_VERSION = 12020;
+
+Result need_init() { return g_initialized ? OK : fail(ERR_NOT_INITIALIZED, "cuInit has not been called"); }
+
+Result check_device(int dev) {
+    if (Result r = need_init()) return r;
+    return dev == 0 ? OK : fail(ERR_INVALID_DEVICE, "device " + std::to_string(dev) + " requested; the emulator has one");
+}
+
+Result check_range(const char* call, uint64_t ptr, size_t bytes) {
+    if (bytes == 0 || mem_valid(ptr, bytes)) return OK;
+    std::ostringstream e;
+    e << call << ": [0x" << std::hex << ptr << ", +" << std::dec << bytes
+      << " bytes) is not inside one live device allocation";
+    return fail(ERR_INVALID_VALUE, e.str());
+}
+
+int attribute(int a) {
+    const Config& c = config();
+    switch (a) {
+        case 1: return 1024;             // MAX_THREADS_PER_BLOCK
+        case 2: return 1024;             // MAX_BLOCK_DIM_X
+        case 3: return 1024;             // MAX_BLOCK_DIM_Y
+        case 4: return 64;               // MAX_BLOCK_DIM_Z
+        case 5: return 2147483647;       // MAX_GRID_DIM_X
+        case 6: return 65535;            // MAX_GRID_DIM_Y
+        case 7: return 65535;            // MAX_GRID_DIM_Z
+        case 8: return 48 * 1024;        // MAX_SHARED_MEMORY_PER_BLOCK
+        case 9: return 64 * 1024;        // TOTAL_CONSTANT_MEMORY
+        case 10: return 32;              // WARP_SIZE
+        case 11: return 2147483647;      // MAX_PITCH
+        case 12: return 65536;           // MAX_REGISTERS_PER_BLOCK
+        case 13: return 1000000;         // CLOCK_RATE (kHz)
+        case 14: return 512;             // TEXTURE_ALIGNMENT
+        case 15: return 1;               // GPU_OVERLAP
+        case 16: return c.multiprocessors;  // MULTIPROCESSOR_COUNT
+        case 19: return 1;               // CAN_MAP_HOST_MEMORY
+        case 20: return 0;               // COMPUTE_MODE default
+        case 31: return 1;               // CONCURRENT_KERNELS
+        case 36: return 1000000;         // MEMORY_CLOCK_RATE
+        case 37: return 64;              // GLOBAL_MEMORY_BUS_WIDTH
+        case 38: return 4 << 20;         // L2_CACHE_SIZE
+        case 39: return 2048;            // MAX_THREADS_PER_MULTIPROCESSOR
+        case 40: return 1;               // ASYNC_ENGINE_COUNT
+        case 41: return 1;               // UNIFIED_ADDRESSING
+        case 75: return c.major;         // COMPUTE_CAPABILITY_MAJOR
+        case 76: return c.minor;         // COMPUTE_CAPABILITY_MINOR
+        case 81: return 228 * 1024;      // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+        case 82: return 65536;           // MAX_REGISTERS_PER_MULTIPROCESSOR
+        case 97: return 227 * 1024;      // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        case 106: return 32;             // MAX_BLOCKS_PER_MULTIPROCESSOR
+        case 115: return 1;              // MEMORY_POOLS_SUPPORTED
+        default: return 0;
+    }
+}
+
+}  // namespace
+
+// ---- errors --------------------------------------------------------------------
+
+static const char* error_name(int e) {
+    switch (e) {
+        case 0: return "CUDA_SUCCESS";
+        case 1: return "CUDA_ERROR_INVALID_VALUE";
+        case 2: return "CUDA_ERROR_OUT_OF_MEMORY";
+        case 3: return "CUDA_ERROR_NOT_INITIALIZED";
+        case 100: return "CUDA_ERROR_NO_DEVICE";
+        case 101: return "CUDA_ERROR_INVALID_DEVICE";
+        case 200: return "CUDA_ERROR_INVALID_IMAGE";
+        case 201: return "CUDA_ERROR_INVALID_CONTEXT";
+        case 218: return "CUDA_ERROR_INVALID_PTX";
+        case 400: return "CUDA_ERROR_INVALID_HANDLE";
+        case 500: return "CUDA_ERROR_NOT_FOUND";
+        case 600: return "CUDA_ERROR_NOT_READY";
+        case 700: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+        case 701: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
+        case 710: return "CUDA_ERROR_ASSERT";
+        case 719: return "CUDA_ERROR_LAUNCH_FAILED";
+        case 801: return "CUDA_ERROR_NOT_SUPPORTED";
+    }
+    return nullptr;
+}
+
+static const char* error_text(int e) {
+    switch (e) {
+        case 0: return "no error";
+        case 1: return "invalid argument";
+        case 2: return "out of memory";
+        case 3: return "initialization error";
+        case 100: return "no CUDA-capable device is detected";
+        case 101: return "invalid device ordinal";
+        case 200: return "device kernel image is invalid";
+        case 201: return "invalid device context";
+        case 218: return "a PTX JIT compilation failed";
+        case 400: return "invalid resource handle";
+        case 500: return "named symbol not found";
+        case 600: return "device not ready";
+        case 700: return "an illegal memory access was encountered";
+        case 701: return "too many resources requested for launch";
+        case 710: return "device-side assert triggered";
+        case 719: return "unspecified launch failure";
+        case 801: return "operation not supported";
+    }
+    return nullptr;
+}
+
+KEMU_API int cuGetErrorName(int e, const char** out) {
+    if (!out) return ERR_INVALID_VALUE;
+    const char* n = error_name(e);
+    if (!n) {
+        *out = nullptr;
+        return ERR_INVALID_VALUE;
+    }
+    *out = n;
+    return OK;
+}
+
+// The text of the code, followed by what the emulator found when this thread
+// last failed with it (which kernel, which rule, which source line).
+KEMU_API int cuGetErrorString(int e, const char** out) {
+    if (!out) return ERR_INVALID_VALUE;
+    const char* t = error_text(e);
+    if (!t) {
+        *out = nullptr;
+        return ERR_INVALID_VALUE;
+    }
+    thread_local std::string buf;
+    const char* d = last_detail(e);
+    if (d) {
+        buf = std::string(t) + " [emulated device: " + d + "]";
+        *out = buf.c_str();
+    } else {
+        *out = t;
+    }
+    return OK;
+}
+
+// ---- init, devices ----------------------------------------------------------------
+
+KEMU_API int cuInit(unsigned flags) {
+    if (flags != 0) return fail(ERR_INVALID_VALUE, "cuInit: flags must be 0");
+    g_initialized = true;
+    return OK;
+}
+
+KEMU_API int cuDriverGetVersion(int* v) {
+    if (!v) return ERR_INVALID_VALUE;
+    *v = DRIVER_VERSION;
+    return OK;
+}
+
+KEMU_API int cuDeviceGetCount(int* n) {
+    if (Result r = need_init()) return r;
+    if (!n) return ERR_INVALID_VALUE;
+    *n = 1;
+    return OK;
+}
+
+KEMU_API int cuDeviceGet(int* dev, int ordinal) {
+    if (Result r = check_device(ordinal)) return r;
+    if (!dev) return ERR_INVALID_VALUE;
+    *dev = ordinal;
+    return OK;
+}
+
+KEMU_API int cuDeviceGetName(char* name, int len, int dev) {
+    if (Result r = check_device(dev)) return r;
+    if (!name || len <= 0) return ERR_INVALID_VALUE;
+    snprintf(name, (size_t)len, "%s", device_name());
+    return OK;
+}
+
+KEMU_API int cuDeviceGetAttribute(int* v, int attr, int dev) {
+    if (Result r = check_device(dev)) return r;
+    if (!v) return ERR_INVALID_VALUE;
+    if (attr < 1 || attr > 140) return fail(ERR_INVALID_VALUE, "cuDeviceGetAttribute: unknown attribute " + std::to_string(attr));
+    *v = attribute(attr);
+    return OK;
+}
+
+KEMU_API int cuDeviceComputeCapability(int* major, int* minor, int dev) {
+    if (Result r = check_device(dev)) return r;
+    if (!major || !minor) return ERR_INVALID_VALUE;
+    *major = config().major;
+    *minor = config().minor;
+    return OK;
+}
+
+KEMU_API int cuDeviceTotalMem_v2(size_t* bytes, int dev) {
+    if (Result r = check_device(dev)) return r;
+    if (!bytes) return ERR_INVALID_VALUE;
+    *bytes = config().memory_bytes;
+    return OK;
+}
+
+KEMU_API int cuDeviceGetUuid(unsigned char* uuid, int dev) {
+    if (Result r = check_device(dev)) return r;
+    if (!uuid) return ERR_INVALID_VALUE;
+    const char tag[16] = {'k', 'e', 's', 't', 'r', 'e', 'l', '-', 'e', 'm', 'u', 'l', 'a', 't', 'e', 'd'};
+    memcpy(uuid, tag, 16);
+    return OK;
+}
+KEMU_API int cuDeviceGetUuid_v2(unsigned char* uuid, int dev) { return cuDeviceGetUuid(uuid, dev); }
+
+// ---- contexts -----------------------------------------------------------------------
+
+KEMU_API int cuDevicePrimaryCtxRetain(void** ctx, int dev) {
+    if (Result r = check_device(dev)) return r;
+    if (!ctx) return ERR_INVALID_VALUE;
+    std::lock_guard<std::mutex> g(g_ctx_m);
+    ++g_primary.refs;
+    *ctx = &g_primary;
+    return OK;
+}
+
+KEMU_API int cuDevicePrimaryCtxRelease_v2(int dev) {
+    if (Result r = check_device(dev)) return r;
+    std::lock_guard<std::mutex> g(g_ctx_m);
+    if (g_primary.refs > 0) --g_primary.refs;
+    return OK;
+}
+
+KEMU_API int cuDevicePrimaryCtxGetState(int dev, unsigned* flags, int* active) {
+    if (Result r = check_device(dev)) return r;
+    if (flags) *flags = 0;
+    if (active) *active = g_primary.refs > 0;
+    return OK;
+}
+
+KEMU_API int cuCtxSetCurrent(void* ctx) {
+    if (ctx && ctx != &g_primary) return fail(ERR_INVALID_CONTEXT, "cuCtxSetCurrent: unknown context");
+    t_current = static_cast<Context*>(ctx);
+    return OK;
+}
+
+KEMU_API int cuCtxGetCurrent(void** ctx) {
+    if (!ctx) return ERR_INVALID_VALUE;
+    *ctx = t_current;
+    return OK;
+}
+
+KEMU_API int cuCtxPushCurrent_v2(void* ctx) { return cuCtxSetCurrent(ctx); }
+KEMU_API int cuCtxPopCurrent_v2(void** ctx) {
+    if (ctx) *ctx = t_current;
+    t_current = nullptr;
+    return OK;
+}
+
+KEMU_API int cuCtxGetDevice(int* dev) {
+    if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuCtxGetDevice: no current context");
+    if (!dev) return ERR_INVALID_VALUE;
+    *dev = 0;
+    return OK;
+}
+
+KEMU_API int cuCtxSynchronize(void) { return t_current ? OK : fail(ERR_INVALID_CONTEXT, "cuCtxSynchronize: no current context"); }
+
+KEMU_API int cuCtxGetStreamPriorityRange(int* least, int* greatest) {
+    if (least) *least = 0;
+    if (greatest) *greatest = 0;
+    return OK;
+}
+
+KEMU_API int cuCtxSetLimit(int, size_t) { return OK; }
+KEMU_API int cuCtxGetLimit(size_t* v, int) {
+    if (!v) return ERR_INVALID_VALUE;
+    *v = 0;
+    return OK;
+}
+KEMU_API int cuCtxGetCacheConfig(int* c) {
+    if (c) *c = 0;
+    return OK;
+}
+KEMU_API int cuCtxSetCacheConfig(int) { return OK; }
+KEMU_API int cuCtxGetApiVersion(void*, unsigned* v) {
+    if (!v) return ERR_INVALID_VALUE;
+    *v = 3020;
+    return OK;
+}
+
+// ---- streams and events ---------------------------------------------------------------
+
+static Result check_stream(const char* call, void* s) {
+    // 0 is the legacy default stream; 1 and 2 the per-thread/legacy handles.
+    if ((uintptr_t)s <= 2) return t_current ? OK : fail(ERR_INVALID_CONTEXT, std::string(call) + ": no current context");
+    return OK;
+}
+
+KEMU_API int cuStreamCreate(void** s, unsigned) {
+    if (!s) return ERR_INVALID_VALUE;
+    if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuStreamCreate: no current context");
+    *s = new Stream{t_current};
+    return OK;
+}
+KEMU_API int cuStreamCreateWithPriority(void** s, unsigned flags, int) { return cuStreamCreate(s, flags); }
+KEMU_API int cuStreamDestroy_v2(void* s) {
+    if ((uintptr_t)s > 2) delete static_cast<Stream*>(s);
+    return OK;
+}
+KEMU_API int cuStreamSynchronize(void* s) { return check_stream("cuStreamSynchronize", s); }
+KEMU_API int cuStreamQuery(void* s) { return check_stream("cuStreamQuery", s); }
+KEMU_API int cuStreamWaitEvent(void* s, void*, unsigned) { return check_stream("cuStreamWaitEvent", s); }
+KEMU_API int cuStreamIsCapturing(void*, int* status) {
+    if (!status) return ERR_INVALID_VALUE;
+    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+    return OK;
+}
+
+KEMU_API int cuEventCreate(void** e, unsigned flags) {
+    if (!e) return ERR_INVALID_VALUE;
+    auto* ev = new Event;
+    ev->timing = !(flags & 0x2);  // CU_EVENT_DISABLE_TIMING
+    *e = ev;
+    return OK;
+}
+KEMU_API int cuEventDestroy_v2(void* e) {
+    delete static_cast<Event*>(e);
+    return OK;
+}
+KEMU_API int cuEventRecord(void* e, void*) {
+    if (!e) return ERR_INVALID_HANDLE;
+    auto* ev = static_cast<Event*>(e);
+    ev->t = std::chrono::steady_clock::now();
+    ev->recorded = true;
+    return OK;
+}
+KEMU_API int cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
+KEMU_API int cuEventSynchronize(void* e) { return e ? OK : ERR_INVALID_HANDLE; }
+KEMU_API int cuEventQuery(void* e) { return e ? OK : ERR_INVALID_HANDLE; }
+// Host time between the records: an emulated timing, never a GPU figure.
+KEMU_API int cuEventElapsedTime(float* ms, void* start, void* end) {
+    if (!ms || !start || !end) return ERR_INVALID_VALUE;
+    auto* a = static_cast<Event*>(start);
+    auto* b = static_cast<Event*>(end);
+    if (!a->timing || !b->timing) return fail(ERR_INVALID_HANDLE, "cuEventElapsedTime: an event was created with timing disabled");
+    if (!a->recorded || !b->recorded) return fail(ERR_NOT_READY, "cuEventElapsedTime: an event was never recorded");
+    *ms = std::chrono::duration<float, std::milli>(b->t - a->t).count();
+    return OK;
+}
+KEMU_API int cuEventElapsedTime_v2(float* ms, void* start, void* end) { return cuEventElapsedTime(ms, start, end); }
+
+// ---- memory ----------------------------------------------------------------------------
+
+KEMU_API int cuMemAlloc_v2(uint64_t* p, size_t bytes) {
+    if (!p) return ERR_INVALID_VALUE;
+    if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuMemAlloc: no current context");
+    Result r;
+    *p = mem_alloc(bytes, &r);
+    return r;
+}
+KEMU_API int cuMemAllocAsync(uint64_t* p, size_t bytes, void* s) {
+    if (Result r = check_stream("cuMemAllocAsync", s)) return r;
+    return cuMemAlloc_v2(p, bytes);
+}
+KEMU_API int cuMemFree_v2(uint64_t p) { return mem_free(p); }
+KEMU_API int cuMemFreeAsync(uint64_t p, void* s) {
+    if (Result r = check_stream("cuMemFreeAsync", s)) return r;
+    return mem_free(p);
+}
+KEMU_API int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    if (!free_bytes || !total) return ERR_INVALID_VALUE;
+    mem_info(free_bytes, total);
+    return OK;
+}
+
+// Page-locked host memory is ordinary host memory here.
+KEMU_API int cuMemAllocHost_v2(void** p, size_t bytes) {
+    if (!p) return ERR_INVALID_VALUE;
+    *p = malloc(bytes ? bytes : 1);
+    return *p ? OK : ERR_OUT_OF_MEMORY;
+}
+KEMU_API int cuMemHostAlloc(void** p, size_t bytes, unsigned) { return cuMemAllocHost_v2(p, bytes); }
+KEMU_API int cuMemFreeHost(void* p) {
+    free(p);
+    return OK;
+}
+
+KEMU_API int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
+    if (Result r = check_range("cuMemcpyHtoD", dst, bytes)) return r;
+    if (bytes) memcpy((void*)dst, src, bytes);
+    return OK;
+}
+KEMU_API int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) {
+    if (Result r = check_range("cuMemcpyDtoH", src, bytes)) return r;
+    if (bytes) memcpy(dst, (const void*)src, bytes);
+    return OK;
+}
+KEMU_API int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t bytes) {
+    if (Result r = check_range("cuMemcpyDtoD (destination)", dst, bytes)) return r;
+    if (Result r = check_range("cuMemcpyDtoD (source)", src, bytes)) return r;
+    if (bytes) memmove((void*)dst, (const void*)src, bytes);
+    return OK;
+}
+KEMU_API int cuMemcpy(uint64_t dst, uint64_t src, size_t bytes) {
+    // Unified addressing: either side may be host or device memory.
+    if (bytes) memmove((void*)dst, (const void*)src, bytes);
+    return OK;
+}
+KEMU_API int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t bytes, void* s) {
+    if (Result r = check_stream("cuMemcpyHtoDAsync", s)) return r;
+    return cuMemcpyHtoD_v2(dst, src, bytes);
+}
+KEMU_API int cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t bytes, void* s) {
+    if (Result r = check_stream("cuMemcpyDtoHAsync", s)) return r;
+    return cuMemcpyDtoH_v2(dst, src, bytes);
+}
+KEMU_API int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void* s) {
+    if (Result r = check_stream("cuMemcpyDtoDAsync", s)) return r;
+    return cuMemcpyDtoD_v2(dst, src, bytes);
+}
+KEMU_API int cuMemcpyAsync(uint64_t dst, uint64_t src, size_t bytes, void* s) {
+    if (Result r = check_stream("cuMemcpyAsync", s)) return r;
+    return cuMemcpy(dst, src, bytes);
+}
+
+KEMU_API int cuMemsetD8_v2(uint64_t dst, unsigned char v, size_t n) {
+    if (Result r = check_range("cuMemsetD8", dst, n)) return r;
+    if (n) memset((void*)dst, v, n);
+    return OK;
+}
+KEMU_API int cuMemsetD8Async(uint64_t dst, unsigned char v, size_t n, void* s) {
+    if (Result r = check_stream("cuMemsetD8Async", s)) return r;
+    return cuMemsetD8_v2(dst, v, n);
+}
+KEMU_API int cuMemsetD16_v2(uint64_t dst, unsigned short v, size_t n) {
+    if (dst % 2) return fail(ERR_INVALID_VALUE, "cuMemsetD16: destination not 2-byte aligned");
+    if (Result r = check_range("cuMemsetD16", dst, n * 2)) return r;
+    for (size_t i = 0; i < n; ++i) ((unsigned short*)dst)[i] = v;
+    return OK;
+}
+KEMU_API int cuMemsetD32_v2(uint64_t dst, unsigned v, size_t n) {
+    if (dst % 4) return fail(ERR_INVALID_VALUE, "cuMemsetD32: destination not 4-byte aligned");
+    if (Result r = check_range("cuMemsetD32", dst, n * 4)) return r;
+    for (size_t i = 0; i < n; ++i) ((unsigned*)dst)[i] = v;
+    return OK;
+}
+KEMU_API int cuMemsetD16Async(uint64_t dst, unsigned short v, size_t n, void* s) {
+    if (Result r = check_stream("cuMemsetD16Async", s)) return r;
+    return cuMemsetD16_v2(dst, v, n);
+}
+KEMU_API int cuMemsetD32Async(uint64_t dst, unsigned v, size_t n, void* s) {
+    if (Result r = check_stream("cuMemsetD32Async", s)) return r;
+    return cuMemsetD32_v2(dst, v, n);
+}
+
+// ---- modules and functions ------------------------------------------------------------------
+
+KEMU_API int cuModuleLoadData(void** module, const void* image) {
+    if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuModuleLoadData: no current context");
+    Module* m = nullptr;
+    Result r = module_load_ptx(static_cast<const char*>(image), &m);
+    if (r == OK) *module = m;
+    return r;
+}
+KEMU_API int cuModuleLoadDataEx(void** module, const void* image, unsigned, void*, void**) {
+    return cuModuleLoadData(module, image);
+}
+KEMU_API int cuModuleUnload(void* module) {
+    module_unload(static_cast<Module*>(module));
+    return OK;
+}
+KEMU_API int cuModuleGetFunction(void** f, void* module, const char* name) {
+    if (!f || !module || !name) return ERR_INVALID_VALUE;
+    auto* m = static_cast<Module*>(module);
+    auto it = m->functions.find(name);
+    if (it == m->functions.end())
+        return fail(ERR_NOT_FOUND, std::string("cuModuleGetFunction: the module has no entry named ") + name);
+    *f = it->second.get();
+    return OK;
+}
+
+KEMU_API int cuFuncGetAttribute(int* v, int attr, void* fp) {
+    if (!v || !fp) return ERR_INVALID_VALUE;
+    auto* f = static_cast<Function*>(fp);
+    switch (attr) {
+        case 0: *v = (int)f->max_threads; break;        // MAX_THREADS_PER_BLOCK
+        case 1: *v = (int)f->static_shared; break;      // SHARED_SIZE_BYTES
+        case 2: *v = 0; break;                          // CONST_SIZE_BYTES
+        case 3: *v = 0; break;                          // LOCAL_SIZE_BYTES
+        case 4: *v = 32; break;                         // NUM_REGS (not modelled)
+        case 5: *v = 82; break;                         // PTX_VERSION (ISA 8.2)
+        case 6: *v = config().major * 10 + config().minor;  // BINARY_VERSION
+            break;
+        case 8: *v = f->max_dynamic_shared; break;      // MAX_DYNAMIC_SHARED_SIZE_BYTES
+        case 9: *v = -1; break;                         // PREFERRED_SHARED_MEMORY_CARVEOUT
+        default: *v = 0;
+    }
+    return OK;
+}
+
+KEMU_API int cuFuncSetAttribute(void* fp, int attr, int value) {
+    if (!fp) return ERR_INVALID_HANDLE;
+    auto* f = static_cast<Function*>(fp);
+    if (attr == 8) {  // MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if (value < 0 || (size_t)value + f->static_shared > 227 * 1024)
+            return fail(ERR_INVALID_VALUE, "cuFuncSetAttribute: " + f->name + ": " + std::to_string(value) +
+                                               " bytes of dynamic shared memory plus " +
+                                               std::to_string(f->static_shared) +
+                                               " static exceed the device's 227 KiB per block");
+        f->max_dynamic_shared = value;
+        return OK;
+    }
+    if (attr == 9) return OK;  // carveout: a hint
+    return fail(ERR_NOT_SUPPORTED, "cuFuncSetAttribute: attribute " + std::to_string(attr) + " is not emulated");
+}
+KEMU_API int cuFuncSetCacheConfig(void*, int) { return OK; }
+
+KEMU_API int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* fp, int threads, size_t dyn) {
+    if (!n || !fp || threads <= 0) return ERR_INVALID_VALUE;
+    auto* f = static_cast<Function*>(fp);
+    int by_threads = 2048 / threads;
+    size_t smem = f->static_shared + dyn;
+    int by_smem = smem ? (int)((228 * 1024) / smem) : 32;
+    *n = std::max(0, std::min({by_threads, by_smem, 32}));
+    return OK;
+}
+KEMU_API int cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, void* f, int threads, size_t dyn, unsigned) {
+    return cuOccupancyMaxActiveBlocksPerMultiprocessor(n, f, threads, dyn);
+}
+
+// ---- launches ------------------------------------------------------------------------------------
+
+KEMU_API int cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                            unsigned shared, void* stream, void** params, void** extra) {
+    if (!fp) return fail(ERR_INVALID_HANDLE, "cuLaunchKernel: null function");
+    auto* f = static_cast<Function*>(fp);
+    if (Result r = check_stream("cuLaunchKernel", stream)) return r;
+    std::ostringstream e;
+    e << "cuLaunchKernel " << f->name << ": ";
+    if (extra) return fail(ERR_NOT_SUPPORTED, e.str() + "the `extra` argument form is not emulated");
+    if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0) {
+        e << "grid (" << gx << "," << gy << "," << gz << ") or block (" << bx << "," << by << "," << bz
+          << ") has a zero dimension";
+        return fail(ERR_INVALID_VALUE, e.str());
+    }
+    if (bx > 1024 || by > 1024 || bz > 64 || (uint64_t)bx * by * bz > 1024) {
+        e << "block (" << bx << "," << by << "," << bz << ") = " << (uint64_t)bx * by * bz
+          << " threads; the limits are 1024 threads per block, 1024 x 1024 x 64";
+        return fail(ERR_INVALID_VALUE, e.str());
+    }
+    if (gx > 2147483647u || gy > 65535 || gz > 65535) {
+        e << "grid (" << gx << "," << gy << "," << gz << "); the limits are 2^31-1 x 65535 x 65535";
+        return fail(ERR_INVALID_VALUE, e.str());
+    }
+    if ((uint64_t)bx * by * bz > f->max_threads) {
+        e << (uint64_t)bx * by * bz << " threads per block, but the kernel is compiled for at most "
+          << f->max_threads << " (__launch_bounds__ / .maxntid)";
+        return fail(ERR_LAUNCH_OUT_OF_RESOURCES, e.str());
+    }
+    if (shared > (unsigned)f->max_dynamic_shared || f->static_shared + shared > 227 * 1024) {
+        e << f->static_shared << " bytes of static and " << shared
+          << " bytes of dynamic shared memory; without cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) the limit "
+             "is 48 KiB in all (now "
+          << f->max_dynamic_shared << " bytes of dynamic)";
+        return fail(ERR_INVALID_VALUE, e.str());
+    }
+    if (f->static_shared + shared > 48 * 1024 && f->max_dynamic_shared <= 48 * 1024) {
+        e << f->static_shared << " bytes of static and " << shared
+          << " bytes of dynamic shared memory exceed 48 KiB without the opt-in attribute";
+        return fail(ERR_INVALID_VALUE, e.str());
+    }
+    const ModuleTable* t = module_table(f->module->emu);
+    for (unsigned i = 0; i < t->dynamic_shared_count; ++i)
+        if (shared > t->dynamic_shared[i].capacity) {
+            e << shared << " bytes of dynamic shared memory; the emulator holds " << t->dynamic_shared[i].capacity;
+            return fail(ERR_INVALID_VALUE, e.str());
+        }
+    if (f->entry->param_count > 0 && !params)
+        return fail(ERR_INVALID_VALUE, e.str() + "kernelParams is null but the kernel takes parameters");
+    for (unsigned i = 0; i < f->entry->param_count; ++i)
+        if (!params[i]) {
+            e << "kernelParams[" << i << "] is null";
+            return fail(ERR_INVALID_VALUE, e.str());
+        }
+    LaunchShape s{{gx, gy, gz}, {bx, by, bz}, shared};
+    return launch(f, s, params);
+}
+
+// The emulator's own entry points (not CUDA's): whether this driver is the
+// emulator, for tools that must not record its timings as GPU figures.
+KEMU_API const char* kemu_device_name(void) { return device_name(); }

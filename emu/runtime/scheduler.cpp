@@ -1,0 +1,620 @@
+// The block scheduler: runs a launch's blocks in parallel on a pool of OS
+// threads, and the threads of each block as cooperative fibers on one of
+// them, enforcing the synchronization rules a GPU relies on.
+//
+// A block runs in rounds. In a round every runnable thread runs (in forward,
+// reverse or seeded random order) until it reaches a barrier, a warp
+// operation or its end. Then the waits are resolved:
+// - a warp operation completes when every lane named in its mask waits at
+//   the same call site with the same operation and mask; a lane of the mask
+//   that has exited, waits elsewhere, or does not exist fails the launch;
+// - a barrier completes when every thread of the block waits at the same
+//   __syncthreads; a barrier reached after some threads returned, or
+//   different barriers reached by different threads, fail the launch.
+// Since nothing is runnable when the waits are resolved, a wait that cannot
+// complete is a deadlock on hardware, and is reported as one here.
+#include <boost/context/fiber.hpp>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <sstream>
+#include <thread>
+
+#include "runtime.h"
+
+#if defined(KEMU_MEMCHECK)
+#include <sanitizer/asan_interface.h>
+#endif
+
+namespace ctx = boost::context;
+
+namespace kemu {
+namespace {
+
+enum class State : uint8_t { Runnable, Barrier, Warp, Exited };
+
+struct Block;
+
+struct Thread {
+    ThreadView view;
+    unsigned linear = 0, warp = 0, lane = 0;
+    State state = State::Runnable;
+    const char* file = nullptr;
+    int line = 0;
+    // The pending warp operation.
+    int op = 0;
+    unsigned mask = 0;
+    unsigned long long value = 0, result = 0;
+    int arg = 0, width = 32;
+    Block* block = nullptr;
+    ctx::fiber fiber;  // resumes this thread
+    ctx::fiber sink;   // resumes the scheduler (held while running)
+    bool started = false;
+};
+
+// Fiber stacks, reused across blocks and launches on one OS thread: mmap'd
+// with a guard page below, so an overflow faults instead of corrupting.
+class StackPool {
+   public:
+    explicit StackPool(size_t size) : size_(size) {}
+    ~StackPool() {
+        for (auto& s : free_) munmap(static_cast<char*>(s.sp) - s.size - page(), s.size + page());
+    }
+    ctx::stack_context take() {
+        if (!free_.empty()) {
+            ctx::stack_context s = free_.back();
+            free_.pop_back();
+            return s;
+        }
+        void* base = mmap(nullptr, size_ + page(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                          -1, 0);
+        if (base == MAP_FAILED) throw std::bad_alloc();
+        mprotect(base, page(), PROT_NONE);
+        ctx::stack_context s;
+        s.size = size_;
+        s.sp = static_cast<char*>(base) + page() + size_;
+        return s;
+    }
+    void give(ctx::stack_context& s) noexcept { free_.push_back(s); }
+
+   private:
+    static size_t page() { return 4096; }
+    size_t size_;
+    std::vector<ctx::stack_context> free_;
+};
+
+struct PooledStack {
+    StackPool* pool;
+    ctx::stack_context allocate() { return pool->take(); }
+    void deallocate(ctx::stack_context& s) noexcept { pool->give(s); }
+};
+
+struct Launch {
+    Function* fn;
+    LaunchShape shape;
+    void** args;
+    uint64_t id;
+    uint64_t blocks;
+    std::atomic<uint64_t> next{0};
+    std::atomic<uint64_t> finished{0};
+    std::atomic<bool> failed{false};
+    std::mutex m;
+    std::condition_variable done;
+    Result code = OK;
+    std::string message;
+
+    void fail_with(Result c, const std::string& msg) {
+        std::lock_guard<std::mutex> g(m);
+        if (!failed.exchange(true)) {
+            code = c;
+            message = msg;
+        }
+    }
+};
+
+struct Block {
+    Launch* launch;
+    uint3 idx;
+    std::vector<Thread>* threads;
+    unsigned count;
+    bool aborting = false;
+    Result code = OK;
+    std::string message;
+};
+
+thread_local Thread* g_current = nullptr;
+// Every OS thread that runs blocks keeps its stacks and thread records.
+thread_local std::unique_ptr<StackPool> g_stacks;
+thread_local std::vector<Thread> g_threads;
+
+std::string where(const char* file, int line) {
+    std::ostringstream s;
+    s << (file ? file : "?") << ":" << line;
+    return s.str();
+}
+
+std::string tid_string(const Thread& t) {
+    std::ostringstream s;
+    s << "(" << t.view.thread_idx.x << "," << t.view.thread_idx.y << "," << t.view.thread_idx.z << ")";
+    return s.str();
+}
+
+std::string block_prefix(const Block& b) {
+    std::ostringstream s;
+    s << "kernel " << b.launch->fn->name << ", block (" << b.idx.x << "," << b.idx.y << "," << b.idx.z << ")";
+    return s.str();
+}
+
+const char* op_name(int op) {
+    switch (op) {
+        case WARP_SYNC: return "__syncwarp";
+        case SHFL_IDX: return "__shfl_sync";
+        case SHFL_UP: return "__shfl_up_sync";
+        case SHFL_DOWN: return "__shfl_down_sync";
+        case SHFL_XOR: return "__shfl_xor_sync";
+        case VOTE_BALLOT: return "__ballot_sync";
+        case VOTE_ANY: return "__any_sync";
+        case VOTE_ALL: return "__all_sync";
+    }
+    return "warp operation";
+}
+
+// The block fails; the running fiber (if any) parks until it is unwound.
+void block_fail(Block& b, Result code, const std::string& msg) {
+    if (!b.aborting) {
+        b.aborting = true;
+        b.code = code;
+        b.message = block_prefix(b) + ": " + msg;
+    }
+}
+
+void park(Thread* t) {
+    // Back to the scheduler; it never resumes a failed block's threads (it
+    // unwinds them), so this returns only for a live block.
+    t->sink = std::move(t->sink).resume();
+}
+
+uint64_t splitmix(uint64_t& s) {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Completes the warp operations whose every named lane is waiting at it.
+// Returns whether any completed; fails the block on a broken rule.
+bool resolve_warps(Block& b) {
+    std::vector<Thread>& ts = *b.threads;
+    bool progress = false;
+    for (unsigned w = 0; w * 32 < b.count && !b.aborting; ++w) {
+        const unsigned base = w * 32, lanes = std::min(32u, b.count - base);
+        for (unsigned l = 0; l < lanes && !b.aborting; ++l) {
+            Thread& lead = ts[base + l];
+            if (lead.state != State::Warp) continue;
+            const unsigned mask = lead.mask;
+            // Check every lane the mask names.
+            for (unsigned k = 0; k < 32; ++k) {
+                if (!(mask >> k & 1u)) continue;
+                std::ostringstream e;
+                if (k >= lanes) {
+                    e << op_name(lead.op) << " at " << where(lead.file, lead.line) << " (thread " << tid_string(lead)
+                      << ") names lane " << k << " of warp " << w << " in mask 0x" << std::hex << mask << std::dec
+                      << ", but the block has only " << lanes << " threads in that warp";
+                    block_fail(b, ERR_LAUNCH_FAILED, e.str());
+                    break;
+                }
+                Thread& o = ts[base + k];
+                if (o.state == State::Exited) {
+                    e << op_name(lead.op) << " at " << where(lead.file, lead.line) << " with mask 0x" << std::hex
+                      << mask << std::dec << ": lane " << k << " (thread " << tid_string(o)
+                      << ") has exited and will never reach it (lane " << l << ", thread " << tid_string(lead)
+                      << ", waits)";
+                    block_fail(b, ERR_LAUNCH_FAILED, e.str());
+                    break;
+                }
+                if (o.state == State::Barrier) {
+                    e << op_name(lead.op) << " at " << where(lead.file, lead.line) << " with mask 0x" << std::hex
+                      << mask << std::dec << " waits for lane " << k << " (thread " << tid_string(o)
+                      << "), which waits at __syncthreads at " << where(o.file, o.line) << ": a deadlock on a GPU";
+                    block_fail(b, ERR_LAUNCH_FAILED, e.str());
+                    break;
+                }
+                if (o.op != lead.op || o.mask != mask || o.file != lead.file || o.line != lead.line ||
+                    o.width != lead.width) {
+                    e << "divergent warp operations in warp " << w << ": lane " << l << " (thread "
+                      << tid_string(lead) << ") waits at " << op_name(lead.op) << " at "
+                      << where(lead.file, lead.line) << " with mask 0x" << std::hex << mask << ", lane " << std::dec
+                      << k << " (thread " << tid_string(o) << ") at " << op_name(o.op) << " at "
+                      << where(o.file, o.line) << " with mask 0x" << std::hex << o.mask;
+                    block_fail(b, ERR_LAUNCH_FAILED, e.str());
+                    break;
+                }
+            }
+            if (b.aborting) break;
+            // Everyone is here: compute each lane's result (PTX shfl.sync /
+            // vote.sync semantics).
+            unsigned ballot = 0;
+            for (unsigned k = 0; k < 32; ++k)
+                if (mask >> k & 1u && ts[base + k].value) ballot |= 1u << k;
+            const int width = lead.width;
+            const bool pow2 = width >= 1 && width <= 32 && (width & (width - 1)) == 0;
+            for (unsigned k = 0; k < 32 && !b.aborting; ++k) {
+                if (!(mask >> k & 1u)) continue;
+                Thread& t = ts[base + k];
+                switch (lead.op) {
+                    case WARP_SYNC: t.result = 0; break;
+                    case VOTE_BALLOT: t.result = ballot; break;
+                    case VOTE_ANY: t.result = ballot != 0; break;
+                    case VOTE_ALL: t.result = ballot == mask; break;
+                    default: {
+                        if (!pow2) {
+                            block_fail(b, ERR_LAUNCH_FAILED,
+                                       std::string(op_name(lead.op)) + " at " + where(lead.file, lead.line) +
+                                           ": width " + std::to_string(width) + " is not a power of two in [1, 32]");
+                            break;
+                        }
+                        const int c = (lead.op == SHFL_UP ? 0 : 0x1f) | ((32 - width) << 8);
+                        const int segmask = (c >> 8) & 0x1f, cval = c & 0x1f;
+                        const int lane = (int)k;
+                        const int max_lane = (lane & segmask) | (cval & ~segmask);
+                        const int min_lane = lane & segmask;
+                        const int bval = t.arg;
+                        int j = lane;
+                        bool in_range = false;
+                        switch (lead.op) {
+                            case SHFL_IDX:
+                                j = min_lane | (bval & ~segmask & 0x1f);
+                                in_range = j <= max_lane;
+                                break;
+                            case SHFL_UP:
+                                j = lane - bval;
+                                in_range = j >= max_lane;
+                                break;
+                            case SHFL_DOWN:
+                                j = lane + bval;
+                                in_range = j <= max_lane;
+                                break;
+                            case SHFL_XOR:
+                                j = lane ^ (bval & 0x1f);
+                                in_range = j <= max_lane;
+                                break;
+                        }
+                        if (!in_range) j = lane;
+                        if (!(mask >> j & 1u)) {
+                            std::ostringstream e;
+                            e << op_name(lead.op) << " at " << where(lead.file, lead.line) << ": lane " << k
+                              << " reads lane " << j << ", which is outside the mask 0x" << std::hex << mask
+                              << " (the value is undefined on a GPU)";
+                            block_fail(b, ERR_LAUNCH_FAILED, e.str());
+                            break;
+                        }
+                        t.result = ts[base + j].value;
+                    }
+                }
+            }
+            if (b.aborting) break;
+            for (unsigned k = 0; k < 32; ++k)
+                if (mask >> k & 1u) ts[base + k].state = State::Runnable;
+            progress = true;
+        }
+    }
+    return progress;
+}
+
+// Releases a barrier that every thread reached; fails the block otherwise.
+bool resolve_barrier(Block& b) {
+    std::vector<Thread>& ts = *b.threads;
+    const Thread* first_wait = nullptr;
+    const Thread* first_exit = nullptr;
+    unsigned waiting = 0;
+    for (unsigned i = 0; i < b.count; ++i) {
+        const Thread& t = ts[i];
+        if (t.state == State::Barrier) {
+            ++waiting;
+            if (!first_wait) first_wait = &t;
+        } else if (t.state == State::Exited) {
+            if (!first_exit) first_exit = &t;
+        }
+    }
+    if (!first_wait) return false;
+    if (first_exit) {
+        std::ostringstream e;
+        e << "__syncthreads at " << where(first_wait->file, first_wait->line) << " reached by " << waiting
+          << " thread(s) (first " << tid_string(*first_wait) << ") after thread " << tid_string(*first_exit)
+          << " returned: a barrier must be reached by every thread of the block";
+        block_fail(b, ERR_LAUNCH_FAILED, e.str());
+        return false;
+    }
+    for (unsigned i = 0; i < b.count; ++i) {
+        const Thread& t = ts[i];
+        if (t.state == State::Barrier && (t.file != first_wait->file || t.line != first_wait->line)) {
+            std::ostringstream e;
+            e << "divergent __syncthreads: thread " << tid_string(*first_wait) << " waits at "
+              << where(first_wait->file, first_wait->line) << ", thread " << tid_string(t) << " at "
+              << where(t.file, t.line);
+            block_fail(b, ERR_LAUNCH_FAILED, e.str());
+            return false;
+        }
+    }
+    for (unsigned i = 0; i < b.count; ++i) ts[i].state = State::Runnable;
+    return true;
+}
+
+void poison_shared(const Launch& L) {
+    const EmuModule* m = L.fn->module->emu;
+    unsigned char* base;
+    size_t size;
+    tls_block(m, &base, &size);
+    // 0xff bytes are a NaN in f32 and f64 and all-ones in integers.
+    if (base && size) std::memset(base, 0xff, size);
+}
+
+void run_block(Launch& L, uint64_t linear) {
+    if (!g_stacks) g_stacks.reset(new StackPool(config().memcheck ? (512u << 10) : (128u << 10)));
+    const LaunchShape& s = L.shape;
+    const unsigned count = s.block[0] * s.block[1] * s.block[2];
+    Block b;
+    b.launch = &L;
+    b.idx = uint3{(unsigned)(linear % s.grid[0]), (unsigned)(linear / s.grid[0] % s.grid[1]),
+                  (unsigned)(linear / ((uint64_t)s.grid[0] * s.grid[1]))};
+    b.count = count;
+    std::vector<Thread>& ts = g_threads;
+    if (ts.size() < count) ts.resize(count);
+    b.threads = &ts;
+    for (unsigned i = 0; i < count; ++i) {
+        Thread& t = ts[i];
+        t.view.thread_idx = uint3{i % s.block[0], i / s.block[0] % s.block[1], i / (s.block[0] * s.block[1])};
+        t.view.block_idx = b.idx;
+        t.view.block_dim = uint3{s.block[0], s.block[1], s.block[2]};
+        t.view.grid_dim = uint3{s.grid[0], s.grid[1], s.grid[2]};
+        t.linear = i;
+        t.warp = i / 32;
+        t.lane = i % 32;
+        t.state = State::Runnable;
+        t.block = &b;
+        t.started = false;
+        t.file = nullptr;
+        t.line = 0;
+    }
+    poison_shared(L);
+
+    const EntryInfo* entry = L.fn->entry;
+    void** args = L.args;
+    std::vector<unsigned> order(count);
+    for (unsigned i = 0; i < count; ++i) order[i] = i;
+    if (config().order == Order::Reverse) std::reverse(order.begin(), order.end());
+    uint64_t rng = config().seed ^ (L.id * 0x9E3779B97F4A7C15ull) ^ (linear * 0xD1B54A32D192ED03ull);
+
+    unsigned exited = 0;
+    while (!b.aborting) {
+        if (config().order == Order::Random) {
+            for (unsigned i = count; i > 1; --i) std::swap(order[i - 1], order[splitmix(rng) % i]);
+        }
+        for (unsigned oi = 0; oi < count && !b.aborting; ++oi) {
+            Thread& t = ts[order[oi]];
+            if (t.state != State::Runnable) continue;
+            g_current = &t;
+            if (!t.started) {
+                t.started = true;
+                t.fiber = ctx::fiber(std::allocator_arg, PooledStack{g_stacks.get()},
+                                     [&t, entry, args](ctx::fiber&& sink) {
+                                         t.sink = std::move(sink);
+                                         entry->invoke(args);
+                                         t.state = State::Exited;
+                                         return std::move(t.sink);
+                                     });
+            }
+            t.fiber = std::move(t.fiber).resume();
+            g_current = nullptr;
+            if (t.state == State::Exited) ++exited;
+        }
+        if (b.aborting || exited == count) break;
+        if (resolve_warps(b)) continue;
+        if (b.aborting) break;
+        if (resolve_barrier(b)) continue;
+        if (b.aborting) break;
+        // Nothing can run and nothing can be released.
+        block_fail(b, ERR_LAUNCH_FAILED, "deadlock: no thread can make progress");
+    }
+    if (b.aborting) {
+        // Unwind the parked fibers (their destructors resume them with a
+        // forced unwind), then report.
+        for (unsigned i = 0; i < count; ++i) {
+            g_current = &ts[i];
+            ts[i].fiber = ctx::fiber();
+        }
+        g_current = nullptr;
+        L.fail_with(b.code, b.message);
+    }
+    for (unsigned i = 0; i < count; ++i) ts[i].sink = ctx::fiber();
+}
+
+// ---- the worker pool ---------------------------------------------------------
+// Workers help with whichever launch is queued; the launching thread works
+// on its own launch too, so a launch never waits for a free worker.
+class Pool {
+   public:
+    explicit Pool(unsigned n) {
+        for (unsigned i = 0; i < n; ++i) workers_.emplace_back([this] { work(); });
+    }
+    ~Pool() {
+        {
+            std::lock_guard<std::mutex> g(m_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        for (auto& w : workers_) w.join();
+    }
+    void post(Launch* L) {
+        {
+            std::lock_guard<std::mutex> g(m_);
+            queue_.push_back(L);
+        }
+        cv_.notify_all();
+    }
+    // Takes L off the queue and waits until no worker holds it, so that the
+    // caller may destroy it.
+    void retire(Launch* L) {
+        std::unique_lock<std::mutex> g(m_);
+        queue_.erase(std::remove(queue_.begin(), queue_.end(), L), queue_.end());
+        idle_.wait(g, [&] { return busy_.find(L) == busy_.end(); });
+    }
+
+   private:
+    void work() {
+        for (;;) {
+            Launch* L;
+            {
+                std::unique_lock<std::mutex> g(m_);
+                cv_.wait(g, [this] { return stop_ || !queue_.empty(); });
+                if (stop_) return;
+                L = queue_.front();
+                // Pin the launch while working on it: its owner retires it
+                // only after every claimed block finished.
+                ++busy_[L];
+            }
+            run_blocks(*L);
+            {
+                std::lock_guard<std::mutex> g(m_);
+                queue_.erase(std::remove(queue_.begin(), queue_.end(), L), queue_.end());
+                if (--busy_[L] == 0) busy_.erase(L);
+            }
+            idle_.notify_all();
+        }
+    }
+
+   public:
+    static void run_blocks(Launch& L) {
+        for (;;) {
+            const uint64_t i = L.next.fetch_add(1);
+            if (i >= L.blocks) return;
+            if (!L.failed.load()) run_block(L, i);
+            if (L.finished.fetch_add(1) + 1 == L.blocks) {
+                std::lock_guard<std::mutex> g(L.m);
+                L.done.notify_all();
+            }
+        }
+    }
+
+   private:
+    std::mutex m_;
+    std::condition_variable cv_, idle_;
+    std::deque<Launch*> queue_;
+    std::map<Launch*, int> busy_;
+    std::vector<std::thread> workers_;
+    bool stop_ = false;
+};
+
+Pool& pool() {
+    // Leaked on purpose: worker threads must outlive every static destructor
+    // that might still launch.
+    static Pool* p = new Pool(config().workers > 1 ? config().workers - 1 : 0);
+    return *p;
+}
+
+std::atomic<uint64_t> g_launch_ids{0};
+
+}  // namespace
+
+#if defined(KEMU_MEMCHECK)
+// AddressSanitizer reports through this callback (with
+// -fsanitize-recover=address and halt_on_error=0 the kernel goes on, and the
+// launch fails with the report): the report names the kernel's frames.
+static std::mutex g_asan_m;
+static std::string g_asan_report;
+static std::atomic<bool> g_asan_hit{false};
+static void asan_report(const char* report) {
+    std::lock_guard<std::mutex> g(g_asan_m);
+    if (!g_asan_hit.exchange(true)) g_asan_report = report;
+}
+#endif
+
+Result launch(Function* f, const LaunchShape& shape, void** args) {
+#if defined(KEMU_MEMCHECK)
+    static std::once_flag once;
+    std::call_once(once, [] { __asan_set_error_report_callback(asan_report); });
+#endif
+    Launch L;
+    L.fn = f;
+    L.shape = shape;
+    L.args = args;
+    L.id = g_launch_ids.fetch_add(1);
+    L.blocks = (uint64_t)shape.grid[0] * shape.grid[1] * shape.grid[2];
+    if (L.blocks > 1) pool().post(&L);
+    Pool::run_blocks(L);
+    {
+        std::unique_lock<std::mutex> g(L.m);
+        L.done.wait(g, [&] { return L.finished.load() == L.blocks; });
+    }
+    if (L.blocks > 1) pool().retire(&L);
+#if defined(KEMU_MEMCHECK)
+    if (g_asan_hit.exchange(false)) {
+        std::lock_guard<std::mutex> g(g_asan_m);
+        return fail(ERR_ILLEGAL_ADDRESS, "kernel " + f->name + ": AddressSanitizer found an invalid device memory access:\n" +
+                                             g_asan_report);
+    }
+#endif
+    if (L.failed.load()) return fail(L.code, L.message);
+    return OK;
+}
+
+}  // namespace kemu
+
+// ---- the built-ins kernels call (kemu/simt.h) ---------------------------------
+using namespace kemu;
+
+KEMU_API const ThreadView* kemu_self(void) { return &g_current->view; }
+
+KEMU_API void kemu_syncthreads(const char* file, int line) {
+    Thread* t = g_current;
+    t->state = State::Barrier;
+    t->file = file;
+    t->line = line;
+    park(t);
+}
+
+KEMU_API unsigned long long kemu_warp_op(int op, unsigned mask, unsigned long long value, int arg, int width,
+                                         const char* file, int line) {
+    Thread* t = g_current;
+    if (!(mask >> t->lane & 1u)) {
+        std::ostringstream e;
+        e << op_name(op) << " at " << where(file, line) << ": thread " << tid_string(*t) << " (lane " << t->lane
+          << ") is not in its own mask 0x" << std::hex << mask;
+        block_fail(*t->block, ERR_LAUNCH_FAILED, e.str());
+        t->state = State::Warp;
+        park(t);
+    }
+    t->state = State::Warp;
+    t->op = op;
+    t->mask = mask;
+    t->value = value;
+    t->arg = arg;
+    t->width = width;
+    t->file = file;
+    t->line = line;
+    park(t);
+    return t->result;
+}
+
+KEMU_API unsigned kemu_activemask(void) {
+    // The lanes of this warp that have not exited.
+    Thread* t = g_current;
+    const Block& b = *t->block;
+    const unsigned base = t->warp * 32;
+    unsigned m = 0;
+    for (unsigned k = 0; k < 32 && base + k < b.count; ++k)
+        if ((*b.threads)[base + k].state != State::Exited) m |= 1u << k;
+    return m;
+}
+
+KEMU_API void kemu_trap(const char* what, const char* file, int line) {
+    Thread* t = g_current;
+    block_fail(*t->block, ERR_ASSERT, std::string(what) + " at " + where(file, line) + " in thread " + tid_string(*t));
+    t->state = State::Barrier;
+    for (;;) park(t);
+}

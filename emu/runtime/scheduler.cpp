@@ -52,6 +52,10 @@ struct Thread {
     unsigned long long value = 0, result = 0;
     int arg = 0, width = 32;
     Block* block = nullptr;
+    ctx::stack_context stack{};  // the fiber's stack (for AddressSanitizer)
+    void* fake_stack = nullptr;
+    const void* sched_bottom = nullptr;  // the scheduler's stack, seen from the fiber
+    size_t sched_size = 0;
     ctx::fiber fiber;  // resumes this thread
     ctx::fiber sink;   // resumes the scheduler (held while running)
     bool started = false;
@@ -90,9 +94,29 @@ class StackPool {
 
 struct PooledStack {
     StackPool* pool;
-    ctx::stack_context allocate() { return pool->take(); }
+    ctx::stack_context* record;  // where the thread keeps its stack's bounds
+    ctx::stack_context allocate() { return *record = pool->take(); }
     void deallocate(ctx::stack_context& s) noexcept { pool->give(s); }
 };
+
+// AddressSanitizer must be told of every switch between the scheduler's
+// stack and a fiber's, or it takes the fiber's frames for overflows of the
+// scheduler's stack. (No-ops in the plain build.)
+#if defined(KEMU_MEMCHECK)
+inline void to_fiber(Thread& t, void** save) {
+    __sanitizer_start_switch_fiber(save, static_cast<char*>(t.stack.sp) - t.stack.size, t.stack.size);
+}
+inline void back_in_scheduler(void* save) { __sanitizer_finish_switch_fiber(save, nullptr, nullptr); }
+inline void in_fiber(Thread& t) { __sanitizer_finish_switch_fiber(t.fake_stack, &t.sched_bottom, &t.sched_size); }
+inline void to_scheduler(Thread& t, bool dying) {
+    __sanitizer_start_switch_fiber(dying ? nullptr : &t.fake_stack, t.sched_bottom, t.sched_size);
+}
+#else
+inline void to_fiber(Thread&, void**) {}
+inline void back_in_scheduler(void*) {}
+inline void in_fiber(Thread&) {}
+inline void to_scheduler(Thread&, bool) {}
+#endif
 
 struct Launch {
     Function* fn;
@@ -128,6 +152,8 @@ struct Block {
 };
 
 thread_local Thread* g_current = nullptr;
+// The launch whose block this OS thread runs (memcheck attributes reports to it).
+thread_local Launch* g_launch = nullptr;
 // Every OS thread that runs blocks keeps its stacks and thread records.
 thread_local std::unique_ptr<StackPool> g_stacks;
 thread_local std::vector<Thread> g_threads;
@@ -175,8 +201,15 @@ void block_fail(Block& b, Result code, const std::string& msg) {
 
 void park(Thread* t) {
     // Back to the scheduler; it never resumes a failed block's threads (it
-    // unwinds them), so this returns only for a live block.
-    t->sink = std::move(t->sink).resume();
+    // unwinds them: the resume then throws boost's forced_unwind).
+    to_scheduler(*t, false);
+    try {
+        t->sink = std::move(t->sink).resume();
+    } catch (...) {
+        in_fiber(*t);
+        throw;
+    }
+    in_fiber(*t);
 }
 
 uint64_t splitmix(uint64_t& s) {
@@ -401,15 +434,20 @@ void run_block(Launch& L, uint64_t linear) {
             g_current = &t;
             if (!t.started) {
                 t.started = true;
-                t.fiber = ctx::fiber(std::allocator_arg, PooledStack{g_stacks.get()},
+                t.fiber = ctx::fiber(std::allocator_arg, PooledStack{g_stacks.get(), &t.stack},
                                      [&t, entry, args](ctx::fiber&& sink) {
+                                         in_fiber(t);
                                          t.sink = std::move(sink);
                                          entry->invoke(args);
                                          t.state = State::Exited;
+                                         to_scheduler(t, true);
                                          return std::move(t.sink);
                                      });
             }
+            void* save = nullptr;
+            to_fiber(t, &save);
             t.fiber = std::move(t.fiber).resume();
+            back_in_scheduler(save);
             g_current = nullptr;
             if (t.state == State::Exited) ++exited;
         }
@@ -425,8 +463,12 @@ void run_block(Launch& L, uint64_t linear) {
         // Unwind the parked fibers (their destructors resume them with a
         // forced unwind), then report.
         for (unsigned i = 0; i < count; ++i) {
+            if (!ts[i].fiber) continue;
             g_current = &ts[i];
+            void* save = nullptr;
+            to_fiber(ts[i], &save);
             ts[i].fiber = ctx::fiber();
+            back_in_scheduler(save);
         }
         g_current = nullptr;
         L.fail_with(b.code, b.message);
@@ -493,7 +535,9 @@ class Pool {
         for (;;) {
             const uint64_t i = L.next.fetch_add(1);
             if (i >= L.blocks) return;
+            g_launch = &L;
             if (!L.failed.load()) run_block(L, i);
+            g_launch = nullptr;
             if (L.finished.fetch_add(1) + 1 == L.blocks) {
                 std::lock_guard<std::mutex> g(L.m);
                 L.done.notify_all();
@@ -523,14 +567,24 @@ std::atomic<uint64_t> g_launch_ids{0};
 
 #if defined(KEMU_MEMCHECK)
 // AddressSanitizer reports through this callback (with
-// -fsanitize-recover=address and halt_on_error=0 the kernel goes on, and the
-// launch fails with the report): the report names the kernel's frames.
-static std::mutex g_asan_m;
-static std::string g_asan_report;
-static std::atomic<bool> g_asan_hit{false};
-static void asan_report(const char* report) {
-    std::lock_guard<std::mutex> g(g_asan_m);
-    if (!g_asan_hit.exchange(true)) g_asan_report = report;
+// -fsanitize-recover=address and halt_on_error=0 the kernel goes on, and its
+// launch fails): the launch whose block made the access gets the gist of the
+// report (the full report is on stderr, naming the kernel's frames).
+std::string asan_gist(const std::string& r) {
+    std::string out;
+    std::istringstream in(r);
+    std::string line;
+    while (std::getline(in, line)) {
+        const bool keep = line.find("ERROR: AddressSanitizer") != std::string::npos ||
+                          line.find("READ of size") == 0 || line.find("WRITE of size") == 0 ||
+                          line.find("    #0 ") == 0 || line.find(" is located ") != std::string::npos;
+        if (keep) out += (out.empty() ? "" : "; ") + line.substr(line.find_first_not_of(" ="));
+    }
+    return out;
+}
+
+void asan_report(const char* report) {
+    if (g_launch) g_launch->fail_with(ERR_ILLEGAL_ADDRESS, "kernel " + g_launch->fn->name + ": " + asan_gist(report));
 }
 #endif
 
@@ -552,13 +606,6 @@ Result launch(Function* f, const LaunchShape& shape, void** args) {
         L.done.wait(g, [&] { return L.finished.load() == L.blocks; });
     }
     if (L.blocks > 1) pool().retire(&L);
-#if defined(KEMU_MEMCHECK)
-    if (g_asan_hit.exchange(false)) {
-        std::lock_guard<std::mutex> g(g_asan_m);
-        return fail(ERR_ILLEGAL_ADDRESS, "kernel " + f->name + ": AddressSanitizer found an invalid device memory access:\n" +
-                                             g_asan_report);
-    }
-#endif
     if (L.failed.load()) return fail(L.code, L.message);
     return OK;
 }

@@ -232,7 +232,9 @@ __device__ __forceinline__ void gemm_tiled(const Gemm& p, Activation act, u32 bi
                         const u64 col = n0 + (j / 4) * COL_GROUP + tx * 4 + (j % 4);
                         if (col >= p.n) continue;
                         float* c = Cz + row * p.ldc + col;
-                        float v = p.alpha * acc[i][j];
+                        // k == 0: no product term at all (BLAS), so a
+                        // non-finite alpha must not turn 0 into NaN.
+                        float v = p.k == 0 ? 0.0f : p.alpha * acc[i][j];
                         if (p.beta != 0.0f) v += p.beta * *c;
                         v += brow[i] + bcol[j];
                         // relu / leaky relu as in activation_apply, written with

@@ -283,13 +283,21 @@ fn misaligned_views() {
     }
 }
 
-/// k == 0 gives act(beta * C + bias); beta == 0 then writes act(bias) over NaN.
+/// k == 0 gives act(beta * C + bias) whatever alpha is (alpha times an
+/// empty sum is no term at all, as in BLAS: a non-finite alpha must not turn
+/// it into NaN); beta == 0 then writes act(bias) over NaN.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn k_zero() {
     let gpu = gpu();
-    for beta in [0.0f32, 2.0] {
-        let mut p = Gemm::new(5, 7, 0).scale(1.0, beta).batched(2);
+    for (alpha, beta) in [
+        (1.0f32, 0.0f32),
+        (1.0, 2.0),
+        (f32::INFINITY, 2.0),
+        (f32::NAN, 0.0),
+        (f32::NEG_INFINITY, 0.5),
+    ] {
+        let mut p = Gemm::new(5, 7, 0).scale(alpha, beta).batched(2);
         p.lda = 1; // at least 1 even for an empty row
         let c0 = if beta == 0.0 {
             vec![f32::NAN; 70]
@@ -307,8 +315,8 @@ fn k_zero() {
             BiasSel::Col,
             Activation::RELU,
         );
-        assert_close("gemm k = 0", &got, &to_f64(&want), tol(1));
-        assert!(got.iter().all(|v| v.is_finite()), "NaN leaked from C");
+        assert_close(&format!("gemm k = 0, alpha {alpha}, beta {beta}"), &got, &to_f64(&want), tol(1));
+        assert!(got.iter().all(|v| v.is_finite()), "NaN leaked from C or alpha (alpha {alpha}, beta {beta})");
     }
 }
 

@@ -4,7 +4,7 @@
 //! CUDA device.
 mod common;
 
-use common::{Rng, Tol, check_close, data, to_f64};
+use common::{Rng, Tol, assert_err_mentions, check_close, data, to_f64};
 use kestrel::backend::{Backend, CpuBackend, GemmBias, GpuBackend};
 use kestrel::nn::{Act, Conv2D, Dense, Dropout, Flatten, MaxPooling2D, Sequential};
 use kestrel::ops::activation::{Activation, Softmax};
@@ -495,13 +495,22 @@ fn empty_batches_do_not_fail() {
     .unwrap();
     let mut s = g.scalars_new(0).unwrap();
     assert!(g.scalars_read(&s, 0).unwrap().is_empty());
+    // A loss over no samples has no mean: the parameters are refused with an
+    // error that says so (before anything reaches the device), never a panic.
+    assert_err_mentions(LossParams::new(0, 3), "loss", &["batch size 0"]);
+    // The smallest batch there is goes through.
     s = g.scalars_new(1).unwrap();
-    let lp = LossParams::new(0, 3).unwrap();
-    let mut l = g.alloc_f32(0).unwrap();
-    let lab = g.alloc_u32(0).unwrap();
-    g.sparse_softmax_cross_entropy(&lp, &b0, &lab, &mut l, None, &mut s, 0)
+    let lp = LossParams::new(1, 3).unwrap();
+    let logits = g.upload_f32(&[0.5, -1.0, 2.0]).unwrap();
+    let mut l = g.alloc_f32(1).unwrap();
+    let mut lab = g.alloc_u32(1).unwrap();
+    g.upload_rows_u32(&[2], 1, &[0], &mut lab).unwrap();
+    g.sparse_softmax_cross_entropy(&lp, &logits, &lab, &mut l, None, &mut s, 0)
         .unwrap();
     g.synchronize().unwrap();
+    let want = -(2.0f64 - (0.5f64.exp() + (-1.0f64).exp() + 2.0f64.exp()).ln());
+    let got = g.scalars_read(&s, 1).unwrap()[0];
+    assert!((got - want).abs() <= 1e-6, "loss of one sample {got}, want {want}");
 }
 
 fn keras_cnn<B: Backend>(b: B, seed: u64) -> Sequential<B> {

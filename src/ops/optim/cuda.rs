@@ -254,6 +254,36 @@ fn chunk_config(gpu: &CudaBackend, chunks: usize) -> LaunchConfig {
     }
 }
 
+/// Brings the device table in line with the caller's buffers: when a
+/// tensor's parameter or gradient pointer moved since the table was written
+/// (or the table was never written), `upload` writes the new descriptors.
+/// The recorded descriptors and the stale flag change only after the upload
+/// succeeded, so a failed upload is retried by the next step instead of
+/// leaving the kernels on the old pointers.
+fn refresh_table(
+    descs: &mut [OptTensor],
+    stale: &mut bool,
+    ptrs: &[(u64, u64)],
+    upload: impl FnOnce(&[OptTensor]) -> Result<()>,
+) -> Result<()> {
+    let moved = descs
+        .iter()
+        .zip(ptrs)
+        .any(|(d, &(p, g))| d.param != p || d.grad != g);
+    if !*stale && !moved {
+        return Ok(());
+    }
+    let mut next = descs.to_vec();
+    for (d, &(p, g)) in next.iter_mut().zip(ptrs) {
+        d.param = p;
+        d.grad = g;
+    }
+    upload(&next)?;
+    descs.copy_from_slice(&next);
+    *stale = false;
+    Ok(())
+}
+
 /// One optimizer step on the device over all parameter tensors:
 /// `params[i]` is updated in place from `grads[i]` and the state's slots,
 /// then the state's `iterations` is incremented; see [`super::cpu::step`]
@@ -280,21 +310,17 @@ pub fn step(
     let stream = gpu.stream();
     // The kernels reach the caller's buffers through the descriptor table;
     // refresh it only when a buffer moved since the last step.
-    let mut changed = std::mem::take(&mut state.table_stale);
-    for ((d, p), g) in state.descs.iter_mut().zip(params.iter_mut()).zip(grads) {
-        let pp = p.device_ptr_mut(stream).0;
-        let gp = g.device_ptr(stream).0;
-        if d.param != pp || d.grad != gp {
-            d.param = pp;
-            d.grad = gp;
-            changed = true;
-        }
-    }
-    if changed {
+    let ptrs: Vec<(u64, u64)> = params
+        .iter_mut()
+        .zip(grads)
+        .map(|(p, g)| (p.device_ptr_mut(stream).0, g.device_ptr(stream).0))
+        .collect();
+    let table = &mut state.table;
+    refresh_table(&mut state.descs, &mut state.table_stale, &ptrs, |descs| {
         stream
-            .memcpy_htod(&state.descs, &mut state.table)
-            .map_err(|e| gpu.error("cuMemcpyHtoD", e))?;
-    }
+            .memcpy_htod(descs, table)
+            .map_err(|e| gpu.error("cuMemcpyHtoD", e))
+    })?;
 
     let base = opt.scalars(state.iterations);
     if state.chunks > 0 {
@@ -364,4 +390,67 @@ pub fn step(
     }
     state.iterations += 1;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(n: usize) -> Vec<OptTensor> {
+        (0..n)
+            .map(|i| OptTensor {
+                len: 10 + i as u64,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// A failed upload leaves the table stale: the next step uploads again,
+    /// and the recorded descriptors are the ones actually on the device.
+    #[test]
+    fn failed_upload_is_retried_by_the_next_step() {
+        let mut descs = table(2);
+        let mut stale = true;
+        let ptrs = [(0x1000, 0x2000), (0x3000, 0x4000)];
+        let failing = |_: &[OptTensor]| Err(Error::invalid("optim", "upload", "injected failure"));
+        assert!(refresh_table(&mut descs, &mut stale, &ptrs, failing).is_err());
+        assert!(stale, "a failed upload must leave the table stale");
+        assert_eq!(descs, table(2), "descriptors recorded although not uploaded");
+
+        let mut uploaded = Vec::new();
+        refresh_table(&mut descs, &mut stale, &ptrs, |d| {
+            uploaded = d.to_vec();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(uploaded.len(), 2, "the retry did not upload");
+        assert_eq!((uploaded[1].param, uploaded[1].grad), (0x3000, 0x4000));
+        assert!(!stale);
+        assert_eq!(descs, uploaded);
+    }
+
+    /// Unchanged pointers upload nothing; a moved gradient uploads again,
+    /// even after a failed attempt with other pointers.
+    #[test]
+    fn uploads_only_when_a_pointer_moved() {
+        let mut descs = table(1);
+        let mut stale = true;
+        refresh_table(&mut descs, &mut stale, &[(1, 2)], |_| Ok(())).unwrap();
+        let mut calls = 0;
+        refresh_table(&mut descs, &mut stale, &[(1, 2)], |_| {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, 0);
+        let failing = |_: &[OptTensor]| Err(Error::invalid("optim", "upload", "injected failure"));
+        assert!(refresh_table(&mut descs, &mut stale, &[(1, 3)], failing).is_err());
+        refresh_table(&mut descs, &mut stale, &[(1, 3)], |_| {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, 1, "a moved gradient must be uploaded once the earlier upload failed");
+        assert_eq!(descs[0].grad, 3);
+    }
 }

@@ -47,11 +47,21 @@ impl DeviceInfo {
         )
     }
 
+    /// Whether this is kestrel's emulated CUDA device (`emu/`, the driver
+    /// stand-in that CI tests the kernels on), not a GPU: its name says so,
+    /// and its timings are never GPU figures.
+    pub fn is_emulated(&self) -> bool {
+        self.name.starts_with(EMULATED_DEVICE_PREFIX)
+    }
+
     /// "13.0".
     pub fn driver_string(&self) -> String {
         format_driver_version(self.driver_version)
     }
 }
+
+/// How the emulated device's name begins (emu/runtime/driver.cpp).
+pub const EMULATED_DEVICE_PREFIX: &str = "kestrel emulated CUDA device";
 
 fn format_driver_version(v: i32) -> String {
     format!("{}.{}", v / 1000, (v % 1000) / 10)

@@ -65,24 +65,25 @@ fn sum_config(gpu: &CudaBackend, chunks: usize) -> LaunchConfig {
     }
 }
 
-/// One chunk-sum pass: `out[i] = sum of x[i*SUM_CHUNK..]` for every chunk
-/// of the `len` values of `x`, with `kernel` ("loss_sum_f32" or
+/// One chunk-sum pass: `out[i] = sum of x[i*chunk..]` for every chunk of
+/// the `len` values of `x`, with `kernel` ("loss_sum_f32" or
 /// "loss_sum_f64").
 ///
 /// # Safety
 /// `x` must hold at least `len` elements and `out` at least
-/// `ceil(len / SUM_CHUNK)`.
+/// `ceil(len / chunk)`.
 unsafe fn sum_pass<T: DeviceRepr>(
     gpu: &CudaBackend,
     kernel: &str,
     x: &CudaView<'_, T>,
     len: usize,
+    chunk: usize,
     out: &mut CudaViewMut<'_, f64>,
 ) -> Result<()> {
     let f = gpu.function(module()?, kernel)?;
-    let next_len = len.div_ceil(SUM_CHUNK);
-    let (n, chunk) = (len as u64, SUM_CHUNK as u64);
-    // SAFETY: reads x[..len] and writes out[..ceil(len / SUM_CHUNK)], both in
+    let next_len = len.div_ceil(chunk);
+    let (n, chunk) = (len as u64, chunk as u64);
+    // SAFETY: reads x[..len] and writes out[..ceil(len / chunk)], both in
     // bounds per the caller.
     let r = unsafe {
         gpu.stream()
@@ -98,15 +99,24 @@ unsafe fn sum_pass<T: DeviceRepr>(
 
 /// The fixed-order f64 sum of a device buffer of f32 (`kernel =
 /// "loss_sum_f32"`) or f64 (`"loss_sum_f64"`) values, written into the
-/// one-element `out` on the device (no synchronization): chunk sums, then
-/// chunk sums of those, until one value remains. 0 for an empty `x`.
+/// one-element `out` on the device (no synchronization): sums of `chunk`
+/// consecutive values, then chunk sums of those, until one value remains.
+/// 0 for an empty `x`. The bits depend on `chunk` and the values only.
 fn device_sum_into<T: DeviceRepr>(
     gpu: &CudaBackend,
     kernel: &str,
     x: &CudaView<'_, T>,
+    chunk: usize,
     out: &mut CudaViewMut<'_, f64>,
 ) -> Result<()> {
     check_len("loss.sum", "out (one f64)", out.len(), 1)?;
+    if chunk < 2 {
+        return Err(Error::invalid(
+            "loss.sum",
+            "chunk",
+            format!("chunk = {chunk}: each pass must combine at least 2 values"),
+        ));
+    }
     let n = x.len();
     if n == 0 {
         return gpu
@@ -114,35 +124,44 @@ fn device_sum_into<T: DeviceRepr>(
             .memset_zeros(out)
             .map_err(|e| gpu.error("cuMemsetD8 (loss sum)", e));
     }
-    let chunks = n.div_ceil(SUM_CHUNK);
+    let chunks = n.div_ceil(chunk);
     if chunks == 1 {
-        // SAFETY: x holds n elements; out one = ceil(n / SUM_CHUNK).
-        return unsafe { sum_pass(gpu, kernel, x, n, out) };
+        // SAFETY: x holds n elements; out one = ceil(n / chunk).
+        return unsafe { sum_pass(gpu, kernel, x, n, chunk, out) };
     }
     let mut partials = gpu.zeros::<f64>(chunks)?;
-    // SAFETY: x holds n elements, partials ceil(n / SUM_CHUNK).
-    unsafe { sum_pass(gpu, kernel, x, n, &mut partials.as_view_mut())? };
+    // SAFETY: x holds n elements, partials ceil(n / chunk).
+    unsafe { sum_pass(gpu, kernel, x, n, chunk, &mut partials.as_view_mut())? };
     let mut len = chunks;
     loop {
-        let next_len = len.div_ceil(SUM_CHUNK);
+        let next_len = len.div_ceil(chunk);
         if next_len == 1 {
             // SAFETY: partials holds len elements; out one.
-            return unsafe { sum_pass(gpu, "loss_sum_f64", &partials.as_view(), len, out) };
+            return unsafe { sum_pass(gpu, "loss_sum_f64", &partials.as_view(), len, chunk, out) };
         }
         let mut next = gpu.zeros::<f64>(next_len)?;
-        // SAFETY: partials holds len elements, next ceil(len / SUM_CHUNK).
+        // SAFETY: partials holds len elements, next ceil(len / chunk).
         unsafe {
             sum_pass(
                 gpu,
                 "loss_sum_f64",
                 &partials.as_view(),
                 len,
+                chunk,
                 &mut next.as_view_mut(),
             )?
         };
         partials = next;
         len = next_len;
     }
+}
+
+/// The fixed-order f64 sum of `x` that the losses use for their batch
+/// totals, with sums over `chunk` consecutive values per pass (the losses
+/// use 4096) and as many passes as it takes; synchronizes and returns it.
+/// Deterministic: the same values and chunk give the same bits.
+pub fn sum_f32(gpu: &CudaBackend, x: &CudaView<'_, f32>, chunk: usize) -> Result<f64> {
+    to_host(gpu, |total| device_sum_into(gpu, "loss_sum_f32", x, chunk, total))
 }
 
 /// Runs `f` with a fresh one-element device total and downloads it
@@ -238,7 +257,7 @@ fn launch_float_labels(
         };
         gpu.launched(kernel, r)?;
     }
-    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), total)
+    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), SUM_CHUNK, total)
 }
 
 /// Softmax + categorical cross-entropy on the device; see
@@ -383,7 +402,7 @@ fn sparse_xent(
     if check_labels {
         check_label_error(gpu, p, OP, &err, labels)?;
     }
-    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), total)
+    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), SUM_CHUNK, total)
 }
 
 /// Sigmoid + binary cross-entropy on the device; see
@@ -492,7 +511,7 @@ pub fn mse_into(
         };
         gpu.launched(KERNEL, r)?;
     }
-    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), total)
+    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), SUM_CHUNK, total)
 }
 
 /// Launches a metric kernel `kernel(p, a, b, rows)` writing one f64 per
@@ -519,7 +538,7 @@ fn metric_rows(
             .launch(row_config(gpu, p))
     };
     gpu.launched(kernel, r)?;
-    device_sum_into(gpu, "loss_sum_f64", &rows.slice(..p.n), total)
+    device_sum_into(gpu, "loss_sum_f64", &rows.slice(..p.n), SUM_CHUNK, total)
 }
 
 /// Rows where `argmax(scores) == argmax(labels)`, on the device; see
@@ -607,7 +626,7 @@ fn sparse_accuracy(
     if check_labels {
         check_label_error(gpu, p, OP, &err, labels)?;
     }
-    device_sum_into(gpu, "loss_sum_f64", &rows.slice(..p.n), total)
+    device_sum_into(gpu, "loss_sum_f64", &rows.slice(..p.n), SUM_CHUNK, total)
 }
 
 /// Keras 2.3.1's binary accuracy summed over the batch, on the device; see

@@ -133,6 +133,9 @@ struct Env {
     end: CudaEvent,
     l2_bytes: usize,
     device: String,
+    /// The device is kestrel's emulated CUDA device: its timings are CPU
+    /// times, so nothing is reported or recorded as a GPU figure.
+    emulated: bool,
     blas: Option<CudaBlas>,
     dnn: Option<dnn::Dnn>,
     measure: Duration,
@@ -178,12 +181,14 @@ impl Env {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(500u64);
+        let emulated = info.is_emulated();
         let mut env = Env {
             gpu,
             start,
             end,
             l2_bytes,
             device,
+            emulated,
             blas: None,
             dnn: None,
             measure: Duration::from_millis(measure),
@@ -342,6 +347,12 @@ impl Env {
         };
         g.finish();
         let Some(ours_s) = ours_s else { return };
+        if self.emulated {
+            println!(
+                "smoke {group}/{id}: ran on the emulated device; no timing reported or recorded"
+            );
+            return;
+        }
         let unit = work.unit();
         let mut line = format!(
             "ratio {group}/{id}: kestrel {:.4} ms ({:.1} {unit})",
@@ -1454,6 +1465,12 @@ fn training_steps(c: &mut Criterion, env: &Env) {
         if !env.wanted("gpu_step", &id) {
             continue;
         }
+        if env.emulated && what == "epoch" {
+            println!(
+                "smoke gpu_step/{id}: skipped on the emulated device (an epoch takes an hour there)"
+            );
+            continue;
+        }
         let backend = match GpuBackend::new(0) {
             Ok(b) => b,
             Err(e) => {
@@ -1490,6 +1507,17 @@ fn main() {
             return;
         }
     };
+    // An emulated device runs the benches only as criterion's smoke test
+    // (`--test`: each routine once, nothing measured): its times are CPU
+    // times and must never pass for GPU figures.
+    if env.emulated && !std::env::args().any(|a| a == "--test") {
+        println!(
+            "kestrel GPU benches refused: {} is the emulated CUDA device, whose timings are CPU \
+             times, never GPU figures (run with --test for a smoke run of every bench)",
+            env.device
+        );
+        return;
+    }
     env.header();
     let mut c = Criterion::default().configure_from_args();
     gemms(&mut c, &env);

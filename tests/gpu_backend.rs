@@ -510,7 +510,10 @@ fn empty_batches_do_not_fail() {
     g.synchronize().unwrap();
     let want = -(2.0f64 - (0.5f64.exp() + (-1.0f64).exp() + 2.0f64.exp()).ln());
     let got = g.scalars_read(&s, 1).unwrap()[0];
-    assert!((got - want).abs() <= 1e-6, "loss of one sample {got}, want {want}");
+    assert!(
+        (got - want).abs() <= 1e-6,
+        "loss of one sample {got}, want {want}"
+    );
 }
 
 fn keras_cnn<B: Backend>(b: B, seed: u64) -> Sequential<B> {

@@ -315,8 +315,16 @@ fn k_zero() {
             BiasSel::Col,
             Activation::RELU,
         );
-        assert_close(&format!("gemm k = 0, alpha {alpha}, beta {beta}"), &got, &to_f64(&want), tol(1));
-        assert!(got.iter().all(|v| v.is_finite()), "NaN leaked from C or alpha (alpha {alpha}, beta {beta})");
+        assert_close(
+            &format!("gemm k = 0, alpha {alpha}, beta {beta}"),
+            &got,
+            &to_f64(&want),
+            tol(1),
+        );
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "NaN leaked from C or alpha (alpha {alpha}, beta {beta})"
+        );
     }
 }
 

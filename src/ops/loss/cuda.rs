@@ -161,7 +161,9 @@ fn device_sum_into<T: DeviceRepr>(
 /// use 4096) and as many passes as it takes; synchronizes and returns it.
 /// Deterministic: the same values and chunk give the same bits.
 pub fn sum_f32(gpu: &CudaBackend, x: &CudaView<'_, f32>, chunk: usize) -> Result<f64> {
-    to_host(gpu, |total| device_sum_into(gpu, "loss_sum_f32", x, chunk, total))
+    to_host(gpu, |total| {
+        device_sum_into(gpu, "loss_sum_f32", x, chunk, total)
+    })
 }
 
 /// Runs `f` with a fresh one-element device total and downloads it

@@ -415,7 +415,11 @@ mod tests {
         let failing = |_: &[OptTensor]| Err(Error::invalid("optim", "upload", "injected failure"));
         assert!(refresh_table(&mut descs, &mut stale, &ptrs, failing).is_err());
         assert!(stale, "a failed upload must leave the table stale");
-        assert_eq!(descs, table(2), "descriptors recorded although not uploaded");
+        assert_eq!(
+            descs,
+            table(2),
+            "descriptors recorded although not uploaded"
+        );
 
         let mut uploaded = Vec::new();
         refresh_table(&mut descs, &mut stale, &ptrs, |d| {
@@ -450,7 +454,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(calls, 1, "a moved gradient must be uploaded once the earlier upload failed");
+        assert_eq!(
+            calls, 1,
+            "a moved gradient must be uploaded once the earlier upload failed"
+        );
         assert_eq!(descs[0].grad, 3);
     }
 }

@@ -85,36 +85,42 @@ impl RunHistory {
     }
 
     /// One line per epoch: `epoch,stage,<columns>,seconds` (empty cells for
-    /// missing values).
-    pub fn to_csv(&self) -> String {
+    /// missing values), written by the `csv` crate (which quotes a column
+    /// name that needs it).
+    pub fn to_csv(&self) -> Result<String> {
+        let bad = |e: csv::Error| Error::format("history.csv", e.to_string());
         let cols = self.columns();
-        let mut s = format!("epoch,stage,{},seconds\n", cols.join(","));
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let header = ["epoch", "stage"]
+            .into_iter()
+            .chain(cols.iter().map(String::as_str))
+            .chain(["seconds"]);
+        w.write_record(header).map_err(bad)?;
         for r in &self.rows {
-            s += &format!("{},{}", r.epoch, r.stage);
+            let mut rec = vec![r.epoch.to_string(), r.stage.to_string()];
             for c in &cols {
-                s.push(',');
-                if let Some(Some(v)) = r.values.iter().find(|(k, _)| k == c).map(|(_, v)| *v) {
-                    s += &format!("{v}");
-                }
+                rec.push(
+                    match r.values.iter().find(|(k, _)| k == c).map(|(_, v)| *v) {
+                        Some(Some(v)) => v.to_string(),
+                        _ => String::new(),
+                    },
+                );
             }
-            s += &format!(",{:.3}\n", r.seconds);
+            rec.push(format!("{:.3}", r.seconds));
+            w.write_record(&rec).map_err(bad)?;
         }
-        s
+        let bytes = w
+            .into_inner()
+            .map_err(|e| Error::format("history.csv", e.to_string()))?;
+        String::from_utf8(bytes).map_err(|e| Error::format("history.csv", e.to_string()))
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so that
-/// a reader never sees a half-written file.
+/// Writes `bytes` to `path` atomically (a `tempfile` in the same
+/// directory, synced and persisted over `path`), so that a reader never
+/// sees a half-written file and a crash leaves the old one whole.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::nn::atomic_write(path, bytes)
 }
 
 /// Writes `value` as pretty JSON, atomically.
@@ -326,10 +332,12 @@ fn panel(h: &RunHistory, name: &str, x0: f64, y0: f64, w: f64, ht: f64) -> Strin
     s
 }
 
-/// The learning curves as an SVG document: one panel for the loss and one
-/// for each metric (training and validation per epoch), with ticks, axis
-/// labels, a legend, and dashed lines where a new stage starts.
-pub fn curves_svg(h: &RunHistory, title: &str) -> String {
+/// The learning curves as an SVG document: the title, a second line
+/// `subtitle` (the run's own result, beside the seed's figure the title
+/// quotes), one panel for the loss and one for each metric (training and
+/// validation per epoch), with ticks, axis labels, a legend, and dashed
+/// lines where a new stage starts.
+pub fn curves_svg(h: &RunHistory, title: &str, subtitle: &str) -> String {
     let metrics: Vec<String> = h
         .columns()
         .into_iter()
@@ -343,9 +351,12 @@ pub fn curves_svg(h: &RunHistory, title: &str) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
          viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{:.1}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
+         <text x=\"{:.1}\" y=\"20\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n\
+         <text x=\"{:.1}\" y=\"38\" text-anchor=\"middle\" font-size=\"13\" font-weight=\"bold\">{}</text>\n",
         width / 2.0,
-        esc(title)
+        esc(title),
+        width / 2.0,
+        esc(subtitle)
     );
     for (i, m) in metrics.iter().enumerate() {
         s += &panel(h, m, 90.0 + i as f64 * (pw + 90.0), 60.0, pw, ph);

@@ -697,3 +697,71 @@ fn readme_lists_every_train_option() {
         "README: how to run kestrel"
     );
 }
+
+/// The progress bar keeps the Keras look: not on a terminal, one line per
+/// epoch (`steps/steps [=====] - time per-step - metrics`); on a terminal
+/// (through `script`, where installed) a live bar with the ETA.
+#[test]
+fn progress_keeps_the_keras_look() {
+    let d = tmpdir("progress");
+    let cfg = small_config(&d);
+    let o = kestrel(&[
+        "train",
+        &cfg,
+        "--out",
+        d.join("o").to_str().unwrap(),
+        "--epochs",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let se = stderr(&o);
+    let lines: Vec<&str> = se.lines().filter(|l| l.contains("/step")).collect();
+    assert_eq!(lines.len(), 2, "one line per epoch: {se}");
+    for l in lines {
+        assert!(
+            l.starts_with(&format!("5/5 [{}] - ", "=".repeat(30))) && l.contains(" - loss: "),
+            "{l}"
+        );
+    }
+    assert!(!se.contains("ETA"), "no live bar off a terminal: {se}");
+
+    let script = Path::new("/usr/bin/script");
+    if !script.exists() {
+        eprintln!("note: no /usr/bin/script, the live bar on a terminal is not checked");
+        return;
+    }
+    // Enough steps (batch 2) that the bar redraws (every 0.1 s).
+    let big = d.join("big.toml");
+    std::fs::write(
+        &big,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("samples = 96", "samples = 20000")
+            .replace("batch_size = 16", "batch_size = 2"),
+    )
+    .unwrap();
+    let cmd = format!(
+        "{} train {} --out {} --epochs 1 --device cpu",
+        env!("CARGO_BIN_EXE_kestrel"),
+        big.display(),
+        d.join("tty").display()
+    );
+    let o = Command::new(script)
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("KESTREL_DATA")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let frame = t
+        .split(['\r', '\n'])
+        .find(|l| l.contains("ETA: "))
+        .unwrap_or_else(|| panic!("no live bar on a terminal: {t:?}"));
+    assert!(
+        frame.contains("/8000 [")
+            && frame.contains(">")
+            && frame.contains("] - ETA: ")
+            && frame.contains(" - loss: "),
+        "{frame:?}"
+    );
+}

@@ -461,35 +461,58 @@ fn history_files_hold_every_metric_per_epoch() {
     assert!(j["val_loss"][2].is_null());
 }
 
+/// The contents of an SVG's `<text>` elements, trimmed.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let body = &t[t.find('>')? + 1..];
+            Some(body[..body.find("</text>")?].trim().to_string())
+        })
+        .collect()
+}
+
 #[test]
 fn curves_svg_has_axes_ticks_labels_and_a_legend() {
     let svg = curves_svg(
         &history(7),
         "a <test> run; reported 88.69%",
         "this run: test accuracy 88.20% after 7 epochs",
-    );
+    )
+    .unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<svg").count(), 1);
     // Two panels (loss, accuracy), two curves each (the gap splits one).
     assert!(svg.matches("<polyline").count() >= 4);
-    for label in [
-        ">epoch<",
-        ">loss<",
-        ">val_loss<",
-        ">accuracy<",
-        ">val_accuracy<",
-    ] {
-        assert!(svg.contains(label), "no {label}");
+    let texts = svg_texts(&svg);
+    for label in ["epoch", "loss", "val_loss", "accuracy", "val_accuracy"] {
+        assert!(texts.iter().any(|t| t == label), "no {label}: {texts:?}");
     }
-    assert!(svg.contains("a &lt;test&gt; run"), "the title is escaped");
+    // Ticks: the epochs and round values.
+    for tick in ["2", "4", "6", "0.5", "1.0"] {
+        assert!(texts.iter().any(|t| t == tick), "no tick {tick}: {texts:?}");
+    }
     assert!(
-        svg.contains(">this run: test accuracy 88.20% after 7 epochs<"),
+        texts.contains(&"a &lt;test&gt; run; reported 88.69%".to_string()),
+        "the title is escaped: {texts:?}"
+    );
+    assert!(
+        texts.contains(&"this run: test accuracy 88.20% after 7 epochs".to_string()),
         "the run's own result is in the title"
     );
+    // Stage boundaries (after epochs 3 and 6): dashed grey lines, one short
+    // segment per dash, in both panels.
     assert!(
-        svg.contains("stroke-dasharray"),
+        svg.matches("stroke=\"#999999\" stroke-width=\"1\" points=")
+            .count()
+            >= 8,
         "stage boundaries are drawn"
     );
+    // A dot per epoch and series where the value is finite: 7 + 6 + 7 + 7.
+    assert_eq!(svg.matches("<circle").count(), 27);
+    // One curve with no epochs at all still gives a document.
+    let empty = curves_svg(&RunHistory::default(), "t", "s").unwrap();
+    assert!(empty.starts_with("<svg") && svg_texts(&empty).contains(&"t".to_string()));
     // Every tag is closed or self-closing.
     assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
 }

@@ -1229,7 +1229,7 @@ fn write_history(
     };
     write_atomic(
         &out.join(files::CURVES),
-        outputs::curves_svg(h, &title, &this_run_line(h, test)).as_bytes(),
+        outputs::curves_svg(h, &title, &this_run_line(h, test))?.as_bytes(),
     )
 }
 

@@ -984,3 +984,25 @@ fn tf_keras_restores_best_weights_at_the_end_without_an_early_stop() {
     );
     assert!(Some(&fin) != best.as_ref());
 }
+
+/// A run with no good epoch records 0 seconds, not -0.0 (an empty float
+/// sum), and says there is no checkpoint.
+#[test]
+fn a_run_without_a_good_epoch_records_zero_seconds() {
+    let d = tmpdir("zero-seconds");
+    let text = GOOD
+        .replace("lr = 0.01", "lr = 1e30")
+        .replace("kind = \"adam\"", "kind = \"sgd\"");
+    let cfg = write_config(&d, "boom.toml", &text);
+    let out = d.join("out");
+    let e = run::train(&cfg, &opts(&out)).unwrap_err().to_string();
+    assert!(e.contains("no checkpoint"), "{e}");
+    let r = std::fs::read_to_string(out.join(files::RESULT)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r).unwrap();
+    assert_eq!(v["status"], "diverged");
+    assert_eq!(v["epochs"], 0);
+    assert!(
+        r.contains("\"train_seconds\": 0.0") && r.contains("\"seconds_per_epoch\": 0.0"),
+        "{r}"
+    );
+}

@@ -24,6 +24,9 @@
 //! kind = "rmsprop"
 //! lr = 1e-4
 //! decay = 1e-6
+//! # clipnorm = 1.0                # standalone: global norm; tf_keras: per tensor
+//! # global_clipnorm = 1.0         # tf_keras only: the global norm
+//! # initial_accumulator_value = 0.1  # adagrad only
 //!
 //! [fit]
 //! batch_size = 32
@@ -33,6 +36,7 @@
 //! [early_stopping]
 //! monitor = "val_acc"
 //! patience = 5
+//! # restore_best_weights = true   # tf_keras: also at the end without a stop
 //! ```
 //!
 //! Every table rejects unknown keys; every value is checked
@@ -61,8 +65,9 @@ pub struct RunConfig {
     pub seed: u64,
     /// Which Keras the seed ran: `standalone` (Keras 2.3.1, the default) or
     /// `tf_keras` (seed 003): switches the optimizer's clipping order and
-    /// per-tensor clipnorm, Adagrad's initial accumulator, and the default
-    /// variance mode of batch normalization.
+    /// per-tensor clipnorm (and allows `global_clipnorm`), Adagrad's initial
+    /// accumulator, the default variance mode of batch normalization, and
+    /// EarlyStopping's `restore_best_weights` at the end of training.
     #[serde(default)]
     pub keras: KerasFlavor,
     /// The data set.

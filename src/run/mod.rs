@@ -6,15 +6,23 @@
 //! new optimizer), evaluates on the test set and writes into the output
 //! directory:
 //!
-//! - `summary.txt`: the config's description and the model summary;
+//! - `summary.txt`: the config's description, the model summary and the
+//!   data files read, with their SHA-256;
 //! - `history.json`, `history.csv`: every logged value per epoch;
-//! - `curves.svg`: the learning curves;
+//! - `curves.svg`: the learning curves, titled with the config's
+//!   description and this run's own test result;
 //! - `checkpoint.safetensors` + `checkpoint.json`: written (atomically)
 //!   after every epoch; `--resume` continues from them, bit for bit as if
-//!   never stopped;
+//!   never stopped, with the flags the run was started with ([`RunFlags`]);
 //! - `weights.safetensors`: the final weights;
-//! - `result.json`: test metrics, epochs, seconds per epoch, device,
-//!   version, commit, config.
+//! - `result.json`: test metrics, epochs, seconds per epoch (one figure,
+//!   [`seconds_per_epoch`], also in the final line), the data files, the
+//!   flags, device, version, commit, config.
+//!
+//! An output directory that holds a run is refused unless
+//! [`TrainOptions::overwrite`] (replace it) or [`TrainOptions::resume`]
+//! (continue it) is set; nothing is written before the options, the
+//! checkpoint, the data and the model have passed their checks.
 //!
 //! A NaN or infinite training loss stops the run with an error; the
 //! checkpoint of the last good epoch stays. Setting the stop flag (Ctrl-C
@@ -1265,7 +1273,8 @@ fn result_json(
     device: &str,
 ) -> serde_json::Value {
     let epochs = state.history.rows.len();
-    let train_seconds: f64 = state.history.rows.iter().map(|r| r.seconds).sum();
+    // A fold from +0.0: an empty float `sum()` is -0.0.
+    let train_seconds = state.history.rows.iter().fold(0.0, |t, r| t + r.seconds);
     let seed = state.seed;
     let test = test.map(|t| {
         t.entries

@@ -374,7 +374,23 @@ fn data_dir_is_authoritative_through_the_binary() {
         "the truncated file is named: {}",
         text(&o)
     );
-    for out in ["o1", "o2", "o3", "o4"] {
+    // A generated data set reads no files: --data is an error, not ignored.
+    let small = small_config(&d);
+    let o = kestrel(&[
+        "train",
+        &small,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        d.join("o5").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        stderr(&o).contains("--data") && stderr(&o).contains("synthetic_regression is generated"),
+        "{}",
+        text(&o)
+    );
+    for out in ["o1", "o2", "o3", "o4", "o5"] {
         assert!(!d.join(out).exists(), "{out} was created");
     }
     // Whole: the run says once which files it used, with their checksums,

@@ -237,7 +237,20 @@ pub fn load_data(cfg: &LoadedConfig, data_dir: Option<&Path>, seed: u64) -> Resu
             let source = format!("{} from {dir}", c.data.dataset.name());
             (from(tr), from(te), source, files)
         }
-        _ => {
+        kind => {
+            if let Some(d) = data_dir {
+                return Err(Error::invalid(
+                    "data",
+                    "--data",
+                    format!(
+                        "{}: the config's data set {} is generated, not read from files; \
+                         leave out --data {}",
+                        cfg.path.display(),
+                        kind.name(),
+                        d.display()
+                    ),
+                ));
+            }
             let (tr, te) = synthetic::generate(&c.data, seed)?;
             let source = format!(
                 "{}, generated{}",

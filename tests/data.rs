@@ -830,12 +830,11 @@ fn locate_finds_data_in_the_data_dir() {
         dir.path().join("cifar-10-batches-bin")
     );
 
-    // $KESTREL_DATA is searched after --data.
-    let other = tempfile::tempdir().unwrap();
+    // Without --data, $KESTREL_DATA is searched like it.
     let loc2 = Locator {
-        data_dir: Some(other.path().to_path_buf()),
+        data_dir: None,
         kestrel_data: Some(dir.path().to_path_buf()),
-        ..isolated(other.path())
+        ..isolated(dir.path())
     };
     assert_eq!(loc2.locate(DatasetName::FashionMnist).unwrap(), fm);
 
@@ -856,8 +855,8 @@ fn locate_not_found_says_how_to_get_the_data() {
     let home = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(home.path().join(".keras/datasets/cifar-10-batches-py")).unwrap();
     let loc = Locator {
-        data_dir: Some(data_dir.path().to_path_buf()),
-        kestrel_data: None,
+        data_dir: None,
+        kestrel_data: Some(data_dir.path().to_path_buf()),
         debian_dir: Some(data_dir.path().join("no-debian-here")),
         home: Some(home.path().to_path_buf()),
         base_url: Some(dead_url()),
@@ -871,7 +870,6 @@ fn locate_not_found_says_how_to_get_the_data() {
             &dd,
             "no-debian-here",
             ".keras/datasets/fashion-mnist",
-            "$KESTREL_DATA: not set",
             "downloading it failed",
             "apt-get install dataset-fashion-mnist",
             "/usr/share/datasets/fashion-mnist",
@@ -934,6 +932,8 @@ fn locate_download_uses_the_base_url_and_the_published_checksum() {
     );
     let data_dir = tempfile::tempdir().unwrap();
     let loc = Locator {
+        data_dir: None,
+        kestrel_data: Some(data_dir.path().to_path_buf()),
         base_url: Some(format!("{base}/mirror")),
         download: true,
         ..isolated(data_dir.path())
@@ -951,6 +951,126 @@ fn locate_download_uses_the_base_url_and_the_published_checksum() {
         files_in(&data_dir.path().join("fashion-mnist")),
         Vec::<String>::new()
     );
+}
+
+/// `--data DIR` is authoritative: an empty, missing or incomplete DIR is an
+/// error naming the directory or the missing file and the files expected,
+/// even when another copy (here a Debian-like directory with every file)
+/// and a download are at hand; nothing is written into DIR.
+#[test]
+fn data_dir_is_authoritative() {
+    let other = tempfile::tempdir().unwrap();
+    for name in data::FASHION_MNIST_FILES {
+        write(&other.path().join(name), b"");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let loc = |d: &Path| Locator {
+        data_dir: Some(d.to_path_buf()),
+        kestrel_data: Some(other.path().to_path_buf()),
+        debian_dir: Some(other.path().to_path_buf()),
+        home: None,
+        base_url: Some(dead_url()),
+        download: true,
+    };
+    // Missing.
+    let missing = dir.path().join("nope");
+    assert_err_mentions(
+        loc(&missing).locate(DatasetName::FashionMnist),
+        "no such directory",
+        &[
+            &missing.display().to_string(),
+            "train-images-idx3-ubyte[.gz]",
+        ],
+    );
+    assert_err_mentions(
+        loc(&missing).locate(DatasetName::Cifar10),
+        "no such directory",
+        &["cifar-10-batches-bin", "cifar-10-binary.tar.gz"],
+    );
+    // Empty.
+    assert_err_mentions(
+        loc(dir.path()).locate(DatasetName::FashionMnist),
+        "files missing",
+        &[
+            "train-images-idx3-ubyte[.gz]",
+            "t10k-labels-idx1-ubyte[.gz]",
+            "expected all four",
+        ],
+    );
+    // Some of the files: the missing one is named, the others are not.
+    for name in [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+    ] {
+        write(&dir.path().join(name), b"");
+    }
+    let e = loc(dir.path())
+        .locate(DatasetName::FashionMnist)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("file missing: t10k-labels-idx1-ubyte[.gz]"),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            &dir.path()
+                .join("t10k-labels-idx1-ubyte.gz")
+                .display()
+                .to_string()
+        ),
+        "{e}"
+    );
+    // CIFAR-10 with one batch file short.
+    let cdir = dir.path().join("cifar-10-batches-bin");
+    std::fs::create_dir(&cdir).unwrap();
+    for f in data::CIFAR10_TRAIN_FILES.iter().take(4) {
+        write(&cdir.join(f), b"");
+    }
+    assert_err_mentions(
+        loc(dir.path()).locate(DatasetName::Cifar10),
+        "incomplete",
+        &[
+            "data_batch_5.bin",
+            "test_batch.bin",
+            "cifar-10-binary.tar.gz",
+        ],
+    );
+    // Nothing was downloaded into DIR.
+    assert!(!dir.path().join("fashion-mnist").exists());
+    assert!(!dir.path().join("cifar-10-binary.tar.gz").exists());
+    // All four there: DIR is used, not the other copy.
+    write(&dir.path().join("t10k-labels-idx1-ubyte.gz"), b"");
+    assert_eq!(
+        loc(dir.path()).locate(DatasetName::FashionMnist).unwrap(),
+        dir.path()
+    );
+}
+
+/// The files a data set was loaded from, with their SHA-256.
+#[test]
+fn data_files_have_sizes_and_checksums() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, name) in data::FASHION_MNIST_FILES.iter().enumerate() {
+        let n = if i == 1 {
+            format!("{name}.gz")
+        } else {
+            name.to_string()
+        };
+        write(&dir.path().join(n), b"abc");
+    }
+    let files = data::data_files(DatasetName::FashionMnist, dir.path()).unwrap();
+    assert_eq!(files.len(), 4);
+    assert!(files[1].path.ends_with("train-labels-idx1-ubyte.gz"));
+    for f in &files {
+        assert_eq!(f.bytes, 3);
+        // sha256("abc"), from FIPS 180-2.
+        assert_eq!(
+            f.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 }
 
 // ---------- the real data, where installed ----------

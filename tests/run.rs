@@ -441,7 +441,7 @@ fn history(n: usize) -> RunHistory {
 #[test]
 fn history_files_hold_every_metric_per_epoch() {
     let h = history(5);
-    let csv = h.to_csv();
+    let csv = h.to_csv().unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
@@ -461,27 +461,58 @@ fn history_files_hold_every_metric_per_epoch() {
     assert!(j["val_loss"][2].is_null());
 }
 
+/// The contents of an SVG's `<text>` elements, trimmed.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let body = &t[t.find('>')? + 1..];
+            Some(body[..body.find("</text>")?].trim().to_string())
+        })
+        .collect()
+}
+
 #[test]
 fn curves_svg_has_axes_ticks_labels_and_a_legend() {
-    let svg = curves_svg(&history(7), "a <test> run");
+    let svg = curves_svg(
+        &history(7),
+        "a <test> run; reported 88.69%",
+        "this run: test accuracy 88.20% after 7 epochs",
+    )
+    .unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<svg").count(), 1);
     // Two panels (loss, accuracy), two curves each (the gap splits one).
     assert!(svg.matches("<polyline").count() >= 4);
-    for label in [
-        ">epoch<",
-        ">loss<",
-        ">val_loss<",
-        ">accuracy<",
-        ">val_accuracy<",
-    ] {
-        assert!(svg.contains(label), "no {label}");
+    let texts = svg_texts(&svg);
+    for label in ["epoch", "loss", "val_loss", "accuracy", "val_accuracy"] {
+        assert!(texts.iter().any(|t| t == label), "no {label}: {texts:?}");
     }
-    assert!(svg.contains("a &lt;test&gt; run"), "the title is escaped");
+    // Ticks: the epochs and round values.
+    for tick in ["2", "4", "6", "0.5", "1.0"] {
+        assert!(texts.iter().any(|t| t == tick), "no tick {tick}: {texts:?}");
+    }
     assert!(
-        svg.contains("stroke-dasharray"),
+        texts.contains(&"a &lt;test&gt; run; reported 88.69%".to_string()),
+        "the title is escaped: {texts:?}"
+    );
+    assert!(
+        texts.contains(&"this run: test accuracy 88.20% after 7 epochs".to_string()),
+        "the run's own result is in the title"
+    );
+    // Stage boundaries (after epochs 3 and 6): dashed grey lines, one short
+    // segment per dash, in both panels.
+    assert!(
+        svg.matches("stroke=\"#999999\" stroke-width=\"1\" points=")
+            .count()
+            >= 8,
         "stage boundaries are drawn"
     );
+    // A dot per epoch and series where the value is finite: 7 + 6 + 7 + 7.
+    assert_eq!(svg.matches("<circle").count(), 27);
+    // One curve with no epochs at all still gives a document.
+    let empty = curves_svg(&RunHistory::default(), "t", "s").unwrap();
+    assert!(empty.starts_with("<svg") && svg_texts(&empty).contains(&"t".to_string()));
     // Every tag is closed or self-closing.
     assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
 }
@@ -779,5 +810,199 @@ optimizer = { kind = "sgd", lr = 1e30 }
             .iter()
             .flatten()
             .all(|v| v.is_finite())
+    );
+}
+
+// ------------------------------------------------- tf.keras flavour gaps
+
+fn optimizer_of(extra: &str, keras: &str) -> kestrel::Result<kestrel::ops::optim::Optimizer> {
+    let text = GOOD
+        .replace("seed = 3", &format!("seed = 3\nkeras = \"{keras}\""))
+        .replace("lr = 0.01", &format!("lr = 0.01\n{extra}"));
+    parse(&text)?.optimizer()
+}
+
+/// tf.keras's `clipnorm` is per tensor and its `global_clipnorm` is the one
+/// global norm; standalone Keras has only `clipnorm` (global).
+#[test]
+fn global_clipnorm_is_its_own_option_in_the_tf_keras_flavour() {
+    let o = optimizer_of("clipnorm = 2.0", "tf_keras").unwrap();
+    assert_eq!((o.clipnorm, o.clipnorm_per_tensor), (Some(2.0), true));
+    let o = optimizer_of("global_clipnorm = 3.0", "tf_keras").unwrap();
+    assert_eq!((o.clipnorm, o.clipnorm_per_tensor), (Some(3.0), false));
+    // tf.keras still clips values before the norm.
+    assert!(o.clipvalue_first);
+    let o = optimizer_of("clipnorm = 2.0", "standalone").unwrap();
+    assert_eq!((o.clipnorm, o.clipnorm_per_tensor), (Some(2.0), false));
+    let e = optimizer_of("clipnorm = 1.0\nglobal_clipnorm = 1.0", "tf_keras")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("optimizer.global_clipnorm") && e.contains("at most one"),
+        "{e}"
+    );
+    let e = optimizer_of("global_clipnorm = 1.0", "standalone")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("global_clipnorm") && e.contains("tf_keras"),
+        "{e}"
+    );
+    let e = optimizer_of("global_clipnorm = -1.0", "tf_keras")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("clipnorm") && e.contains("-1"), "{e}");
+}
+
+/// A tf.keras run with `global_clipnorm` trains exactly as a standalone run
+/// with `clipnorm` (same rule), and differently from tf.keras's per-tensor
+/// `clipnorm`.
+#[test]
+fn global_clipnorm_trains_as_standalone_clipnorm() {
+    let d = tmpdir("gclip");
+    // Dense layers and SGD only: no other tf.keras difference applies.
+    let base = GOOD
+        .replace("  { type = \"batch_normalization\" },\n", "")
+        .replace("  { type = \"dropout\", rate = 0.2 },\n", "")
+        .replace("kind = \"adam\"", "kind = \"sgd\"");
+    let run = |name: &str, keras: &str, clip: &str| {
+        let text = base
+            .replace("seed = 3", &format!("seed = 3\nkeras = \"{keras}\""))
+            .replace("lr = 0.01", &format!("lr = 0.5\n{clip}"));
+        let cfg = write_config(&d, &format!("{name}.toml"), &text);
+        let out = d.join(name);
+        run::train(&cfg, &opts(&out)).unwrap();
+        weights(&out)
+    };
+    let standalone = run("standalone", "standalone", "clipnorm = 0.05");
+    let global = run("global", "tf_keras", "global_clipnorm = 0.05");
+    let per_tensor = run("per_tensor", "tf_keras", "clipnorm = 0.05");
+    assert!(
+        standalone == global,
+        "global_clipnorm differs from standalone clipnorm"
+    );
+    assert!(
+        standalone != per_tensor,
+        "per-tensor clipnorm should differ"
+    );
+}
+
+#[test]
+fn adagrad_initial_accumulator_value_is_settable() {
+    let ada = |extra: &str, keras: &str| {
+        let text = GOOD
+            .replace("seed = 3", &format!("seed = 3\nkeras = \"{keras}\""))
+            .replace("kind = \"adam\"", "kind = \"adagrad\"")
+            .replace("lr = 0.01", &format!("lr = 0.01\n{extra}"));
+        parse(&text)?.optimizer()
+    };
+    assert_eq!(ada("", "standalone").unwrap().initial_accumulator, 0.0);
+    assert_eq!(ada("", "tf_keras").unwrap().initial_accumulator, 0.1);
+    for keras in ["standalone", "tf_keras"] {
+        let o = ada("initial_accumulator_value = 0.25", keras).unwrap();
+        assert_eq!(o.initial_accumulator, 0.25, "{keras}");
+    }
+    // Only Adagrad takes it, and not below 0.
+    let e = optimizer_of("initial_accumulator_value = 0.25", "tf_keras")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("optimizer.initial_accumulator_value") && e.contains("adam"),
+        "{e}"
+    );
+    let text = GOOD
+        .replace("kind = \"adam\"", "kind = \"adagrad\"")
+        .replace("lr = 0.01", "lr = 0.01\ninitial_accumulator_value = -1.0");
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("initial_accumulator") && e.contains("-1"), "{e}");
+    // The summary shows it.
+    let text = GOOD
+        .replace("kind = \"adam\"", "kind = \"adagrad\"")
+        .replace("lr = 0.01", "lr = 0.01\ninitial_accumulator_value = 0.25");
+    let s = run::summary_text(&parse(&text).unwrap()).unwrap();
+    assert!(s.contains("initial_accumulator_value=0.25"), "{s}");
+}
+
+/// With `restore_best_weights` and no early stop, tf.keras puts the best
+/// weights back at the end of training; standalone Keras keeps the last.
+/// The monitor is the training loss with mode max, so that the best epoch
+/// is the first one.
+#[test]
+fn tf_keras_restores_best_weights_at_the_end_without_an_early_stop() {
+    let d = tmpdir("restore");
+    let base = GOOD.replace("epochs = 2", "epochs = 4")
+        + "\n[early_stopping]\nmonitor = \"loss\"\nmode = \"max\"\npatience = 10\nrestore_best_weights = true\n";
+    let run = |keras: &str, restore: bool| {
+        let text = base
+            .replace("seed = 3", &format!("seed = 3\nkeras = \"{keras}\""))
+            .replace(
+                "restore_best_weights = true",
+                &format!("restore_best_weights = {restore}"),
+            );
+        let name = format!("{keras}-{restore}");
+        let cfg = write_config(&d, &format!("{name}.toml"), &text);
+        let out = d.join(name);
+        run::train(&cfg, &opts(&out)).unwrap();
+        let load = |f: &str| {
+            let mut m = run::build_model(&cfg, kestrel::backend::CpuBackend, 3).unwrap();
+            m.load_weights(out.join(f)).unwrap();
+            m.get_weights().unwrap()
+        };
+        let h: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(files::HISTORY_JSON)).unwrap())
+                .unwrap();
+        let loss: Vec<f64> = h["loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let best = loss
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        assert_eq!(loss.len(), 4, "no early stop");
+        assert_ne!(best, 3, "the best epoch is not the last: {loss:?}");
+        let best = restore.then(|| load(files::BEST_WEIGHTS));
+        (load(files::WEIGHTS), best)
+    };
+    // The last epoch's weights: the same runs without restore_best_weights.
+    let (tf_last, _) = run("tf_keras", false);
+    let (standalone_last, _) = run("standalone", false);
+    let (fin, best) = run("tf_keras", true);
+    assert!(
+        Some(&fin) == best.as_ref(),
+        "tf.keras: the final weights are the best epoch's"
+    );
+    assert!(fin != tf_last);
+    let (fin, best) = run("standalone", true);
+    assert!(
+        fin == standalone_last,
+        "standalone: the final weights are the last epoch's"
+    );
+    assert!(Some(&fin) != best.as_ref());
+}
+
+/// A run with no good epoch records 0 seconds, not -0.0 (an empty float
+/// sum), and says there is no checkpoint.
+#[test]
+fn a_run_without_a_good_epoch_records_zero_seconds() {
+    let d = tmpdir("zero-seconds");
+    let text = GOOD
+        .replace("lr = 0.01", "lr = 1e30")
+        .replace("kind = \"adam\"", "kind = \"sgd\"");
+    let cfg = write_config(&d, "boom.toml", &text);
+    let out = d.join("out");
+    let e = run::train(&cfg, &opts(&out)).unwrap_err().to_string();
+    assert!(e.contains("no checkpoint"), "{e}");
+    let r = std::fs::read_to_string(out.join(files::RESULT)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r).unwrap();
+    assert_eq!(v["status"], "diverged");
+    assert_eq!(v["epochs"], 0);
+    assert!(
+        r.contains("\"train_seconds\": 0.0") && r.contains("\"seconds_per_epoch\": 0.0"),
+        "{r}"
     );
 }

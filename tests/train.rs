@@ -355,6 +355,20 @@ fn early_stopping_restores_best_weights_only_when_it_stops() {
     }
     Callback::<CpuBackend>::on_train_end(&mut es, &mut m).unwrap();
     assert_eq!(first(&m), 12.0);
+    // tf.keras's rule: the best weights come back at the end of training
+    // even without an early stop.
+    let mut es = EarlyStopping::new("val_loss")
+        .patience(5)
+        .restore_best_weights(true)
+        .restore_at_train_end(true);
+    Callback::<CpuBackend>::on_train_begin(&mut es, &mut m).unwrap();
+    for (e, &v) in [0.5, 0.4, 0.6].iter().enumerate() {
+        set_all(&mut m, 20.0 + e as f32);
+        es.on_epoch_end(e, &logs("val_loss", v), &mut m).unwrap();
+    }
+    assert_eq!(first(&m), 22.0);
+    Callback::<CpuBackend>::on_train_end(&mut es, &mut m).unwrap();
+    assert_eq!(first(&m), 21.0, "the best epoch (1) is restored");
     // A monitor that is not logged is an error, not a silent no-op.
     let e = es.on_epoch_end(3, &logs("loss", 1.0), &mut m).unwrap_err();
     assert!(e.to_string().contains("val_loss"), "{e}");

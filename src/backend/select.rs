@@ -19,6 +19,17 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
+impl std::fmt::Display for DeviceChoice {
+    /// As `--device` takes it: `auto`, `cpu`, `cuda:N`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => write!(f, "auto"),
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 impl std::str::FromStr for DeviceChoice {
     type Err = crate::Error;
 
@@ -118,12 +129,29 @@ fn describe(g: &GpuBackend) -> String {
 /// driver and a device are found and the CPU otherwise, saying which once
 /// per process on stderr (`kestrel: no CUDA driver found; using the CPU
 /// backend`). `Cuda(n)` without a driver or device `n` is an error naming
-/// what is missing.
+/// what is missing and saying that `--device cpu` (or `auto`) runs on the
+/// CPU.
 pub fn select(choice: DeviceChoice) -> Result<AnyBackend> {
     match choice {
         DeviceChoice::Cpu => Ok(AnyBackend::Cpu(CpuBackend)),
         DeviceChoice::Cuda(n) => {
-            let g = GpuBackend::new(n)?;
+            let g = GpuBackend::new(n).map_err(|e| match e {
+                crate::Error::Cuda {
+                    kernel,
+                    compute_capability,
+                    driver,
+                    msg,
+                } => crate::Error::Cuda {
+                    kernel,
+                    compute_capability,
+                    driver,
+                    msg: format!(
+                        "{msg}; `--device cpu` (or `--device auto`, which falls back to the \
+                         CPU) runs on the CPU instead"
+                    ),
+                },
+                other => other,
+            })?;
             announce(|| describe(&g));
             Ok(AnyBackend::Cuda(g))
         }

@@ -51,9 +51,15 @@ pub enum Command {
         /// Replaces the config's seed.
         #[arg(long)]
         seed: Option<u64>,
-        /// Continue from the checkpoint in the output directory.
-        #[arg(long)]
+        /// Continue the run in the output directory from its checkpoint (the
+        /// flags it was started with apply again); with --epochs above a
+        /// finished single-stage run's epochs, train it further.
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
+        /// Replace the run already in the output directory (without it or
+        /// --resume, a directory holding a run is refused).
+        #[arg(long)]
+        overwrite: bool,
         /// Stop after N epochs of this invocation, with a checkpoint (as Ctrl-C
         /// does); continue later with --resume.
         #[arg(long, value_name = "N")]
@@ -61,6 +67,10 @@ pub enum Command {
         /// One line per epoch instead of the live progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Print result.json's contents on stdout at the end instead of the
+        /// one line of test metrics.
+        #[arg(long)]
+        json: bool,
     },
     /// Evaluate saved weights on the config's test set.
     Evaluate {
@@ -127,8 +137,10 @@ pub fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             epochs,
             seed,
             resume,
+            overwrite,
             stop_after,
             quiet,
+            json,
         } => {
             let cfg = LoadedConfig::load(&config)?;
             let opts = TrainOptions {
@@ -138,11 +150,22 @@ pub fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                 epochs,
                 seed,
                 resume,
+                overwrite,
                 stop_after,
                 verbose: if quiet { 2 } else { 1 },
                 stop: stop.clone(),
             };
             let outcome = run::train(&cfg, &opts)?;
+            // The final metrics on stdout, for scripts; progress and the
+            // human-readable final lines stay on stderr.
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&outcome.result).unwrap_or_default()
+                );
+            } else if let Some(test) = &outcome.test {
+                println!("{}", run::format_logs(test));
+            }
             Ok(match outcome.ending {
                 Ending::Finished => 0,
                 // 130: stopped by SIGINT, as shells report it.
@@ -157,14 +180,7 @@ pub fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
         } => {
             let cfg = LoadedConfig::load(&config)?;
             let logs = run::evaluate(&cfg, &weights, data.as_deref())?;
-            println!(
-                "{}",
-                logs.entries
-                    .iter()
-                    .map(|(k, v)| format!("{k}: {v:.4}"))
-                    .collect::<Vec<_>>()
-                    .join(" - ")
-            );
+            println!("{}", run::format_logs(&logs));
             Ok(0)
         }
         Command::Summary { config } => {

@@ -152,15 +152,18 @@ pub fn extract_cifar10_tarball(tarball: &Path, dest: &Path) -> Result<PathBuf> {
             continue;
         };
         let target = out_dir.join(name);
-        let part = out_dir.join(format!(".{name}.part-{}", std::process::id()));
+        // A `tempfile` beside the target (removed on failure), persisted
+        // over it when complete.
         let written = (|| -> std::io::Result<()> {
-            let mut out = std::fs::File::create(&part)?;
-            std::io::copy(&mut entry, &mut out)?;
-            out.sync_all()?;
-            std::fs::rename(&part, &target)
+            let mut part = tempfile::Builder::new()
+                .prefix(&format!(".{name}.part-"))
+                .tempfile_in(&out_dir)?;
+            std::io::copy(&mut entry, &mut part)?;
+            part.as_file().sync_all()?;
+            part.persist(&target).map_err(|e| e.error)?;
+            Ok(())
         })();
         if let Err(e) = written {
-            let _ = std::fs::remove_file(&part);
             return Err(Error::format(
                 tarball,
                 format!(

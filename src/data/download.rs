@@ -5,8 +5,7 @@
 use super::{file_name, thousands};
 use crate::error::{Error, Result};
 use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// A published checksum of a file, as lowercase or uppercase hex.
@@ -62,20 +61,6 @@ impl Hasher {
             Hasher::Sha256(h) => h.finalize().to_vec(),
         };
         bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-/// Removes the temporary file unless the download was committed.
-struct TempFile {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }
 
@@ -178,16 +163,13 @@ fn net_err(dest: &Path, url: &str, e: impl std::fmt::Display) -> Error {
 pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|source| Error::io(dir, source))?;
-    static SERIAL: AtomicU64 = AtomicU64::new(0);
-    let tmp = TempFile {
-        path: dir.join(format!(
-            ".{}.download-{}-{}",
-            file_name(dest),
-            std::process::id(),
-            SERIAL.fetch_add(1, Ordering::Relaxed)
-        )),
-        keep: false,
-    };
+    // A `tempfile` beside `dest`: removed when dropped (any early return
+    // below), renamed over `dest` by `persist` once verified.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.download-", file_name(dest)))
+        .tempfile_in(dir)
+        .map_err(|source| Error::io(dir, source))?;
+    let tmp_path = tmp.path().to_path_buf();
     let agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
@@ -198,8 +180,7 @@ pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
     let body = response.body_mut();
     let total = body.content_length();
     let mut reader = body.as_reader();
-    let file = std::fs::File::create(&tmp.path).map_err(|source| Error::io(&tmp.path, source))?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
     let mut hasher = checksum.hasher();
     let mut progress = Progress::new(file_name(dest), total);
     let mut buf = vec![0u8; 1 << 16];
@@ -212,17 +193,16 @@ pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
         };
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n])
-            .map_err(|source| Error::io(&tmp.path, source))?;
+            .map_err(|source| Error::io(&tmp_path, source))?;
         progress.advance(n as u64);
     }
     progress.finish();
     let file = out.into_inner().map_err(|e| Error::Io {
-        path: tmp.path.clone(),
+        path: tmp_path.clone(),
         source: e.into_error(),
     })?;
     file.sync_all()
-        .map_err(|source| Error::io(&tmp.path, source))?;
-    drop(file);
+        .map_err(|source| Error::io(&tmp_path, source))?;
     if let Some(t) = total
         && t != progress.done
     {
@@ -249,8 +229,6 @@ pub fn download(url: &str, dest: &Path, checksum: &Checksum) -> Result<()> {
             ),
         });
     }
-    std::fs::rename(&tmp.path, dest).map_err(|source| Error::io(dest, source))?;
-    let mut tmp = tmp;
-    tmp.keep = true;
+    tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Finding a data set on disk, or downloading it like Keras does.
 
-use super::cifar::{CIFAR10_DIR, CIFAR10_TARBALL, cifar10_files_dir, missing_files};
+use super::cifar::{
+    CIFAR10_DIR, CIFAR10_TARBALL, CIFAR10_TEST_FILE, cifar10_files_dir, missing_files,
+};
 use super::download::{Checksum, download};
 use super::idx::{FASHION_MNIST_FILES, find_plain_or_gz};
 use super::{Dataset, load_cifar10, load_fashion_mnist};
@@ -79,11 +81,14 @@ impl std::str::FromStr for DatasetName {
 /// that the machine's own files and network stay out of the way.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Locator {
-    /// `--data DIR`: searched first (`DIR`, then `DIR/fashion-mnist` or
-    /// `DIR/cifar-10-batches-bin` and `DIR/cifar-10-binary.tar.gz`), and
-    /// where a download goes when given.
+    /// `--data DIR`: authoritative when given. The data set must be in
+    /// `DIR` (or `DIR/fashion-mnist`, or `DIR/cifar-10-batches-bin` /
+    /// `DIR/cifar-10-binary.tar.gz`); nothing else is searched and nothing is
+    /// downloaded, and a missing file is an error naming it.
     pub data_dir: Option<PathBuf>,
-    /// `$KESTREL_DATA`: searched like `data_dir`, right after it.
+    /// `$KESTREL_DATA`: searched first when there is no `data_dir` (`DIR`,
+    /// then `DIR/fashion-mnist` or `DIR/cifar-10-batches-bin` and
+    /// `DIR/cifar-10-binary.tar.gz`), and where a download goes.
     pub kestrel_data: Option<PathBuf>,
     /// Debian's Fashion-MNIST directory, or `None` to skip it.
     pub debian_dir: Option<PathBuf>,
@@ -99,9 +104,10 @@ pub struct Locator {
 }
 
 impl Locator {
-    /// The usual places: `data_dir` (`--data`), `$KESTREL_DATA`, Debian's
-    /// `/usr/share/datasets`, `$HOME/.keras/datasets`; downloads from the
-    /// official sources, or from `$KESTREL_DATA_URL` when set.
+    /// `data_dir` (`--data`) alone when given; otherwise the usual places:
+    /// `$KESTREL_DATA`, Debian's `/usr/share/datasets`,
+    /// `$HOME/.keras/datasets`, and downloads from the official sources, or
+    /// from `$KESTREL_DATA_URL` when set.
     ///
     /// `$KESTREL_DATA` comes before the system directories because setting
     /// it is an explicit choice, which a system-wide copy should not beat.
@@ -123,25 +129,20 @@ impl Locator {
             .map(|h| h.join(".keras").join("datasets"))
     }
 
-    /// The roots searched first (`--data`, `$KESTREL_DATA`), with a label.
+    /// The root searched first when there is no `--data` (`$KESTREL_DATA`),
+    /// with a label.
     fn roots(&self) -> Vec<(PathBuf, &'static str)> {
         let mut roots = Vec::new();
-        if let Some(d) = &self.data_dir {
-            roots.push((d.clone(), "--data"));
-        }
         if let Some(d) = &self.kestrel_data {
             roots.push((d.clone(), "$KESTREL_DATA"));
         }
         roots
     }
 
-    /// Where a download of `dataset` goes: the first of `--data`,
-    /// `$KESTREL_DATA`, `~/.keras/datasets`.
+    /// Where a download goes: `$KESTREL_DATA`, else `~/.keras/datasets`
+    /// (never `--data`, which must already hold the files).
     pub fn download_root(&self) -> Option<PathBuf> {
-        self.data_dir
-            .clone()
-            .or_else(|| self.kestrel_data.clone())
-            .or_else(|| self.keras_dir())
+        self.kestrel_data.clone().or_else(|| self.keras_dir())
     }
 
     /// The URL a download fetches: the override base when set.
@@ -165,11 +166,19 @@ impl Locator {
     }
 
     /// The directory holding `dataset`'s files, ready for
-    /// [`load_fashion_mnist`] or [`load_cifar10`]: found in the places
+    /// [`load_fashion_mnist`] or [`load_cifar10`]. With `data_dir`
+    /// (`--data`), that directory only: a missing directory or file is an
+    /// error naming it and the files expected. Otherwise found in the places
     /// listed on [`Locator`], or downloaded (with a progress bar on stderr
-    /// and a checksum check) when found nowhere. When that fails too, the
+    /// and a checksum check) when found nowhere; when that fails too, the
     /// error lists every place looked at and says how to get the data.
     pub fn locate(&self, dataset: DatasetName) -> Result<PathBuf> {
+        if let Some(dir) = &self.data_dir {
+            return match dataset {
+                DatasetName::FashionMnist => fashion_in(dir),
+                DatasetName::Cifar10 => cifar_in(dir),
+            };
+        }
         match dataset {
             DatasetName::FashionMnist => self.locate_fashion(),
             DatasetName::Cifar10 => self.locate_cifar(),
@@ -340,6 +349,99 @@ impl Locator {
     }
 }
 
+/// `--data DIR` for Fashion-MNIST: `DIR` when it holds any of the four
+/// files, else `DIR/fashion-mnist` when that does; all four must be there.
+fn fashion_in(root: &Path) -> Result<PathBuf> {
+    let expected = FASHION_MNIST_FILES
+        .iter()
+        .map(|f| format!("{f}[.gz]"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let how = "or leave out --data to search the usual places (and download into \
+               $KESTREL_DATA or ~/.keras/datasets)";
+    if !root.is_dir() {
+        return Err(not_found(
+            root.to_path_buf(),
+            format!(
+                "--data: no such directory; expected a directory holding Fashion-MNIST's \
+                 {expected}; fix the path, {how}"
+            ),
+        ));
+    }
+    let holds_any = |d: &Path| {
+        FASHION_MNIST_FILES
+            .iter()
+            .any(|f| find_plain_or_gz(d, f).is_some())
+    };
+    let sub = root.join(FASHION_DIR);
+    let dir = if !holds_any(root) && holds_any(&sub) {
+        sub
+    } else {
+        root.to_path_buf()
+    };
+    let missing: Vec<&str> = FASHION_MNIST_FILES
+        .iter()
+        .copied()
+        .filter(|f| find_plain_or_gz(&dir, f).is_none())
+        .collect();
+    if let Some(first) = missing.first() {
+        return Err(not_found(
+            dir.join(format!("{first}.gz")),
+            format!(
+                "--data {}: Fashion-MNIST file{} missing: {} (expected all four of {expected}, \
+                 in {} or {}/{FASHION_DIR}); put them there, {how}",
+                root.display(),
+                if missing.len() == 1 { "" } else { "s" },
+                missing
+                    .iter()
+                    .map(|f| format!("{f}[.gz]"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                root.display(),
+                root.display(),
+            ),
+        ));
+    }
+    Ok(dir)
+}
+
+/// `--data DIR` for CIFAR-10: the binary files in `DIR` or
+/// `DIR/cifar-10-batches-bin`, or the official tarball in `DIR`.
+fn cifar_in(root: &Path) -> Result<PathBuf> {
+    let expected = format!(
+        "{}/ holding data_batch_1.bin .. data_batch_5.bin and test_batch.bin, or {CIFAR10_TARBALL}",
+        CIFAR10_DIR
+    );
+    let how = "or leave out --data to search the usual places (and download into \
+               $KESTREL_DATA or ~/.keras/datasets)";
+    if !root.exists() {
+        return Err(not_found(
+            root.to_path_buf(),
+            format!("--data: no such directory; expected {expected}; fix the path, {how}"),
+        ));
+    }
+    if let Some(found) = cifar10_files_dir(root)? {
+        return Ok(found);
+    }
+    let in_root = missing_files(root);
+    let sub = root.join(CIFAR10_DIR);
+    let (dir, missing) = if sub.is_dir() || in_root.len() == 6 {
+        (sub.clone(), missing_files(&sub))
+    } else {
+        (root.to_path_buf(), in_root)
+    };
+    Err(not_found(
+        dir.join(missing.first().copied().unwrap_or(CIFAR10_TEST_FILE)),
+        format!(
+            "--data {}: CIFAR-10 (binary version) incomplete: {} misses {} and there is no \
+             {CIFAR10_TARBALL}; expected {expected}; put them there, {how}",
+            root.display(),
+            dir.display(),
+            missing.join(", "),
+        ),
+    ))
+}
+
 fn official_base(dataset: DatasetName) -> &'static str {
     match dataset {
         DatasetName::FashionMnist => FASHION_MNIST_URL_BASE,
@@ -366,6 +468,74 @@ fn not_found(path: PathBuf, msg: String) -> Error {
 /// `data_dir` (`--data DIR`), then [`Locator::locate`].
 pub fn locate(dataset: DatasetName, data_dir: Option<&Path>) -> Result<PathBuf> {
     Locator::from_env(data_dir).locate(dataset)
+}
+
+/// A file a data set was loaded from: its path, size and SHA-256, as a run
+/// records them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataFile {
+    /// The file as found.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Its SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
+impl DataFile {
+    /// Reads `path` and computes its checksum.
+    pub fn of(path: &Path) -> Result<Self> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            bytes += n as u64;
+            h.update(&buf[..n]);
+        }
+        let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(DataFile {
+            path: path.to_path_buf(),
+            bytes,
+            sha256,
+        })
+    }
+}
+
+/// The files of `dataset` in `dir` (as [`Locator::locate`] returns it), in
+/// the order the loader reads them, each with its checksum.
+pub fn data_files(dataset: DatasetName, dir: &Path) -> Result<Vec<DataFile>> {
+    let paths: Vec<PathBuf> = match dataset {
+        DatasetName::FashionMnist => FASHION_MNIST_FILES
+            .iter()
+            .map(|f| find_plain_or_gz(dir, f).unwrap_or_else(|| dir.join(f)))
+            .collect(),
+        DatasetName::Cifar10 => super::CIFAR10_TRAIN_FILES
+            .iter()
+            .chain([&CIFAR10_TEST_FILE])
+            .map(|f| dir.join(f))
+            .collect(),
+    };
+    paths.iter().map(|p| DataFile::of(p)).collect()
+}
+
+/// [`load`], and the files it read with their checksums.
+pub fn load_recorded(
+    dataset: DatasetName,
+    data_dir: Option<&Path>,
+) -> Result<(Dataset, Dataset, Vec<DataFile>)> {
+    let dir = locate(dataset, data_dir)?;
+    let (train, test) = match dataset {
+        DatasetName::FashionMnist => load_fashion_mnist(&dir)?,
+        DatasetName::Cifar10 => load_cifar10(&dir)?,
+    };
+    Ok((train, test, data_files(dataset, &dir)?))
 }
 
 /// Finds (or downloads) and loads `dataset`: `(train, test)`.

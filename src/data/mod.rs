@@ -28,8 +28,8 @@ pub use idx::{
     load_idx_images, load_idx_labels, read_maybe_gzip,
 };
 pub use locate::{
-    CIFAR10_MD5, CIFAR10_URL_BASE, DatasetName, FASHION_MNIST_MD5, FASHION_MNIST_URL_BASE, Locator,
-    load, locate,
+    CIFAR10_MD5, CIFAR10_URL_BASE, DataFile, DatasetName, FASHION_MNIST_MD5,
+    FASHION_MNIST_URL_BASE, Locator, data_files, load, load_recorded, locate,
 };
 
 use crate::error::{Error, Result, checked_product};

@@ -19,6 +19,7 @@ pub(crate) mod weights_io;
 
 pub use model::{ParamInfo, Sequential};
 pub use rng::Rng;
+pub(crate) use weights_io::atomic_write;
 
 use crate::ops::activation::Activation as OpAct;
 use crate::ops::batchnorm::{DEFAULT_EPSILON, DEFAULT_MOMENTUM, VarianceMode};

@@ -14,8 +14,10 @@ use super::Sequential;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 
-/// Writes `bytes` to `path` atomically (see the module docs). On failure
-/// the temporary file is removed and `path` is untouched.
+/// Writes `bytes` to `path` atomically (see the module docs): a
+/// `tempfile` in the same directory, synced, then persisted (renamed) over
+/// `path`. On failure the temporary file is removed and `path` is
+/// untouched. Every file kestrel writes goes through here.
 pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -26,24 +28,24 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         .ok_or_else(|| Error::format(path, "not a file path"))?
         .to_string_lossy()
         .into_owned();
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-        // Make the rename itself durable; not every platform can open a
-        // directory, so a failure here is not an error.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(tmp.path(), e))?;
+    // Dropping a `NamedTempFile` (on an error above, or the one `persist`
+    // hands back on failure) deletes it.
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    // Make the rename itself durable; not every platform can open a
+    // directory, so a failure here is not an error.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
     }
-    result
+    Ok(())
 }
 
 /// A tensor to serialize: name, shape, little-endian f32 bytes.

@@ -24,6 +24,9 @@
 //! kind = "rmsprop"
 //! lr = 1e-4
 //! decay = 1e-6
+//! # clipnorm = 1.0                # standalone: global norm; tf_keras: per tensor
+//! # global_clipnorm = 1.0         # tf_keras only: the global norm
+//! # initial_accumulator_value = 0.1  # adagrad only
 //!
 //! [fit]
 //! batch_size = 32
@@ -33,6 +36,7 @@
 //! [early_stopping]
 //! monitor = "val_acc"
 //! patience = 5
+//! # restore_best_weights = true   # tf_keras: also at the end without a stop
 //! ```
 //!
 //! Every table rejects unknown keys; every value is checked
@@ -61,8 +65,9 @@ pub struct RunConfig {
     pub seed: u64,
     /// Which Keras the seed ran: `standalone` (Keras 2.3.1, the default) or
     /// `tf_keras` (seed 003): switches the optimizer's clipping order and
-    /// per-tensor clipnorm, Adagrad's initial accumulator, and the default
-    /// variance mode of batch normalization.
+    /// per-tensor clipnorm (and allows `global_clipnorm`), Adagrad's initial
+    /// accumulator, the default variance mode of batch normalization, and
+    /// EarlyStopping's `restore_best_weights` at the end of training.
     #[serde(default)]
     pub keras: KerasFlavor,
     /// The data set.
@@ -122,6 +127,18 @@ pub enum DatasetKind {
 }
 
 impl DatasetKind {
+    /// The name as a config spells it (`fashion_mnist`, `synthetic_binary`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::FashionMnist => "fashion_mnist",
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::SyntheticTwoClass => "synthetic_two_class",
+            DatasetKind::SyntheticMulticlass => "synthetic_multiclass",
+            DatasetKind::SyntheticBinary => "synthetic_binary",
+            DatasetKind::SyntheticRegression => "synthetic_regression",
+        }
+    }
+
     /// Whether the data are generated rather than read.
     pub fn is_synthetic(self) -> bool {
         !matches!(self, DatasetKind::FashionMnist | DatasetKind::Cifar10)
@@ -410,10 +427,18 @@ pub struct OptimizerConfig {
     pub beta_2: Option<f32>,
     /// Epsilon (1e-7 by default).
     pub epsilon: Option<f32>,
-    /// Gradient norm clipping.
+    /// Gradient norm clipping: one global norm over all gradients in
+    /// standalone Keras, each tensor by its own norm in the tf.keras flavour.
     pub clipnorm: Option<f32>,
+    /// tf.keras flavour only: clip by one global norm over all gradients
+    /// (what standalone Keras's `clipnorm` does); at most one of `clipnorm`
+    /// and `global_clipnorm`.
+    pub global_clipnorm: Option<f32>,
     /// Gradient value clipping.
     pub clipvalue: Option<f32>,
+    /// Adagrad: the accumulator's starting value (tf.keras's argument;
+    /// default 0.1 in the tf.keras flavour, 0 in standalone Keras).
+    pub initial_accumulator_value: Option<f32>,
 }
 
 /// Losses.
@@ -542,6 +567,17 @@ pub enum ModeName {
     Max,
 }
 
+impl ModeName {
+    /// The name as a config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModeName::Auto => "auto",
+            ModeName::Min => "min",
+            ModeName::Max => "max",
+        }
+    }
+}
+
 /// `[early_stopping]`: Keras's EarlyStopping arguments.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -558,7 +594,8 @@ pub struct EarlyStoppingConfig {
     /// auto / min / max.
     #[serde(default)]
     pub mode: ModeName,
-    /// Put back the best weights when stopping (false).
+    /// Put back the best weights when stopping (false); in the tf.keras
+    /// flavour also at the end of training without an early stop.
     #[serde(default)]
     pub restore_best_weights: bool,
 }
@@ -568,8 +605,9 @@ fn default_monitor() -> String {
 }
 
 impl EarlyStoppingConfig {
-    /// The callback.
-    pub fn build(&self) -> EarlyStopping {
+    /// The callback; the tf.keras flavour restores the best weights at the
+    /// end of training even without an early stop.
+    pub fn build(&self, flavor: KerasFlavor) -> EarlyStopping {
         EarlyStopping::new(&self.monitor)
             .patience(self.patience)
             .min_delta(self.min_delta)
@@ -579,6 +617,7 @@ impl EarlyStoppingConfig {
                 ModeName::Max => EarlyStoppingMode::Max,
             })
             .restore_best_weights(self.restore_best_weights)
+            .restore_at_train_end(flavor == KerasFlavor::TfKeras)
     }
 }
 
@@ -677,6 +716,27 @@ impl OptimizerConfig {
         only("rho", self.rho.is_some(), &[OptimizerKindName::Rmsprop])?;
         only("beta_1", self.beta_1.is_some(), &[OptimizerKindName::Adam])?;
         only("beta_2", self.beta_2.is_some(), &[OptimizerKindName::Adam])?;
+        only(
+            "initial_accumulator_value",
+            self.initial_accumulator_value.is_some(),
+            &[OptimizerKindName::Adagrad],
+        )?;
+        if self.global_clipnorm.is_some() && flavor != KerasFlavor::TfKeras {
+            return Err(cfg_err(
+                path,
+                &format!("{key}.global_clipnorm"),
+                "is a tf.keras option (keras = \"tf_keras\"); in standalone Keras \
+                 `clipnorm` already clips the global norm",
+            ));
+        }
+        if self.global_clipnorm.is_some() && self.clipnorm.is_some() {
+            return Err(cfg_err(
+                path,
+                &format!("{key}.global_clipnorm"),
+                "at most one of clipnorm (per tensor) and global_clipnorm (all tensors) \
+                 can be set, as in tf.keras",
+            ));
+        }
         if flavor == KerasFlavor::TfKeras {
             o = o.tf_keras();
         }
@@ -695,7 +755,14 @@ impl OptimizerConfig {
         if let Some(e) = self.epsilon {
             o.epsilon = e;
         }
+        if let Some(a) = self.initial_accumulator_value {
+            o.initial_accumulator = a;
+        }
         o.clipnorm = self.clipnorm;
+        if let Some(g) = self.global_clipnorm {
+            o.clipnorm = Some(g);
+            o.clipnorm_per_tensor = false;
+        }
         o.clipvalue = self.clipvalue;
         o.validate().map_err(wrap)?;
         Ok(o)
@@ -958,8 +1025,18 @@ impl LoadedConfig {
 
     /// The stages (one when the config gives none), `max_epochs` capping
     /// (or, for a single stage, setting) the epochs of each.
+    ///
+    /// `Some(0)` is rejected as `fit.epochs = 0` is: a run trains at least
+    /// one epoch.
     pub fn stages(&self, epochs_override: Option<usize>) -> Result<Vec<Stage>> {
         let c = &self.config;
+        if epochs_override == Some(0) {
+            return Err(Error::invalid(
+                "train",
+                "--epochs",
+                "must be at least 1, got 0",
+            ));
+        }
         if c.stages.is_empty() {
             return Ok(vec![Stage {
                 epochs: epochs_override.unwrap_or(c.fit.epochs),

@@ -6,15 +6,23 @@
 //! new optimizer), evaluates on the test set and writes into the output
 //! directory:
 //!
-//! - `summary.txt`: the config's description and the model summary;
+//! - `summary.txt`: the config's description, the model summary and the
+//!   data files read, with their SHA-256;
 //! - `history.json`, `history.csv`: every logged value per epoch;
-//! - `curves.svg`: the learning curves;
+//! - `curves.svg`: the learning curves, titled with the config's
+//!   description and this run's own test result;
 //! - `checkpoint.safetensors` + `checkpoint.json`: written (atomically)
 //!   after every epoch; `--resume` continues from them, bit for bit as if
-//!   never stopped;
+//!   never stopped, with the flags the run was started with ([`RunFlags`]);
 //! - `weights.safetensors`: the final weights;
-//! - `result.json`: test metrics, epochs, seconds per epoch, device,
-//!   version, commit, config.
+//! - `result.json`: test metrics, epochs, seconds per epoch (one figure,
+//!   [`seconds_per_epoch`], also in the final line), the data files, the
+//!   flags, device, version, commit, config.
+//!
+//! An output directory that holds a run is refused unless
+//! [`TrainOptions::overwrite`] (replace it) or [`TrainOptions::resume`]
+//! (continue it) is set; nothing is written before the options, the
+//! checkpoint, the data and the model have passed their checks.
 //!
 //! A NaN or infinite training loss stops the run with an error; the
 //! checkpoint of the last good epoch stays. Setting the stop flag (Ctrl-C
@@ -63,6 +71,9 @@ pub struct TrainOptions {
     pub seed: Option<u64>,
     /// `--resume`: continue from the output directory's checkpoint.
     pub resume: bool,
+    /// `--overwrite`: replace the run already in the output directory
+    /// (without it, or `resume`, a directory holding a run is refused).
+    pub overwrite: bool,
     /// `--stop-after N`: stop (with a checkpoint, as Ctrl-C does) after N
     /// epochs of this invocation.
     pub stop_after: Option<usize>,
@@ -97,6 +108,8 @@ pub struct TrainOutcome {
     pub seconds_per_epoch: f64,
     /// The backend's name.
     pub device: String,
+    /// What `result.json` holds.
+    pub result: serde_json::Value,
 }
 
 /// Targets in the form a loss wants, owned.
@@ -168,6 +181,37 @@ pub struct RunData {
     pub held_out: Option<Split>,
     /// Test samples.
     pub test: Split,
+    /// Where the data came from, for people: `fashion_mnist from DIR` or
+    /// `synthetic_binary, generated from seed 1`.
+    pub source: String,
+    /// The files read, with their checksums (none for generated data).
+    pub files: Vec<crate::data::DataFile>,
+}
+
+impl RunData {
+    /// The data's record for `result.json`.
+    pub fn record(&self, dataset: DatasetKind) -> serde_json::Value {
+        serde_json::json!({
+            "dataset": dataset.name(),
+            "source": self.source,
+            "files": self.files,
+        })
+    }
+
+    /// What the run prints once and writes into `summary.txt`: the source,
+    /// then one line per file with its size and SHA-256.
+    pub fn describe(&self) -> String {
+        let mut s = format!("Data: {}\n", self.source);
+        for f in &self.files {
+            s += &format!(
+                "  {} ({} bytes, sha256 {})\n",
+                f.path.display(),
+                f.bytes,
+                f.sha256
+            );
+        }
+        s
+    }
 }
 
 /// Loads (or generates) the config's data and applies `validation_first`.
@@ -177,17 +221,47 @@ pub fn load_data(cfg: &LoadedConfig, data_dir: Option<&Path>, seed: u64) -> Resu
         x: ds.x,
         y: TargetData::Classes(ds.y, ds.classes),
     };
-    let (train, test) = match c.data.dataset {
+    let (train, test, source, files) = match c.data.dataset {
         DatasetKind::FashionMnist | DatasetKind::Cifar10 => {
             let name = if c.data.dataset == DatasetKind::FashionMnist {
                 DatasetName::FashionMnist
             } else {
                 DatasetName::Cifar10
             };
-            let (tr, te) = crate::data::load(name, data_dir)?;
-            (from(tr), from(te))
+            let (tr, te, files) = crate::data::load_recorded(name, data_dir)?;
+            let dir = files
+                .first()
+                .and_then(|f| f.path.parent())
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
+            let source = format!("{} from {dir}", c.data.dataset.name());
+            (from(tr), from(te), source, files)
         }
-        _ => synthetic::generate(&c.data, seed)?,
+        kind => {
+            if let Some(d) = data_dir {
+                return Err(Error::invalid(
+                    "data",
+                    "--data",
+                    format!(
+                        "{}: the config's data set {} is generated, not read from files; \
+                         leave out --data {}",
+                        cfg.path.display(),
+                        kind.name(),
+                        d.display()
+                    ),
+                ));
+            }
+            let (tr, te) = synthetic::generate(&c.data, seed)?;
+            let source = format!(
+                "{}, generated{}",
+                c.data.dataset.name(),
+                c.data
+                    .seed
+                    .map(|s| format!(" from data seed {s}"))
+                    .unwrap_or_else(|| format!(" from the run seed {seed}"))
+            );
+            (tr, te, source, Vec::new())
+        }
     };
     let sample_shape = c.data.input_shape();
     let per: usize = sample_shape.iter().product();
@@ -210,6 +284,8 @@ pub fn load_data(cfg: &LoadedConfig, data_dir: Option<&Path>, seed: u64) -> Resu
         train,
         held_out,
         test,
+        source,
+        files,
     })
 }
 
@@ -238,11 +314,10 @@ pub fn summary_text(cfg: &LoadedConfig) -> Result<String> {
         s += &format!("{}\n", c.description);
     }
     s += &format!(
-        "data: {:?}, input {:?}\n",
-        c.data.dataset,
+        "data: {}, input {:?}\n",
+        c.data.dataset.name(),
         c.data.input_shape()
-    )
-    .to_lowercase();
+    );
     s += "\n";
     s += &m.summary();
     s += &format!("\noptimizer: {}\n", describe_optimizer(&cfg.optimizer()?));
@@ -268,9 +343,9 @@ pub fn summary_text(cfg: &LoadedConfig) -> Result<String> {
     );
     for (i, st) in cfg.stages(None)?.iter().enumerate() {
         s += &format!(
-            "stage {}: up to {} epochs{}\n",
+            "stage {}: up to {}{}\n",
             i + 1,
-            st.epochs,
+            plural(st.epochs, "epoch"),
             st.recompile
                 .map(|o| format!(", re-compiled with {}", describe_optimizer(&o)))
                 .unwrap_or_default()
@@ -278,11 +353,11 @@ pub fn summary_text(cfg: &LoadedConfig) -> Result<String> {
     }
     if let Some(es) = &c.early_stopping {
         s += &format!(
-            "early stopping: monitor {}, patience {}, min_delta {}, mode {:?}{}\n",
+            "early stopping: monitor {}, patience {}, min_delta {}, mode {}{}\n",
             es.monitor,
             es.patience,
             es.min_delta,
-            es.mode,
+            es.mode.name(),
             if es.restore_best_weights {
                 ", restore best weights"
             } else {
@@ -307,13 +382,18 @@ pub fn describe_optimizer(o: &Optimizer) -> String {
             "SGD(lr={}, momentum={}, nesterov={})",
             o.lr, o.momentum, o.nesterov
         ),
-        K::Adagrad => format!("Adagrad(lr={})", o.lr),
+        K::Adagrad => format!(
+            "Adagrad(lr={}, initial_accumulator_value={})",
+            o.lr, o.initial_accumulator
+        ),
         K::RmsProp => format!("RMSprop(lr={}, rho={})", o.lr, o.rho),
         K::Adam => format!("Adam(lr={}, beta_1={}, beta_2={})", o.lr, o.beta1, o.beta2),
     };
     s += &format!(" decay={} epsilon={:e}", o.decay, o.epsilon);
-    if let Some(c) = o.clipnorm {
-        s += &format!(" clipnorm={c}");
+    match (o.clipnorm, o.clipnorm_per_tensor) {
+        (Some(c), true) => s += &format!(" clipnorm={c} (per tensor)"),
+        (Some(c), false) => s += &format!(" clipnorm={c} (global norm)"),
+        (None, _) => {}
     }
     if let Some(c) = o.clipvalue {
         s += &format!(" clipvalue={c}");
@@ -344,6 +424,62 @@ pub struct RunState {
     pub history: RunHistory,
     /// The config's seed in effect.
     pub seed: u64,
+    /// The flags the run was started with that shape it; `--resume`
+    /// applies them again unless given anew.
+    #[serde(default)]
+    pub flags: RunFlags,
+    /// The run finished (tested, final weights written).
+    #[serde(default)]
+    pub finished: bool,
+    /// Early stopping ended the last stage that ran.
+    #[serde(default)]
+    pub stopped_early: bool,
+}
+
+/// The `kestrel train` flags that shape a run, as its checkpoint remembers
+/// them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunFlags {
+    /// `--epochs`.
+    pub epochs: Option<usize>,
+    /// `--seed`.
+    pub seed: Option<u64>,
+    /// `--data`.
+    pub data: Option<PathBuf>,
+    /// `--device`, when not `auto`.
+    pub device: Option<String>,
+}
+
+impl RunFlags {
+    /// The flags as a command line would give them (` --epochs 3 ...`).
+    pub fn args(&self) -> String {
+        let mut s = String::new();
+        if let Some(e) = self.epochs {
+            s += &format!(" --epochs {e}");
+        }
+        if let Some(v) = self.seed {
+            s += &format!(" --seed {v}");
+        }
+        if let Some(d) = &self.data {
+            s += &format!(" --data {}", shell_word(&d.display().to_string()));
+        }
+        if let Some(d) = &self.device {
+            s += &format!(" --device {d}");
+        }
+        s
+    }
+}
+
+/// `w` quoted for a POSIX shell when it needs quoting.
+fn shell_word(w: &str) -> String {
+    if !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:=,@%".contains(c))
+    {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
 }
 
 const STATE_FORMAT: &str = "kestrel-run-1";
@@ -398,11 +534,215 @@ pub fn git_commit() -> Option<String> {
 /// Trains the config's model (see the module docs), on the backend chosen
 /// by `opts.device`.
 pub fn train(cfg: &LoadedConfig, opts: &TrainOptions) -> Result<TrainOutcome> {
+    if opts.stop_after == Some(0) {
+        return Err(Error::invalid(
+            "train",
+            "--stop-after",
+            "must be at least 1, got 0",
+        ));
+    }
+    if opts.resume && opts.overwrite {
+        return Err(Error::invalid(
+            "train",
+            "--resume",
+            "cannot go with --overwrite: --resume continues the run in the output directory, \
+             --overwrite replaces it",
+        ));
+    }
+    // Everything that can refuse the run comes before anything is written.
+    cfg.stages(opts.epochs)?;
+    let out = opts
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(cfg.stem()));
+    let start = prepare(cfg, opts, &out)?;
     // The one place that maps a device choice to a backend: `select` says
     // once which one it picked, and never falls back from an explicit CUDA
     // choice.
     let backend = crate::backend::select(opts.device)?;
-    crate::with_backend!(backend, b => train_on(cfg, opts, b))
+    crate::with_backend!(backend, b => train_on(cfg, opts, start, b))
+}
+
+/// Where a run starts: a fresh state or the checkpoint's, and the options
+/// in effect (the checkpoint's remembered flags where not given anew).
+struct Start {
+    out: PathBuf,
+    state: RunState,
+    data_dir: Option<PathBuf>,
+    stages: Vec<config::Stage>,
+    /// `Some(from)` when a finished run is extended to more epochs.
+    extending: Option<usize>,
+}
+
+/// What an output directory holds from an earlier run, in words (`a
+/// finished run (5 epochs)`), or `None` when it holds none.
+fn existing_run(out: &Path) -> Option<String> {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(out.join(f)).ok()?).ok()
+    };
+    if let Some(r) = read(files::RESULT) {
+        let epochs = r["epochs"].as_u64().unwrap_or(0);
+        let n = plural(epochs as usize, "epoch");
+        return Some(match r["status"].as_str().unwrap_or("") {
+            "finished" => format!("a finished run ({n})"),
+            "interrupted" => format!("an interrupted run (stopped after {n})"),
+            other => format!("a run that ended {other} after {n}"),
+        });
+    }
+    if let Some(st) = read(files::CHECKPOINT_STATE) {
+        let n = st["history"]["rows"].as_array().map_or(0, Vec::len);
+        return Some(format!(
+            "an interrupted run (checkpoint after {})",
+            plural(n, "epoch")
+        ));
+    }
+    [
+        files::WEIGHTS,
+        files::CHECKPOINT,
+        files::HISTORY_JSON,
+        files::HISTORY_CSV,
+        files::CURVES,
+    ]
+    .iter()
+    .any(|f| out.join(f).exists())
+    .then(|| "the outputs of an earlier run".to_string())
+}
+
+/// `n thing` or `n things`.
+pub fn plural(n: usize, thing: &str) -> String {
+    format!("{n} {thing}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Reads the run state for `--resume`, refuses a directory that holds a run
+/// unless `--resume` or `--overwrite` is given, and works out the options in
+/// effect. Writes nothing.
+fn prepare(cfg: &LoadedConfig, opts: &TrainOptions, out: &Path) -> Result<Start> {
+    let c = &cfg.config;
+    if !opts.resume {
+        if !opts.overwrite
+            && let Some(what) = existing_run(out)
+        {
+            return Err(Error::io(
+                out,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!(
+                        "holds {what}; refusing to overwrite it. Pass --overwrite to replace it, \
+                         --resume to continue it, or choose another --out"
+                    ),
+                ),
+            ));
+        }
+        let flags = RunFlags {
+            epochs: opts.epochs,
+            seed: opts.seed,
+            data: opts.data_dir.clone(),
+            device: (opts.device != DeviceChoice::Auto).then(|| opts.device.to_string()),
+        };
+        let seed = opts.seed.unwrap_or(c.seed);
+        return Ok(Start {
+            out: out.to_path_buf(),
+            state: RunState {
+                format: STATE_FORMAT.into(),
+                seed,
+                flags,
+                ..Default::default()
+            },
+            data_dir: opts.data_dir.clone(),
+            stages: cfg.stages(opts.epochs)?,
+            extending: None,
+        });
+    }
+    // Resume: the run's state first (its seed wins over the config's).
+    let p = out.join(files::CHECKPOINT_STATE);
+    let text = std::fs::read_to_string(&p).map_err(|source| Error::Io {
+        path: p.clone(),
+        source: std::io::Error::new(
+            source.kind(),
+            format!(
+                "--resume: cannot read the run state ({source}); was the run started with this --out?"
+            ),
+        ),
+    })?;
+    let mut st: RunState = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: p.clone(),
+        msg: e.to_string(),
+    })?;
+    if st.format != STATE_FORMAT {
+        return Err(Error::Format {
+            path: p,
+            msg: format!("expected format {STATE_FORMAT}, got {:?}", st.format),
+        });
+    }
+    if opts.seed.is_some_and(|s| s != st.seed) {
+        return Err(Error::Config(format!(
+            "--resume with --seed {} but the run was started with seed {}",
+            opts.seed.unwrap_or(0),
+            st.seed
+        )));
+    }
+    let epochs = opts.epochs.or(st.flags.epochs);
+    let data_dir = opts.data_dir.clone().or_else(|| st.flags.data.clone());
+    st.flags.epochs = epochs;
+    st.flags.data = data_dir.clone();
+    if opts.device != DeviceChoice::Auto {
+        st.flags.device = Some(opts.device.to_string());
+    }
+    let stages = cfg.stages(epochs)?;
+    let done = st.history.rows.len();
+    let single = c.stages.is_empty();
+    let finished = st.finished || st.stage >= stages.len();
+    let mut extending = None;
+    if finished {
+        let extendable = single && !st.stopped_early;
+        match opts.epochs {
+            Some(m) if extendable && m > done => {
+                st.stage = 0;
+                st.stage_epoch = done;
+                st.finished = false;
+                extending = Some(done);
+            }
+            _ => {
+                let how = if extendable {
+                    format!(
+                        "To train it further, pass --resume --epochs N with N above {done}; \
+                         to start it again, --overwrite."
+                    )
+                } else if single {
+                    "It was ended by early stopping, so it cannot be extended; \
+                     to start it again, pass --overwrite."
+                        .to_string()
+                } else {
+                    "A multi-stage run cannot be extended; to start it again, pass --overwrite."
+                        .to_string()
+                };
+                return Err(Error::io(
+                    out,
+                    std::io::Error::other(format!(
+                        "--resume: the run is finished ({}), nothing to resume. {how}",
+                        plural(done, "epoch")
+                    )),
+                ));
+            }
+        }
+    } else if single && epochs.is_some_and(|e| e < st.stage_epoch) {
+        return Err(Error::invalid(
+            "train",
+            "--epochs",
+            format!(
+                "{} is below the {} epochs the run has done already",
+                epochs.unwrap_or(0),
+                st.stage_epoch
+            ),
+        ));
+    }
+    Ok(Start {
+        out: out.to_path_buf(),
+        state: st,
+        data_dir,
+        stages,
+        extending,
+    })
 }
 
 /// The callback that records, checkpoints, stops early and stops on request.
@@ -416,13 +756,33 @@ struct RunCallback<'a> {
     early: Option<EarlyStopping>,
     best_weights: Option<Vec<Vec<f32>>>,
     restore_best: bool,
+    /// tf.keras: restore the best weights at the end of the stage even
+    /// without an early stop.
+    restore_at_end: bool,
+    stopped_early: bool,
     augment: Option<&'a std::cell::RefCell<Augmenter>>,
     last: Instant,
     stop: &'a AtomicBool,
     stop_after: Option<usize>,
     epochs_this_run: &'a mut usize,
     interrupted: bool,
-    train_seconds: &'a mut f64,
+}
+
+impl RunCallback<'_> {
+    /// Puts the stage's best weights back (from memory, or from disk when the
+    /// stage was resumed).
+    fn restore<B: Backend>(&self, model: &mut Sequential<B>) -> Result<()> {
+        match &self.best_weights {
+            Some(w) => model.set_weights(w),
+            None => {
+                let p = self.out.join(files::BEST_WEIGHTS);
+                if p.exists() {
+                    model.load_weights(p)?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl<B: Backend> Callback<B> for RunCallback<'_> {
@@ -438,7 +798,6 @@ impl<B: Backend> Callback<B> for RunCallback<'_> {
         model: &mut Sequential<B>,
     ) -> Result<Verdict> {
         let seconds = self.last.elapsed().as_secs_f64();
-        *self.train_seconds += seconds;
         let row = EpochRow {
             epoch: self.state.history.rows.len() + 1,
             stage: self.stage,
@@ -464,30 +823,24 @@ impl<B: Backend> Callback<B> for RunCallback<'_> {
                 }
                 EarlyStoppingStep::Waiting => {}
                 EarlyStoppingStep::Stop => {
-                    if self.restore_best {
-                        match &self.best_weights {
-                            Some(w) => model.set_weights(w)?,
-                            None => {
-                                let p = self.out.join(files::BEST_WEIGHTS);
-                                if p.exists() {
-                                    model.load_weights(p)?;
-                                }
-                            }
-                        }
-                    }
+                    self.stopped_early = true;
                     if self.verbose > 0 {
                         eprintln!(
-                            "Epoch {}: early stopping ({} did not improve for {} epochs)",
+                            "Epoch {}: early stopping ({} did not improve for {})",
                             epoch + 1,
                             es.monitor,
-                            es.patience
+                            plural(es.patience, "epoch")
                         );
                     }
                     verdict = Verdict::Stop;
                 }
             }
         }
+        if verdict == Verdict::Stop && self.restore_best {
+            self.restore(model)?;
+        }
         let stage_done = verdict == Verdict::Stop || epoch + 1 >= self.stage_epochs;
+        self.state.stopped_early = self.stopped_early;
         if stage_done {
             self.state.stage = self.stage + 1;
             self.state.stage_epoch = 0;
@@ -512,61 +865,39 @@ impl<B: Backend> Callback<B> for RunCallback<'_> {
         self.last = Instant::now();
         Ok(verdict)
     }
+
+    fn on_train_end(&mut self, model: &mut Sequential<B>) -> Result<()> {
+        // tf.keras's EarlyStopping restores at the end of every fit call;
+        // a stop on request is no end of training (the run resumes).
+        if self.restore_best && self.restore_at_end && !self.stopped_early && !self.interrupted {
+            self.restore(model)?;
+            // The next stage (or a resume into it) starts from these.
+            model.save_checkpoint(self.out.join(files::CHECKPOINT))?;
+        }
+        Ok(())
+    }
 }
 
 fn train_on<B: Backend>(
     cfg: &LoadedConfig,
     opts: &TrainOptions,
+    start: Start,
     backend: B,
 ) -> Result<TrainOutcome> {
     let c = &cfg.config;
     let device = backend.name();
-    let out = opts
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| Path::new("runs").join(cfg.stem()));
-    std::fs::create_dir_all(&out).map_err(|source| Error::Io {
-        path: out.clone(),
-        source,
-    })?;
-    let mut seed = opts.seed.unwrap_or(c.seed);
-    // Resume: the run's state first (its seed wins over the config's).
-    let mut state = if opts.resume {
-        let p = out.join(files::CHECKPOINT_STATE);
-        let text = std::fs::read_to_string(&p).map_err(|source| Error::Io {
-            path: p.clone(),
-            source: std::io::Error::new(
-                source.kind(),
-                format!("--resume: cannot read the run state ({source}); was the run started with this --out?"),
-            ),
-        })?;
-        let st: RunState = serde_json::from_str(&text).map_err(|e| Error::Format {
-            path: p.clone(),
-            msg: e.to_string(),
-        })?;
-        if st.format != STATE_FORMAT {
-            return Err(Error::Format {
-                path: p,
-                msg: format!("expected format {STATE_FORMAT}, got {:?}", st.format),
-            });
-        }
-        if opts.seed.is_some_and(|s| s != st.seed) {
-            return Err(Error::Config(format!(
-                "--resume with --seed {} but the run was started with seed {}",
-                opts.seed.unwrap_or(0),
-                st.seed
-            )));
-        }
-        seed = st.seed;
-        st
-    } else {
-        RunState {
-            format: STATE_FORMAT.into(),
-            seed,
-            ..Default::default()
-        }
-    };
-    let data = load_data(cfg, opts.data_dir.as_deref(), seed)?;
+    let Start {
+        out,
+        mut state,
+        data_dir,
+        stages,
+        extending,
+    } = start;
+    let seed = state.seed;
+    let data = load_data(cfg, data_dir.as_deref(), seed)?;
+    if opts.verbose > 0 {
+        eprint!("{}", data.describe());
+    }
     let mut model = build_model(cfg, backend, seed)?;
     let loss: Loss = c.loss.into();
     let outputs = model.output_len();
@@ -579,8 +910,35 @@ fn train_on<B: Backend>(
         .map(|h| targets_for(&h.y, loss, outputs))
         .transpose()
         .map_err(wrap)?;
-    let stages = cfg.stages(opts.epochs)?;
-    write_atomic(&out.join(files::SUMMARY), summary_text(cfg)?.as_bytes())?;
+    // Only now, with the data loaded and the model built, is the output
+    // directory created (or an earlier run's outputs removed, with
+    // --overwrite).
+    std::fs::create_dir_all(&out).map_err(|source| Error::Io {
+        path: out.clone(),
+        source,
+    })?;
+    if opts.overwrite && !opts.resume {
+        for f in [
+            files::HISTORY_JSON,
+            files::HISTORY_CSV,
+            files::SUMMARY,
+            files::WEIGHTS,
+            files::CHECKPOINT,
+            files::CHECKPOINT_STATE,
+            files::BEST_WEIGHTS,
+            files::CURVES,
+            files::RESULT,
+        ] {
+            let p = out.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+    }
+    write_atomic(
+        &out.join(files::SUMMARY),
+        format!("{}\n{}", summary_text(cfg)?, data.describe()).as_bytes(),
+    )?;
     let augment = c
         .augmentation
         .as_ref()
@@ -604,7 +962,7 @@ fn train_on<B: Backend>(
                 path: out.join(files::CHECKPOINT),
                 msg: format!(
                     "the checkpoint (epoch {}, step {}) and checkpoint.json (epoch {}, step {}) disagree; \
-                     the run was stopped while writing them: start it again without --resume",
+                     the run was stopped while writing them: start it again with --overwrite",
                     model.epochs_done(),
                     model.steps(),
                     state.model_epoch,
@@ -616,18 +974,27 @@ fn train_on<B: Backend>(
             a.borrow_mut().set_rng_state(s);
         }
         if opts.verbose > 0 {
-            eprintln!(
-                "Resuming {} from epoch {} (stage {} of {})",
-                cfg.path.display(),
-                state.history.rows.len(),
-                (state.stage + 1).min(stages.len()),
-                stages.len()
-            );
+            let done = state.history.rows.len();
+            match extending {
+                Some(from) => eprintln!(
+                    "Extending the finished run {} from {} to {}",
+                    cfg.path.display(),
+                    plural(from, "epoch"),
+                    plural(stages[0].epochs, "epoch")
+                ),
+                None => eprintln!(
+                    "Resuming {} at epoch {} ({} done; stage {} of {})",
+                    cfg.path.display(),
+                    done + 1,
+                    done,
+                    (state.stage + 1).min(stages.len()),
+                    stages.len()
+                ),
+            }
         }
     }
     let metrics: Vec<Metric> = c.metrics.iter().map(|&m| m.into()).collect();
     let mut epochs_this_run = 0usize;
-    let mut train_seconds: f64 = state.history.rows.iter().map(|r| r.seconds).sum();
     let mut interrupted = false;
     let start_stage = state.stage;
     for (si, stage) in stages.iter().enumerate().skip(start_stage) {
@@ -647,7 +1014,7 @@ fn train_on<B: Backend>(
         if initial_epoch >= stage.epochs {
             continue;
         }
-        let mut early = c.early_stopping.as_ref().map(|e| e.build());
+        let mut early = c.early_stopping.as_ref().map(|e| e.build(c.keras));
         if let Some(es) = &mut early
             && resuming_mid_stage
         {
@@ -694,13 +1061,14 @@ fn train_on<B: Backend>(
                     .early_stopping
                     .as_ref()
                     .is_some_and(|e| e.restore_best_weights),
+                restore_at_end: c.keras == config::KerasFlavor::TfKeras,
+                stopped_early: false,
                 augment: augment.as_ref(),
                 last: Instant::now(),
                 stop: &opts.stop,
                 stop_after: opts.stop_after,
                 epochs_this_run: &mut epochs_this_run,
                 interrupted: false,
-                train_seconds: &mut train_seconds,
             };
             let mut transform = |batch: &mut [f32]| -> Result<()> {
                 match &augment {
@@ -710,10 +1078,10 @@ fn train_on<B: Backend>(
             };
             if stages.len() > 1 && opts.verbose > 0 {
                 eprintln!(
-                    "Stage {}/{}: up to {} epochs{}",
+                    "Stage {}/{}: up to {}{}",
                     si + 1,
                     stages.len(),
-                    stage.epochs,
+                    plural(stage.epochs, "epoch"),
                     stage
                         .recompile
                         .map(|o| format!(", {}", describe_optimizer(&o)))
@@ -728,6 +1096,8 @@ fn train_on<B: Backend>(
                 shuffle: c.fit.shuffle,
                 callbacks: vec![&mut cb],
                 verbose: opts.verbose,
+                // The run prints its own final line (one s/epoch figure).
+                summary: false,
                 batch_transform: if augment.is_some() {
                     Some(&mut transform)
                 } else {
@@ -745,7 +1115,7 @@ fn train_on<B: Backend>(
                 }
             }
             (Err(e), _) => {
-                write_history(&out, &state.history, cfg)?;
+                write_history(&out, &state.history, cfg, None)?;
                 let diverged = matches!(
                     &e,
                     Error::InvalidArgument {
@@ -759,9 +1129,8 @@ fn train_on<B: Backend>(
                     &state,
                     if diverged { "diverged" } else { "failed" },
                     None,
-                    train_seconds,
+                    &data,
                     &device,
-                    seed,
                 );
                 write_json(&out.join(files::RESULT), &result)?;
                 let done = state.history.rows.len();
@@ -783,30 +1152,17 @@ fn train_on<B: Backend>(
             }
         }
     }
-    write_history(&out, &state.history, cfg)?;
     let epochs = state.history.rows.len();
-    let spe = if epochs > 0 {
-        train_seconds / epochs as f64
-    } else {
-        0.0
-    };
+    let spe = seconds_per_epoch(&state.history);
     if interrupted {
-        let result = result_json(
-            cfg,
-            &state,
-            "interrupted",
-            None,
-            train_seconds,
-            &device,
-            seed,
-        );
+        write_history(&out, &state.history, cfg, None)?;
+        let result = result_json(cfg, &state, "interrupted", None, &data, &device);
         write_json(&out.join(files::RESULT), &result)?;
         if opts.verbose > 0 {
             eprintln!(
-                "Stopped after epoch {epochs}; checkpoint saved in {}. Continue with: kestrel train {} --out {} --resume",
+                "Stopped after epoch {epochs}; checkpoint saved in {}. Continue with: {}",
                 out.display(),
-                cfg.path.display(),
-                out.display()
+                resume_command(cfg, &out, &state.flags)
             );
         }
         return Ok(TrainOutcome {
@@ -816,27 +1172,21 @@ fn train_on<B: Backend>(
             epochs,
             seconds_per_epoch: spe,
             device,
+            result,
         });
     }
     let test = model.evaluate(&data.test.x, y_test.as_targets(), c.fit.batch_size)?;
     model.save_weights(out.join(files::WEIGHTS))?;
-    let result = result_json(
-        cfg,
-        &state,
-        "finished",
-        Some(&test),
-        train_seconds,
-        &device,
-        seed,
-    );
+    write_history(&out, &state.history, cfg, Some(&test))?;
+    let result = result_json(cfg, &state, "finished", Some(&test), &data, &device);
     write_json(&out.join(files::RESULT), &result)?;
+    state.finished = true;
+    write_json(&out.join(files::CHECKPOINT_STATE), &state)?;
     if opts.verbose > 0 {
         eprintln!(
-            "Test:{} - {epochs} epochs, {spe:.2} s/epoch on {device}; outputs in {}",
-            test.entries
-                .iter()
-                .map(|(k, v)| format!(" {k}: {v:.4}"))
-                .collect::<String>(),
+            "Test: {} - {}, {spe:.2} s/epoch on {device}; outputs in {}",
+            format_logs(&test),
+            plural(epochs, "epoch"),
             out.display()
         );
     }
@@ -847,16 +1197,52 @@ fn train_on<B: Backend>(
         epochs,
         seconds_per_epoch: spe,
         device,
+        result,
     })
+}
+
+/// `loss: 0.3312 - accuracy: 0.8820`, as `kestrel evaluate` prints it.
+pub fn format_logs(logs: &Logs) -> String {
+    logs.entries
+        .iter()
+        .map(|(k, v)| format!("{k}: {v:.4}"))
+        .collect::<Vec<_>>()
+        .join(" - ")
+}
+
+/// The run's seconds per epoch, the one figure every output shows: the sum
+/// of the epochs' recorded seconds over their number (0 before any epoch).
+pub fn seconds_per_epoch(h: &RunHistory) -> f64 {
+    if h.rows.is_empty() {
+        0.0
+    } else {
+        h.rows.iter().map(|r| r.seconds).sum::<f64>() / h.rows.len() as f64
+    }
+}
+
+/// The command that continues an interrupted run, repeating the flags it
+/// was started with.
+pub fn resume_command(cfg: &LoadedConfig, out: &Path, flags: &RunFlags) -> String {
+    format!(
+        "kestrel train {} --out {}{} --resume",
+        shell_word(&cfg.path.display().to_string()),
+        shell_word(&out.display().to_string()),
+        flags.args()
+    )
 }
 
 fn metrics_of(c: &config::RunConfig) -> Vec<Metric> {
     c.metrics.iter().map(|&m| m.into()).collect()
 }
 
-fn write_history(out: &Path, h: &RunHistory, cfg: &LoadedConfig) -> Result<()> {
+fn write_history(
+    out: &Path,
+    h: &RunHistory,
+    cfg: &LoadedConfig,
+    test: Option<&Logs>,
+) -> Result<()> {
     write_json(&out.join(files::HISTORY_JSON), &h.to_json())?;
-    write_atomic(&out.join(files::HISTORY_CSV), h.to_csv().as_bytes())?;
+    write_atomic(&out.join(files::HISTORY_CSV), h.to_csv()?.as_bytes())?;
     let title = if cfg.config.description.is_empty() {
         cfg.stem()
     } else {
@@ -864,8 +1250,31 @@ fn write_history(out: &Path, h: &RunHistory, cfg: &LoadedConfig) -> Result<()> {
     };
     write_atomic(
         &out.join(files::CURVES),
-        outputs::curves_svg(h, &title).as_bytes(),
+        outputs::curves_svg(h, &title, &this_run_line(h, test))?.as_bytes(),
     )
+}
+
+/// The curves' second title line: this run's test result (beside the
+/// seed's figure in the description), or where the run stands.
+pub fn this_run_line(h: &RunHistory, test: Option<&Logs>) -> String {
+    let n = plural(h.rows.len(), "epoch");
+    match test {
+        Some(t) => {
+            let main = t
+                .entries
+                .iter()
+                .find(|(k, _)| k != "loss")
+                .or_else(|| t.entries.first());
+            match main {
+                Some((k, v)) if k.contains("acc") => {
+                    format!("this run: test {k} {:.2}% after {n}", v * 100.0)
+                }
+                Some((k, v)) => format!("this run: test {k} {v:.4} after {n}"),
+                None => format!("this run: {n}"),
+            }
+        }
+        None => format!("this run: not finished ({n} so far, no test result yet)"),
+    }
 }
 
 fn result_json(
@@ -873,11 +1282,13 @@ fn result_json(
     state: &RunState,
     status: &str,
     test: Option<&Logs>,
-    train_seconds: f64,
+    data: &RunData,
     device: &str,
-    seed: u64,
 ) -> serde_json::Value {
     let epochs = state.history.rows.len();
+    // A fold from +0.0: an empty float `sum()` is -0.0.
+    let train_seconds = state.history.rows.iter().fold(0.0, |t, r| t + r.seconds);
+    let seed = state.seed;
     let test = test.map(|t| {
         t.entries
             .iter()
@@ -901,8 +1312,10 @@ fn result_json(
         "test": test,
         "epochs": epochs,
         "epochs_per_stage": stage_epochs,
-        "seconds_per_epoch": if epochs > 0 { train_seconds / epochs as f64 } else { 0.0 },
+        "seconds_per_epoch": seconds_per_epoch(&state.history),
         "train_seconds": train_seconds,
+        "data": data.record(cfg.config.data.dataset),
+        "flags": state.flags,
         "device": device,
         "seed": seed,
         "kestrel_version": env!("CARGO_PKG_VERSION"),

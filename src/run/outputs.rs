@@ -1,8 +1,11 @@
-//! What a run writes: the per-epoch history (JSON and CSV), the learning
-//! curves (hand-written SVG) and `result.json`.
+//! What a run writes: the per-epoch history (JSON, and CSV through the
+//! `csv` crate), the learning curves (SVG through `plotters`) and
+//! `result.json`, every file atomically.
 
 use std::path::Path;
 
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -85,36 +88,42 @@ impl RunHistory {
     }
 
     /// One line per epoch: `epoch,stage,<columns>,seconds` (empty cells for
-    /// missing values).
-    pub fn to_csv(&self) -> String {
+    /// missing values), written by the `csv` crate (which quotes a column
+    /// name that needs it).
+    pub fn to_csv(&self) -> Result<String> {
+        let bad = |e: csv::Error| Error::format("history.csv", e.to_string());
         let cols = self.columns();
-        let mut s = format!("epoch,stage,{},seconds\n", cols.join(","));
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let header = ["epoch", "stage"]
+            .into_iter()
+            .chain(cols.iter().map(String::as_str))
+            .chain(["seconds"]);
+        w.write_record(header).map_err(bad)?;
         for r in &self.rows {
-            s += &format!("{},{}", r.epoch, r.stage);
+            let mut rec = vec![r.epoch.to_string(), r.stage.to_string()];
             for c in &cols {
-                s.push(',');
-                if let Some(Some(v)) = r.values.iter().find(|(k, _)| k == c).map(|(_, v)| *v) {
-                    s += &format!("{v}");
-                }
+                rec.push(
+                    match r.values.iter().find(|(k, _)| k == c).map(|(_, v)| *v) {
+                        Some(Some(v)) => v.to_string(),
+                        _ => String::new(),
+                    },
+                );
             }
-            s += &format!(",{:.3}\n", r.seconds);
+            rec.push(format!("{:.3}", r.seconds));
+            w.write_record(&rec).map_err(bad)?;
         }
-        s
+        let bytes = w
+            .into_inner()
+            .map_err(|e| Error::format("history.csv", e.to_string()))?;
+        String::from_utf8(bytes).map_err(|e| Error::format("history.csv", e.to_string()))
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so that
-/// a reader never sees a half-written file.
+/// Writes `bytes` to `path` atomically (a `tempfile` in the same
+/// directory, synced and persisted over `path`), so that a reader never
+/// sees a half-written file and a crash leaves the old one whole.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::nn::atomic_write(path, bytes)
 }
 
 /// Writes `value` as pretty JSON, atomically.
@@ -158,198 +167,184 @@ pub fn nice_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
     t
 }
 
-fn fmt_tick(v: f64, step: f64) -> String {
-    let decimals = if step >= 1.0 {
-        0
-    } else {
-        (-step.log10()).ceil() as usize
-    };
-    format!("{v:.decimals$}")
-}
+const TRAIN_COLOR: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
+const VAL_COLOR: RGBColor = RGBColor(0xff, 0x7f, 0x0e);
+const FONT: &str = "sans-serif";
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// The runs of consecutive finite values of `series`, as (epoch, value)
+/// points (a missing value breaks the line).
+fn segments(series: &[Option<f64>]) -> Vec<Vec<(f64, f64)>> {
+    let mut out: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+    for (i, v) in series.iter().enumerate() {
+        match v {
+            Some(v) => out
+                .last_mut()
+                .unwrap_or(&mut Vec::new())
+                .push((i as f64 + 1.0, *v)),
+            None => out.push(Vec::new()),
+        }
+    }
+    out.retain(|s| !s.is_empty());
+    out
 }
-
-const TRAIN_COLOR: &str = "#1f77b4";
-const VAL_COLOR: &str = "#ff7f0e";
 
 /// One panel of the learning curves: `name` and `val_<name>` per epoch.
-fn panel(h: &RunHistory, name: &str, x0: f64, y0: f64, w: f64, ht: f64) -> String {
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    h: &RunHistory,
+    name: &str,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let train = h.series(name);
-    let val = h.series(&format!("val_{name}"));
+    let val_name = format!("val_{name}");
+    let val = h.series(&val_name);
     let n = h.rows.len();
     let values: Vec<f64> = train.iter().chain(&val).flatten().copied().collect();
-    let (mut lo, mut hi) = values
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    if values.is_empty() {
-        (lo, hi) = (0.0, 1.0);
-    }
+    let (lo, hi) = if values.is_empty() {
+        (0.0, 1.0)
+    } else {
+        values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            })
+    };
     let yt = nice_ticks(lo, hi, 5);
     let (ylo, yhi) = (yt[0], *yt.last().unwrap_or(&1.0));
-    let xt: Vec<f64> = nice_ticks(1.0, n.max(2) as f64, 6)
-        .into_iter()
-        .filter(|&v| v >= 1.0 && v.fract() == 0.0)
-        .collect();
-    let (xlo, xhi) = (1.0, (n.max(2) as f64).max(*xt.last().unwrap_or(&2.0)));
-    let px = |e: f64| x0 + (e - xlo) / (xhi - xlo) * w;
-    let py = |v: f64| y0 + ht - (v - ylo) / (yhi - ylo).max(1e-300) * ht;
-    let mut s = String::new();
-    // Frame and grid.
-    s += &format!(
-        "<rect x=\"{x0:.1}\" y=\"{y0:.1}\" width=\"{w:.1}\" height=\"{ht:.1}\" fill=\"white\" stroke=\"#333\"/>\n"
-    );
+    let xhi = n.max(2) as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(name, (FONT, 16).into_font().style(FontStyle::Bold))
+        .margin_top(5)
+        .margin_left(10)
+        .margin_right(25)
+        .x_label_area_size(42)
+        .y_label_area_size(58)
+        .build_cartesian_2d(1.0..xhi, ylo..yhi)?;
     let ystep = if yt.len() > 1 { yt[1] - yt[0] } else { 1.0 };
-    for &v in &yt {
-        let y = py(v);
-        s += &format!(
-            "<line x1=\"{x0:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n",
-            x0 + w
-        );
-        s += &format!(
-            "<line x1=\"{:.1}\" y1=\"{y:.1}\" x2=\"{x0:.1}\" y2=\"{y:.1}\" stroke=\"#333\"/>\n",
-            x0 - 5.0
-        );
-        s += &format!(
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
-            x0 - 8.0,
-            y + 4.0,
-            fmt_tick(v, ystep)
-        );
-    }
-    for &e in &xt {
-        let x = px(e);
-        s += &format!(
-            "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\n",
-            y0 + ht,
-            y0 + ht + 5.0
-        );
-        s += &format!(
-            "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{e}</text>\n",
-            y0 + ht + 20.0
-        );
-    }
-    // Stage boundaries.
+    let decimals = if ystep >= 1.0 {
+        0
+    } else {
+        (-ystep.log10()).ceil() as usize
+    };
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+        .x_labels(n.clamp(2, 7))
+        .y_labels(yt.len())
+        .x_label_formatter(&|v| {
+            if v.fract() == 0.0 {
+                format!("{v:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|v| format!("{v:.decimals$}"))
+        .x_desc("epoch")
+        .y_desc(name)
+        .axis_desc_style((FONT, 15))
+        .label_style((FONT, 15))
+        .draw()?;
+    // A frame, as the axes draw only the left and bottom sides.
+    chart.draw_series(std::iter::once(Rectangle::new(
+        [(1.0, ylo), (xhi, yhi)],
+        RGBColor(0x33, 0x33, 0x33).stroke_width(1),
+    )))?;
+    // Stage boundaries: dashed, between the last epoch of one stage and the
+    // first of the next.
     for i in 1..n {
         if h.rows[i].stage != h.rows[i - 1].stage {
-            let x = px(i as f64 + 0.5);
-            s += &format!(
-                "<line x1=\"{x:.1}\" y1=\"{y0:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/>\n",
-                y0 + ht
-            );
+            let x = i as f64 + 0.5;
+            chart.draw_series(DashedLineSeries::new(
+                [(x, ylo), (x, yhi)],
+                4,
+                3,
+                RGBColor(0x99, 0x99, 0x99).into(),
+            ))?;
         }
     }
-    // Curves: a polyline per run of finite values, a dot per epoch.
-    for (series, color) in [(&train, TRAIN_COLOR), (&val, VAL_COLOR)] {
-        let mut pts: Vec<String> = Vec::new();
-        let flush = |pts: &mut Vec<String>, s: &mut String| {
-            if pts.len() > 1 {
-                *s += &format!(
-                    "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
-                    pts.join(" ")
-                );
-            }
-            pts.clear();
-        };
-        for (i, v) in series.iter().enumerate() {
-            match v {
-                Some(v) => {
-                    let (x, y) = (px(i as f64 + 1.0), py(*v));
-                    pts.push(format!("{x:.1},{y:.1}"));
-                    s += &format!(
-                        "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2.5\" fill=\"{color}\"/>\n"
-                    );
-                }
-                None => flush(&mut pts, &mut s),
+    // The curves: a line per run of finite values, a dot per epoch, one
+    // legend entry per series.
+    for (series, color, label) in [(&train, TRAIN_COLOR, name), (&val, VAL_COLOR, &val_name)] {
+        for (k, seg) in segments(series).into_iter().enumerate() {
+            let drawn = chart.draw_series(
+                LineSeries::new(seg, color.stroke_width(2)).point_size(if n > 60 { 0 } else { 2 }),
+            )?;
+            if k == 0 {
+                drawn.label(label.to_string()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2))
+                });
             }
         }
-        flush(&mut pts, &mut s);
     }
-    // Labels and legend.
-    s += &format!(
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">epoch</text>\n",
-        x0 + w / 2.0,
-        y0 + ht + 40.0
-    );
-    s += &format!(
-        "<text transform=\"translate({:.1},{:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
-        x0 - 50.0,
-        y0 + ht / 2.0,
-        esc(name)
-    );
-    s += &format!(
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-weight=\"bold\">{}</text>\n",
-        x0 + w / 2.0,
-        y0 - 10.0,
-        esc(name)
-    );
     // The legend goes in the corner the curves leave free: at the bottom
     // when they end high (accuracy), at the top when they end low (loss).
     let (first, last) = (
         train.iter().flatten().next().copied().unwrap_or(0.0),
         train.iter().flatten().last().copied().unwrap_or(0.0),
     );
-    let ly = if last > first {
-        y0 + ht - 58.0
-    } else {
-        y0 + 12.0
-    };
-    let lx = x0 + w - 150.0;
-    s += &format!(
-        "<rect x=\"{lx:.1}\" y=\"{ly:.1}\" width=\"140\" height=\"46\" fill=\"white\" fill-opacity=\"0.85\" stroke=\"#999\"/>\n"
-    );
-    for (k, (label, color)) in [
-        (name.to_string(), TRAIN_COLOR),
-        (format!("val_{name}"), VAL_COLOR),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let y = ly + 16.0 + 20.0 * k as f64;
-        s += &format!(
-            "<line x1=\"{:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
-            lx + 8.0,
-            lx + 32.0
-        );
-        s += &format!(
-            "<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
-            lx + 38.0,
-            y + 4.0,
-            esc(label)
-        );
-    }
-    s
+    chart
+        .configure_series_labels()
+        .position(if last > first {
+            SeriesLabelPosition::LowerRight
+        } else {
+            SeriesLabelPosition::UpperRight
+        })
+        .margin(12)
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(0x99, 0x99, 0x99))
+        .draw()?;
+    Ok(())
 }
 
-/// The learning curves as an SVG document: one panel for the loss and one
-/// for each metric (training and validation per epoch), with ticks, axis
+/// The learning curves as an SVG document, drawn by `plotters`: the title,
+/// a second line `subtitle` (the run's own result, beside the seed's figure
+/// the title quotes), one panel for the loss and one for each metric
+/// (training and validation per epoch, a dot per epoch), with ticks, axis
 /// labels, a legend, and dashed lines where a new stage starts.
-pub fn curves_svg(h: &RunHistory, title: &str) -> String {
+pub fn curves_svg(h: &RunHistory, title: &str, subtitle: &str) -> Result<String> {
     let metrics: Vec<String> = h
         .columns()
         .into_iter()
         .filter(|c| !c.starts_with("val_"))
         .collect();
     let panels = metrics.len().max(1);
-    let (pw, ph) = (420.0, 300.0);
-    let width = 90.0 + panels as f64 * (pw + 90.0);
-    let height = ph + 130.0;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
-         viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{:.1}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
-        width / 2.0,
-        esc(title)
-    );
-    for (i, m) in metrics.iter().enumerate() {
-        s += &panel(h, m, 90.0 + i as f64 * (pw + 90.0), 60.0, pw, ph);
+    let (pw, ph) = (510u32, 380u32);
+    let width = 40 + panels as u32 * pw;
+    let height = ph + 60;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        let bad = |e: DrawingAreaErrorKind<_>| Error::format("curves.svg", e.to_string());
+        root.fill(&WHITE).map_err(bad)?;
+        let (top, body) = root.split_vertically(60);
+        let centre = (width as i32) / 2;
+        let centred = |size: f64, style: FontStyle| {
+            (FONT, size)
+                .into_font()
+                .style(style)
+                .into_text_style(&top)
+                .pos(Pos::new(HPos::Center, VPos::Top))
+        };
+        top.draw(&Text::new(
+            title,
+            (centre, 8),
+            centred(18.0, FontStyle::Normal),
+        ))
+        .map_err(bad)?;
+        top.draw(&Text::new(
+            subtitle,
+            (centre, 32),
+            centred(16.0, FontStyle::Bold),
+        ))
+        .map_err(bad)?;
+        let body = body.margin(0, 0, 20, 20);
+        let areas = body.split_evenly((1, panels));
+        for (area, m) in areas.iter().zip(&metrics) {
+            panel(area, h, m).map_err(bad)?;
+        }
+        root.present().map_err(bad)?;
     }
-    s += "</svg>\n";
-    s
+    Ok(svg)
 }

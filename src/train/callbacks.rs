@@ -67,6 +67,10 @@ pub struct EarlyStopping {
     pub mode: EarlyStoppingMode,
     /// Put back the best epoch's weights when stopping.
     pub restore_best_weights: bool,
+    /// tf.keras: with `restore_best_weights`, put the best weights back at
+    /// the end of training even when it did not stop early (standalone
+    /// Keras 2.2/2.3 restores them only when it stops).
+    pub restore_at_train_end: bool,
     best: f64,
     wait: usize,
     stopped_epoch: Option<usize>,
@@ -94,6 +98,7 @@ impl EarlyStopping {
             patience: 0,
             mode: EarlyStoppingMode::Auto,
             restore_best_weights: false,
+            restore_at_train_end: false,
             best: f64::NAN,
             wait: 0,
             stopped_epoch: None,
@@ -120,6 +125,12 @@ impl EarlyStopping {
     /// Restores the best weights when stopping.
     pub fn restore_best_weights(mut self, r: bool) -> Self {
         self.restore_best_weights = r;
+        self
+    }
+    /// tf.keras's rule: restore the best weights at the end of training
+    /// whether or not it stopped early (with `restore_best_weights`).
+    pub fn restore_at_train_end(mut self, r: bool) -> Self {
+        self.restore_at_train_end = r;
         self
     }
 
@@ -235,6 +246,17 @@ impl<B: Backend> Callback<B> for EarlyStopping {
                 Ok(Verdict::Stop)
             }
         }
+    }
+
+    fn on_train_end(&mut self, model: &mut Sequential<B>) -> Result<()> {
+        if self.restore_best_weights
+            && self.restore_at_train_end
+            && self.stopped_epoch.is_none()
+            && let Some(w) = &self.best_weights
+        {
+            model.set_weights(w)?;
+        }
+        Ok(())
     }
 }
 

@@ -168,6 +168,10 @@ pub struct FitOptions<'a, B: Backend> {
     pub callbacks: Vec<&'a mut dyn Callback<B>>,
     /// 0 silent, 1 progress bar, 2 one line per epoch.
     pub verbose: u8,
+    /// With `verbose > 0`, end with a line of the epochs trained, the time
+    /// and the seconds per epoch (`true` by default; `kestrel train` prints
+    /// its own).
+    pub summary: bool,
     /// Transforms each training batch on the host before it is uploaded
     /// (data augmentation): called with the gathered batch, `[n, sample...]`
     /// row-major, which it may change in place. `None`: the batch goes
@@ -185,6 +189,7 @@ impl<B: Backend> Default for FitOptions<'_, B> {
             shuffle: true,
             callbacks: Vec::new(),
             verbose: 1,
+            summary: true,
             batch_transform: None,
         }
     }
@@ -710,7 +715,9 @@ impl<B: Backend> Sequential<B> {
         for cb in opts.callbacks.iter_mut() {
             cb.on_train_end(self)?;
         }
-        progress.finish(epochs_run, t_start.elapsed());
+        if opts.summary {
+            progress.finish(epochs_run, t_start.elapsed());
+        }
         Ok(history)
     }
 

@@ -1,14 +1,21 @@
-//! A Keras-like progress bar on stderr: a live bar with the ETA on a
-//! terminal, one line per epoch otherwise, and a final line with the time
-//! per epoch.
+//! A Keras-like progress bar on stderr, drawn by `indicatif`: a live bar
+//! (`  12/469 [=>............] - ETA: 3s - loss: 0.5123 - accuracy: 0.81`)
+//! on a terminal, one line per epoch otherwise, and a final line with the
+//! time per epoch.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::Logs;
 
-/// Seconds between redraws of the live bar.
+/// Seconds between updates of the live bar (the logs are only built, and on
+/// a GPU read back, this often).
 const REDRAW: f64 = 0.1;
+/// The bar's width in characters, as Keras's.
+const WIDTH: usize = 30;
 
 pub(crate) struct Progress {
     verbose: u8,
@@ -17,6 +24,10 @@ pub(crate) struct Progress {
     steps: usize,
     start: Instant,
     last_draw: Instant,
+    bar: Option<ProgressBar>,
+    /// The metrics the bar shows (its `{logs}` key), so that one position
+    /// update redraws the whole line once.
+    logs: Arc<Mutex<String>>,
 }
 
 fn fmt_logs(logs: &Logs) -> String {
@@ -51,25 +62,35 @@ impl Progress {
             steps,
             start: now,
             last_draw: now,
+            bar: None,
+            logs: Arc::new(Mutex::new(String::new())),
         }
     }
 
-    fn bar(&self, step: usize) -> String {
-        let width = 30;
-        let done = step * width / self.steps.max(1);
-        let mut b = String::from("[");
-        for i in 0..width {
-            b.push(if i + 1 < done || (i + 1 == done && step == self.steps) {
-                '='
-            } else if i + 1 == done {
-                '>'
-            } else {
-                '.'
-            });
-        }
-        b.push(']');
+    /// Whether the live bar is drawn (verbose 1 on a terminal).
+    fn live(&self) -> bool {
+        self.verbose == 1 && self.tty
+    }
+
+    fn new_bar(&self) -> ProgressBar {
         let w = self.steps.to_string().len();
-        format!("{step:>w$}/{} {b}", self.steps)
+        let template = format!("{{pos:>{w}}}/{{len}} [{{bar:{WIDTH}}}] - ETA: {{eta}}{{logs}}");
+        let logs = self.logs.clone();
+        let style = ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=>.")
+            .with_key(
+                "logs",
+                move |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&logs.lock().map(|l| l.clone()).unwrap_or_default());
+                },
+            );
+        let bar = ProgressBar::with_draw_target(
+            Some(self.steps as u64),
+            ProgressDrawTarget::stderr_with_hz(10),
+        );
+        bar.set_style(style);
+        bar
     }
 
     pub fn epoch_begin(&mut self, epoch: usize) {
@@ -78,29 +99,33 @@ impl Progress {
         if self.verbose >= 1 {
             eprintln!("Epoch {}/{}", epoch + 1, self.epochs);
         }
+        if self.live() {
+            if let Ok(mut l) = self.logs.lock() {
+                l.clear();
+            }
+            self.bar = Some(self.new_bar());
+        }
     }
 
-    /// Whether a redraw is due (the caller then builds the logs).
+    /// Whether an update is due (the caller then builds the logs).
     pub fn wants_update(&self) -> bool {
-        self.verbose == 1 && self.tty && self.last_draw.elapsed().as_secs_f64() >= REDRAW
+        self.live() && self.last_draw.elapsed().as_secs_f64() >= REDRAW
     }
 
     pub fn step(&mut self, step: usize, logs: &Logs) {
         self.last_draw = Instant::now();
-        let elapsed = self.start.elapsed().as_secs_f64();
-        let eta = elapsed / step as f64 * (self.steps - step) as f64;
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r{} - ETA: {}{}\x1b[K",
-            self.bar(step),
-            fmt_time(eta),
-            fmt_logs(logs)
-        );
-        let _ = err.flush();
+        if let Some(bar) = &self.bar {
+            if let Ok(mut l) = self.logs.lock() {
+                *l = fmt_logs(logs);
+            }
+            bar.set_position(step as u64);
+        }
     }
 
     pub fn epoch_end(&mut self, steps: usize, logs: &Logs) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
         if self.verbose == 0 {
             return;
         }
@@ -113,22 +138,19 @@ impl Progress {
         } else {
             format!("{:.0}us/step", per_step * 1e6)
         };
-        let line = format!(
-            "{} - {} {per}{}",
-            self.bar(steps),
+        let w = self.steps.to_string().len();
+        eprintln!(
+            "{steps:>w$}/{} [{}] - {} {per}{}",
+            self.steps,
+            "=".repeat(WIDTH),
             fmt_time(elapsed),
             fmt_logs(logs)
         );
-        if self.verbose == 1 && self.tty {
-            eprintln!("\r{line}\x1b[K");
-        } else {
-            eprintln!("{line}");
-        }
     }
 
     pub fn abort(&mut self) {
-        if self.verbose == 1 && self.tty {
-            eprintln!();
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
         }
     }
 

@@ -33,7 +33,10 @@ RUNTIME_SOURCES = ["driver.cpp", "memory.cpp", "modules.cpp", "scheduler.cpp"]
 # The dynamic shared memory one block may use (H100/H200: 227 KiB).
 DYNAMIC_SHARED_CAPACITY = 227 * 1024
 
-COMMON = ["-std=c++17", "-O2", "-march=native", "-g", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-pthread",
+# -fno-ipa-reference*: g++ may fold a read of a static variable that nothing
+# in its file writes (a __shared__ array read before any write) to the zero
+# it starts as; a GPU reads whatever is there (here: the poison pattern).
+COMMON = ["-std=c++17", "-O2", "-march=native", "-fno-ipa-reference", "-fno-ipa-reference-addressable", "-g", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-pthread",
           "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Wno-unused-parameter", "-I", "emu/include"]
 MODES = {
     "plain": [],
@@ -195,6 +198,24 @@ def build(mode: str, out: pathlib.Path, kernels: pathlib.Path):
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as ex:
         list(ex.map(module, cus))
+
+    # The emulator's self-test: its kernels as a module of their own (loaded
+    # only through KEMU_EXTRA_MODULES) and the program that drives them.
+    st_dir = out / "selftest"
+    st_dir.mkdir(exist_ok=True)
+    rules = EMU / "selftest" / "rules.cu"
+    st_tu = gen / "rules.emu.cpp"
+    write_if_changed(st_tu, module_source(rules))
+    st_so, st_bin = st_dir / "librules.so", out / "kemu-selftest"
+    st_src = EMU / "selftest" / "selftest.cpp"
+    key = stamp([rules, st_tu, st_src, *headers], flags)
+    st_stamp = st_dir / ".stamp"
+    if not (st_so.exists() and st_bin.exists() and st_stamp.exists() and st_stamp.read_text() == key):
+        run(["g++", *flags, "-include", "kemu/simt.h", "-I", "emu/selftest", "-shared", "-o", str(st_so),
+             str(st_tu), "-L", str(out), "-l:libcuda.so.1", "-Wl,-rpath,$ORIGIN/.."])
+        run(["g++", *flags, "-o", str(st_bin), str(st_src), "-L", str(out), "-l:libcuda.so.1",
+             "-Wl,-rpath,$ORIGIN"])
+        st_stamp.write_text(key)
     print(f"emu/build: {mode}: {lib.relative_to(ROOT) if lib.is_relative_to(ROOT) else lib} and "
           f"{len(cus)} kernel modules")
 

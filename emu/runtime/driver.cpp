@@ -660,16 +660,10 @@ KEMU_API int cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, uns
           << f->max_threads << " (__launch_bounds__ / .maxntid)";
         return fail(ERR_LAUNCH_OUT_OF_RESOURCES, e.str());
     }
-    if (shared > (unsigned)f->max_dynamic_shared || f->static_shared + shared > 227 * 1024) {
-        e << f->static_shared << " bytes of static and " << shared
-          << " bytes of dynamic shared memory; without cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) the limit "
-             "is 48 KiB in all (now "
-          << f->max_dynamic_shared << " bytes of dynamic)";
-        return fail(ERR_INVALID_VALUE, e.str());
-    }
-    if (f->static_shared + shared > 48 * 1024 && f->max_dynamic_shared <= 48 * 1024) {
-        e << f->static_shared << " bytes of static and " << shared
-          << " bytes of dynamic shared memory exceed 48 KiB without the opt-in attribute";
+    if (shared > (unsigned)f->max_dynamic_shared) {
+        e << f->static_shared << " bytes of static and " << shared << " bytes of dynamic shared memory; the kernel "
+          << "may use " << f->max_dynamic_shared << " bytes of dynamic (48 KiB in all by default; more only after "
+          << "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES), up to 227 KiB in all)";
         return fail(ERR_INVALID_VALUE, e.str());
     }
     const ModuleTable* t = module_table(f->module->emu);

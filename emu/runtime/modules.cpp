@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdlib>
 #include <set>
 #include <sstream>
 
@@ -57,14 +58,30 @@ int find_tls(struct dl_phdr_info* info, size_t, void* data) {
     return 1;
 }
 
-// Loads every kernels/lib*.so beside this library, once.
+void scan_dir(const std::string& dir);
+
+// Loads every kernels/lib*.so beside this library, and those of the folders
+// in KEMU_EXTRA_MODULES (colon-separated; the self-test's module), once.
 void scan_modules() {
     if (g_scanned) return;
     g_scanned = true;
-    const std::string dir = own_dir() + "/kernels";
+    scan_dir(own_dir() + "/kernels");
+    if (const char* extra = getenv("KEMU_EXTRA_MODULES")) {
+        std::string list = extra;
+        size_t start = 0;
+        while (start <= list.size()) {
+            size_t end = list.find(':', start);
+            if (end == std::string::npos) end = list.size();
+            if (end > start) scan_dir(list.substr(start, end - start));
+            start = end + 1;
+        }
+    }
+}
+
+void scan_dir(const std::string& dir) {
     DIR* d = opendir(dir.c_str());
     if (!d) {
-        g_scan_error = "no emulated kernel modules: " + dir + " does not exist (build them with emu/build)";
+        g_scan_error += "no emulated kernel modules: " + dir + " does not exist (build them with emu/build)";
         return;
     }
     std::vector<std::string> names;
@@ -326,6 +343,13 @@ Result module_load_ptx(const char* ptx, Module** out) {
         f->params = e.params;
         f->max_threads = e.max_threads ? e.max_threads : 1024;
         f->static_shared = e.static_shared;
+        if (f->static_shared > 48 * 1024)
+            return fail(ERR_INVALID_PTX, "cuModuleLoadData: entry " + e.name + " declares " +
+                                             std::to_string(f->static_shared) +
+                                             " bytes of static shared memory; the limit is 48 KiB");
+        // Without the opt-in attribute, static and dynamic together stay
+        // within 48 KiB.
+        f->max_dynamic_shared = (int)(48 * 1024 - f->static_shared);
         f->module = m.get();
         m->functions[e.name] = std::move(f);
     }

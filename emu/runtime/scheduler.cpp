@@ -206,7 +206,10 @@ void park(Thread* t) {
     try {
         t->sink = std::move(t->sink).resume();
     } catch (...) {
+        // Unwound by the scheduler: the fiber dies, and boost switches back
+        // to the scheduler once the exception reached the fiber's entry.
         in_fiber(*t);
+        to_scheduler(*t, true);
         throw;
     }
     in_fiber(*t);

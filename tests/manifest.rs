@@ -214,7 +214,8 @@ fn enum_values_match_the_rust_enums() {
     use kestrel::ops::activation::ActivationKind as A;
     use kestrel::ops::batchnorm::VarianceMode as V;
     use kestrel::ops::optim::OptimizerKind as O;
-    let rust: BTreeMap<&str, (usize, Vec<(&str, u32)>)> = BTreeMap::from([
+    type Values = Vec<(&'static str, u32)>;
+    let rust: BTreeMap<&str, (usize, Values)> = BTreeMap::from([
         (
             "ActivationKind",
             (

@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Compiles kernels/*.cu to kernels/ptx/*.ptx with the pinned NVRTC (ci/setup).
 
-    ci/ptx            regenerate the PTX
-    ci/ptx --check    fail when the committed PTX differs from a fresh compile
+    ci/ptx            regenerate the PTX and kernels/ptx/manifest.json
+    ci/ptx --check    fail when the committed PTX or manifest differs from a fresh one
 
 A kernel file targets compute_70 (every GPU since Volta) unless its first
 lines say otherwise with `// kestrel-target: compute_XX`, for kernels that
 need newer hardware; the host picks those by compute capability at run time.
 NVRTC runs without a GPU, so this works on any x86-64 Linux machine.
+
+The manifest (ci/ptx_manifest.py, docs/manifest.md) describes every entry
+point, its parameters and the layout of the structs it takes, for frameworks
+that launch the PTX without kestrel's Rust code.
 """
 import ctypes
 import os
@@ -16,9 +20,12 @@ import pathlib
 import re
 import sys
 
+import ptx_manifest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"
 PTX_DIR = KERNELS / "ptx"
+MANIFEST = PTX_DIR / "manifest.json"
 NVRTC = ROOT / ".tools/cuda/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
 DEFAULT_TARGET = "compute_70"
 # -lineinfo keeps source lines for compute-sanitizer and ncu without slowing
@@ -75,6 +82,33 @@ def compile_one(lib, path: pathlib.Path) -> str:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+def diff_lines(old: str, new: str, name: str):
+    return list(difflib.unified_diff(old.splitlines(), new.splitlines(), name, "fresh", lineterm="", n=1))
+
+
+def manifest(compiled, check_only: bool) -> bool:
+    """Writes (or, with --check, compares) kernels/ptx/manifest.json; False on failure."""
+    try:
+        text = ptx_manifest.build(compiled, ROOT)
+    except ptx_manifest.ManifestError as e:
+        print(f"ci/ptx: manifest: {e}", file=sys.stderr)
+        return False
+    rel = MANIFEST.relative_to(ROOT)
+    if check_only:
+        old = MANIFEST.read_text() if MANIFEST.exists() else ""
+        if old != text:
+            print(f"ci/ptx --check: {rel} differs from a fresh manifest (run ci/ptx and commit):",
+                  file=sys.stderr)
+            print("\n".join(diff_lines(old, text, str(rel))[:40]), file=sys.stderr)
+            return False
+        return True
+    tmp = MANIFEST.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    tmp.replace(MANIFEST)
+    print(f"manifest -> {rel} ({len(text.encode())} bytes)")
+    return True
+
+
 def main(argv):
     check_only = "--check" in argv
     lib = load_nvrtc()
@@ -85,6 +119,7 @@ def main(argv):
     PTX_DIR.mkdir(exist_ok=True)
     failed = False
     expected = set()
+    compiled = []
     for src in sources:
         out = PTX_DIR / (src.stem + ".ptx")
         expected.add(out.name)
@@ -94,6 +129,7 @@ def main(argv):
             print(f"ci/ptx: {e}", file=sys.stderr)
             failed = True
             continue
+        compiled.append((src, ptx, target_of(src.read_text())))
         if check_only:
             old = out.read_text() if out.exists() else ""
             if old != ptx:
@@ -108,12 +144,15 @@ def main(argv):
             tmp.write_text(ptx)
             tmp.replace(out)
             print(f"{src.relative_to(ROOT)} -> {out.relative_to(ROOT)} ({target_of(src.read_text())})")
+    if not failed:
+        failed = not manifest(compiled, check_only)
     stale = sorted(p.name for p in PTX_DIR.glob("*.ptx") if p.name not in expected)
     if stale:
         print(f"ci/ptx: PTX without a source: {stale}", file=sys.stderr)
         failed = True
     if check_only and not failed:
-        print(f"ci/ptx --check: {len(sources)} kernel files match their committed PTX")
+        print(f"ci/ptx --check: {len(sources)} kernel files match their committed PTX, "
+              f"and {MANIFEST.relative_to(ROOT)} matches a fresh manifest")
     return 1 if failed else 0
 
 

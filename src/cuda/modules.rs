@@ -7,8 +7,52 @@ pub struct KernelModule {
     pub name: &'static str,
     /// The PTX text.
     pub ptx: &'static str,
-    /// The oldest device that can run it (the PTX target).
+    /// The oldest device that can run it: the PTX's `.target sm_XY` line,
+    /// which `ci/ptx` writes from the kernel file's `// kestrel-target:`
+    /// declaration (default `compute_70`), read at compile time.
     pub min_compute_capability: (i32, i32),
+}
+
+/// The compute capability of a PTX text's `.target sm_XY` line (`sm_70` is
+/// `(7, 0)`, `sm_90a` `(9, 0)`, `sm_100` `(10, 0)`), or `None` without one.
+/// A `const fn`, so the built-in modules take it from their PTX at compile
+/// time and no capability is written twice.
+pub const fn ptx_target(ptx: &str) -> Option<(i32, i32)> {
+    const KEY: &[u8] = b".target sm_";
+    let b = ptx.as_bytes();
+    let mut i = 0;
+    while i + KEY.len() <= b.len() {
+        // Only at the start of a line.
+        if i == 0 || b[i - 1] == b'\n' {
+            let mut k = 0;
+            while k < KEY.len() && b[i + k] == KEY[k] {
+                k += 1;
+            }
+            if k == KEY.len() {
+                let mut j = i + k;
+                let mut v: i32 = 0;
+                while j < b.len() && b[j].is_ascii_digit() && v < 10_000 {
+                    v = v * 10 + (b[j] - b'0') as i32;
+                    j += 1;
+                }
+                if j == i + k || v < 10 {
+                    return None;
+                }
+                return Some((v / 10, v % 10));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// [`ptx_target`] of a built-in module's PTX; a PTX without a target is a
+/// build error.
+const fn target_of(ptx: &str) -> (i32, i32) {
+    match ptx_target(ptx) {
+        Some(cc) => cc,
+        None => panic!("a kernels/ptx/*.ptx without a `.target sm_XY` line"),
+    }
 }
 
 macro_rules! modules {
@@ -18,7 +62,11 @@ macro_rules! modules {
             pub static $id: KernelModule = KernelModule {
                 name: $name,
                 ptx: include_str!(concat!("../../kernels/ptx/", $name, ".ptx")),
-                min_compute_capability: (7, 0),
+                min_compute_capability: target_of(include_str!(concat!(
+                    "../../kernels/ptx/",
+                    $name,
+                    ".ptx"
+                ))),
             };
         )*
         /// Every module, for tools that list or preload them.
@@ -36,4 +84,37 @@ modules! {
     OPTIM => "optim",
     CONV => "conv",
     GEMM => "gemm",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptx_target_reads_the_target_line() {
+        assert_eq!(ptx_target(".version 8.2\n.target sm_70\n"), Some((7, 0)));
+        assert_eq!(ptx_target(".target sm_86\n"), Some((8, 6)));
+        assert_eq!(ptx_target(".version 8.5\n.target sm_90a\n"), Some((9, 0)));
+        assert_eq!(ptx_target(".target sm_100\n"), Some((10, 0)));
+        // Not at the start of a line, no digits, no line: no target.
+        assert_eq!(ptx_target("// .target sm_80\n"), None);
+        assert_eq!(ptx_target(".target sm_\n"), None);
+        assert_eq!(ptx_target(".version 8.2\n"), None);
+    }
+
+    #[test]
+    fn every_module_takes_its_capability_from_its_own_ptx() {
+        for m in MODULES {
+            let line = m
+                .ptx
+                .lines()
+                .find_map(|l| l.strip_prefix(".target sm_"))
+                .unwrap_or_else(|| panic!("{}.ptx has no .target line", m.name));
+            let digits: String = line.chars().take_while(char::is_ascii_digit).collect();
+            let v: i32 = digits.parse().unwrap();
+            assert_eq!(m.min_compute_capability, (v / 10, v % 10), "{}", m.name);
+            // Today every kernel file targets the default compute_70.
+            assert!(m.min_compute_capability >= (7, 0), "{}", m.name);
+        }
+    }
 }

@@ -314,8 +314,8 @@ fn run() -> Result<String, Failure> {
     }
     Ok(format!(
         "gpu_own_stream: gemm+bias+elu, conv forward+bias+relu, softmax cross-entropy on the \
-         caller's stream match the CPU reference on {} (worst error / tolerance: {g:.3}, {c:.3}, \
-         {l:.3}; {} modules loaded)",
+         caller's stream match the CPU reference on {} (worst error / tolerance: {g:.1e}, {c:.1e}, \
+         {l:.1e}; {} modules loaded)",
         gpu.info().name,
         gpu.loaded_modules()
     ))

@@ -5,8 +5,8 @@
 //! Layout, bottom up:
 //! - [`ops`]: one folder per op family: its parameters and shape checks, the
 //!   rayon CPU reference (`cpu.rs`) and the CUDA launches (`cuda.rs`);
-//! - [`cuda`]: the device, the stream and the PTX modules built from
-//!   `kernels/*.cu`;
+//! - [`cuda`]: a handle on a device (its context and stream, kestrel's own
+//!   or a caller's) and the PTX modules built from `kernels/*.cu`;
 //! - [`backend`]: the `Backend` trait the layers are written against, with
 //!   the CPU and CUDA implementations and the device selection;
 //! - [`nn`] (layers, `Sequential`, weights files) and [`train`] (compile,
@@ -16,6 +16,31 @@
 //! - [`error`]: the one error type.
 //!
 //! Activations are NCHW, conv weights OIHW, matrices row-major, f32 throughout.
+//!
+//! # Layering
+//!
+//! A GEMM from a layer passes through four levels, and a framework can
+//! enter at the third:
+//!
+//! 1. [`backend::Backend::gemm`]: the trait method the layers call, on host
+//!    tensors ([`backend::CpuBackend`]) or device buffers
+//!    ([`backend::GpuBackend`]);
+//! 2. `src/backend/cuda.rs` ([`backend::GpuBackend`]): turns its
+//!    [`backend::cuda::GpuBuf`]s into cudarc views and the bias into a
+//!    [`ops::gemm::cuda::DeviceEpilogue`];
+//! 3. [`ops::gemm::cuda::gemm`]: the launch wrapper — the same checks as
+//!    the CPU reference [`ops::gemm::cpu::gemm`], the tile shape, the grid,
+//!    the `#[repr(C)]` parameters — on a [`cuda::CudaBackend`]'s stream;
+//! 4. the kernel, `gemm_64x64` or `gemm_128x128` of `kernels/gemm.cu`, from
+//!    the PTX module that [`cuda::CudaBackend::function`] loads once per
+//!    context.
+//!
+//! Every op family has the same levels (`ops::<family>::cuda`).
+//! A framework that owns its context, stream and buffers skips the first
+//! two: [`cuda::CudaBackend::from_stream`] wraps its cudarc stream, and the
+//! `ops::*::cuda` functions then enqueue on that stream, on its buffers
+//! (cudarc views); the type's docs say which of them synchronize.
+//! `examples/gpu_own_stream.rs` is such a program.
 
 #![warn(missing_docs)]
 

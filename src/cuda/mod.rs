@@ -1,6 +1,7 @@
-//! The CUDA backend's host side: one context and stream per device, a lazy
-//! cache of the PTX modules built into the library, and launch helpers whose
-//! errors name the kernel, the compute capability and the driver version.
+//! The CUDA backend's host side: [`CudaBackend`], a handle on a context and
+//! a stream (kestrel's own or a caller's), a lazy per-context cache of the
+//! PTX modules built into the library, and launch helpers whose errors name
+//! the kernel, the compute capability and the driver version.
 //!
 //! The driver is loaded at run time (cudarc's dynamic loading): building
 //! kestrel needs no CUDA toolkit, and running it needs only the driver.
@@ -12,7 +13,7 @@ mod modules;
 pub use modules::*;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
@@ -105,26 +106,106 @@ pub fn device_count() -> Result<usize> {
         .map_err(|e| driver_error("cuDeviceGetCount", e))
 }
 
-/// One device: its context, the stream every kestrel launch goes to, and the
-/// modules loaded so far.
+/// The modules loaded into one driver context, shared by every
+/// [`CudaBackend`] on that context (see [`module_cache`]).
+#[derive(Default)]
+struct ContextModules {
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+/// A context's identity for the module caches: its device ordinal and its
+/// driver handle. Two `CudaContext`s on one device's primary context (each
+/// `CudaContext::new(0)` is a new object) share the handle, and so share
+/// their modules, as the driver does.
+type ContextKey = (usize, usize);
+
+/// The process-wide module caches, one per driver context. The map holds
+/// them weakly: the handles on a context hold its cache, and its modules
+/// (which hold the context) are unloaded when the last handle goes, so a
+/// caller's context is not kept alive by kestrel. While a cache is alive, a
+/// handle on its context is too, so the driver cannot have reused the
+/// context's handle for another context.
+static MODULE_CACHES: LazyLock<Mutex<HashMap<ContextKey, Weak<ContextModules>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing in these maps is left half-written by a panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The module cache of `ctx`'s driver context, shared with every other
+/// handle on it.
+fn module_cache(ctx: &CudaContext) -> Arc<ContextModules> {
+    let key = (ctx.ordinal(), ctx.cu_ctx() as usize);
+    let mut caches = lock(&MODULE_CACHES);
+    if let Some(cache) = caches.get(&key).and_then(Weak::upgrade) {
+        return cache;
+    }
+    caches.retain(|_, w| w.strong_count() > 0);
+    let cache = Arc::new(ContextModules::default());
+    caches.insert(key, Arc::downgrade(&cache));
+    cache
+}
+
+/// A handle on one device for the `ops::*::cuda` wrappers: a context, the
+/// stream every launch of the wrappers goes to, and the context's cache of
+/// the PTX modules loaded so far.
+///
+/// Two ways to get one:
+/// - [`CudaBackend::new`]: kestrel's own, which retains the device's
+///   primary context, creates a stream of its own and turns off cudarc's
+///   event tracking on its `CudaContext` object (every kestrel launch goes to
+///   that one stream, so stream order is the synchronization);
+/// - [`CudaBackend::from_stream`]: a framework's, wrapping the caller's
+///   cudarc stream. The wrappers then enqueue on that stream, on the
+///   caller's buffers (cudarc views of any `CudaSlice` of that context), and
+///   the caller's context is used as it is (its event tracking included).
+///
+/// Every handle on one driver context shares one module cache (a
+/// process-wide map keyed by the context): each PTX module is loaded into a
+/// context once, whichever handle asks first ([`CudaBackend::loaded_modules`]
+/// counts them). The modules are unloaded when the last handle on the
+/// context is dropped.
+///
+/// # What waits for the device
+///
+/// The wrappers that return host values synchronize the stream: the loss
+/// and metric functions returning `f64` (`ops::loss::cuda::softmax_cross_entropy`
+/// and the rest without `_into`, `sum_f32`), `ops::bias::cuda::sum_host` and
+/// `sum_squares_host`, `CudaOptimizerState::download`, and
+/// [`CudaBackend::download`] and [`CudaBackend::synchronize`]. Every other
+/// `ops::*::cuda` function (GEMM, convolution, pooling, batch norm, dropout,
+/// activations, bias, the `_into` losses, the optimizer step) only
+/// enqueues work on the stream and returns: its results are ready once the
+/// stream reaches that point, and its errors from inside a kernel are
+/// reported by a later synchronizing call. Host-side work still happens at
+/// the call: argument checks, the first use of a module loads it
+/// (`cuModuleLoadData`), and a wrapper's scratch buffers are allocated and
+/// freed on the stream (stream-ordered where the device supports memory
+/// pools; a plain `cuMemFree`, which waits for the device, where it does
+/// not). [`CudaBackend::upload`] copies from pageable host memory, so it
+/// returns once the host data is staged.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    modules: Arc<ContextModules>,
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackend")
             .field("info", &self.info)
+            .field("stream", &self.stream.cu_stream())
             .finish()
     }
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal`. Fails (never panics) when there is no driver
-    /// or no such device.
+    /// Opens device `ordinal`: its primary context (a `CudaContext` object
+    /// of kestrel's own, with cudarc's event tracking off) and a new stream
+    /// on it; then as [`CudaBackend::from_stream`]. Fails (never panics)
+    /// when there is no driver or no such device.
     pub fn new(ordinal: usize) -> Result<Self> {
         if !driver_present() {
             return Err(driver_error(
@@ -143,15 +224,38 @@ impl CudaBackend {
             CudaContext::new(ordinal).map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
         // SAFETY: kestrel launches everything on the one stream below, so
         // stream order already serializes every read and write; cudarc's
-        // per-buffer events would only add two driver calls per launch.
+        // per-buffer events would only add two driver calls per launch. The
+        // flag belongs to this `CudaContext` object, which is kestrel's
+        // alone (`CudaContext::new` makes a new one each time): a caller's
+        // object on the same primary context keeps its own setting.
         unsafe { ctx.disable_event_tracking() };
+        // A stream of our own, not the legacy default stream, so that
+        // kestrel's work can overlap with other libraries' and be captured
+        // into a CUDA graph.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error("cuStreamCreate", e))?;
+        Self::from_stream(stream)
+    }
+
+    /// A handle that launches on the caller's `stream` (any stream of any
+    /// context: a `new_stream`, the default or per-thread stream, or one
+    /// wrapped from another library). The context is the stream's; the
+    /// device's description is read from it. Nothing of the caller's is
+    /// changed: not the context's settings (cudarc's event tracking stays
+    /// as the caller set it, and the wrappers hold every buffer's cudarc
+    /// guard across the launch that uses it, so tracking sees each use),
+    /// not the stream. The module cache is the context's, shared with every
+    /// other handle on it (see the type's docs).
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
         let attr = |a| {
             ctx.attribute(a)
                 .map_err(|e| driver_error("cuDeviceGetAttribute", e))
         };
         use cudarc::driver::sys::CUdevice_attribute as A;
         let info = DeviceInfo {
-            ordinal,
+            ordinal: ctx.ordinal(),
             name: ctx.name().map_err(|e| driver_error("cuDeviceGetName", e))?,
             compute_capability: ctx
                 .compute_capability()
@@ -162,18 +266,19 @@ impl CudaBackend {
                 .map_err(|e| driver_error("cuDeviceTotalMem", e))?,
             multiprocessors: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
         };
-        // A stream of our own, not the legacy default stream, so that
-        // kestrel's work can overlap with other libraries' and be captured
-        // into a CUDA graph.
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| driver_error("cuStreamCreate", e))?;
+        let modules = module_cache(&ctx);
         Ok(CudaBackend {
             ctx,
             stream,
             info,
-            modules: Mutex::new(HashMap::new()),
+            modules,
         })
+    }
+
+    /// How many of kestrel's PTX modules are loaded into this handle's
+    /// context (by any handle on it).
+    pub fn loaded_modules(&self) -> usize {
+        lock(&self.modules.modules).len()
     }
 
     /// The device's description.
@@ -181,12 +286,13 @@ impl CudaBackend {
         &self.info
     }
 
-    /// The context.
+    /// The context (the stream's).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
 
-    /// The stream kestrel launches on.
+    /// The stream the wrappers launch on (the caller's, for a handle made by
+    /// [`CudaBackend::from_stream`]).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -214,7 +320,7 @@ impl CudaBackend {
             ));
         }
         let m = {
-            let mut cache = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = lock(&self.modules.modules);
             match cache.get(module.name) {
                 Some(m) => m.clone(),
                 None => {

@@ -309,12 +309,17 @@ pub fn step(
 
     let stream = gpu.stream();
     // The kernels reach the caller's buffers through the descriptor table;
-    // refresh it only when a buffer moved since the last step.
-    let ptrs: Vec<(u64, u64)> = params
+    // refresh it only when a buffer moved since the last step. The cudarc
+    // guards live until the end of the step, after the last launch: with
+    // event tracking on (a caller's context, `CudaBackend::from_stream`),
+    // dropping one records the buffer's use, which must come after the
+    // kernels that use it, not before them.
+    let guards: Vec<_> = params
         .iter_mut()
         .zip(grads)
-        .map(|(p, g)| (p.device_ptr_mut(stream).0, g.device_ptr(stream).0))
+        .map(|(p, g)| (p.device_ptr_mut(stream), g.device_ptr(stream)))
         .collect();
+    let ptrs: Vec<(u64, u64)> = guards.iter().map(|(p, g)| (p.0, g.0)).collect();
     let table = &mut state.table;
     refresh_table(&mut state.descs, &mut state.table_stale, &ptrs, |descs| {
         stream
@@ -388,6 +393,7 @@ pub fn step(
         };
         gpu.launched("optim_update", r)?;
     }
+    drop(guards);
     state.iterations += 1;
     Ok(())
 }

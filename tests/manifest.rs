@@ -56,7 +56,15 @@ fn rust_layouts() -> BTreeMap<&'static str, Layout> {
     use kestrel::ops::loss::LossParams;
     use kestrel::ops::optim::StepScalars;
     use kestrel::ops::pool::MaxPool2d;
+    // OptTensor is private to ops::optim::cuda, which reports its layout.
+    let (size, align, fields) = kestrel::ops::optim::cuda::opt_tensor_layout();
+    let opt_tensor = Layout {
+        size,
+        align,
+        fields,
+    };
     BTreeMap::from([
+        ("OptTensor", opt_tensor),
         ("Activation", layout!(Activation { kind, alpha })),
         ("Softmax", layout!(Softmax { rows, cols })),
         (
@@ -170,11 +178,6 @@ fn rust_layouts() -> BTreeMap<&'static str, Layout> {
     ])
 }
 
-/// Structs in the manifest whose Rust mirror is private, so not checked
-/// here: `OptTensor` (`ops::optim::cuda`, private; its Rust side asserts
-/// its size, 56, and the kernel source static_asserts the same).
-const PRIVATE: &[&str] = &["OptTensor"];
-
 #[test]
 fn struct_layouts_match_the_rust_mirrors() {
     let m = manifest();
@@ -182,9 +185,6 @@ fn struct_layouts_match_the_rust_mirrors() {
     let rust = rust_layouts();
     let mut checked = BTreeSet::new();
     for (name, s) in structs {
-        if PRIVATE.contains(&name.as_str()) {
-            continue;
-        }
         let r = rust
             .get(name.as_str())
             .unwrap_or_else(|| panic!("manifest struct {name} has no Rust mirror in this test"));

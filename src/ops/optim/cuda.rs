@@ -75,6 +75,28 @@ unsafe impl DeviceRepr for OptTensor {}
 
 const _: () = assert!(std::mem::size_of::<OptTensor>() == 56);
 
+/// `OptTensor`'s layout as (size, alignment, [(field, offset, size)]), for
+/// the test that holds `kernels/ptx/manifest.json` to the Rust mirrors (the
+/// type itself stays private).
+#[doc(hidden)]
+pub fn opt_tensor_layout() -> (usize, usize, Vec<(&'static str, usize, usize)>) {
+    use std::mem::{align_of, offset_of, size_of};
+    let f = size_of::<u64>();
+    (
+        size_of::<OptTensor>(),
+        align_of::<OptTensor>(),
+        vec![
+            ("param", offset_of!(OptTensor, param), f),
+            ("grad", offset_of!(OptTensor, grad), f),
+            ("slot0", offset_of!(OptTensor, slot0), f),
+            ("slot1", offset_of!(OptTensor, slot1), f),
+            ("len", offset_of!(OptTensor, len), f),
+            ("first_chunk", offset_of!(OptTensor, first_chunk), f),
+            ("chunks", offset_of!(OptTensor, chunks), f),
+        ],
+    )
+}
+
 /// An optimizer's state on the device: the step counter (on the host, since
 /// the per-step scalars are formed there) and the slots of every tensor,
 /// plus the scratch of the step. Download it with

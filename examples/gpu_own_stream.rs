@@ -20,7 +20,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 use kestrel::cuda::CudaBackend;
 use kestrel::ops::activation::Activation;
 use kestrel::ops::conv::{self, Conv2d, Padding};
-use kestrel::ops::gemm::cuda::{DeviceBias, DeviceEpilogue};
+use kestrel::ops::gemm::cuda::DeviceEpilogue;
 use kestrel::ops::gemm::{self, Bias, Epilogue, Gemm};
 use kestrel::ops::loss::{self, LossParams};
 
@@ -172,7 +172,7 @@ fn gemm_check(gpu: &CudaBackend, stream: &Arc<CudaStream>, rng: &mut Rng) -> Res
         &db.as_view(),
         &mut dc.as_view_mut(),
         DeviceEpilogue {
-            bias: DeviceBias::PerCol(&bias_view),
+            bias: Bias::PerCol(&bias_view),
             activation: act,
         },
     )?;

@@ -131,7 +131,7 @@ impl Case {
         }
     }
 
-    fn bias(&self) -> Bias<'_> {
+    fn bias(&self) -> Bias<&[f32]> {
         match self.bias_kind {
             0 => Bias::None,
             1 => Bias::PerRow(&self.bias[..self.p.m]),
@@ -139,7 +139,7 @@ impl Case {
         }
     }
 
-    fn epilogue(&self) -> Epilogue<'_> {
+    fn epilogue(&self) -> Epilogue<&[f32]> {
         Epilogue {
             bias: self.bias(),
             activation: self.act,
@@ -224,7 +224,7 @@ impl Case {
     }
 }
 
-type GemmFn = fn(&Gemm, &[f32], &[f32], &mut [f32], Epilogue) -> kestrel::Result<()>;
+type GemmFn = fn(&Gemm, &[f32], &[f32], &mut [f32], Epilogue<&[f32]>) -> kestrel::Result<()>;
 
 fn scalars() -> impl Strategy<Value = (f32, f32)> {
     prop_oneof![
@@ -577,7 +577,7 @@ fn errors_name_gemm_and_the_sizes() {
     );
     let bias = [0.0f32; 3];
     let eb = Epilogue {
-        bias: Bias::PerRow(&bias),
+        bias: Bias::PerRow(&bias[..]),
         ..e
     };
     assert_err_mentions(
@@ -586,7 +586,7 @@ fn errors_name_gemm_and_the_sizes() {
         &["bias (per row, m)", "4", "3"],
     );
     let eb = Epilogue {
-        bias: Bias::PerCol(&bias),
+        bias: Bias::PerCol(&bias[..]),
         ..e
     };
     assert_err_mentions(

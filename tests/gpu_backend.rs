@@ -5,14 +5,14 @@
 mod common;
 
 use common::{Rng, Tol, assert_err_mentions, check_close, data, to_f64};
-use kestrel::backend::{Backend, CpuBackend, GemmBias, GpuBackend};
+use kestrel::backend::{Backend, CpuBackend, GpuBackend};
 use kestrel::nn::{Act, Conv2D, Dense, Dropout, Flatten, MaxPooling2D, Sequential};
 use kestrel::ops::activation::{Activation, Softmax};
 use kestrel::ops::batchnorm::{BatchNorm, VarianceMode};
 use kestrel::ops::bias::BiasShape;
 use kestrel::ops::conv::{Conv2d, Padding};
 use kestrel::ops::dropout::Dropout as DropoutOp;
-use kestrel::ops::gemm::Gemm;
+use kestrel::ops::gemm::{Bias, Gemm};
 use kestrel::ops::loss::LossParams;
 use kestrel::ops::optim::Optimizer;
 use kestrel::ops::pool::MaxPool2d;
@@ -127,7 +127,7 @@ fn exercise<B: Backend>(b: &B, seed: u64) -> kestrel::Result<Outputs> {
         &ga,
         &gb,
         &mut gc,
-        GemmBias::None,
+        Bias::None,
         Activation::LINEAR,
     )?;
     put("gemm", MATMUL, f64s(b.download_f32(&gc)?));
@@ -140,7 +140,7 @@ fn exercise<B: Backend>(b: &B, seed: u64) -> kestrel::Result<Outputs> {
         &ga,
         &gb,
         &mut gc,
-        GemmBias::PerRow(&row_bias),
+        Bias::PerRow(&row_bias),
         Activation::RELU,
     )?;
     put(
@@ -154,7 +154,7 @@ fn exercise<B: Backend>(b: &B, seed: u64) -> kestrel::Result<Outputs> {
         &ga,
         &gb,
         &mut gc,
-        GemmBias::PerCol(&col_bias),
+        Bias::PerCol(&col_bias),
         Activation::TANH,
     )?;
     put("gemm per-col tanh", MATMUL, f64s(b.download_f32(&gc)?));
@@ -163,7 +163,7 @@ fn exercise<B: Backend>(b: &B, seed: u64) -> kestrel::Result<Outputs> {
     let ta = b.upload_f32(&rng.vec(k * m, -1.0, 1.0))?;
     let tb = b.upload_f32(&rng.vec(n * k, -1.0, 1.0))?;
     let gtr = Gemm::new(m, n, k).transpose(true, true);
-    b.gemm(&gtr, &ta, &tb, &mut gt, GemmBias::None, Activation::LINEAR)?;
+    b.gemm(&gtr, &ta, &tb, &mut gt, Bias::None, Activation::LINEAR)?;
     put("gemm transposed", MATMUL, f64s(b.download_f32(&gt)?));
 
     // Convolution, with bias and a fused activation.
@@ -489,7 +489,7 @@ fn empty_batches_do_not_fail() {
         &b0,
         &g.alloc_f32(15).unwrap(),
         &mut c,
-        GemmBias::None,
+        Bias::None,
         Activation::LINEAR,
     )
     .unwrap();

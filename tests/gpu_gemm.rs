@@ -14,7 +14,7 @@ use common::*;
 use cudarc::driver::CudaSlice;
 use kestrel::cuda::CudaBackend;
 use kestrel::ops::activation::{Activation, ActivationKind};
-use kestrel::ops::gemm::cuda::{self as gg, DeviceBias, DeviceEpilogue};
+use kestrel::ops::gemm::cuda::{self as gg, DeviceEpilogue};
 use kestrel::ops::gemm::{Bias, Epilogue, Gemm, cpu};
 use proptest::prelude::*;
 
@@ -103,9 +103,9 @@ fn run_both(
     let (da, db, mut dc, dbias) = (dev(gpu, a), dev(gpu, b), dev(gpu, c0), dev(gpu, bias));
     let bias_view = dbias.slice(..bias.len());
     let dev_bias = match sel {
-        BiasSel::None => DeviceBias::None,
-        BiasSel::Row => DeviceBias::PerRow(&bias_view),
-        BiasSel::Col => DeviceBias::PerCol(&bias_view),
+        BiasSel::None => Bias::None,
+        BiasSel::Row => Bias::PerRow(&bias_view),
+        BiasSel::Col => Bias::PerCol(&bias_view),
     };
     gg::gemm(
         gpu,
@@ -559,7 +559,7 @@ fn errors() {
         &b.slice(..30),
         &mut c.slice_mut(..20),
         DeviceEpilogue {
-            bias: DeviceBias::PerRow(&bv),
+            bias: Bias::PerRow(&bv),
             activation: Activation::LINEAR,
         },
     );

@@ -21,7 +21,7 @@ use common::*;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use kestrel::cuda::CudaBackend;
 use kestrel::ops::activation::Activation;
-use kestrel::ops::gemm::cuda::{self as gg, DeviceBias, DeviceEpilogue};
+use kestrel::ops::gemm::cuda::{self as gg, DeviceEpilogue};
 use kestrel::ops::gemm::{Bias, Epilogue, Gemm, cpu};
 
 /// As tests/gpu_gemm.rs: 1e-6 per product term, 1e-5 relative for the
@@ -96,7 +96,7 @@ fn run(gpu: &CudaBackend, alloc: &Arc<CudaStream>, pr: &Problem) -> Vec<f32> {
         &b.as_view(),
         &mut c.as_view_mut(),
         DeviceEpilogue {
-            bias: DeviceBias::PerCol(&bias_view),
+            bias: Bias::PerCol(&bias_view),
             activation: pr.act,
         },
     )

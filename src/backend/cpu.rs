@@ -1,6 +1,6 @@
 //! The CPU backend: host `Vec`s and the rayon references of [`crate::ops`].
 
-use super::{Backend, GemmBias, check_opt_kind, check_scalar_slot, check_scalars_count};
+use super::{Backend, check_opt_kind, check_scalar_slot, check_scalars_count};
 use crate::error::{Error, Result, check_len};
 use crate::ops::activation::{self, Activation, Softmax};
 use crate::ops::batchnorm::{self, BatchNorm};
@@ -127,14 +127,10 @@ impl Backend for CpuBackend {
         a: &Vec<f32>,
         b: &Vec<f32>,
         c: &mut Vec<f32>,
-        bias: GemmBias<'_, Vec<f32>>,
+        bias: Bias<&Vec<f32>>,
         act: Activation,
     ) -> Result<()> {
-        let bias = match bias {
-            GemmBias::None => Bias::None,
-            GemmBias::PerRow(v) => Bias::PerRow(v),
-            GemmBias::PerCol(v) => Bias::PerCol(v),
-        };
+        let bias = bias.map(Vec::as_slice);
         gemm::cpu::gemm(
             p,
             a,

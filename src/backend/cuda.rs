@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use super::cpu::gather;
-use super::{Backend, GemmBias, check_scalar_slot, check_scalars_count};
+use super::{Backend, check_scalar_slot, check_scalars_count};
 use crate::cuda::CudaBackend;
 use crate::error::{Result, check_len};
 use crate::ops::activation::{self, Activation, Softmax};
@@ -31,8 +31,7 @@ use crate::ops::batchnorm::{self, BatchNorm};
 use crate::ops::bias::{self, BiasShape};
 use crate::ops::conv::{self, Conv2d};
 use crate::ops::dropout::{self, Dropout};
-use crate::ops::gemm::cuda::{DeviceBias, DeviceEpilogue};
-use crate::ops::gemm::{self, Gemm};
+use crate::ops::gemm::{self, Bias, Epilogue, Gemm};
 use crate::ops::loss::{self, LossParams};
 use crate::ops::optim::cuda::CudaOptimizerState;
 use crate::ops::optim::{self, Optimizer, OptimizerState};
@@ -314,21 +313,12 @@ impl Backend for GpuBackend {
         a: &GpuBuf<f32>,
         b: &GpuBuf<f32>,
         c: &mut GpuBuf<f32>,
-        bias: GemmBias<'_, GpuBuf<f32>>,
+        bias: Bias<&GpuBuf<f32>>,
         act: Activation,
     ) -> Result<()> {
-        let (per_row, view) = match bias {
-            GemmBias::None => (false, None),
-            GemmBias::PerRow(v) => (true, Some(v.view())),
-            GemmBias::PerCol(v) => (false, Some(v.view())),
-        };
-        let bias = match &view {
-            None => DeviceBias::None,
-            Some(v) if per_row => DeviceBias::PerRow(v),
-            Some(v) => DeviceBias::PerCol(v),
-        };
-        let epi = DeviceEpilogue {
-            bias,
+        let view = bias.map(GpuBuf::view);
+        let epi = Epilogue {
+            bias: view.as_ref(),
             activation: act,
         };
         gemm::cuda::gemm(&self.gpu, p, &a.view(), &b.view(), &mut c.view_mut(), epi)

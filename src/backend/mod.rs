@@ -37,7 +37,7 @@ use crate::ops::batchnorm::BatchNorm;
 use crate::ops::bias::BiasShape;
 use crate::ops::conv::Conv2d;
 use crate::ops::dropout::Dropout;
-use crate::ops::gemm::Gemm;
+use crate::ops::gemm::{Bias, Gemm};
 use crate::ops::loss::LossParams;
 use crate::ops::optim::{Optimizer, OptimizerState};
 use crate::ops::pool::MaxPool2d;
@@ -80,17 +80,6 @@ pub(crate) fn check_opt_kind(opt: &Optimizer, state: &OptimizerState) -> Result<
         ));
     }
     Ok(())
-}
-
-/// A bias fused into a GEMM's epilogue, as a backend buffer.
-#[derive(Debug)]
-pub enum GemmBias<'a, T> {
-    /// No bias.
-    None,
-    /// One value per row of `C` (conv output channels).
-    PerRow(&'a T),
-    /// One value per column of `C` (dense units).
-    PerCol(&'a T),
 }
 
 /// A compute backend: buffers, transfers and the op set. See the module docs.
@@ -169,14 +158,16 @@ pub trait Backend {
         false
     }
 
-    /// `C = act(alpha * op(A) * op(B) + beta * C + bias)` (see [`crate::ops::gemm`]).
+    /// `C = act(alpha * op(A) * op(B) + beta * C + bias)` (see [`crate::ops::gemm`]),
+    /// the bias one of the backend's buffers ([`Bias`] is the one bias type of
+    /// every level).
     fn gemm(
         &self,
         p: &Gemm,
         a: &Self::Buf,
         b: &Self::Buf,
         c: &mut Self::Buf,
-        bias: GemmBias<'_, Self::Buf>,
+        bias: Bias<&Self::Buf>,
         act: Activation,
     ) -> Result<()>;
 

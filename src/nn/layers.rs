@@ -2,13 +2,14 @@
 //! backward passes over a batch, written once for every backend.
 
 use super::{Act, Init, LayerSpec, Rng, keras_shape};
-use crate::backend::{Backend, GemmBias};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::ops::activation::{Activation as OpAct, Softmax};
 use crate::ops::batchnorm::BatchNorm;
 use crate::ops::bias::BiasShape;
 use crate::ops::conv::Conv2d;
 use crate::ops::dropout::Dropout as DropoutOp;
+use crate::ops::gemm::Bias;
 use crate::ops::gemm::Gemm;
 use crate::ops::pool::MaxPool2d;
 
@@ -536,9 +537,9 @@ pub(crate) fn forward<B: Backend>(
                 let g = Gemm::new(n, *units, *inputs);
                 let w = &layer.params[0].value;
                 let bias = if *use_bias {
-                    GemmBias::PerCol(&layer.params[1].value)
+                    Bias::PerCol(&layer.params[1].value)
                 } else {
-                    GemmBias::None
+                    Bias::None
                 };
                 let act = if strip { Act::Linear } else { *act };
                 run_with_act(backend, act, n, *units, &mut sc.pre, y, |out, a| {
@@ -686,7 +687,7 @@ pub(crate) fn backward<B: Backend>(
                 let dw = w.grad.as_mut().expect("kernel is trainable");
                 // dW = x^T dz: [inputs, n] x [n, units].
                 let gw = Gemm::new(*inputs, *units, n).transpose(true, false);
-                backend.gemm(&gw, x, dz, dw, GemmBias::None, OpAct::LINEAR)?;
+                backend.gemm(&gw, x, dz, dw, Bias::None, OpAct::LINEAR)?;
                 if *use_bias {
                     let db = rest[0].grad.as_mut().expect("bias is trainable");
                     backend.bias_backward(&BiasShape::dense(n, *units)?, dz, db)?;
@@ -694,7 +695,7 @@ pub(crate) fn backward<B: Backend>(
                 if need_dx {
                     // dx = dz W^T: [n, units] x [units, inputs].
                     let gx_p = Gemm::new(n, *inputs, *units).transpose(false, true);
-                    backend.gemm(&gx_p, dz, &w.value, gx, GemmBias::None, OpAct::LINEAR)?;
+                    backend.gemm(&gx_p, dz, &w.value, gx, Bias::None, OpAct::LINEAR)?;
                 }
             }
             Kind::Conv {

@@ -29,8 +29,9 @@ use super::Conv2d;
 use crate::cuda::{CONV, CudaBackend};
 use crate::error::{Error, Result};
 use crate::ops::activation::Activation;
+use crate::ops::gemm::Bias;
 use crate::ops::gemm::Gemm;
-use crate::ops::gemm::cuda::{DeviceBias, DeviceEpilogue, gemm, launch, summed};
+use crate::ops::gemm::cuda::{DeviceEpilogue, gemm, launch, summed};
 
 // SAFETY: `Conv2d` is `#[repr(C)]` with only usize (u64) fields: plain old
 // data, mirrored as `struct Conv2d` in kernels/conv.cu (same size asserted).
@@ -212,7 +213,7 @@ pub fn forward(
                 trans_b: false,
             };
             let epi = DeviceEpilogue {
-                bias: bias.map_or(DeviceBias::None, DeviceBias::PerRow),
+                bias: bias.map_or(Bias::None, Bias::PerRow),
                 activation,
             };
             let mut yq = y.slice_mut(n0 * y_img..(n0 + q.n) * y_img);

@@ -30,7 +30,10 @@ use std::cell::Cell;
 
 use rayon::prelude::*;
 
-use super::{Bias, Epilogue, Gemm, GradGemm, Operand};
+use super::{Bias, Epilogue, Gemm, GradGemm, HostEpilogue, Operand};
+
+/// The host bias.
+type HostBias<'a> = Bias<&'a [f32]>;
 use crate::error::Result;
 use crate::ops::activation::{Activation, ActivationKind};
 
@@ -81,7 +84,7 @@ pub fn uses_simd() -> bool {
 /// items are not touched. Uses the AVX2+FMA micro-kernel where the CPU has
 /// it, and rayon threads for large problems; the result is bit-identical for
 /// any number of threads.
-pub fn gemm(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: Epilogue) -> Result<()> {
+pub fn gemm(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: HostEpilogue) -> Result<()> {
     run(p, a, b, c, epi, best_kernel())
 }
 
@@ -89,12 +92,31 @@ pub fn gemm(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: Epilogue) -> Res
 /// is what runs on CPUs without AVX2+FMA. Exposed so that tests cover it on
 /// every machine. Its results may differ from [`gemm`]'s in the last bits
 /// (separate multiply and add instead of FMA).
-pub fn gemm_portable(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: Epilogue) -> Result<()> {
+pub fn gemm_portable(
+    p: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    epi: HostEpilogue,
+) -> Result<()> {
     run(p, a, b, c, epi, Kernel::Portable)
 }
 
-fn run(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: Epilogue, kern: Kernel) -> Result<()> {
-    p.check("gemm", a.len(), b.len(), c.len(), epi.bias)?;
+fn run(
+    p: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    epi: HostEpilogue,
+    kern: Kernel,
+) -> Result<()> {
+    p.check(
+        "gemm",
+        a.len(),
+        b.len(),
+        c.len(),
+        epi.bias.map(<[f32]>::len),
+    )?;
     if p.batch == 0 || p.m == 0 || p.n == 0 {
         return Ok(());
     }
@@ -168,7 +190,7 @@ fn with_scratch<R>(
 }
 
 /// `k == 0`: `C = act(beta * C + bias)`.
-fn scale_only(p: &Gemm, c: &mut [f32], epi: Epilogue) {
+fn scale_only(p: &Gemm, c: &mut [f32], epi: HostEpilogue) {
     for bi in 0..p.batch {
         for i in 0..p.m {
             let row = &mut c[bi * p.stride_c + i * p.ldc..][..p.n];
@@ -181,7 +203,7 @@ fn scale_only(p: &Gemm, c: &mut [f32], epi: Epilogue) {
 }
 
 #[inline(always)]
-fn bias_at(bias: Bias, i: usize, j: usize) -> f32 {
+fn bias_at(bias: HostBias, i: usize, j: usize) -> f32 {
     match bias {
         Bias::None => 0.0,
         Bias::PerRow(v) => v[i],
@@ -311,7 +333,7 @@ impl Plan {
         packed_a: &[f32],
         b: &[f32],
         c: &mut [f32],
-        epi: &Epilogue,
+        epi: &HostEpilogue,
         kern: Kernel,
         parallel: bool,
     ) {
@@ -356,7 +378,7 @@ struct Task<'a> {
     packed_a: &'a [f32],
     b: &'a [f32],
     out: &'a COut,
-    epi: &'a Epilogue<'a>,
+    epi: &'a HostEpilogue<'a>,
     rows: (usize, usize),
     cols: (usize, usize),
 }
@@ -477,7 +499,7 @@ struct Stage<'a> {
     beta: f32,
     first: bool,
     last: bool,
-    bias: Bias<'a>,
+    bias: HostBias<'a>,
     act: Activation,
 }
 
@@ -530,7 +552,7 @@ impl Stage<'_> {
 /// Adds the bias and applies the activation to (part of) row `i` of C,
 /// with a loop per case so that each stays simple (and vectorizes).
 #[inline(always)]
-fn finish_row(row: &mut [f32], bias: Bias, act: Activation, i: usize, j0: usize) {
+fn finish_row(row: &mut [f32], bias: HostBias, act: Activation, i: usize, j0: usize) {
     match bias {
         Bias::None => {}
         Bias::PerRow(v) => {

@@ -16,10 +16,9 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{Bias, Gemm, GradGemm, Operand};
+use super::{Bias, Epilogue, Gemm, GradGemm, Operand};
 use crate::cuda::{CudaBackend, GEMM};
-use crate::error::{Result, check_len};
-use crate::ops::activation::Activation;
+use crate::error::Result;
 
 // SAFETY: `Gemm` is `#[repr(C)]` with only u64 (usize), f32 and bool fields:
 // plain old data, mirrored field for field as `struct Gemm` in
@@ -27,56 +26,16 @@ use crate::ops::activation::Activation;
 unsafe impl DeviceRepr for Gemm {}
 const _: () = assert!(std::mem::size_of::<Gemm>() == 96);
 
-/// Mirrors `BiasKind` in kernels/gemm.cu.
-const BIAS_NONE: u32 = 0;
-const BIAS_PER_ROW: u32 = 1;
-const BIAS_PER_COL: u32 = 2;
-
 /// Blocks a summed GEMM aims for when it splits its batch into partial
 /// products: about two waves on a 132-SM H100. A constant, not the device's
 /// SM count, so the summation order depends on the shape alone.
 const SPLIT_TARGET_BLOCKS: usize = 256;
 
-/// The device counterpart of [`Bias`]: a bias vector in device memory.
-#[derive(Clone, Copy, Debug, Default)]
-pub enum DeviceBias<'a> {
-    /// No bias.
-    #[default]
-    None,
-    /// One value per row of `C` (length `m`).
-    PerRow(&'a CudaView<'a, f32>),
-    /// One value per column of `C` (length `n`).
-    PerCol(&'a CudaView<'a, f32>),
-}
+/// A bias vector in device memory: [`Bias`] over a cudarc view.
+pub type DeviceBias<'a> = Bias<&'a CudaView<'a, f32>>;
 
-/// The device counterpart of [`super::Epilogue`]: bias, then activation.
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceEpilogue<'a> {
-    /// Added first.
-    pub bias: DeviceBias<'a>,
-    /// Applied last.
-    pub activation: Activation,
-}
-
-impl Default for DeviceEpilogue<'_> {
-    fn default() -> Self {
-        DeviceEpilogue {
-            bias: DeviceBias::None,
-            activation: Activation::LINEAR,
-        }
-    }
-}
-
-impl DeviceBias<'_> {
-    /// The same length checks as [`Gemm::check`] does for a host [`Bias`].
-    fn check(&self, op: &'static str, p: &Gemm) -> Result<()> {
-        match self {
-            DeviceBias::None => Ok(()),
-            DeviceBias::PerRow(v) => check_len(op, "bias (per row, m)", v.len(), p.m),
-            DeviceBias::PerCol(v) => check_len(op, "bias (per column, n)", v.len(), p.n),
-        }
-    }
-}
+/// The device epilogue: [`super::Epilogue`] with a [`DeviceBias`].
+pub type DeviceEpilogue<'a> = Epilogue<&'a CudaView<'a, f32>>;
 
 /// `C = act(alpha * op(A) * op(B) + beta * C + bias)` on the device, with
 /// the semantics of [`super::cpu::gemm`] (see the module docs of
@@ -92,8 +51,7 @@ pub fn gemm(
     epi: DeviceEpilogue,
 ) -> Result<()> {
     const OP: &str = "gemm";
-    p.check(OP, a.len(), b.len(), c.len(), Bias::None)?;
-    epi.bias.check(OP, p)?;
+    p.check(OP, a.len(), b.len(), c.len(), epi.bias.map(|v| v.len()))?;
     // SAFETY: `check` proved that every batch item's A, B and C (with their
     // leading dimensions) lie inside `a`, `b` and `c`, that C's items do not
     // overlap, and the bias has m (or n) elements.
@@ -142,11 +100,7 @@ pub(crate) unsafe fn launch(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (bias_kind, bias) = match epi.bias {
-        DeviceBias::None => (BIAS_NONE, None),
-        DeviceBias::PerRow(v) => (BIAS_PER_ROW, Some(v)),
-        DeviceBias::PerCol(v) => (BIAS_PER_COL, Some(v)),
-    };
+    let bias_kind = epi.bias.kernel_kind();
     let null = 0u64;
     let act_kind = epi.activation.kind as u32;
     let act_alpha = epi.activation.alpha;
@@ -160,7 +114,7 @@ pub(crate) unsafe fn launch(
         .arg(a)
         .arg(b)
         .arg(c);
-    match bias {
+    match epi.bias.vector() {
         Some(v) => builder.arg(v),
         // Never dereferenced: the kernel reads the bias only for BIAS_PER_*.
         None => builder.arg(&null),

@@ -126,8 +126,16 @@ impl Gemm {
         2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
     }
 
-    /// Checks leading dimensions and the lengths of `a`, `b`, `c` and the bias.
-    pub fn check(&self, op: &'static str, a: usize, b: usize, c: usize, bias: Bias) -> Result<()> {
+    /// Checks leading dimensions and the lengths of `a`, `b`, `c` and the
+    /// bias (its vector's length: `bias.map(|v| v.len())`).
+    pub fn check(
+        &self,
+        op: &'static str,
+        a: usize,
+        b: usize,
+        c: usize,
+        bias: Bias<usize>,
+    ) -> Result<()> {
         let (ar, ac) = self.a_dims();
         let (br, bc) = self.b_dims();
         check_ld(op, "lda", self.lda, ac)?;
@@ -168,8 +176,8 @@ impl Gemm {
         }
         match bias {
             Bias::None => Ok(()),
-            Bias::PerRow(v) => crate::error::check_len(op, "bias (per row, m)", v.len(), self.m),
-            Bias::PerCol(v) => crate::error::check_len(op, "bias (per column, n)", v.len(), self.n),
+            Bias::PerRow(len) => crate::error::check_len(op, "bias (per row, m)", len, self.m),
+            Bias::PerCol(len) => crate::error::check_len(op, "bias (per column, n)", len, self.n),
         }
     }
 }
@@ -218,28 +226,79 @@ fn span(
         .ok_or_else(|| Error::invalid(op, "shape", "matrix span overflows usize"))
 }
 
-/// A bias fused into the GEMM's epilogue, added before the activation.
-#[derive(Clone, Copy, Debug, Default)]
-pub enum Bias<'a> {
+/// A bias fused into the GEMM's epilogue, added before the activation: the
+/// one bias type of every level, generic over where the vector lives.
+///
+/// - `Bias<&[f32]>` on the host ([`cpu::gemm`]);
+/// - `Bias<&CudaView<f32>>` on the device ([`cuda::gemm`], a caller's
+///   cudarc views);
+/// - `Bias<&B::Buf>` in [`crate::backend::Backend::gemm`], the backend's
+///   buffer type;
+/// - `Bias<usize>` (the vector's length) for [`Gemm::check`].
+///
+/// [`Bias::kernel_kind`] is the `bias_kind` argument of the kernel
+/// (`enum BiasKind` in `kernels/gemm.cu`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Bias<B> {
     /// No bias.
     #[default]
     None,
     /// One value per row of `C` (length `m`): conv output channels.
-    PerRow(&'a [f32]),
+    PerRow(B),
     /// One value per column of `C` (length `n`): dense layer units.
-    PerCol(&'a [f32]),
+    PerCol(B),
 }
 
-/// What the GEMM does to each element of `C` after the product.
+impl<B> Bias<B> {
+    /// The kernel's `bias_kind` argument, mirroring `enum BiasKind` in
+    /// kernels/gemm.cu: 0 none, 1 per row, 2 per column.
+    pub const fn kernel_kind(&self) -> u32 {
+        match self {
+            Bias::None => 0,
+            Bias::PerRow(_) => 1,
+            Bias::PerCol(_) => 2,
+        }
+    }
+
+    /// The same bias with the vector converted by `f` (a buffer to its
+    /// view, a view to its length).
+    pub fn map<C>(self, f: impl FnOnce(B) -> C) -> Bias<C> {
+        match self {
+            Bias::None => Bias::None,
+            Bias::PerRow(v) => Bias::PerRow(f(v)),
+            Bias::PerCol(v) => Bias::PerCol(f(v)),
+        }
+    }
+
+    /// The same bias borrowing its vector.
+    pub fn as_ref(&self) -> Bias<&B> {
+        match self {
+            Bias::None => Bias::None,
+            Bias::PerRow(v) => Bias::PerRow(v),
+            Bias::PerCol(v) => Bias::PerCol(v),
+        }
+    }
+
+    /// The vector, if there is one.
+    pub fn vector(self) -> Option<B> {
+        match self {
+            Bias::None => None,
+            Bias::PerRow(v) | Bias::PerCol(v) => Some(v),
+        }
+    }
+}
+
+/// What the GEMM does to each element of `C` after the product, with the
+/// bias vector as a `B` (see [`Bias`]).
 #[derive(Clone, Copy, Debug)]
-pub struct Epilogue<'a> {
+pub struct Epilogue<B> {
     /// Added first.
-    pub bias: Bias<'a>,
+    pub bias: Bias<B>,
     /// Applied last.
     pub activation: Activation,
 }
 
-impl Default for Epilogue<'_> {
+impl<B> Default for Epilogue<B> {
     fn default() -> Self {
         Epilogue {
             bias: Bias::None,
@@ -247,6 +306,9 @@ impl Default for Epilogue<'_> {
         }
     }
 }
+
+/// The host epilogue of [`cpu::gemm`].
+pub type HostEpilogue<'a> = Epilogue<&'a [f32]>;
 
 /// Which buffer of the forward product a gradient GEMM reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

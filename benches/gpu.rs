@@ -4,6 +4,10 @@
 //!   elu-cnn at batch 32 and 128 (each conv layer as one im2col GEMM over
 //!   the batch, and each dense layer: forward and both backward shapes),
 //!   beside cuBLAS `sgemm` with `CUBLAS_DEFAULT_MATH` (FP32 FMA, no TF32).
+//!   Each shape runs the kernel version `gemm::cuda::select` picks (id as
+//!   is); with `KESTREL_BENCH_GEMM_VERSIONS=1`, also one row per version
+//!   (`GemmKernel::ALL`) forced through `gemm_with`, id `<shape>.<kernel>`
+//!   (e.g. `square.1024.gemm_128x128`).
 //! - `gpu_conv`: forward, backward data and backward filter of every conv
 //!   layer of keras-cnn and elu-cnn at batch 32 and 128, beside cuDNN with
 //!   `CUDNN_FMA_MATH` (no TF32) and the algorithm `cudnnFind*` measures
@@ -72,7 +76,8 @@ use kestrel::ops::activation::Activation;
 use kestrel::ops::batchnorm::{self, BatchNorm, VarianceMode};
 use kestrel::ops::conv::{self, Conv2d, Padding};
 use kestrel::ops::dropout::{self, Dropout};
-use kestrel::ops::gemm::{self, Gemm, cuda::DeviceEpilogue};
+use kestrel::ops::gemm::cuda::{DeviceEpilogue, GemmKernel};
+use kestrel::ops::gemm::{self, Gemm};
 use kestrel::ops::loss::{self, LossParams};
 use kestrel::ops::optim::{self, cuda::CudaOptimizerState};
 use kestrel::ops::pool::{self, MaxPool2d};
@@ -141,6 +146,8 @@ struct Env {
     measure: Duration,
     warm_up: Duration,
     filter: Option<regex::Regex>,
+    /// `KESTREL_BENCH_GEMM_VERSIONS`: also time every GEMM kernel version.
+    gemm_versions: bool,
     /// Conv workspace for kestrel (the default maximum, allocated once).
     conv_ws: RefCell<Option<CudaSlice<f32>>>,
 }
@@ -194,6 +201,8 @@ impl Env {
             measure: Duration::from_millis(measure),
             warm_up: Duration::from_millis((measure / 3).max(50)),
             filter: criterion_filter().and_then(|f| regex::Regex::new(&f).ok()),
+            gemm_versions: std::env::var("KESTREL_BENCH_GEMM_VERSIONS")
+                .is_ok_and(|v| !v.is_empty() && v != "0"),
             conv_ws: RefCell::new(None),
         };
         env.blas = match open_blas(&env.gpu) {
@@ -616,7 +625,19 @@ fn cublas_sgemm(
     unsafe { blas.gemm(cfg, b, a, c) }.expect("cublasSgemm");
 }
 
+/// `p` on the selected version beside cuBLAS and, with
+/// `KESTREL_BENCH_GEMM_VERSIONS`, on every version.
 fn gemm_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm) {
+    gemm_version_pair(env, c, id, p, None);
+    if env.gemm_versions {
+        for k in GemmKernel::ALL {
+            gemm_version_pair(env, c, &format!("{id}.{}", k.name()), p, Some(k));
+        }
+    }
+}
+
+/// `p` on `kernel` (`None`: the one `select` picks) beside cuBLAS.
+fn gemm_version_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm, kernel: Option<GemmKernel>) {
     if !env.wanted("gpu_gemm", id) {
         return;
     }
@@ -627,9 +648,11 @@ fn gemm_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm) {
     let mut out: CudaSlice<f32> = env.gpu.zeros(p.m * p.n).expect("alloc");
     let mut out_base: CudaSlice<f32> = env.gpu.zeros(p.m * p.n).expect("alloc");
     let gpu = &env.gpu;
+    let kernel = kernel.unwrap_or_else(|| gemm::cuda::select(&p, gpu.info()));
     let mut ours = |_i: u64| {
-        gemm::cuda::gemm(
+        gemm::cuda::gemm_with(
             gpu,
+            kernel,
             &p,
             &a.slice(..),
             &b.slice(..),
@@ -638,7 +661,8 @@ fn gemm_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm) {
         )
         .expect("kestrel gemm")
     };
-    let note = "FP32";
+    let note = format!("FP32, {}", kernel.name());
+    let note = note.as_str();
     match &env.blas {
         Some(blas) => {
             let mut base = |_i: u64| cublas_sgemm(blas, &p, &a, &b, &mut out_base);

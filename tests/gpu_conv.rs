@@ -14,6 +14,7 @@ use common::*;
 use cudarc::driver::CudaSlice;
 use kestrel::cuda::CudaBackend;
 use kestrel::ops::activation::Activation;
+use kestrel::ops::conv::cuda::ConvAlgo;
 use kestrel::ops::conv::{Conv2d, Padding, cpu, cuda};
 use proptest::prelude::*;
 
@@ -55,9 +56,22 @@ enum Ws {
 }
 
 /// Runs forward, backward_data and backward_filter on both backends and
-/// compares them.
+/// compares them, the GPU with the algorithm `cuda::select` picks.
 fn check_all(
     gpu: &CudaBackend,
+    p: &Conv2d,
+    bias: bool,
+    act: Activation,
+    ws: Ws,
+    seed: u64,
+) -> Result<(), String> {
+    check_all_with(gpu, None, p, bias, act, ws, seed)
+}
+
+/// [`check_all`] with the GPU on `algo` (`None`: `cuda::select`'s choice).
+fn check_all_with(
+    gpu: &CudaBackend,
+    algo: Option<ConvAlgo>,
     p: &Conv2d,
     bias: bool,
     act: Activation,
@@ -94,8 +108,10 @@ fn check_all(
     let mut want = vec![0.0; p.y_len()];
     cpu::forward(p, &x, &w, bias.then_some(&b[..]), act, &mut want).unwrap();
     let mut y = dev(gpu, &vec![POISON; p.y_len()]);
-    cuda::forward(
+    let algo = algo.unwrap_or_else(|| cuda::select(p, gpu.info()));
+    cuda::forward_with(
         gpu,
+        algo,
         p,
         &xv,
         &wv,
@@ -116,8 +132,16 @@ fn check_all(
     let mut want = vec![0.0; p.x_len()];
     cpu::backward_data(p, &dy, &w, &mut want).unwrap();
     let mut dx = dev(gpu, &vec![POISON; p.x_len()]);
-    cuda::backward_data(gpu, p, &dyv, &wv, &mut dx.slice_mut(..p.x_len()), ws!())
-        .map_err(|e| e.to_string())?;
+    cuda::backward_data_with(
+        gpu,
+        algo,
+        p,
+        &dyv,
+        &wv,
+        &mut dx.slice_mut(..p.x_len()),
+        ws!(),
+    )
+    .map_err(|e| e.to_string())?;
     check_close(
         "dx",
         &host(gpu, &dx, p.x_len()),
@@ -129,8 +153,16 @@ fn check_all(
     let mut want = vec![0.0; p.w_len()];
     cpu::backward_filter(p, &x, &dy, &mut want).unwrap();
     let mut dw = dev(gpu, &vec![POISON; p.w_len()]);
-    cuda::backward_filter(gpu, p, &xv, &dyv, &mut dw.slice_mut(..p.w_len()), ws!())
-        .map_err(|e| e.to_string())?;
+    cuda::backward_filter_with(
+        gpu,
+        algo,
+        p,
+        &xv,
+        &dyv,
+        &mut dw.slice_mut(..p.w_len()),
+        ws!(),
+    )
+    .map_err(|e| e.to_string())?;
     check_close(
         "dw",
         &host(gpu, &dw, p.w_len()),
@@ -153,7 +185,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     /// Random layers (Keras same / valid, strides 1-3, kernels up to 5x5,
-    /// non-square, empty and single-image batches) on all three passes.
+    /// non-square, empty and single-image batches) on all three passes, with
+    /// every algorithm (`ConvAlgo::ALL`).
     #[test]
     #[ignore = "needs a CUDA device"]
     fn matches_cpu(
@@ -166,8 +199,10 @@ proptest! {
         let p = Conv2d::new([n, c, h, w], k, [kernel.0, kernel.1], [stride.0, stride.1], padding)
             .unwrap();
         let gpu = gpu();
-        let r = check_all(&gpu, &p, bias, activation(act), Ws::Default, seed);
-        prop_assert!(r.is_ok(), "{:?}: {}", p, r.unwrap_err());
+        for algo in ConvAlgo::ALL {
+            let r = check_all_with(&gpu, Some(algo), &p, bias, activation(act), Ws::Default, seed);
+            prop_assert!(r.is_ok(), "{:?} {:?}: {}", algo, p, r.unwrap_err());
+        }
     }
 }
 

@@ -3,7 +3,10 @@
 //! definition: every transpose pair, odd/prime sizes off every tile edge and
 //! larger than several tiles, leading dimensions with gaps that must stay
 //! untouched, batches with shared operands, beta = 0 with NaN in C, k = 0,
-//! each epilogue, determinism and argument errors.
+//! each epilogue, determinism and argument errors. The property tests and
+//! the tile-edge test run every kernel version (`GemmKernel::ALL`, forced
+//! with `gemm_with` / `gemm_backward_with`) whatever the shape; the others
+//! run the version `select` picks.
 //!
 //! Every test needs a CUDA device and is ignored otherwise:
 //! `cargo test --release --test gpu_gemm -- --ignored`.
@@ -14,7 +17,7 @@ use common::*;
 use cudarc::driver::CudaSlice;
 use kestrel::cuda::CudaBackend;
 use kestrel::ops::activation::{Activation, ActivationKind};
-use kestrel::ops::gemm::cuda::{self as gg, DeviceEpilogue};
+use kestrel::ops::gemm::cuda::{self as gg, DeviceEpilogue, GemmKernel};
 use kestrel::ops::gemm::{Bias, Epilogue, Gemm, cpu};
 use proptest::prelude::*;
 
@@ -71,10 +74,27 @@ enum BiasSel {
     Col,
 }
 
-/// Runs `p` with the given data on both backends; returns (gpu, cpu) C.
+/// Runs `p` with the given data on both backends, the GPU with the version
+/// [`gg::select`] picks; returns (gpu, cpu) C.
 #[allow(clippy::too_many_arguments)]
 fn run_both(
     gpu: &CudaBackend,
+    p: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c0: &[f32],
+    bias: &[f32],
+    sel: BiasSel,
+    act: Activation,
+) -> (Vec<f32>, Vec<f32>) {
+    run_both_with(gpu, None, p, a, b, c0, bias, sel, act)
+}
+
+/// [`run_both`] with the GPU on `kernel` (`None`: [`gg::gemm`]'s choice).
+#[allow(clippy::too_many_arguments)]
+fn run_both_with(
+    gpu: &CudaBackend,
+    kernel: Option<GemmKernel>,
     p: &Gemm,
     a: &[f32],
     b: &[f32],
@@ -107,17 +127,19 @@ fn run_both(
         BiasSel::Row => Bias::PerRow(&bias_view),
         BiasSel::Col => Bias::PerCol(&bias_view),
     };
-    gg::gemm(
-        gpu,
-        p,
-        &da.slice(..a.len()),
-        &db.slice(..b.len()),
-        &mut dc.slice_mut(..c0.len()),
-        DeviceEpilogue {
-            bias: dev_bias,
-            activation: act,
-        },
-    )
+    let epi = DeviceEpilogue {
+        bias: dev_bias,
+        activation: act,
+    };
+    let (va, vb, mut vc) = (
+        da.slice(..a.len()),
+        db.slice(..b.len()),
+        dc.slice_mut(..c0.len()),
+    );
+    match kernel {
+        None => gg::gemm(gpu, p, &va, &vb, &mut vc, epi),
+        Some(k) => gg::gemm_with(gpu, k, p, &va, &vb, &mut vc, epi),
+    }
     .expect("gpu gemm");
     (host(gpu, &dc, c0.len()), want)
 }
@@ -195,14 +217,17 @@ proptest! {
         }
         let sel = [BiasSel::None, BiasSel::Row, BiasSel::Col][bias_sel as usize];
         let bias = rng.vec(match sel { BiasSel::Col => n, _ => m }, -1.0, 1.0);
-        let (got, want) = run_both(&gpu, &p, &a, &b, &c0, &bias, sel, activation(act));
-        let r = check_close("gemm C", &got, &to_f64(&want), tol(k));
-        prop_assert!(r.is_ok(), "{:?}: {}", p, r.unwrap_err());
+        for kernel in GemmKernel::ALL {
+            let (got, want) =
+                run_both_with(&gpu, Some(kernel), &p, &a, &b, &c0, &bias, sel, activation(act));
+            let r = check_close("gemm C", &got, &to_f64(&want), tol(k));
+            prop_assert!(r.is_ok(), "{:?} {:?}: {}", kernel, p, r.unwrap_err());
+        }
     }
 }
 
 /// Every transpose pair on sizes one off the 64- and 128-tiles in every
-/// dimension, both kernels (a large product selects the 128x128 tiles).
+/// dimension, on every kernel version and on the selected one.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn tile_edges_every_transpose() {
@@ -225,22 +250,26 @@ fn tile_edges_every_transpose() {
             let a = data(1, m * k, -1.0, 1.0);
             let b = data(2, k * n, -1.0, 1.0);
             let c0 = vec![POISON; m * n];
-            let (got, want) = run_both(
-                &gpu,
-                &p,
-                &a,
-                &b,
-                &c0,
-                &[],
-                BiasSel::None,
-                Activation::LINEAR,
-            );
-            assert_close(
-                &format!("gemm {m}x{n}x{k} ta={ta} tb={tb}"),
-                &got,
-                &to_f64(&want),
-                tol(k),
-            );
+            let versions = GemmKernel::ALL.map(Some);
+            for kernel in std::iter::once(None).chain(versions) {
+                let (got, want) = run_both_with(
+                    &gpu,
+                    kernel,
+                    &p,
+                    &a,
+                    &b,
+                    &c0,
+                    &[],
+                    BiasSel::None,
+                    Activation::LINEAR,
+                );
+                assert_close(
+                    &format!("gemm {m}x{n}x{k} ta={ta} tb={tb} {kernel:?}"),
+                    &got,
+                    &to_f64(&want),
+                    tol(k),
+                );
+            }
         }
     }
 }
@@ -450,18 +479,20 @@ proptest! {
         mark(&mut wa, p.stride_a, ar, ac, p.lda);
         mark(&mut wb, p.stride_b, br, bc, p.ldb);
         let (d_a, d_b, d_c) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &dc));
-        let mut ga = dev(&gpu, &vec![POISON; la]);
-        let mut gb = dev(&gpu, &vec![POISON; lb]);
-        gg::gemm_backward(
-            &gpu, &p, &d_a.slice(..la), &d_b.slice(..lb), &d_c.slice(..lc),
-            Some(&mut ga.slice_mut(..la)), Some(&mut gb.slice_mut(..lb)),
-        ).unwrap();
         let terms_a = n * if share.0 { batch } else { 1 };
         let terms_b = m * if share.1 { batch } else { 1 };
-        let r = check_close("dA", &host(&gpu, &ga, la), &wa, tol(terms_a * 2));
-        prop_assert!(r.is_ok(), "{:?}: {}", p, r.unwrap_err());
-        let r = check_close("dB", &host(&gpu, &gb, lb), &wb, tol(terms_b * 2));
-        prop_assert!(r.is_ok(), "{:?}: {}", p, r.unwrap_err());
+        for kernel in GemmKernel::ALL {
+            let mut ga = dev(&gpu, &vec![POISON; la]);
+            let mut gb = dev(&gpu, &vec![POISON; lb]);
+            gg::gemm_backward_with(
+                &gpu, kernel, &p, &d_a.slice(..la), &d_b.slice(..lb), &d_c.slice(..lc),
+                Some(&mut ga.slice_mut(..la)), Some(&mut gb.slice_mut(..lb)),
+            ).unwrap();
+            let r = check_close("dA", &host(&gpu, &ga, la), &wa, tol(terms_a * 2));
+            prop_assert!(r.is_ok(), "{:?} {:?}: {}", kernel, p, r.unwrap_err());
+            let r = check_close("dB", &host(&gpu, &gb, lb), &wb, tol(terms_b * 2));
+            prop_assert!(r.is_ok(), "{:?} {:?}: {}", kernel, p, r.unwrap_err());
+        }
     }
 }
 

@@ -22,11 +22,17 @@
 //! columns) or, with `None`, one allocated per call of at most
 //! [`WORKSPACE_FLOATS`]. dW's summation order depends only on the shape and
 //! the chunk size (the workspace's length), so it is the same run to run.
+//!
+//! The algorithms are data, as the GEMM's kernel versions are: [`ConvAlgo`]
+//! names them (today one, [`ConvAlgo::Im2colGemm`], the passes above),
+//! [`select`] picks one per call, and [`forward_with`],
+//! [`backward_data_with`], [`backward_filter_with`] run a chosen one;
+//! [`forward`] & co. run [`select`]'s choice.
 
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, PushKernelArg};
 
 use super::Conv2d;
-use crate::cuda::{CONV, CudaBackend};
+use crate::cuda::{CONV, CudaBackend, DeviceInfo, GEMM, KernelModule};
 use crate::error::{Error, Result};
 use crate::ops::activation::Activation;
 use crate::ops::gemm::Bias;
@@ -37,6 +43,71 @@ use crate::ops::gemm::cuda::{DeviceEpilogue, gemm, launch, summed};
 // data, mirrored as `struct Conv2d` in kernels/conv.cu (same size asserted).
 unsafe impl DeviceRepr for Conv2d {}
 const _: () = assert!(std::mem::size_of::<Conv2d>() == 120);
+
+/// An algorithm of the convolution passes: the versions as data, so that a
+/// caller can name one, and a new algorithm (an implicit GEMM) is one more
+/// variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConvAlgo {
+    /// im2col (col2im for backward data) into a workspace, then one batched
+    /// GEMM per chunk of images (see the module docs).
+    Im2colGemm,
+}
+
+/// The modules [`ConvAlgo::Im2colGemm`] launches from.
+static IM2COL_GEMM_MODULES: [&KernelModule; 2] = [&CONV, &GEMM];
+
+impl ConvAlgo {
+    /// Every algorithm, oldest first.
+    pub const ALL: [ConvAlgo; 1] = [ConvAlgo::Im2colGemm];
+
+    /// A short name for messages and bench ids.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ConvAlgo::Im2colGemm => "im2col_gemm",
+        }
+    }
+
+    /// The PTX modules its kernels come from.
+    pub fn modules(self) -> &'static [&'static KernelModule] {
+        match self {
+            ConvAlgo::Im2colGemm => &IM2COL_GEMM_MODULES,
+        }
+    }
+
+    /// The oldest device that runs it: the newest of its modules'
+    /// [`KernelModule::min_compute_capability`].
+    pub fn min_compute_capability(self) -> (i32, i32) {
+        self.modules()
+            .iter()
+            .map(|m| m.min_compute_capability)
+            .max()
+            .unwrap_or((0, 0))
+    }
+
+    /// Whether `info`'s device can run it.
+    pub fn runs_on(self, info: &DeviceInfo) -> bool {
+        info.compute_capability >= self.min_compute_capability()
+    }
+}
+
+/// The algorithm [`forward`], [`backward_data`] and [`backward_filter`] run
+/// for `p` on `info`'s device: today always [`ConvAlgo::Im2colGemm`].
+pub fn select(_p: &Conv2d, _info: &DeviceInfo) -> ConvAlgo {
+    ConvAlgo::Im2colGemm
+}
+
+/// An error naming the algorithm when the device is older than it needs.
+fn check_runs_on(gpu: &CudaBackend, algo: ConvAlgo) -> Result<()> {
+    if algo.runs_on(gpu.info()) {
+        return Ok(());
+    }
+    let (major, minor) = algo.min_compute_capability();
+    Err(gpu.error(
+        algo.name(),
+        format!("needs compute capability {major}.{minor} or newer"),
+    ))
+}
 
 /// The most scratch floats a call allocates for its column matrices when the
 /// caller gives no workspace: 256 MiB. The chunk is as many images as fit
@@ -181,6 +252,50 @@ pub fn forward(
     y: &mut CudaViewMut<'_, f32>,
     workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
+    forward_with(
+        gpu,
+        select(p, gpu.info()),
+        p,
+        x,
+        w,
+        bias,
+        activation,
+        y,
+        workspace,
+    )
+}
+
+/// [`forward`] with the algorithm `algo`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    gpu: &CudaBackend,
+    algo: ConvAlgo,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    bias: Option<&CudaView<'_, f32>>,
+    activation: Activation,
+    y: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    check_runs_on(gpu, algo)?;
+    match algo {
+        ConvAlgo::Im2colGemm => forward_im2col(gpu, p, x, w, bias, activation, y, workspace),
+    }
+}
+
+/// [`forward`] by [`ConvAlgo::Im2colGemm`].
+#[allow(clippy::too_many_arguments)]
+fn forward_im2col(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    bias: Option<&CudaView<'_, f32>>,
+    activation: Activation,
+    y: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
     const OP: &str = "conv2d.forward";
     p.check_forward(x.len(), w.len(), bias.map(|b| b.len()), y.len())?;
     if p.n == 0 {
@@ -227,7 +342,38 @@ pub fn forward(
 /// `dx = col2im(w^T * dy)` on the device, like `cpu::backward_data`: `dy`
 /// `[N, K, OH, OW]`, `w` `[K, C, R, S]`, `dx` `[N, C, H, W]` fully
 /// overwritten. `workspace`: see the module docs.
+#[allow(clippy::too_many_arguments)]
 pub fn backward_data(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    dy: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    backward_data_with(gpu, select(p, gpu.info()), p, dy, w, dx, workspace)
+}
+
+/// [`backward_data`] with the algorithm `algo`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_data_with(
+    gpu: &CudaBackend,
+    algo: ConvAlgo,
+    p: &Conv2d,
+    dy: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    check_runs_on(gpu, algo)?;
+    match algo {
+        ConvAlgo::Im2colGemm => backward_data_im2col(gpu, p, dy, w, dx, workspace),
+    }
+}
+
+/// [`backward_data`] by [`ConvAlgo::Im2colGemm`].
+#[allow(clippy::too_many_arguments)]
+fn backward_data_im2col(
     gpu: &CudaBackend,
     p: &Conv2d,
     dy: &CudaView<'_, f32>,
@@ -270,7 +416,18 @@ pub fn backward_data(
             // is the column block at i*OHW with row stride cols: its last
             // element is (n-1)*OHW + (CRS-1)*cols + OHW - 1 < CRS*cols =
             // col.len(), and distinct items own distinct columns.
-            unsafe { launch(gpu, &g, DeviceEpilogue::default(), w, &dyq, &mut col, 1)? };
+            unsafe {
+                launch(
+                    gpu,
+                    None,
+                    &g,
+                    DeviceEpilogue::default(),
+                    w,
+                    &dyq,
+                    &mut col,
+                    1,
+                )?
+            };
             let mut dxq = dx.slice_mut(n0 * x_img..(n0 + q.n) * x_img);
             // SAFETY: col holds q's columns, dxq q's x.
             unsafe { col2im_unchecked(gpu, &q, &col.as_view(), &mut dxq)? };
@@ -286,7 +443,38 @@ pub fn backward_data(
 /// number of partial sums added in order when dW alone would leave the
 /// device idle), chunks added in order: deterministic. `workspace`: see the
 /// module docs.
+#[allow(clippy::too_many_arguments)]
 pub fn backward_filter(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dw: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    backward_filter_with(gpu, select(p, gpu.info()), p, x, dy, dw, workspace)
+}
+
+/// [`backward_filter`] with the algorithm `algo`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_filter_with(
+    gpu: &CudaBackend,
+    algo: ConvAlgo,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dw: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    check_runs_on(gpu, algo)?;
+    match algo {
+        ConvAlgo::Im2colGemm => backward_filter_im2col(gpu, p, x, dy, dw, workspace),
+    }
+}
+
+/// [`backward_filter`] by [`ConvAlgo::Im2colGemm`].
+#[allow(clippy::too_many_arguments)]
+fn backward_filter_im2col(
     gpu: &CudaBackend,
     p: &Conv2d,
     x: &CudaView<'_, f32>,
@@ -335,8 +523,38 @@ pub fn backward_filter(
             // item i of B (stored CRS x OHW, row stride cols) is the column
             // block at i*OHW, last element (CRS-1)*cols + (n-1)*OHW + OHW - 1
             // < col.len(); C is dw (K x CRS dense, w_len elements).
-            unsafe { summed(gpu, &g, &dyq, &col.as_view(), dw)? };
+            unsafe { summed(gpu, None, &g, &dyq, &col.as_view(), dw)? };
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithms_know_modules_and_capability() {
+        let info = DeviceInfo {
+            ordinal: 0,
+            name: "test".into(),
+            compute_capability: (7, 0),
+            driver_version: 12020,
+            total_memory: 1 << 30,
+            multiprocessors: 4,
+        };
+        let p = Conv2d::new([2, 3, 8, 8], 4, [3, 3], [1, 1], super::super::Padding::Same).unwrap();
+        assert_eq!(select(&p, &info), ConvAlgo::Im2colGemm);
+        for a in ConvAlgo::ALL {
+            let cc = a.modules().iter().map(|m| m.min_compute_capability).max();
+            assert_eq!(Some(a.min_compute_capability()), cc, "{}", a.name());
+            assert!(a.runs_on(&info) == (info.compute_capability >= a.min_compute_capability()));
+        }
+        assert!(
+            ConvAlgo::Im2colGemm
+                .modules()
+                .iter()
+                .any(|m| m.ptx.contains(".entry conv_im2col("))
+        );
+    }
 }

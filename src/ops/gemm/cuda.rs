@@ -1,8 +1,12 @@
 //! CUDA GEMM: launch wrappers for `kernels/gemm.cu`, mirroring `cpu.rs`.
 //!
-//! One tiled kernel in two tile shapes (128x128 for large products, 64x64
-//! for small ones); both sum every element over `k` in increasing order, so
-//! the choice never changes a result. The batch runs through the grid's z
+//! One tiled kernel in two tile shapes, the versions of [`GemmKernel`]
+//! (64x64 and 128x128 output tiles); both sum every element over `k` in
+//! increasing order, so the choice never changes a result. [`select`] picks
+//! one per launch (128x128 for large products, 64x64 for small ones), which
+//! is what [`gemm`] and [`gemm_backward`] run; [`gemm_with`] and
+//! [`gemm_backward_with`] run a version of the caller's choosing (tests
+//! cover every version, the bench times each one). The batch runs through the grid's z
 //! dimension in one launch. The epilogue (alpha, beta, bias, activation) is
 //! fused into the write-back.
 //!
@@ -17,7 +21,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{Bias, Epilogue, Gemm, GradGemm, Operand};
-use crate::cuda::{CudaBackend, GEMM};
+use crate::cuda::{CudaBackend, DeviceInfo, GEMM, KernelModule};
 use crate::error::Result;
 
 // SAFETY: `Gemm` is `#[repr(C)]` with only u64 (usize), f32 and bool fields:
@@ -37,11 +41,83 @@ pub type DeviceBias<'a> = Bias<&'a CudaView<'a, f32>>;
 /// The device epilogue: [`super::Epilogue`] with a [`DeviceBias`].
 pub type DeviceEpilogue<'a> = Epilogue<&'a CudaView<'a, f32>>;
 
+/// A version of the GEMM kernel: the versions as data, so that a caller
+/// (a test, the bench, a framework with its own heuristics) can name one,
+/// and a new version is one more variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmKernel {
+    /// `gemm_64x64`: 64x64 output tiles, 4x4 per thread; for small products.
+    Tiled64,
+    /// `gemm_128x128`: 128x128 output tiles, 8x8 per thread; for products
+    /// with enough tiles to fill the device.
+    Tiled128,
+}
+
+impl GemmKernel {
+    /// Every version, oldest first.
+    pub const ALL: [GemmKernel; 2] = [GemmKernel::Tiled64, GemmKernel::Tiled128];
+
+    /// The kernel's entry point in [`GemmKernel::module`].
+    pub const fn name(self) -> &'static str {
+        match self {
+            GemmKernel::Tiled64 => "gemm_64x64",
+            GemmKernel::Tiled128 => "gemm_128x128",
+        }
+    }
+
+    /// Rows and columns of `C` one block computes.
+    pub const fn tile(self) -> usize {
+        match self {
+            GemmKernel::Tiled64 => 64,
+            GemmKernel::Tiled128 => 128,
+        }
+    }
+
+    /// The PTX module holding the kernel.
+    pub fn module(self) -> &'static KernelModule {
+        &GEMM
+    }
+
+    /// The oldest device that runs it: its module's
+    /// [`KernelModule::min_compute_capability`].
+    pub fn min_compute_capability(self) -> (i32, i32) {
+        self.module().min_compute_capability
+    }
+
+    /// Whether `info`'s device can run it.
+    pub fn runs_on(self, info: &DeviceInfo) -> bool {
+        info.compute_capability >= self.min_compute_capability()
+    }
+}
+
+/// The version [`gemm`] runs for `p` on `info`'s device: 128x128 tiles when
+/// `m` and `n` are at least 128 and there are at least as many such tiles
+/// (over the batch) as multiprocessors, else 64x64.
+pub fn select(p: &Gemm, info: &DeviceInfo) -> GemmKernel {
+    select_grouped(p, 1, info)
+}
+
+/// [`select`] for a launch whose batch runs in groups of `group` items (one
+/// grid slice per group).
+fn select_grouped(p: &Gemm, group: usize, info: &DeviceInfo) -> GemmKernel {
+    let slices = p.batch.div_ceil(group.clamp(1, p.batch.max(1)));
+    // Large tiles only when there are enough of them to fill the device.
+    let big_tiles = p.m.div_ceil(128) * p.n.div_ceil(128) * slices;
+    let big = GemmKernel::Tiled128;
+    if p.m >= 128 && p.n >= 128 && big_tiles >= info.multiprocessors as usize && big.runs_on(info) {
+        big
+    } else {
+        GemmKernel::Tiled64
+    }
+}
+
 /// `C = act(alpha * op(A) * op(B) + beta * C + bias)` on the device, with
 /// the semantics of [`super::cpu::gemm`] (see the module docs of
 /// [`super`]): `beta == 0` does not read `C`; `k == 0` gives
 /// `act(beta * C + bias)`; elements of `c` outside the `m x n` matrices (the
 /// gaps when `ldc > n`) are untouched.
+///
+/// Runs the version [`select`] picks: `gemm_with(gpu, select(p, gpu.info()), ..)`.
 pub fn gemm(
     gpu: &CudaBackend,
     p: &Gemm,
@@ -50,24 +126,54 @@ pub fn gemm(
     c: &mut CudaViewMut<'_, f32>,
     epi: DeviceEpilogue,
 ) -> Result<()> {
+    gemm_with(gpu, select(p, gpu.info()), p, a, b, c, epi)
+}
+
+/// [`gemm`] with the version `kernel`, whatever the shape (an error, before
+/// any launch, on a device older than its minimum compute capability).
+pub fn gemm_with(
+    gpu: &CudaBackend,
+    kernel: GemmKernel,
+    p: &Gemm,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    c: &mut CudaViewMut<'_, f32>,
+    epi: DeviceEpilogue,
+) -> Result<()> {
     const OP: &str = "gemm";
     p.check(OP, a.len(), b.len(), c.len(), epi.bias.map(|v| v.len()))?;
+    check_runs_on(gpu, kernel)?;
     // SAFETY: `check` proved that every batch item's A, B and C (with their
     // leading dimensions) lie inside `a`, `b` and `c`, that C's items do not
     // overlap, and the bias has m (or n) elements.
-    unsafe { launch(gpu, p, epi, a, b, c, 1) }
+    unsafe { launch(gpu, Some(kernel), p, epi, a, b, c, 1) }
 }
 
-/// Launches the tiled kernel for `p` with batch groups of `group` items
-/// (slice `z` sums items `z*group..` into `C + z*stride_c`; 1 is the plain
-/// batched GEMM). Skips empty products.
+/// An error naming the kernel when the device is older than it needs.
+fn check_runs_on(gpu: &CudaBackend, kernel: GemmKernel) -> Result<()> {
+    if kernel.runs_on(gpu.info()) {
+        return Ok(());
+    }
+    let (major, minor) = kernel.min_compute_capability();
+    Err(gpu.error(
+        kernel.name(),
+        format!("needs compute capability {major}.{minor} or newer"),
+    ))
+}
+
+/// Launches the version `kernel` (`None`: the one [`select`] picks for this
+/// launch) for `p` with batch groups of `group` items (slice `z` sums items
+/// `z*group..` into `C + z*stride_c`; 1 is the plain batched GEMM). Skips
+/// empty products.
 ///
 /// # Safety
 /// Every item's operands (per `p`'s dims, leading dimensions and strides)
 /// must lie inside `a`, `b` and `c`; the bias must have `m` (per row) or `n`
 /// (per column) elements; no two slices may write the same element of `c`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn launch(
     gpu: &CudaBackend,
+    kernel: Option<GemmKernel>,
     p: &Gemm,
     epi: DeviceEpilogue,
     a: &CudaView<'_, f32>,
@@ -80,15 +186,9 @@ pub(crate) unsafe fn launch(
     }
     let group = group.clamp(1, p.batch);
     let slices = p.batch.div_ceil(group);
-    // Large tiles only when there are enough of them to fill the device.
-    let big_tiles = p.m.div_ceil(128) * p.n.div_ceil(128) * slices;
-    let (name, tile) =
-        if p.m >= 128 && p.n >= 128 && big_tiles >= gpu.info().multiprocessors as usize {
-            ("gemm_128x128", 128)
-        } else {
-            ("gemm_64x64", 64)
-        };
-    let f = gpu.function(&GEMM, name)?;
+    let kernel = kernel.unwrap_or_else(|| select_grouped(p, group, gpu.info()));
+    let (name, tile) = (kernel.name(), kernel.tile());
+    let f = gpu.function(kernel.module(), name)?;
     // The kernel walks every dimension with a grid-stride loop, so capping
     // the grid at the hardware limits is always correct.
     let cfg = LaunchConfig {
@@ -132,10 +232,13 @@ pub(crate) unsafe fn launch(
 /// the one `C`). `beta == 0` does not read `C`. With no items, `C` becomes
 /// `beta * C` (0 for `beta == 0`).
 ///
+/// `kernel` as for [`launch`].
+///
 /// # Safety
 /// As for [`launch`], with one `m x n` matrix `C` (row stride `ldc`).
 pub(crate) unsafe fn summed(
     gpu: &CudaBackend,
+    kernel: Option<GemmKernel>,
     p: &Gemm,
     a: &CudaView<'_, f32>,
     b: &CudaView<'_, f32>,
@@ -153,7 +256,7 @@ pub(crate) unsafe fn summed(
             ..*p
         };
         // SAFETY: batch 1, k = 0: only C (inside `c`, the caller's promise) is touched.
-        return unsafe { launch(gpu, &q, DeviceEpilogue::default(), a, b, c, 1) };
+        return unsafe { launch(gpu, kernel, &q, DeviceEpilogue::default(), a, b, c, 1) };
     }
     let tiles = p.m.div_ceil(64) * p.n.div_ceil(64);
     let parts = if tiles * 2 >= SPLIT_TARGET_BLOCKS || p.k == 0 {
@@ -165,7 +268,7 @@ pub(crate) unsafe fn summed(
     let parts = p.batch.div_ceil(group);
     if parts == 1 {
         // SAFETY: one slice writes the one C; operands per the caller.
-        return unsafe { launch(gpu, p, DeviceEpilogue::default(), a, b, c, p.batch) };
+        return unsafe { launch(gpu, kernel, p, DeviceEpilogue::default(), a, b, c, p.batch) };
     }
     // Each group writes its partial product into its own dense m x n slab.
     let slab = p.m * p.n;
@@ -185,6 +288,7 @@ pub(crate) unsafe fn summed(
     unsafe {
         launch(
             gpu,
+            kernel,
             &q,
             DeviceEpilogue::default(),
             a,
@@ -222,9 +326,39 @@ pub(crate) unsafe fn summed(
 /// by the batch) `dA` is the sum over the batch items (zero for an empty
 /// batch), summed in a fixed order (see the module docs); likewise `dB`.
 /// The epilogue's bias and activation are not part of this: apply their
-/// backward to `dC` first.
+/// backward to `dC` first. Each of its products runs the version [`select`]
+/// picks for it.
 pub fn gemm_backward(
     gpu: &CudaBackend,
+    p: &Gemm,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    dc: &CudaView<'_, f32>,
+    da: Option<&mut CudaViewMut<'_, f32>>,
+    db: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    backward(gpu, None, p, a, b, dc, da, db)
+}
+
+/// [`gemm_backward`] with every product on the version `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_backward_with(
+    gpu: &CudaBackend,
+    kernel: GemmKernel,
+    p: &Gemm,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    dc: &CudaView<'_, f32>,
+    da: Option<&mut CudaViewMut<'_, f32>>,
+    db: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    backward(gpu, Some(kernel), p, a, b, dc, da, db)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    gpu: &CudaBackend,
+    kernel: Option<GemmKernel>,
     p: &Gemm,
     a: &CudaView<'_, f32>,
     b: &CudaView<'_, f32>,
@@ -241,6 +375,9 @@ pub fn gemm_backward(
         da.as_ref().map(|d| d.len()),
         db.as_ref().map(|d| d.len()),
     )?;
+    if let Some(k) = kernel {
+        check_runs_on(gpu, k)?;
+    }
     let pick = |o: Operand| match o {
         Operand::A => a,
         Operand::B => b,
@@ -252,12 +389,12 @@ pub fn gemm_backward(
         // them, and writes dA in A's layout, which the check placed inside
         // a.len() == da.len(); distinct batch items of dA do not overlap
         // (checked).
-        unsafe { run_grad(gpu, &g, pick(g.x), pick(g.y), da)? };
+        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), da)? };
     }
     if let Some(db) = db {
         let g = p.grad_b();
         // SAFETY: as for dA, with the roles of A and B exchanged.
-        unsafe { run_grad(gpu, &g, pick(g.x), pick(g.y), db)? };
+        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), db)? };
     }
     Ok(())
 }
@@ -269,6 +406,7 @@ pub fn gemm_backward(
 /// The plan's product must address `x`, `y` and `out` in bounds.
 unsafe fn run_grad(
     gpu: &CudaBackend,
+    kernel: Option<GemmKernel>,
     g: &GradGemm,
     x: &CudaView<'_, f32>,
     y: &CudaView<'_, f32>,
@@ -277,7 +415,7 @@ unsafe fn run_grad(
     let q = g.q;
     if !g.sum_over_batch {
         // SAFETY: per the caller; the output items are disjoint.
-        return unsafe { launch(gpu, &q, DeviceEpilogue::default(), x, y, out, 1) };
+        return unsafe { launch(gpu, kernel, &q, DeviceEpilogue::default(), x, y, out, 1) };
     }
     if q.batch == 0 {
         // No items: a shared operand's gradient is the empty sum, written
@@ -294,5 +432,65 @@ unsafe fn run_grad(
         }
     }
     // SAFETY: per the caller (and the fit check for an empty batch).
-    unsafe { summed(gpu, &q, x, y, out) }
+    unsafe { summed(gpu, kernel, &q, x, y, out) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(sms: u32, cc: (i32, i32)) -> DeviceInfo {
+        DeviceInfo {
+            ordinal: 0,
+            name: "test".into(),
+            compute_capability: cc,
+            driver_version: 12020,
+            total_memory: 1 << 30,
+            multiprocessors: sms,
+        }
+    }
+
+    /// The rule `launch` had before the versions became data.
+    fn old_rule(p: &Gemm, slices: usize, sms: u32) -> &'static str {
+        let big_tiles = p.m.div_ceil(128) * p.n.div_ceil(128) * slices;
+        if p.m >= 128 && p.n >= 128 && big_tiles >= sms as usize {
+            "gemm_128x128"
+        } else {
+            "gemm_64x64"
+        }
+    }
+
+    #[test]
+    fn select_is_the_old_rule() {
+        for sms in [1, 4, 108, 132] {
+            let info = device(sms, (9, 0));
+            for (m, n) in [(1, 1), (127, 4000), (128, 128), (129, 300), (1000, 2000)] {
+                for batch in [1, 3, 40] {
+                    let p = Gemm::new(m, n, 7).batched(batch);
+                    let got = select(&p, &info);
+                    assert_eq!(got.name(), old_rule(&p, batch, sms), "{p:?} on {sms} SMs");
+                    for group in [1, 2, 40] {
+                        let slices = batch.div_ceil(group.min(batch));
+                        let got = select_grouped(&p, group, &info);
+                        assert_eq!(got.name(), old_rule(&p, slices, sms), "group {group}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn versions_know_name_tile_and_capability() {
+        assert_eq!(GemmKernel::ALL.len(), 2);
+        for k in GemmKernel::ALL {
+            assert!(GEMM.ptx.contains(&format!(".entry {}(", k.name())), "{k:?}");
+            assert!(k.name().ends_with(&format!("{0}x{0}", k.tile())));
+            assert_eq!(k.min_compute_capability(), GEMM.min_compute_capability);
+            assert!(k.runs_on(&device(4, k.min_compute_capability())));
+            assert!(!k.runs_on(&device(4, (6, 1))));
+        }
+        // Too old for the big tiles: select never picks them.
+        let old = device(1, (6, 1));
+        assert_eq!(select(&Gemm::new(4096, 4096, 8), &old), GemmKernel::Tiled64);
+    }
 }

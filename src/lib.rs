@@ -19,21 +19,36 @@
 //!
 //! # Layering
 //!
-//! A GEMM from a layer passes through four levels, and a framework can
+//! A GEMM from a layer passes through these files, and a framework can
 //! enter at the third:
 //!
-//! 1. [`backend::Backend::gemm`]: the trait method the layers call, on host
-//!    tensors ([`backend::CpuBackend`]) or device buffers
-//!    ([`backend::GpuBackend`]);
-//! 2. `src/backend/cuda.rs` ([`backend::GpuBackend`]): turns its
-//!    [`backend::cuda::GpuBuf`]s into cudarc views and the bias into a
-//!    [`ops::gemm::cuda::DeviceEpilogue`];
-//! 3. [`ops::gemm::cuda::gemm`]: the launch wrapper — the same checks as
-//!    the CPU reference [`ops::gemm::cpu::gemm`], the tile shape, the grid,
-//!    the `#[repr(C)]` parameters — on a [`cuda::CudaBackend`]'s stream;
+//! 1. [`backend::Backend::gemm`] (`src/backend/mod.rs`): the trait method the
+//!    layers call, on host tensors ([`backend::CpuBackend`]) or device
+//!    buffers ([`backend::GpuBackend`]), the bias an [`ops::gemm::Bias`] of
+//!    the backend's buffer type;
+//! 2. `src/backend/cuda.rs` ([`backend::GpuBackend`]): one line of glue, the
+//!    [`backend::cuda::GpuBuf`]s and the bias mapped to cudarc views
+//!    (`bias.map(GpuBuf::view)`: the same [`ops::gemm::Bias`], no second
+//!    type);
+//! 3. `src/ops/gemm/cuda.rs`: [`ops::gemm::cuda::gemm`] = [`ops::gemm::cuda::gemm_with`]
+//!    on the version [`ops::gemm::cuda::select`] picks (a
+//!    [`ops::gemm::cuda::GemmKernel`]: `Tiled64`, `Tiled128`, each knowing
+//!    its kernel name and minimum compute capability); the checks are the
+//!    CPU reference's ([`ops::gemm::Gemm::check`], shared with
+//!    [`ops::gemm::cpu::gemm`]), then the grid, the `#[repr(C)]` parameters
+//!    and the bias's [`ops::gemm::Bias::kernel_kind`], on a
+//!    [`cuda::CudaBackend`]'s stream;
 //! 4. the kernel, `gemm_64x64` or `gemm_128x128` of `kernels/gemm.cu`, from
 //!    the PTX module that [`cuda::CudaBackend::function`] loads once per
 //!    context.
+//!
+//! Before the versions became data the files were the same, but level 2
+//! rebuilt the bias twice (`backend::GemmBias` to `DeviceBias`), and level
+//! 3 chose the tile shape with an `if` inside its launch and turned the
+//! bias into kernel constants of its own: four bias types for one concept.
+//! Convolution has the same shape: [`ops::conv::cuda::ConvAlgo`] (today
+//! only `Im2colGemm`), [`ops::conv::cuda::select`], and
+//! [`ops::conv::cuda::forward_with`] & co.
 //!
 //! Every op family has the same levels (`ops::<family>::cuda`).
 //! A framework that owns its context, stream and buffers skips the first

@@ -17,6 +17,9 @@
 //!   sliced to exactly the size an uncached call would allocate, so the
 //!   chunking and thus dW's summation order depend on the shape alone) and
 //!   the host staging buffer of the batch gather.
+//! - The ops' own scratch ([`batchnorm::cuda::BatchNormScratch`] & co.) is
+//!   created here once and grown (never shrunk) to the largest parameters
+//!   seen, so a training step allocates nothing for these ops.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -27,6 +30,7 @@ use super::{Backend, check_scalar_slot, check_scalars_count};
 use crate::cuda::CudaBackend;
 use crate::error::{Result, check_len};
 use crate::ops::activation::{self, Activation, Softmax};
+use crate::ops::batchnorm::cuda::BatchNormScratch;
 use crate::ops::batchnorm::{self, BatchNorm};
 use crate::ops::bias::{self, BiasShape};
 use crate::ops::conv::{self, Conv2d};
@@ -80,6 +84,8 @@ pub struct GpuBackend {
     gpu: Arc<CudaBackend>,
     /// The convolution's column workspace (grown, never shrunk).
     conv_ws: Mutex<Option<CudaSlice<f32>>>,
+    /// The batch-norm scratch (grown, never shrunk; boxed, as it is large).
+    bn_scratch: Mutex<Option<Box<BatchNormScratch>>>,
     /// Host staging for the batch gathers.
     staging_f32: Mutex<Vec<f32>>,
     staging_u32: Mutex<Vec<u32>>,
@@ -111,6 +117,7 @@ impl GpuBackend {
         GpuBackend {
             gpu,
             conv_ws: Mutex::new(None),
+            bn_scratch: Mutex::new(None),
             staging_f32: Mutex::new(Vec::new()),
             staging_u32: Mutex::new(Vec::new()),
         }
@@ -185,6 +192,27 @@ impl GpuBackend {
         }
         let ws = guard.as_mut().expect("allocated above");
         f(Some(&mut ws.slice_mut(..need)))
+    }
+
+    /// Runs `f` with the cached batch-norm scratch, grown first if it is
+    /// too small for `p`.
+    fn with_bn_scratch<R>(
+        &self,
+        op: &'static str,
+        p: &BatchNorm,
+        f: impl FnOnce(&mut BatchNormScratch) -> Result<R>,
+    ) -> Result<R> {
+        p.validate(op)?;
+        let mut guard = lock(&self.bn_scratch);
+        if !guard.as_ref().is_some_and(|s| s.fits(p)) {
+            let lens = guard
+                .take() // free the smaller one first
+                .map_or(BatchNormScratch::lens(p), |s| {
+                    s.capacity().max(BatchNormScratch::lens(p))
+                });
+            *guard = Some(Box::new(BatchNormScratch::with_lens(&self.gpu, lens)?));
+        }
+        f(guard.as_mut().expect("allocated above"))
     }
 
     fn slot<'a>(
@@ -415,18 +443,21 @@ impl Backend for GpuBackend {
         running_mean: &mut GpuBuf<f32>,
         running_var: &mut GpuBuf<f32>,
     ) -> Result<()> {
-        batchnorm::cuda::forward_training(
-            &self.gpu,
-            p,
-            &x.view(),
-            &gamma.view(),
-            &beta.view(),
-            &mut y.view_mut(),
-            &mut save_mean.view_mut(),
-            &mut save_inv_std.view_mut(),
-            &mut running_mean.view_mut(),
-            &mut running_var.view_mut(),
-        )
+        self.with_bn_scratch("batchnorm.forward_training", p, |s| {
+            batchnorm::cuda::forward_training(
+                &self.gpu,
+                p,
+                &x.view(),
+                &gamma.view(),
+                &beta.view(),
+                &mut y.view_mut(),
+                &mut save_mean.view_mut(),
+                &mut save_inv_std.view_mut(),
+                &mut running_mean.view_mut(),
+                &mut running_var.view_mut(),
+                s,
+            )
+        })
     }
     fn batchnorm_forward_inference(
         &self,
@@ -438,16 +469,19 @@ impl Backend for GpuBackend {
         running_var: &GpuBuf<f32>,
         y: &mut GpuBuf<f32>,
     ) -> Result<()> {
-        batchnorm::cuda::forward_inference(
-            &self.gpu,
-            p,
-            &x.view(),
-            &gamma.view(),
-            &beta.view(),
-            &running_mean.view(),
-            &running_var.view(),
-            &mut y.view_mut(),
-        )
+        self.with_bn_scratch("batchnorm.forward_inference", p, |s| {
+            batchnorm::cuda::forward_inference(
+                &self.gpu,
+                p,
+                &x.view(),
+                &gamma.view(),
+                &beta.view(),
+                &running_mean.view(),
+                &running_var.view(),
+                &mut y.view_mut(),
+                s,
+            )
+        })
     }
     fn batchnorm_backward(
         &self,
@@ -461,18 +495,21 @@ impl Backend for GpuBackend {
         dgamma: &mut GpuBuf<f32>,
         dbeta: &mut GpuBuf<f32>,
     ) -> Result<()> {
-        batchnorm::cuda::backward(
-            &self.gpu,
-            p,
-            &x.view(),
-            &dy.view(),
-            &gamma.view(),
-            &save_mean.view(),
-            &save_inv_std.view(),
-            &mut dx.view_mut(),
-            &mut dgamma.view_mut(),
-            &mut dbeta.view_mut(),
-        )
+        self.with_bn_scratch("batchnorm.backward", p, |s| {
+            batchnorm::cuda::backward(
+                &self.gpu,
+                p,
+                &x.view(),
+                &dy.view(),
+                &gamma.view(),
+                &save_mean.view(),
+                &save_inv_std.view(),
+                &mut dx.view_mut(),
+                &mut dgamma.view_mut(),
+                &mut dbeta.view_mut(),
+                s,
+            )
+        })
     }
 
     fn dropout_forward(

@@ -32,6 +32,7 @@ use crate::error::{Result, check_len};
 use crate::ops::activation::{self, Activation, Softmax};
 use crate::ops::batchnorm::cuda::BatchNormScratch;
 use crate::ops::batchnorm::{self, BatchNorm};
+use crate::ops::bias::cuda::BiasScratch;
 use crate::ops::bias::{self, BiasShape};
 use crate::ops::conv::{self, Conv2d};
 use crate::ops::dropout::{self, Dropout};
@@ -86,6 +87,8 @@ pub struct GpuBackend {
     conv_ws: Mutex<Option<CudaSlice<f32>>>,
     /// The batch-norm scratch (grown, never shrunk; boxed, as it is large).
     bn_scratch: Mutex<Option<Box<BatchNormScratch>>>,
+    /// The bias gradient's scratch (grown, never shrunk).
+    bias_scratch: Mutex<Option<Box<BiasScratch>>>,
     /// Host staging for the batch gathers.
     staging_f32: Mutex<Vec<f32>>,
     staging_u32: Mutex<Vec<u32>>,
@@ -118,6 +121,7 @@ impl GpuBackend {
             gpu,
             conv_ws: Mutex::new(None),
             bn_scratch: Mutex::new(None),
+            bias_scratch: Mutex::new(None),
             staging_f32: Mutex::new(Vec::new()),
             staging_u32: Mutex::new(Vec::new()),
         }
@@ -211,6 +215,21 @@ impl GpuBackend {
                     s.capacity().max(BatchNormScratch::lens(p))
                 });
             *guard = Some(Box::new(BatchNormScratch::with_lens(&self.gpu, lens)?));
+        }
+        f(guard.as_mut().expect("allocated above"))
+    }
+
+    /// Runs `f` with the cached bias scratch, grown first to at least
+    /// `need` partial sums.
+    fn with_bias_scratch<R>(
+        &self,
+        need: usize,
+        f: impl FnOnce(&mut BiasScratch) -> Result<R>,
+    ) -> Result<R> {
+        let mut guard = lock(&self.bias_scratch);
+        if guard.as_ref().is_none_or(|s| s.len() < need) {
+            *guard = None; // free the smaller one first
+            *guard = Some(Box::new(BiasScratch::with_len(&self.gpu, need)?));
         }
         f(guard.as_mut().expect("allocated above"))
     }
@@ -575,7 +594,9 @@ impl Backend for GpuBackend {
         activation::cuda::softmax_backward(&self.gpu, p, &y.view(), &dy.view(), &mut dx.view_mut())
     }
     fn bias_backward(&self, p: &BiasShape, dy: &GpuBuf<f32>, db: &mut GpuBuf<f32>) -> Result<()> {
-        bias::cuda::backward(&self.gpu, p, &dy.view(), &mut db.view_mut())
+        self.with_bias_scratch(BiasScratch::backward_len(p), |s| {
+            bias::cuda::backward(&self.gpu, p, &dy.view(), &mut db.view_mut(), s)
+        })
     }
 
     fn softmax_cross_entropy(

@@ -1055,6 +1055,7 @@ fn softmax_ce(c: &mut Criterion, env: &Env) {
         };
         let mut losses: Rot<f32> = env.rot_zeros(n, copies);
         let mut dz: Rot<f32> = env.rot_zeros(n * classes, copies);
+        let mut scratch = loss::cuda::LossScratch::new(gpu, &p).unwrap();
         let mut ours = |i: u64| {
             loss::cuda::softmax_cross_entropy(
                 gpu,
@@ -1064,6 +1065,7 @@ fn softmax_ce(c: &mut Criterion, env: &Env) {
                 &mut losses.view_mut(i),
                 None,
                 Some(&mut dz.view_mut(i)),
+                &mut scratch,
             )
             .expect("softmax_cross_entropy");
         };

@@ -37,6 +37,7 @@ use crate::ops::bias::{self, BiasShape};
 use crate::ops::conv::{self, Conv2d};
 use crate::ops::dropout::{self, Dropout};
 use crate::ops::gemm::{self, Bias, Epilogue, Gemm};
+use crate::ops::loss::cuda::LossScratch;
 use crate::ops::loss::{self, LossParams};
 use crate::ops::optim::cuda::CudaOptimizerState;
 use crate::ops::optim::{self, Optimizer, OptimizerState};
@@ -80,6 +81,26 @@ pub struct GpuScalars {
     divisors: Vec<f64>,
 }
 
+/// The locked loss scratch of a [`GpuBackend`] (always allocated).
+struct LossScratchGuard<'a>(MutexGuard<'a, Option<Box<LossScratch>>>);
+
+impl std::ops::Deref for LossScratchGuard<'_> {
+    type Target = LossScratch;
+    fn deref(&self) -> &LossScratch {
+        self.0
+            .as_ref()
+            .expect("allocated by GpuBackend::loss_scratch")
+    }
+}
+
+impl std::ops::DerefMut for LossScratchGuard<'_> {
+    fn deref_mut(&mut self) -> &mut LossScratch {
+        self.0
+            .as_mut()
+            .expect("allocated by GpuBackend::loss_scratch")
+    }
+}
+
 /// The CUDA backend over one device (see the module docs).
 pub struct GpuBackend {
     gpu: Arc<CudaBackend>,
@@ -89,6 +110,8 @@ pub struct GpuBackend {
     bn_scratch: Mutex<Option<Box<BatchNormScratch>>>,
     /// The bias gradient's scratch (grown, never shrunk).
     bias_scratch: Mutex<Option<Box<BiasScratch>>>,
+    /// The losses' and metrics' scratch (grown, never shrunk).
+    loss_scratch: Mutex<Option<Box<LossScratch>>>,
     /// Host staging for the batch gathers.
     staging_f32: Mutex<Vec<f32>>,
     staging_u32: Mutex<Vec<u32>>,
@@ -122,6 +145,7 @@ impl GpuBackend {
             conv_ws: Mutex::new(None),
             bn_scratch: Mutex::new(None),
             bias_scratch: Mutex::new(None),
+            loss_scratch: Mutex::new(None),
             staging_f32: Mutex::new(Vec::new()),
             staging_u32: Mutex::new(Vec::new()),
         }
@@ -232,6 +256,21 @@ impl GpuBackend {
             *guard = Some(Box::new(BiasScratch::with_len(&self.gpu, need)?));
         }
         f(guard.as_mut().expect("allocated above"))
+    }
+
+    /// The cached loss scratch, grown first if it is too small for `p`
+    /// (held locked until the guard drops).
+    fn loss_scratch(&self, p: &LossParams) -> Result<LossScratchGuard<'_>> {
+        let mut guard = lock(&self.loss_scratch);
+        if !guard.as_ref().is_some_and(|s| s.fits(p)) {
+            let lens = guard
+                .take() // free the smaller one first
+                .map_or(LossScratch::lens(p), |s| {
+                    s.capacity().max(LossScratch::lens(p))
+                });
+            *guard = Some(Box::new(LossScratch::with_lens(&self.gpu, lens)?));
+        }
+        Ok(LossScratchGuard(guard))
     }
 
     fn slot<'a>(
@@ -610,6 +649,7 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<()> {
         let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.n as f64)?;
         loss::cuda::softmax_cross_entropy_into(
             &self.gpu,
@@ -620,6 +660,7 @@ impl Backend for GpuBackend {
             None,
             dzv.as_mut(),
             &mut t,
+            &mut s,
         )
     }
     fn sparse_softmax_cross_entropy(
@@ -633,6 +674,7 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<()> {
         let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.n as f64)?;
         loss::cuda::sparse_softmax_cross_entropy_into(
             &self.gpu,
@@ -643,6 +685,7 @@ impl Backend for GpuBackend {
             None,
             dzv.as_mut(),
             &mut t,
+            &mut s,
         )
     }
     fn sigmoid_cross_entropy(
@@ -657,6 +700,7 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<()> {
         let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.n as f64)?;
         loss::cuda::sigmoid_cross_entropy_into(
             &self.gpu,
@@ -667,6 +711,7 @@ impl Backend for GpuBackend {
             Some(&mut probs.view_mut()),
             dzv.as_mut(),
             &mut t,
+            &mut s,
         )
     }
     fn mse(
@@ -680,6 +725,7 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<()> {
         let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.n as f64)?;
         loss::cuda::mse_into(
             &self.gpu,
@@ -689,6 +735,7 @@ impl Backend for GpuBackend {
             &mut losses.view_mut(),
             dzv.as_mut(),
             &mut t,
+            &mut s,
         )
     }
     fn categorical_accuracy(
@@ -699,8 +746,16 @@ impl Backend for GpuBackend {
         out: &mut GpuScalars,
         slot: usize,
     ) -> Result<()> {
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, 1.0)?;
-        loss::cuda::categorical_accuracy_into(&self.gpu, p, &scores.view(), &labels.view(), &mut t)
+        loss::cuda::categorical_accuracy_into(
+            &self.gpu,
+            p,
+            &scores.view(),
+            &labels.view(),
+            &mut t,
+            &mut s,
+        )
     }
     fn sparse_categorical_accuracy(
         &self,
@@ -710,6 +765,7 @@ impl Backend for GpuBackend {
         out: &mut GpuScalars,
         slot: usize,
     ) -> Result<()> {
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, 1.0)?;
         loss::cuda::sparse_categorical_accuracy_into(
             &self.gpu,
@@ -717,6 +773,7 @@ impl Backend for GpuBackend {
             &scores.view(),
             &labels.view(),
             &mut t,
+            &mut s,
         )
     }
     fn binary_accuracy(
@@ -727,8 +784,16 @@ impl Backend for GpuBackend {
         out: &mut GpuScalars,
         slot: usize,
     ) -> Result<()> {
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.classes as f64)?;
-        loss::cuda::binary_accuracy_rows_into(&self.gpu, p, &probs.view(), &targets.view(), &mut t)
+        loss::cuda::binary_accuracy_rows_into(
+            &self.gpu,
+            p,
+            &probs.view(),
+            &targets.view(),
+            &mut t,
+            &mut s,
+        )
     }
     fn mae(
         &self,
@@ -738,8 +803,9 @@ impl Backend for GpuBackend {
         out: &mut GpuScalars,
         slot: usize,
     ) -> Result<()> {
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, 1.0)?;
-        loss::cuda::mae_into(&self.gpu, p, &pred.view(), &targets.view(), &mut t)
+        loss::cuda::mae_into(&self.gpu, p, &pred.view(), &targets.view(), &mut t, &mut s)
     }
 
     fn opt_state_new(&self, opt: &Optimizer, sizes: &[usize]) -> Result<CudaOptimizerState> {

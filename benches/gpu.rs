@@ -940,6 +940,7 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
         let mut rv = gpu.upload(&vec![1.0f32; ch]).unwrap();
         let mut dg: CudaSlice<f32> = gpu.zeros(ch).unwrap();
         let mut db: CudaSlice<f32> = gpu.zeros(ch).unwrap();
+        let mut scratch = batchnorm::cuda::BatchNormScratch::new(gpu, &p).unwrap();
         if env.wanted("gpu_batchnorm", &fid) {
             let mut ours = |i: u64| {
                 batchnorm::cuda::forward_training(
@@ -953,6 +954,7 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
                     &mut inv.slice_mut(..),
                     &mut rm.slice_mut(..),
                     &mut rv.slice_mut(..),
+                    &mut scratch,
                 )
                 .expect("batchnorm forward")
             };
@@ -971,6 +973,7 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
                     &mut dx.view_mut(i),
                     &mut dg.slice_mut(..),
                     &mut db.slice_mut(..),
+                    &mut scratch,
                 )
                 .expect("batchnorm backward")
             };
@@ -1052,6 +1055,7 @@ fn softmax_ce(c: &mut Criterion, env: &Env) {
         };
         let mut losses: Rot<f32> = env.rot_zeros(n, copies);
         let mut dz: Rot<f32> = env.rot_zeros(n * classes, copies);
+        let mut scratch = loss::cuda::LossScratch::new(gpu, &p).unwrap();
         let mut ours = |i: u64| {
             loss::cuda::softmax_cross_entropy(
                 gpu,
@@ -1061,6 +1065,7 @@ fn softmax_ce(c: &mut Criterion, env: &Env) {
                 &mut losses.view_mut(i),
                 None,
                 Some(&mut dz.view_mut(i)),
+                &mut scratch,
             )
             .expect("softmax_cross_entropy");
         };

@@ -242,6 +242,9 @@ fn loss_check(gpu: &CudaBackend, stream: &Arc<CudaStream>, rng: &mut Rng) -> Res
     let mut dlosses = stream.clone_htod(&vec![f32::NAN; n])?;
     let mut dprobs = stream.clone_htod(&vec![f32::NAN; n * classes])?;
     let mut ddz = stream.clone_htod(&vec![f32::NAN; n * classes])?;
+    // The loss's scratch (chunk partials, the total) comes from the caller:
+    // allocated once here, reusable for every later call on these shapes.
+    let mut scratch = loss::cuda::LossScratch::new(gpu, &p)?;
     let mean = loss::cuda::softmax_cross_entropy(
         gpu,
         &p,
@@ -250,6 +253,7 @@ fn loss_check(gpu: &CudaBackend, stream: &Arc<CudaStream>, rng: &mut Rng) -> Res
         &mut dlosses.as_view_mut(),
         Some(&mut dprobs.as_view_mut()),
         Some(&mut ddz.as_view_mut()),
+        &mut scratch,
     )?;
     let mut worst = compare(
         "softmax xent mean",

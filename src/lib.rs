@@ -54,7 +54,14 @@
 //! A framework that owns its context, stream and buffers skips the first
 //! two: [`cuda::CudaBackend::from_stream`] wraps its cudarc stream, and the
 //! `ops::*::cuda` functions then enqueue on that stream, on its buffers
-//! (cudarc views); the type's docs say which of them synchronize.
+//! (cudarc views); the type's docs say which of them synchronize and
+//! which allocate. Where an op needs device scratch (batch norm, the bias
+//! gradient and sums, the losses and metrics), the framework owns that too:
+//! a scratch type per family sized by `lens`/`bytes` for given parameters,
+//! allocated once by its `new`, passed as `&mut` to every call and checked
+//! there (too small is an error, not a panic); level 2 keeps one per family,
+//! grown to the largest parameters seen, so a training step allocates
+//! nothing for these ops.
 //! `examples/gpu_own_stream.rs` is such a program.
 
 #![warn(missing_docs)]

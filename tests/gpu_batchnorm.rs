@@ -65,7 +65,7 @@ proptest! {
         let (xd, dyd, gd, bd) = (up(&x), up(&dy), up(&gamma), up(&beta));
         let (mut yd, mut smd, mut sisd) = (poisoned(&gpu, len), poisoned(&gpu, c), poisoned(&gpu, c));
         let (mut rmd, mut rvd) = (up(&rm0), up(&rv0));
-        cuda::forward_training(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &mut yd.as_view_mut(),
+        cuda::forward_training_alloc(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &mut yd.as_view_mut(),
             &mut smd.as_view_mut(), &mut sisd.as_view_mut(), &mut rmd.as_view_mut(), &mut rvd.as_view_mut()).unwrap();
         let dl = |s: &cudarc::driver::CudaSlice<f32>| gpu.download(s).unwrap();
         for (what, got, want, tol) in [
@@ -81,7 +81,7 @@ proptest! {
         // Determinism of the statistics.
         let (mut y2, mut sm2, mut sis2) = (poisoned(&gpu, len), poisoned(&gpu, c), poisoned(&gpu, c));
         let (mut rm2, mut rv2) = (up(&rm0), up(&rv0));
-        cuda::forward_training(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &mut y2.as_view_mut(),
+        cuda::forward_training_alloc(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &mut y2.as_view_mut(),
             &mut sm2.as_view_mut(), &mut sis2.as_view_mut(), &mut rm2.as_view_mut(), &mut rv2.as_view_mut()).unwrap();
         let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(dl(&y2)), bits(dl(&yd)));
@@ -93,7 +93,7 @@ proptest! {
         cpu::forward_inference(&p, &x, &gamma, &beta, &rm, &rv, &mut yi).unwrap();
         let (rmc, rvc) = (up(&rm), up(&rv));
         let mut yid = poisoned(&gpu, len);
-        cuda::forward_inference(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &rmc.as_view(),
+        cuda::forward_inference_alloc(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &rmc.as_view(),
             &rvc.as_view(), &mut yid.as_view_mut()).unwrap();
         let r = check_close("forward_inference y", &dl(&yid), &to_f64(&yi), OUT_TOL);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
@@ -103,7 +103,7 @@ proptest! {
         cpu::backward(&p, &x, &dy, &gamma, &sm, &sis, &mut dx, &mut dg, &mut db).unwrap();
         let (smc, sisc) = (up(&sm), up(&sis));
         let (mut dxd, mut dgd, mut dbd) = (poisoned(&gpu, len), poisoned(&gpu, c), poisoned(&gpu, c));
-        cuda::backward(&gpu, &p, &xd.as_view(), &dyd.as_view(), &gd.as_view(), &smc.as_view(), &sisc.as_view(),
+        cuda::backward_alloc(&gpu, &p, &xd.as_view(), &dyd.as_view(), &gd.as_view(), &smc.as_view(), &sisc.as_view(),
             &mut dxd.as_view_mut(), &mut dgd.as_view_mut(), &mut dbd.as_view_mut()).unwrap();
         for (what, got, want, tol) in [
             ("dx", dl(&dxd), &dx, OUT_TOL),
@@ -114,7 +114,7 @@ proptest! {
             prop_assert!(r.is_ok(), "{}", r.unwrap_err());
         }
         let (mut dx2, mut dg2, mut db2) = (poisoned(&gpu, len), poisoned(&gpu, c), poisoned(&gpu, c));
-        cuda::backward(&gpu, &p, &xd.as_view(), &dyd.as_view(), &gd.as_view(), &smc.as_view(), &sisc.as_view(),
+        cuda::backward_alloc(&gpu, &p, &xd.as_view(), &dyd.as_view(), &gd.as_view(), &smc.as_view(), &sisc.as_view(),
             &mut dx2.as_view_mut(), &mut dg2.as_view_mut(), &mut db2.as_view_mut()).unwrap();
         prop_assert_eq!(bits(dl(&dx2)), bits(dl(&dxd)));
         prop_assert_eq!(bits(dl(&dg2)), bits(dl(&dgd)));
@@ -140,7 +140,7 @@ fn nan_poisons_only_its_channel() {
         gpu.zeros::<f32>(3).unwrap(),
         gpu.upload(&[1.0f32; 3]).unwrap(),
     );
-    cuda::forward_training(
+    cuda::forward_training_alloc(
         &gpu,
         &p,
         &xd.as_view(),
@@ -173,7 +173,7 @@ fn errors_name_the_op() {
     let c2 = gpu.upload(&[1.0f32; 2]).unwrap();
     let mut y = gpu.zeros::<f32>(12).unwrap();
     assert_err_mentions(
-        cuda::forward_inference(
+        cuda::forward_inference_alloc(
             &gpu,
             &p,
             &x.as_view(),
@@ -194,7 +194,7 @@ fn errors_name_the_op() {
         gpu.zeros::<f32>(3).unwrap(),
     );
     assert_err_mentions(
-        cuda::forward_training(
+        cuda::forward_training_alloc(
             &gpu,
             &p,
             &x.as_view(),
@@ -210,7 +210,7 @@ fn errors_name_the_op() {
         &["12", "11"],
     );
     assert_err_mentions(
-        cuda::backward(
+        cuda::backward_alloc(
             &gpu,
             &p,
             &x.as_view(),
@@ -224,5 +224,170 @@ fn errors_name_the_op() {
         ),
         "batchnorm.backward",
         &["save_inv_std", "3", "2"],
+    );
+}
+
+/// Runs training forward, inference and backward for `p` on `seed`'s data
+/// with `scratch`; returns every output, as bits.
+fn run_all(
+    gpu: &kestrel::cuda::CudaBackend,
+    p: &BatchNorm,
+    seed: u64,
+    scratch: &mut cuda::BatchNormScratch,
+) -> Vec<Vec<u32>> {
+    let (len, c) = (p.len(), p.c);
+    let up = |v: &[f32]| gpu.upload(v).unwrap();
+    let x = up(&data(seed, len, -2.0, 5.0));
+    let dy = up(&data(seed ^ 1, len, -1.0, 1.0));
+    let gamma = up(&data(seed ^ 2, c, 0.5, 1.5));
+    let beta = up(&data(seed ^ 3, c, -0.5, 0.5));
+    let (mut y, mut sm, mut sis) = (poisoned(gpu, len), poisoned(gpu, c), poisoned(gpu, c));
+    let (mut rm, mut rv) = (up(&vec![0.0; c]), up(&vec![1.0; c]));
+    cuda::forward_training(
+        gpu,
+        p,
+        &x.as_view(),
+        &gamma.as_view(),
+        &beta.as_view(),
+        &mut y.as_view_mut(),
+        &mut sm.as_view_mut(),
+        &mut sis.as_view_mut(),
+        &mut rm.as_view_mut(),
+        &mut rv.as_view_mut(),
+        scratch,
+    )
+    .unwrap();
+    let mut yi = poisoned(gpu, len);
+    cuda::forward_inference(
+        gpu,
+        p,
+        &x.as_view(),
+        &gamma.as_view(),
+        &beta.as_view(),
+        &rm.as_view(),
+        &rv.as_view(),
+        &mut yi.as_view_mut(),
+        scratch,
+    )
+    .unwrap();
+    let (mut dx, mut dg, mut db) = (poisoned(gpu, len), poisoned(gpu, c), poisoned(gpu, c));
+    cuda::backward(
+        gpu,
+        p,
+        &x.as_view(),
+        &dy.as_view(),
+        &gamma.as_view(),
+        &sm.as_view(),
+        &sis.as_view(),
+        &mut dx.as_view_mut(),
+        &mut dg.as_view_mut(),
+        &mut db.as_view_mut(),
+        scratch,
+    )
+    .unwrap();
+    [y, sm, sis, rm, rv, yi, dx, dg, db]
+        .iter()
+        .map(|b| {
+            gpu.download(b)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn reused_scratch_matches_fresh_scratch() {
+    let gpu = gpu();
+    let p = BatchNorm::conv(4, 4, 1, 4000).unwrap(); // chunks = 4
+    let small = BatchNorm::dense(7, 2).unwrap();
+    let mut shared = cuda::BatchNormScratch::new(&gpu, &p).unwrap();
+    assert!(shared.fits(&small) && shared.fits(&p));
+    assert_eq!(
+        cuda::BatchNormScratch::bytes(&p),
+        16 * (4 * 4) + 8 * 4 + 4 * 12
+    );
+    // One scratch across calls with different data (and a smaller shape in
+    // between, leaving other values in it) gives what fresh scratch gives.
+    for (q, seed) in [(&p, 1u64), (&small, 2), (&p, 3)] {
+        let reused = run_all(&gpu, q, seed, &mut shared);
+        let fresh = run_all(
+            &gpu,
+            q,
+            seed,
+            &mut cuda::BatchNormScratch::new(&gpu, q).unwrap(),
+        );
+        assert_eq!(reused, fresh, "{q:?} seed {seed}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn too_small_scratch_is_refused() {
+    let gpu = gpu();
+    let p = BatchNorm::conv(2, 3, 2, 4096).unwrap(); // chunks = 4
+    let mut s =
+        cuda::BatchNormScratch::new(&gpu, &BatchNorm::conv(1, 3, 2, 4096).unwrap()).unwrap();
+    assert!(!s.fits(&p));
+    let x = gpu.upload(&vec![1.0f32; p.len()]).unwrap();
+    let c3 = gpu.upload(&[1.0f32; 3]).unwrap();
+    let mut y = gpu.zeros::<f32>(p.len()).unwrap();
+    let (mut a, mut b, mut c, mut d) = (
+        gpu.zeros::<f32>(3).unwrap(),
+        gpu.zeros::<f32>(3).unwrap(),
+        gpu.zeros::<f32>(3).unwrap(),
+        gpu.zeros::<f32>(3).unwrap(),
+    );
+    assert_err_mentions(
+        cuda::forward_training(
+            &gpu,
+            &p,
+            &x.as_view(),
+            &c3.as_view(),
+            &c3.as_view(),
+            &mut y.as_view_mut(),
+            &mut a.as_view_mut(),
+            &mut b.as_view_mut(),
+            &mut c.as_view_mut(),
+            &mut d.as_view_mut(),
+            &mut s,
+        ),
+        "batchnorm.forward_training",
+        &["scratch partial sums", "at least 12", "6"],
+    );
+    assert_err_mentions(
+        cuda::backward(
+            &gpu,
+            &p,
+            &x.as_view(),
+            &x.as_view(),
+            &c3.as_view(),
+            &c3.as_view(),
+            &c3.as_view(),
+            &mut y.as_view_mut(),
+            &mut a.as_view_mut(),
+            &mut b.as_view_mut(),
+            &mut s,
+        ),
+        "batchnorm.backward",
+        &["scratch partial sums", "at least 12"],
+    );
+    let mut tiny = cuda::BatchNormScratch::new(&gpu, &BatchNorm::dense(4, 1).unwrap()).unwrap();
+    assert_err_mentions(
+        cuda::forward_inference(
+            &gpu,
+            &p,
+            &x.as_view(),
+            &c3.as_view(),
+            &c3.as_view(),
+            &c3.as_view(),
+            &c3.as_view(),
+            &mut y.as_view_mut(),
+            &mut tiny,
+        ),
+        "batchnorm.forward_inference",
+        &["scratch"],
     );
 }

@@ -51,13 +51,13 @@ proptest! {
         let mut db = vec![0.0; c];
         cpu::backward(&p, &x, &mut db).unwrap();
         let mut dbd = poisoned(&gpu, c);
-        cuda::backward(&gpu, &p, &xd.as_view(), &mut dbd.as_view_mut()).unwrap();
+        cuda::backward_alloc(&gpu, &p, &xd.as_view(), &mut dbd.as_view_mut()).unwrap();
         let got = gpu.download(&dbd).unwrap();
         let r = check_close("bias.backward", &got, &to_f64(&db), GRAD_TOL);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
         // Determinism: a second run gives the same bits.
         let mut again = poisoned(&gpu, c);
-        cuda::backward(&gpu, &p, &xd.as_view(), &mut again.as_view_mut()).unwrap();
+        cuda::backward_alloc(&gpu, &p, &xd.as_view(), &mut again.as_view_mut()).unwrap();
         let again = gpu.download(&again).unwrap();
         prop_assert!(got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "bias.backward not deterministic");
     }
@@ -70,13 +70,13 @@ proptest! {
         let xd = gpu.upload(&x).unwrap();
         let (s, s2) = (cpu::sum(&x), cpu::sum_squares(&x));
         let tol_abs = SUM_TOL.abs * (len.max(1) as f64);
-        let g = cuda::sum_host(&gpu, &xd.as_view()).unwrap();
+        let g = cuda::sum_host_alloc(&gpu, &xd.as_view()).unwrap();
         prop_assert!((g - s).abs() <= tol_abs + SUM_TOL.rel * s.abs(), "sum: gpu {g} cpu {s} len {len}");
-        let g2 = cuda::sum_squares_host(&gpu, &xd.as_view()).unwrap();
+        let g2 = cuda::sum_squares_host_alloc(&gpu, &xd.as_view()).unwrap();
         prop_assert!((g2 - s2).abs() <= tol_abs + SUM_TOL.rel * s2.abs(), "sum_squares: gpu {g2} cpu {s2} len {len}");
         // Bit-identical run to run, and through the on-device form.
         let mut out = gpu.upload(&[f64::NAN; 3]).unwrap();
-        cuda::sum_squares(&gpu, &xd.as_view(), &mut out.slice_mut(1..2)).unwrap();
+        cuda::sum_squares_alloc(&gpu, &xd.as_view(), &mut out.slice_mut(1..2)).unwrap();
         let o = gpu.download(&out).unwrap();
         prop_assert_eq!(o[1].to_bits(), g2.to_bits());
         prop_assert!(o[0].is_nan() && o[2].is_nan(), "wrote outside its slot");
@@ -92,16 +92,16 @@ fn nan_propagates_and_empty_batch_zeroes_db() {
     x[60] = f32::NAN; // sample 0, channel 1
     let xd = gpu.upload(&x).unwrap();
     let mut db = poisoned(&gpu, 3);
-    cuda::backward(&gpu, &p, &xd.as_view(), &mut db.as_view_mut()).unwrap();
+    cuda::backward_alloc(&gpu, &p, &xd.as_view(), &mut db.as_view_mut()).unwrap();
     let db = gpu.download(&db).unwrap();
     assert!(db[1].is_nan() && db[1].to_bits() != POISON.to_bits());
     assert!(db[0].is_finite() && db[2].is_finite());
-    assert!(cuda::sum_host(&gpu, &xd.as_view()).unwrap().is_nan());
+    assert!(cuda::sum_host_alloc(&gpu, &xd.as_view()).unwrap().is_nan());
 
     let p0 = BiasShape::dense(0, 7).unwrap();
     let e = gpu.zeros::<f32>(1).unwrap();
     let mut db = poisoned(&gpu, 7);
-    cuda::backward(&gpu, &p0, &e.slice(0..0), &mut db.as_view_mut()).unwrap();
+    cuda::backward_alloc(&gpu, &p0, &e.slice(0..0), &mut db.as_view_mut()).unwrap();
     assert_eq!(gpu.download(&db).unwrap(), vec![0.0; 7]);
 }
 
@@ -120,14 +120,82 @@ fn errors_name_the_op() {
     );
     let mut db = gpu.zeros::<f32>(5).unwrap();
     assert_err_mentions(
-        cuda::backward(&gpu, &p, &x.as_view(), &mut db.as_view_mut()),
+        cuda::backward_alloc(&gpu, &p, &x.as_view(), &mut db.as_view_mut()),
         "bias.backward",
         &["4", "5"],
     );
     let mut out = gpu.zeros::<f64>(2).unwrap();
     assert_err_mentions(
-        cuda::sum(&gpu, &x.as_view(), &mut out.as_view_mut()),
+        cuda::sum_alloc(&gpu, &x.as_view(), &mut out.as_view_mut()),
         "bias.sum",
         &["1", "2"],
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn reused_scratch_matches_fresh_scratch() {
+    let gpu = gpu();
+    let big = BiasShape::conv(3, 5, 3000).unwrap(); // 3 chunks per channel
+    let small = BiasShape::dense(6, 2).unwrap();
+    let mut shared = cuda::BiasScratch::for_backward(&gpu, &big).unwrap();
+    assert_eq!(shared.len(), cuda::BiasScratch::backward_len(&big));
+    assert_eq!(shared.len(), 15);
+    assert_eq!(cuda::BiasScratch::bytes(15), 8 * 16);
+    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (p, seed) in [(&big, 1u64), (&small, 2), (&big, 3)] {
+        let dy = gpu.upload(&data(seed, p.len(), -1.0, 1.0)).unwrap();
+        let (mut a, mut b) = (poisoned(&gpu, p.c), poisoned(&gpu, p.c));
+        cuda::backward(&gpu, p, &dy.as_view(), &mut a.as_view_mut(), &mut shared).unwrap();
+        let mut fresh = cuda::BiasScratch::for_backward(&gpu, p).unwrap();
+        cuda::backward(&gpu, p, &dy.as_view(), &mut b.as_view_mut(), &mut fresh).unwrap();
+        assert_eq!(
+            bits(gpu.download(&a).unwrap()),
+            bits(gpu.download(&b).unwrap()),
+            "{p:?}"
+        );
+        // The sums through the same scratch (it is large enough for these).
+        let s = cuda::sum_host(&gpu, &dy.as_view(), &mut shared).unwrap();
+        let s2 = cuda::sum_squares_host(&gpu, &dy.as_view(), &mut shared).unwrap();
+        let mut f = cuda::BiasScratch::for_sum(&gpu, p.len()).unwrap();
+        assert_eq!(
+            s.to_bits(),
+            cuda::sum_host(&gpu, &dy.as_view(), &mut f)
+                .unwrap()
+                .to_bits()
+        );
+        assert_eq!(
+            s2.to_bits(),
+            cuda::sum_squares_host(&gpu, &dy.as_view(), &mut f)
+                .unwrap()
+                .to_bits()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn too_small_scratch_is_refused() {
+    let gpu = gpu();
+    let p = BiasShape::conv(2, 3, 4096).unwrap(); // 2 chunks per channel: 6
+    let mut s = cuda::BiasScratch::with_len(&gpu, 5).unwrap();
+    let dy = gpu.zeros::<f32>(p.len()).unwrap();
+    let mut db = gpu.zeros::<f32>(3).unwrap();
+    assert_err_mentions(
+        cuda::backward(&gpu, &p, &dy.as_view(), &mut db.as_view_mut(), &mut s),
+        "bias.backward",
+        &["scratch partial sums", "at least 6", "5"],
+    );
+    let x = gpu.zeros::<f32>(8192 * 6).unwrap();
+    let mut out = gpu.zeros::<f64>(1).unwrap();
+    assert_err_mentions(
+        cuda::sum(&gpu, &x.as_view(), &mut out.as_view_mut(), &mut s),
+        "bias.sum",
+        &["scratch partial sums", "at least 6", "5"],
+    );
+    assert_err_mentions(
+        cuda::sum_squares_host(&gpu, &x.as_view(), &mut s),
+        "bias.sum_squares",
+        &["scratch partial sums", "at least 6"],
     );
 }

@@ -95,6 +95,7 @@ fn gpu_xent(gpu: &CudaBackend, p: &LossParams, z: &[f32], y: &[f32], sigmoid: bo
         &mut losses.as_view_mut(),
         Some(&mut probs.as_view_mut()),
         Some(&mut dz.as_view_mut()),
+        &mut cuda::LossScratch::new(gpu, p).unwrap(),
     )
     .expect("gpu loss");
     (down(gpu, &losses), down(gpu, &probs), down(gpu, &dz), mean)
@@ -133,7 +134,7 @@ fn gpu_sparse(
     let mut losses = poisoned(gpu, p.n);
     let mut probs = poisoned(gpu, p.len());
     let mut dz = poisoned(gpu, p.len());
-    let mean = cuda::sparse_softmax_cross_entropy(
+    let mean = cuda::sparse_softmax_cross_entropy_alloc(
         gpu,
         p,
         &dz_in.as_view(),
@@ -149,7 +150,7 @@ fn gpu_mse(gpu: &CudaBackend, p: &LossParams, x: &[f32], y: &[f32]) -> (Vec<f32>
     let (dx, dy) = (up(gpu, x), up(gpu, y));
     let mut losses = poisoned(gpu, p.n);
     let mut dz = poisoned(gpu, p.len());
-    let mean = cuda::mse(
+    let mean = cuda::mse_alloc(
         gpu,
         p,
         &dx.as_view(),
@@ -270,10 +271,10 @@ proptest! {
 
         let (ds, doh, dp, dt, dpr) = (up(&gpu, &scores), up(&gpu, &onehot), up(&gpu, &probs), up(&gpu, &targets), up(&gpu, &pred));
         let dl = gpu.upload(&labels).unwrap();
-        let g_cat = cuda::categorical_accuracy(&gpu, &p, &ds.as_view(), &doh.as_view()).unwrap();
-        let g_sp = cuda::sparse_categorical_accuracy(&gpu, &p, &ds.as_view(), &dl.as_view()).unwrap();
-        let g_bin = cuda::binary_accuracy(&gpu, &p, &dp.as_view(), &dt.as_view()).unwrap();
-        let g_mae = cuda::mae(&gpu, &p, &dpr.as_view(), &dt.as_view()).unwrap();
+        let g_cat = cuda::categorical_accuracy_alloc(&gpu, &p, &ds.as_view(), &doh.as_view()).unwrap();
+        let g_sp = cuda::sparse_categorical_accuracy_alloc(&gpu, &p, &ds.as_view(), &dl.as_view()).unwrap();
+        let g_bin = cuda::binary_accuracy_alloc(&gpu, &p, &dp.as_view(), &dt.as_view()).unwrap();
+        let g_mae = cuda::mae_alloc(&gpu, &p, &dpr.as_view(), &dt.as_view()).unwrap();
         prop_assert_eq!(g_cat, cpu::categorical_accuracy(&p, &scores, &onehot).unwrap());
         prop_assert_eq!(g_sp, cpu::sparse_categorical_accuracy(&p, &scores, &labels).unwrap());
         prop_assert_eq!(g_bin, cpu::binary_accuracy(&p, &probs, &targets).unwrap());
@@ -343,7 +344,7 @@ fn multi_pass_mean_matches_cpu() {
     assert!((gm - cm).abs() <= 1e-12, "mean {gm} vs {cm}");
     if emulated {
         let rows = up(&gpu, &gl);
-        let total = cuda::sum_f32(&gpu, &rows.as_view(), 16).unwrap();
+        let total = cuda::sum_f32_alloc(&gpu, &rows.as_view(), 16).unwrap();
         let want: f64 = gl.iter().map(|&v| v as f64).sum();
         assert!(
             (total - want).abs() <= 1e-12 * n as f64,
@@ -375,8 +376,8 @@ fn deterministic() {
     let b = gpu_sparse(&gpu, &p, &z, &labels).unwrap();
     assert_eq!(a.3.to_bits(), b.3.to_bits());
     let (dx, dy) = (up(&gpu, &z), up(&gpu, &y));
-    let m1 = cuda::mae(&gpu, &p, &dx.as_view(), &dy.as_view()).unwrap();
-    let m2 = cuda::mae(&gpu, &p, &dx.as_view(), &dy.as_view()).unwrap();
+    let m1 = cuda::mae_alloc(&gpu, &p, &dx.as_view(), &dy.as_view()).unwrap();
+    let m2 = cuda::mae_alloc(&gpu, &p, &dx.as_view(), &dy.as_view()).unwrap();
     assert_eq!(m1.to_bits(), m2.to_bits());
 }
 
@@ -393,7 +394,7 @@ fn errors() {
     let mut losses = poisoned(&gpu, 4);
     let mut bad_losses = poisoned(&gpu, 5);
     assert_err_mentions(
-        cuda::softmax_cross_entropy(
+        cuda::softmax_cross_entropy_alloc(
             &gpu,
             &p,
             &z.as_view(),
@@ -406,7 +407,7 @@ fn errors() {
         &["labels", "12", "11"],
     );
     assert_err_mentions(
-        cuda::sigmoid_cross_entropy(
+        cuda::sigmoid_cross_entropy_alloc(
             &gpu,
             &p,
             &short.as_view(),
@@ -419,7 +420,7 @@ fn errors() {
         &["logits", "12", "11"],
     );
     assert_err_mentions(
-        cuda::mse(
+        cuda::mse_alloc(
             &gpu,
             &p,
             &z.as_view(),
@@ -432,7 +433,7 @@ fn errors() {
     );
     let mut dz_short = poisoned(&gpu, 11);
     assert_err_mentions(
-        cuda::softmax_cross_entropy(
+        cuda::softmax_cross_entropy_alloc(
             &gpu,
             &p,
             &z.as_view(),
@@ -445,12 +446,12 @@ fn errors() {
         &["dz", "12", "11"],
     );
     assert_err_mentions(
-        cuda::mae(&gpu, &p, &z.as_view(), &short.as_view()),
+        cuda::mae_alloc(&gpu, &p, &z.as_view(), &short.as_view()),
         "mae",
         &["targets", "12", "11"],
     );
     assert_err_mentions(
-        cuda::categorical_accuracy(&gpu, &p, &short.as_view(), &z.as_view()),
+        cuda::categorical_accuracy_alloc(&gpu, &p, &short.as_view(), &z.as_view()),
         "categorical_accuracy",
         &["scores", "12", "11"],
     );
@@ -462,16 +463,181 @@ fn errors() {
         &["row 1", "class index 7", "classes = 3"],
     );
     assert_err_mentions(
-        cuda::sparse_categorical_accuracy(&gpu, &p, &z.as_view(), &labels.as_view()),
+        cuda::sparse_categorical_accuracy_alloc(&gpu, &p, &z.as_view(), &labels.as_view()),
         "sparse_categorical_accuracy",
         &["row 1", "class index 7"],
     );
     let few = gpu.upload(&[0u32, 1, 2]).unwrap();
     assert_err_mentions(
-        cuda::sparse_categorical_accuracy(&gpu, &p, &z.as_view(), &few.as_view()),
+        cuda::sparse_categorical_accuracy_alloc(&gpu, &p, &z.as_view(), &few.as_view()),
         "sparse_categorical_accuracy",
         &["labels", "4", "3"],
     );
     // The backend still works after a reported label error.
     gpu.synchronize().unwrap();
+}
+
+/// Every host-form loss and metric of `p` on `seed`'s data through
+/// `scratch`, as bits: the means and the per-row losses.
+fn all_losses(gpu: &CudaBackend, p: &LossParams, seed: u64, s: &mut cuda::LossScratch) -> Vec<u64> {
+    let z = up(gpu, &data(seed, p.len(), -3.0, 3.0));
+    let labels = sparse_labels(seed ^ 1, p.n, p.classes);
+    let y = up(gpu, &one_hot(&labels, p.classes));
+    let t = up(gpu, &data(seed ^ 2, p.len(), 0.0, 1.0));
+    let dl = gpu.upload(&labels).unwrap();
+    let mut losses = poisoned(gpu, p.n);
+    let mut out = Vec::new();
+    let mut push = |v: f64, losses: &cudarc::driver::CudaSlice<f32>| {
+        out.push(v.to_bits());
+        out.extend(down(gpu, losses).iter().map(|x| x.to_bits() as u64));
+    };
+    let v = cuda::softmax_cross_entropy(
+        gpu,
+        p,
+        &z.as_view(),
+        &y.as_view(),
+        &mut losses.as_view_mut(),
+        None,
+        None,
+        s,
+    );
+    push(v.unwrap(), &losses);
+    let v = cuda::sparse_softmax_cross_entropy(
+        gpu,
+        p,
+        &z.as_view(),
+        &dl.as_view(),
+        &mut losses.as_view_mut(),
+        None,
+        None,
+        s,
+    );
+    push(v.unwrap(), &losses);
+    let v = cuda::sigmoid_cross_entropy(
+        gpu,
+        p,
+        &z.as_view(),
+        &t.as_view(),
+        &mut losses.as_view_mut(),
+        None,
+        None,
+        s,
+    );
+    push(v.unwrap(), &losses);
+    let v = cuda::mse(
+        gpu,
+        p,
+        &z.as_view(),
+        &t.as_view(),
+        &mut losses.as_view_mut(),
+        None,
+        s,
+    );
+    push(v.unwrap(), &losses);
+    for v in [
+        cuda::categorical_accuracy(gpu, p, &z.as_view(), &y.as_view(), s),
+        cuda::sparse_categorical_accuracy(gpu, p, &z.as_view(), &dl.as_view(), s),
+        cuda::binary_accuracy(gpu, p, &t.as_view(), &y.as_view(), s),
+        cuda::mae(gpu, p, &z.as_view(), &t.as_view(), s),
+        cuda::sum_f32(gpu, &z.as_view(), 16, s),
+    ] {
+        out.push(v.unwrap().to_bits());
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn reused_scratch_matches_fresh_scratch() {
+    let gpu = gpu();
+    // 4096 * 2 + 5 rows: a two-pass sum; its z summed in chunks of 16
+    // (8197 * 2 values) takes four passes, alternating the two buffers.
+    let big = LossParams::new(4096 * 2 + 5, 2).unwrap();
+    let small = LossParams::new(7, 3).unwrap();
+    let lens =
+        |p: &LossParams| cuda::LossScratch::lens(p).max(cuda::LossScratch::sum_lens(p.len(), 16));
+    assert_eq!(
+        lens(&big),
+        cuda::LossScratchLens {
+            sum_a: 1025,
+            sum_b: 65,
+            rows: 8197
+        }
+    );
+    let mut shared = cuda::LossScratch::with_lens(&gpu, lens(&big)).unwrap();
+    assert!(shared.fits(&big) && shared.fits(&small));
+    for (p, seed) in [(&big, 1u64), (&small, 2), (&big, 3)] {
+        let reused = all_losses(&gpu, p, seed, &mut shared);
+        let mut fresh = cuda::LossScratch::with_lens(&gpu, lens(p)).unwrap();
+        assert_eq!(
+            reused,
+            all_losses(&gpu, p, seed, &mut fresh),
+            "{p:?} seed {seed}"
+        );
+        // A label error leaves the shared scratch usable: the next call's
+        // counter starts from zero.
+        let z = up(&gpu, &vec![0.0; p.len()]);
+        let mut bad = vec![0u32; p.n];
+        bad[p.n - 1] = 9;
+        let bad = gpu.upload(&bad).unwrap();
+        assert_err_mentions(
+            cuda::sparse_categorical_accuracy(&gpu, p, &z.as_view(), &bad.as_view(), &mut shared),
+            "sparse_categorical_accuracy",
+            &["class index 9"],
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn too_small_scratch_is_refused() {
+    let gpu = gpu();
+    let p = LossParams::new(4096 * 2 + 1, 2).unwrap();
+    let z = up(&gpu, &vec![0.0; p.len()]);
+    let mut losses = poisoned(&gpu, p.n);
+    let mut s = cuda::LossScratch::new(&gpu, &LossParams::new(4, 3).unwrap()).unwrap();
+    assert!(!s.fits(&p));
+    assert_err_mentions(
+        cuda::mse(
+            &gpu,
+            &p,
+            &z.as_view(),
+            &z.as_view(),
+            &mut losses.as_view_mut(),
+            None,
+            &mut s,
+        ),
+        "mse",
+        &["scratch first-pass sums", "at least 3", "1"],
+    );
+    let mut total = gpu.zeros::<f64>(1).unwrap();
+    assert_err_mentions(
+        cuda::mse_into(
+            &gpu,
+            &p,
+            &z.as_view(),
+            &z.as_view(),
+            &mut losses.as_view_mut(),
+            None,
+            &mut total.as_view_mut(),
+            &mut s,
+        ),
+        "mse",
+        &["scratch first-pass sums"],
+    );
+    let lens = cuda::LossScratchLens {
+        rows: 4,
+        ..cuda::LossScratch::lens(&p)
+    };
+    let mut s = cuda::LossScratch::with_lens(&gpu, lens).unwrap();
+    assert_err_mentions(
+        cuda::mae(&gpu, &p, &z.as_view(), &z.as_view(), &mut s),
+        "mae",
+        &["scratch per-row values", "at least 8193", "4"],
+    );
+    assert_err_mentions(
+        cuda::sum_f32(&gpu, &z.as_view(), 16, &mut s),
+        "loss.sum",
+        &["scratch first-pass sums", "at least 1025"],
+    );
 }

@@ -17,6 +17,9 @@
 //!   sliced to exactly the size an uncached call would allocate, so the
 //!   chunking and thus dW's summation order depend on the shape alone) and
 //!   the host staging buffer of the batch gather.
+//! - The ops' own scratch ([`batchnorm::cuda::BatchNormScratch`] & co.) is
+//!   created here once and grown (never shrunk) to the largest parameters
+//!   seen, so a training step allocates nothing for these ops.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -27,11 +30,14 @@ use super::{Backend, check_scalar_slot, check_scalars_count};
 use crate::cuda::CudaBackend;
 use crate::error::{Result, check_len};
 use crate::ops::activation::{self, Activation, Softmax};
+use crate::ops::batchnorm::cuda::BatchNormScratch;
 use crate::ops::batchnorm::{self, BatchNorm};
+use crate::ops::bias::cuda::BiasScratch;
 use crate::ops::bias::{self, BiasShape};
 use crate::ops::conv::{self, Conv2d};
 use crate::ops::dropout::{self, Dropout};
 use crate::ops::gemm::{self, Bias, Epilogue, Gemm};
+use crate::ops::loss::cuda::LossScratch;
 use crate::ops::loss::{self, LossParams};
 use crate::ops::optim::cuda::CudaOptimizerState;
 use crate::ops::optim::{self, Optimizer, OptimizerState};
@@ -75,11 +81,37 @@ pub struct GpuScalars {
     divisors: Vec<f64>,
 }
 
+/// The locked loss scratch of a [`GpuBackend`] (always allocated).
+struct LossScratchGuard<'a>(MutexGuard<'a, Option<Box<LossScratch>>>);
+
+impl std::ops::Deref for LossScratchGuard<'_> {
+    type Target = LossScratch;
+    fn deref(&self) -> &LossScratch {
+        self.0
+            .as_ref()
+            .expect("allocated by GpuBackend::loss_scratch")
+    }
+}
+
+impl std::ops::DerefMut for LossScratchGuard<'_> {
+    fn deref_mut(&mut self) -> &mut LossScratch {
+        self.0
+            .as_mut()
+            .expect("allocated by GpuBackend::loss_scratch")
+    }
+}
+
 /// The CUDA backend over one device (see the module docs).
 pub struct GpuBackend {
     gpu: Arc<CudaBackend>,
     /// The convolution's column workspace (grown, never shrunk).
     conv_ws: Mutex<Option<CudaSlice<f32>>>,
+    /// The batch-norm scratch (grown, never shrunk; boxed, as it is large).
+    bn_scratch: Mutex<Option<Box<BatchNormScratch>>>,
+    /// The bias gradient's scratch (grown, never shrunk).
+    bias_scratch: Mutex<Option<Box<BiasScratch>>>,
+    /// The losses' and metrics' scratch (grown, never shrunk).
+    loss_scratch: Mutex<Option<Box<LossScratch>>>,
     /// Host staging for the batch gathers.
     staging_f32: Mutex<Vec<f32>>,
     staging_u32: Mutex<Vec<u32>>,
@@ -111,6 +143,9 @@ impl GpuBackend {
         GpuBackend {
             gpu,
             conv_ws: Mutex::new(None),
+            bn_scratch: Mutex::new(None),
+            bias_scratch: Mutex::new(None),
+            loss_scratch: Mutex::new(None),
             staging_f32: Mutex::new(Vec::new()),
             staging_u32: Mutex::new(Vec::new()),
         }
@@ -185,6 +220,57 @@ impl GpuBackend {
         }
         let ws = guard.as_mut().expect("allocated above");
         f(Some(&mut ws.slice_mut(..need)))
+    }
+
+    /// Runs `f` with the cached batch-norm scratch, grown first if it is
+    /// too small for `p`.
+    fn with_bn_scratch<R>(
+        &self,
+        op: &'static str,
+        p: &BatchNorm,
+        f: impl FnOnce(&mut BatchNormScratch) -> Result<R>,
+    ) -> Result<R> {
+        p.validate(op)?;
+        let mut guard = lock(&self.bn_scratch);
+        if !guard.as_ref().is_some_and(|s| s.fits(p)) {
+            let lens = guard
+                .take() // free the smaller one first
+                .map_or(BatchNormScratch::lens(p), |s| {
+                    s.capacity().max(BatchNormScratch::lens(p))
+                });
+            *guard = Some(Box::new(BatchNormScratch::with_lens(&self.gpu, lens)?));
+        }
+        f(guard.as_mut().expect("allocated above"))
+    }
+
+    /// Runs `f` with the cached bias scratch, grown first to at least
+    /// `need` partial sums.
+    fn with_bias_scratch<R>(
+        &self,
+        need: usize,
+        f: impl FnOnce(&mut BiasScratch) -> Result<R>,
+    ) -> Result<R> {
+        let mut guard = lock(&self.bias_scratch);
+        if guard.as_ref().is_none_or(|s| s.len() < need) {
+            *guard = None; // free the smaller one first
+            *guard = Some(Box::new(BiasScratch::with_len(&self.gpu, need)?));
+        }
+        f(guard.as_mut().expect("allocated above"))
+    }
+
+    /// The cached loss scratch, grown first if it is too small for `p`
+    /// (held locked until the guard drops).
+    fn loss_scratch(&self, p: &LossParams) -> Result<LossScratchGuard<'_>> {
+        let mut guard = lock(&self.loss_scratch);
+        if !guard.as_ref().is_some_and(|s| s.fits(p)) {
+            let lens = guard
+                .take() // free the smaller one first
+                .map_or(LossScratch::lens(p), |s| {
+                    s.capacity().max(LossScratch::lens(p))
+                });
+            *guard = Some(Box::new(LossScratch::with_lens(&self.gpu, lens)?));
+        }
+        Ok(LossScratchGuard(guard))
     }
 
     fn slot<'a>(
@@ -415,18 +501,21 @@ impl Backend for GpuBackend {
         running_mean: &mut GpuBuf<f32>,
         running_var: &mut GpuBuf<f32>,
     ) -> Result<()> {
-        batchnorm::cuda::forward_training(
-            &self.gpu,
-            p,
-            &x.view(),
-            &gamma.view(),
-            &beta.view(),
-            &mut y.view_mut(),
-            &mut save_mean.view_mut(),
-            &mut save_inv_std.view_mut(),
-            &mut running_mean.view_mut(),
-            &mut running_var.view_mut(),
-        )
+        self.with_bn_scratch("batchnorm.forward_training", p, |s| {
+            batchnorm::cuda::forward_training(
+                &self.gpu,
+                p,
+                &x.view(),
+                &gamma.view(),
+                &beta.view(),
+                &mut y.view_mut(),
+                &mut save_mean.view_mut(),
+                &mut save_inv_std.view_mut(),
+                &mut running_mean.view_mut(),
+                &mut running_var.view_mut(),
+                s,
+            )
+        })
     }
     fn batchnorm_forward_inference(
         &self,
@@ -438,16 +527,19 @@ impl Backend for GpuBackend {
         running_var: &GpuBuf<f32>,
         y: &mut GpuBuf<f32>,
     ) -> Result<()> {
-        batchnorm::cuda::forward_inference(
-            &self.gpu,
-            p,
-            &x.view(),
-            &gamma.view(),
-            &beta.view(),
-            &running_mean.view(),
-            &running_var.view(),
-            &mut y.view_mut(),
-        )
+        self.with_bn_scratch("batchnorm.forward_inference", p, |s| {
+            batchnorm::cuda::forward_inference(
+                &self.gpu,
+                p,
+                &x.view(),
+                &gamma.view(),
+                &beta.view(),
+                &running_mean.view(),
+                &running_var.view(),
+                &mut y.view_mut(),
+                s,
+            )
+        })
     }
     fn batchnorm_backward(
         &self,
@@ -461,18 +553,21 @@ impl Backend for GpuBackend {
         dgamma: &mut GpuBuf<f32>,
         dbeta: &mut GpuBuf<f32>,
     ) -> Result<()> {
-        batchnorm::cuda::backward(
-            &self.gpu,
-            p,
-            &x.view(),
-            &dy.view(),
-            &gamma.view(),
-            &save_mean.view(),
-            &save_inv_std.view(),
-            &mut dx.view_mut(),
-            &mut dgamma.view_mut(),
-            &mut dbeta.view_mut(),
-        )
+        self.with_bn_scratch("batchnorm.backward", p, |s| {
+            batchnorm::cuda::backward(
+                &self.gpu,
+                p,
+                &x.view(),
+                &dy.view(),
+                &gamma.view(),
+                &save_mean.view(),
+                &save_inv_std.view(),
+                &mut dx.view_mut(),
+                &mut dgamma.view_mut(),
+                &mut dbeta.view_mut(),
+                s,
+            )
+        })
     }
 
     fn dropout_forward(
@@ -538,7 +633,9 @@ impl Backend for GpuBackend {
         activation::cuda::softmax_backward(&self.gpu, p, &y.view(), &dy.view(), &mut dx.view_mut())
     }
     fn bias_backward(&self, p: &BiasShape, dy: &GpuBuf<f32>, db: &mut GpuBuf<f32>) -> Result<()> {
-        bias::cuda::backward(&self.gpu, p, &dy.view(), &mut db.view_mut())
+        self.with_bias_scratch(BiasScratch::backward_len(p), |s| {
+            bias::cuda::backward(&self.gpu, p, &dy.view(), &mut db.view_mut(), s)
+        })
     }
 
     fn softmax_cross_entropy(
@@ -552,6 +649,7 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<()> {
         let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.n as f64)?;
         loss::cuda::softmax_cross_entropy_into(
             &self.gpu,
@@ -562,6 +660,7 @@ impl Backend for GpuBackend {
             None,
             dzv.as_mut(),
             &mut t,
+            &mut s,
         )
     }
     fn sparse_softmax_cross_entropy(
@@ -575,6 +674,7 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<()> {
         let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.n as f64)?;
         loss::cuda::sparse_softmax_cross_entropy_into(
             &self.gpu,
@@ -585,6 +685,7 @@ impl Backend for GpuBackend {
             None,
             dzv.as_mut(),
             &mut t,
+            &mut s,
         )
     }
     fn sigmoid_cross_entropy(
@@ -599,6 +700,7 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<()> {
         let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.n as f64)?;
         loss::cuda::sigmoid_cross_entropy_into(
             &self.gpu,
@@ -609,6 +711,7 @@ impl Backend for GpuBackend {
             Some(&mut probs.view_mut()),
             dzv.as_mut(),
             &mut t,
+            &mut s,
         )
     }
     fn mse(
@@ -622,6 +725,7 @@ impl Backend for GpuBackend {
         slot: usize,
     ) -> Result<()> {
         let mut dzv = dz.as_mut().map(|d| d.view_mut());
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.n as f64)?;
         loss::cuda::mse_into(
             &self.gpu,
@@ -631,6 +735,7 @@ impl Backend for GpuBackend {
             &mut losses.view_mut(),
             dzv.as_mut(),
             &mut t,
+            &mut s,
         )
     }
     fn categorical_accuracy(
@@ -641,8 +746,16 @@ impl Backend for GpuBackend {
         out: &mut GpuScalars,
         slot: usize,
     ) -> Result<()> {
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, 1.0)?;
-        loss::cuda::categorical_accuracy_into(&self.gpu, p, &scores.view(), &labels.view(), &mut t)
+        loss::cuda::categorical_accuracy_into(
+            &self.gpu,
+            p,
+            &scores.view(),
+            &labels.view(),
+            &mut t,
+            &mut s,
+        )
     }
     fn sparse_categorical_accuracy(
         &self,
@@ -652,6 +765,7 @@ impl Backend for GpuBackend {
         out: &mut GpuScalars,
         slot: usize,
     ) -> Result<()> {
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, 1.0)?;
         loss::cuda::sparse_categorical_accuracy_into(
             &self.gpu,
@@ -659,6 +773,7 @@ impl Backend for GpuBackend {
             &scores.view(),
             &labels.view(),
             &mut t,
+            &mut s,
         )
     }
     fn binary_accuracy(
@@ -669,8 +784,16 @@ impl Backend for GpuBackend {
         out: &mut GpuScalars,
         slot: usize,
     ) -> Result<()> {
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, p.classes as f64)?;
-        loss::cuda::binary_accuracy_rows_into(&self.gpu, p, &probs.view(), &targets.view(), &mut t)
+        loss::cuda::binary_accuracy_rows_into(
+            &self.gpu,
+            p,
+            &probs.view(),
+            &targets.view(),
+            &mut t,
+            &mut s,
+        )
     }
     fn mae(
         &self,
@@ -680,8 +803,9 @@ impl Backend for GpuBackend {
         out: &mut GpuScalars,
         slot: usize,
     ) -> Result<()> {
+        let mut s = self.loss_scratch(p)?;
         let mut t = Self::slot(out, slot, 1.0)?;
-        loss::cuda::mae_into(&self.gpu, p, &pred.view(), &targets.view(), &mut t)
+        loss::cuda::mae_into(&self.gpu, p, &pred.view(), &targets.view(), &mut t, &mut s)
     }
 
     fn opt_state_new(&self, opt: &Optimizer, sizes: &[usize]) -> Result<CudaOptimizerState> {

@@ -171,20 +171,27 @@ fn module_cache(ctx: &CudaContext) -> Arc<ContextModules> {
 ///
 /// The wrappers that return host values synchronize the stream: the loss
 /// and metric functions returning `f64` (`ops::loss::cuda::softmax_cross_entropy`
-/// and the rest without `_into`, `sum_f32`), `ops::bias::cuda::sum_host` and
-/// `sum_squares_host`, `CudaOptimizerState::download`, and
+/// and the rest without `_into`, `sum_f32`, and their `_alloc` forms), `ops::bias::cuda::sum_host` and
+/// `sum_squares_host` (and `_alloc`), `CudaOptimizerState::download`, and
 /// [`CudaBackend::download`] and [`CudaBackend::synchronize`]. Every other
 /// `ops::*::cuda` function (GEMM, convolution, pooling, batch norm, dropout,
 /// activations, bias, the `_into` losses, the optimizer step) only
 /// enqueues work on the stream and returns: its results are ready once the
 /// stream reaches that point, and its errors from inside a kernel are
 /// reported by a later synchronizing call. Host-side work still happens at
-/// the call: argument checks, the first use of a module loads it
-/// (`cuModuleLoadData`), and a wrapper's scratch buffers are allocated and
-/// freed on the stream (stream-ordered where the device supports memory
-/// pools; a plain `cuMemFree`, which waits for the device, where it does
-/// not). [`CudaBackend::upload`] copies from pageable host memory, so it
-/// returns once the host data is staged.
+/// the call: argument checks and the first use of a module loads it
+/// (`cuModuleLoadData`). The batch-norm, bias and loss/metric wrappers
+/// allocate nothing: their scratch comes from the caller
+/// (`ops::batchnorm::cuda::BatchNormScratch`, `ops::bias::cuda::BiasScratch`,
+/// `ops::loss::cuda::LossScratch`, each sized for given parameters by its
+/// `lens`/`bytes`, allocated once by its `new` and checked on every call);
+/// their `*_alloc` forms allocate and free one per call. The wrappers that
+/// still allocate scratch themselves, on the stream, are the convolution
+/// without a caller's workspace and the GEMM's split-batch partial sums
+/// (stream-ordered where the device supports memory pools; the free is a
+/// plain `cuMemFree`, which waits for the device, where it does not).
+/// [`CudaBackend::upload`] copies from pageable host memory, so it returns
+/// once the host data is staged.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,

@@ -13,15 +13,19 @@
 //! `y` and `dx` are f32 expressions that the compiler may contract into
 //! fused multiply-adds, so they agree within a few f32 ulps.
 //!
-//! Scratch per call (allocated with `gpu.zeros`): training forward
-//! `8 * c * (chunks + 1)` bytes, backward `16 * c * chunks + 12 * c`,
-//! inference `4 * c`, where `chunks = ceil(n * spatial / 4096)`.
+//! Scratch comes from the caller: a [`BatchNormScratch`] (two f64 buffers
+//! of `c * chunks` partial sums, `c` f64 means and `3 * c` f32 backward
+//! coefficients, [`BatchNormScratch::bytes`] in all, where
+//! `chunks = ceil(n * spatial / 4096)`), allocated once by
+//! [`BatchNormScratch::new`] and checked to be large enough on every call;
+//! the launch paths allocate nothing. The `*_alloc` forms allocate a fresh
+//! scratch per call, for one-off use.
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::BatchNorm;
 use crate::cuda::{BATCHNORM, CudaBackend};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 // SAFETY: `#[repr(C)]`, three usizes, a bool, two f32s and a
 // `#[repr(u32)]` enum: plain old data of 40 bytes, mirrored as `struct
@@ -38,6 +42,136 @@ const MAX_GRID: usize = 65535;
 
 fn chunks_of(p: &BatchNorm) -> usize {
     p.sample_size().div_ceil(CHANNEL_CHUNK)
+}
+
+/// Element counts of a [`BatchNormScratch`]'s buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchNormScratchLens {
+    /// f64 partial sums, each of the two buffers (`c * chunks`).
+    pub partials: usize,
+    /// f64 per-channel means (`c`).
+    pub mean64: usize,
+    /// f32 per-channel coefficients (`3 * c`; the inference `inv_std` uses
+    /// the first `c`).
+    pub coefs: usize,
+}
+
+impl BatchNormScratchLens {
+    /// The larger of each count (a scratch that serves both).
+    pub fn max(self, o: Self) -> Self {
+        BatchNormScratchLens {
+            partials: self.partials.max(o.partials),
+            mean64: self.mean64.max(o.mean64),
+            coefs: self.coefs.max(o.coefs),
+        }
+    }
+
+    /// Whether every count is at least `need`'s.
+    pub fn covers(&self, need: &Self) -> bool {
+        self.partials >= need.partials && self.mean64 >= need.mean64 && self.coefs >= need.coefs
+    }
+
+    /// Device bytes of a scratch with these counts.
+    pub fn bytes(&self) -> usize {
+        16usize
+            .saturating_mul(self.partials)
+            .saturating_add(8usize.saturating_mul(self.mean64))
+            .saturating_add(4usize.saturating_mul(self.coefs))
+    }
+}
+
+/// The device scratch of the batch-norm wrappers (training forward,
+/// inference, backward), owned by the caller and reused across calls.
+///
+/// [`BatchNormScratch::new`] is the allocating step; the wrappers check
+/// ([`BatchNormScratch::check`]) that a given scratch is large enough for
+/// their parameters and refuse it with an [`Error::Shape`] otherwise. The
+/// kernels overwrite every element they read, so a scratch needs no
+/// clearing between calls. Each buffer holds at least one element (the
+/// driver rejects empty allocations).
+pub struct BatchNormScratch {
+    partial_a: CudaSlice<f64>,
+    partial_b: CudaSlice<f64>,
+    mean64: CudaSlice<f64>,
+    coefs: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for BatchNormScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchNormScratch")
+            .field("lens", &self.capacity())
+            .finish()
+    }
+}
+
+impl BatchNormScratch {
+    /// The element counts that `p` needs.
+    pub fn lens(p: &BatchNorm) -> BatchNormScratchLens {
+        BatchNormScratchLens {
+            partials: p.c.saturating_mul(chunks_of(p)),
+            mean64: p.c,
+            coefs: p.c.saturating_mul(3),
+        }
+    }
+
+    /// The device bytes that `p` needs.
+    pub fn bytes(p: &BatchNorm) -> usize {
+        Self::lens(p).bytes()
+    }
+
+    /// Allocates a scratch for `p` (zeroed; the one allocating step).
+    pub fn new(gpu: &CudaBackend, p: &BatchNorm) -> Result<Self> {
+        Self::with_lens(gpu, Self::lens(p))
+    }
+
+    /// Allocates a scratch of the given counts (zeroed), e.g. the
+    /// [`BatchNormScratchLens::max`] over several layers.
+    pub fn with_lens(gpu: &CudaBackend, lens: BatchNormScratchLens) -> Result<Self> {
+        Ok(BatchNormScratch {
+            partial_a: gpu.zeros(lens.partials.max(1))?,
+            partial_b: gpu.zeros(lens.partials.max(1))?,
+            mean64: gpu.zeros(lens.mean64.max(1))?,
+            coefs: gpu.zeros(lens.coefs.max(1))?,
+        })
+    }
+
+    /// The element counts this scratch holds.
+    pub fn capacity(&self) -> BatchNormScratchLens {
+        BatchNormScratchLens {
+            partials: self.partial_a.len().min(self.partial_b.len()),
+            mean64: self.mean64.len(),
+            coefs: self.coefs.len(),
+        }
+    }
+
+    /// Whether this scratch is large enough for `p`.
+    pub fn fits(&self, p: &BatchNorm) -> bool {
+        self.capacity().covers(&Self::lens(p))
+    }
+
+    /// An [`Error::Shape`] naming the first buffer too small for `p`.
+    pub fn check(&self, op: &'static str, p: &BatchNorm) -> Result<()> {
+        let (have, need) = (self.capacity(), Self::lens(p));
+        for (what, got, want) in [
+            (
+                "scratch partial sums (f64, c x chunks)",
+                have.partials,
+                need.partials,
+            ),
+            ("scratch means (f64, c)", have.mean64, need.mean64),
+            ("scratch coefficients (f32, 3 x c)", have.coefs, need.coefs),
+        ] {
+            if got < want {
+                return Err(Error::shape(
+                    op,
+                    format!("{what} length for {p:?}"),
+                    format!("at least {want}"),
+                    got,
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn partials_config(p: &BatchNorm, chunks: usize) -> LaunchConfig {
@@ -67,6 +201,7 @@ pub fn forward_training(
     save_inv_std: &mut CudaViewMut<'_, f32>,
     running_mean: &mut CudaViewMut<'_, f32>,
     running_var: &mut CudaViewMut<'_, f32>,
+    scratch: &mut BatchNormScratch,
 ) -> Result<()> {
     p.check(
         "batchnorm.forward_training",
@@ -80,10 +215,14 @@ pub fn forward_training(
             ("running_var", running_var.len()),
         ],
     )?;
+    scratch.check("batchnorm.forward_training", p)?;
     let chunks = chunks_of(p);
     let chunks64 = chunks as u64;
-    let mut partial: CudaSlice<f64> = gpu.zeros(p.c * chunks)?;
-    let mut mean64: CudaSlice<f64> = gpu.zeros(p.c)?;
+    let BatchNormScratch {
+        partial_a: partial,
+        mean64,
+        ..
+    } = scratch;
     let stat = gpu.function(&BATCHNORM, "bn_stat_partials")?;
     let cfg = partials_config(p, chunks);
     // SAFETY (both passes): x holds n*c*spatial elements (checked); block
@@ -94,9 +233,9 @@ pub fn forward_training(
             .launch_builder(&stat)
             .arg(p)
             .arg(x)
-            .arg(&mean64)
+            .arg(&*mean64)
             .arg(&0u32)
-            .arg(&mut partial)
+            .arg(&mut *partial)
             .arg(&chunks64)
             .launch(cfg)
     };
@@ -107,9 +246,9 @@ pub fn forward_training(
         gpu.stream()
             .launch_builder(&f)
             .arg(p)
-            .arg(&partial)
+            .arg(&*partial)
             .arg(&chunks64)
-            .arg(&mut mean64)
+            .arg(&mut *mean64)
             .launch(gpu.elementwise_config(p.c))
     };
     gpu.launched("bn_mean", r)?;
@@ -119,9 +258,9 @@ pub fn forward_training(
             .launch_builder(&stat)
             .arg(p)
             .arg(x)
-            .arg(&mean64)
+            .arg(&*mean64)
             .arg(&1u32)
-            .arg(&mut partial)
+            .arg(&mut *partial)
             .arg(&chunks64)
             .launch(cfg)
     };
@@ -134,9 +273,9 @@ pub fn forward_training(
         gpu.stream()
             .launch_builder(&f)
             .arg(p)
-            .arg(&partial)
+            .arg(&*partial)
             .arg(&chunks64)
-            .arg(&mean64)
+            .arg(&*mean64)
             .arg(&factor)
             .arg(&mut *save_mean)
             .arg(&mut *save_inv_std)
@@ -201,6 +340,7 @@ pub fn forward_inference(
     running_mean: &CudaView<'_, f32>,
     running_var: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
+    scratch: &mut BatchNormScratch,
 ) -> Result<()> {
     p.check(
         "batchnorm.forward_inference",
@@ -212,7 +352,8 @@ pub fn forward_inference(
             ("running_var", running_var.len()),
         ],
     )?;
-    let mut inv_std: CudaSlice<f32> = gpu.zeros(p.c)?;
+    scratch.check("batchnorm.forward_inference", p)?;
+    let inv_std = &mut scratch.coefs;
     let f = gpu.function(&BATCHNORM, "bn_inference_inv_std")?;
     // SAFETY: reads running_var below c (checked), writes inv_std below c.
     let r = unsafe {
@@ -220,7 +361,7 @@ pub fn forward_inference(
             .launch_builder(&f)
             .arg(p)
             .arg(running_var)
-            .arg(&mut inv_std)
+            .arg(&mut *inv_std)
             .launch(gpu.elementwise_config(p.c))
     };
     gpu.launched("bn_inference_inv_std", r)?;
@@ -241,6 +382,7 @@ pub fn backward(
     dx: &mut CudaViewMut<'_, f32>,
     dgamma: &mut CudaViewMut<'_, f32>,
     dbeta: &mut CudaViewMut<'_, f32>,
+    scratch: &mut BatchNormScratch,
 ) -> Result<()> {
     p.check(
         "batchnorm.backward",
@@ -255,9 +397,13 @@ pub fn backward(
     )?;
     let chunks = chunks_of(p);
     let chunks64 = chunks as u64;
-    let mut part_dy: CudaSlice<f64> = gpu.zeros(p.c * chunks)?;
-    let mut part_dy_xhat: CudaSlice<f64> = gpu.zeros(p.c * chunks)?;
-    let mut coefs: CudaSlice<f32> = gpu.zeros(3 * p.c)?;
+    scratch.check("batchnorm.backward", p)?;
+    let BatchNormScratch {
+        partial_a: part_dy,
+        partial_b: part_dy_xhat,
+        coefs,
+        ..
+    } = scratch;
     let f = gpu.function(&BATCHNORM, "bn_backward_partials")?;
     // SAFETY: x, dy hold n*c*spatial elements, save_* hold c (checked);
     // block (k, ch) writes element ch * chunks + k of both partial buffers.
@@ -269,8 +415,8 @@ pub fn backward(
             .arg(dy)
             .arg(save_mean)
             .arg(save_inv_std)
-            .arg(&mut part_dy)
-            .arg(&mut part_dy_xhat)
+            .arg(&mut *part_dy)
+            .arg(&mut *part_dy_xhat)
             .arg(&chunks64)
             .launch(partials_config(p, chunks))
     };
@@ -282,14 +428,14 @@ pub fn backward(
         gpu.stream()
             .launch_builder(&f)
             .arg(p)
-            .arg(&part_dy)
-            .arg(&part_dy_xhat)
+            .arg(&*part_dy)
+            .arg(&*part_dy_xhat)
             .arg(&chunks64)
             .arg(gamma)
             .arg(save_inv_std)
             .arg(dgamma)
             .arg(dbeta)
-            .arg(&mut coefs)
+            .arg(&mut *coefs)
             .launch(gpu.elementwise_config(p.c))
     };
     gpu.launched("bn_backward_finalize", r)?;
@@ -305,10 +451,102 @@ pub fn backward(
             .arg(dy)
             .arg(save_mean)
             .arg(save_inv_std)
-            .arg(&coefs)
+            .arg(&*coefs)
             .arg(dx)
             .arg(&len)
             .launch(gpu.elementwise_config(p.len()))
     };
     gpu.launched("bn_backward_dx", r)
+}
+
+/// [`forward_training`] with a fresh [`BatchNormScratch`] allocated (and
+/// freed) for this call: for one-off use; a loop should keep a scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_training_alloc(
+    gpu: &CudaBackend,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    save_mean: &mut CudaViewMut<'_, f32>,
+    save_inv_std: &mut CudaViewMut<'_, f32>,
+    running_mean: &mut CudaViewMut<'_, f32>,
+    running_var: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    p.validate("batchnorm.forward_training")?;
+    let mut scratch = BatchNormScratch::new(gpu, p)?;
+    forward_training(
+        gpu,
+        p,
+        x,
+        gamma,
+        beta,
+        y,
+        save_mean,
+        save_inv_std,
+        running_mean,
+        running_var,
+        &mut scratch,
+    )
+}
+
+/// [`forward_inference`] with a fresh [`BatchNormScratch`] allocated (and
+/// freed) for this call.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_inference_alloc(
+    gpu: &CudaBackend,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    running_mean: &CudaView<'_, f32>,
+    running_var: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    p.validate("batchnorm.forward_inference")?;
+    let mut scratch = BatchNormScratch::new(gpu, p)?;
+    forward_inference(
+        gpu,
+        p,
+        x,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        y,
+        &mut scratch,
+    )
+}
+
+/// [`backward`] with a fresh [`BatchNormScratch`] allocated (and freed) for
+/// this call.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_alloc(
+    gpu: &CudaBackend,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    save_mean: &CudaView<'_, f32>,
+    save_inv_std: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+    dgamma: &mut CudaViewMut<'_, f32>,
+    dbeta: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    p.validate("batchnorm.backward")?;
+    let mut scratch = BatchNormScratch::new(gpu, p)?;
+    backward(
+        gpu,
+        p,
+        x,
+        dy,
+        gamma,
+        save_mean,
+        save_inv_std,
+        dx,
+        dgamma,
+        dbeta,
+        &mut scratch,
+    )
 }

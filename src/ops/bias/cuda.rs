@@ -10,15 +10,20 @@
 //! differs from the CPU's, so GPU and CPU agree to f64 rounding (far below
 //! the final f32 rounding), not bit for bit.
 //!
-//! Scratch: the partial sums live in a buffer allocated (with `gpu.zeros`)
-//! on each call, `8 * c * ceil(n * spatial / 4096)` bytes for the gradient
-//! and `8 * ceil(len / 8192)` for the sums.
+//! Scratch comes from the caller: a [`BiasScratch`] holds the f64 partial
+//! sums (`c * ceil(n * spatial / 4096)` for the gradient,
+//! [`BiasScratch::backward_len`]; `ceil(len / 8192)` for the sums,
+//! [`BiasScratch::sum_len`]) and the one-element total of the `*_host`
+//! forms. It is allocated once ([`BiasScratch::for_backward`],
+//! [`BiasScratch::for_sum`], [`BiasScratch::with_len`]) and checked on every
+//! call; the launch paths allocate nothing. The `*_alloc` forms allocate a
+//! fresh scratch per call, for one-off use.
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::BiasShape;
 use crate::cuda::{BIAS, CudaBackend};
-use crate::error::{Result, check_len};
+use crate::error::{Error, Result, check_len};
 
 // SAFETY: `#[repr(C)]`, three usizes: plain old data, mirrored as `struct
 // BiasShape` in bias.cu.
@@ -43,6 +48,85 @@ fn reduce_config(x_blocks: usize, y_blocks: usize) -> LaunchConfig {
         ),
         block_dim: (REDUCE_THREADS, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// The device scratch of [`backward`] and the whole-buffer sums, owned by
+/// the caller and reused across calls: f64 partial sums (at least one) and
+/// a one-element f64 total (for [`sum_host`] and [`sum_squares_host`]).
+/// The kernels overwrite every partial they read, so it needs no clearing.
+pub struct BiasScratch {
+    partial: CudaSlice<f64>,
+    total: CudaSlice<f64>,
+}
+
+impl std::fmt::Debug for BiasScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BiasScratch")
+            .field("partials", &self.partial.len())
+            .finish()
+    }
+}
+
+impl BiasScratch {
+    /// The f64 partial sums [`backward`] needs for `p` (at least 1).
+    pub fn backward_len(p: &BiasShape) -> usize {
+        p.c.saturating_mul(p.n.saturating_mul(p.spatial).div_ceil(CHANNEL_CHUNK))
+            .max(1)
+    }
+
+    /// The f64 partial sums [`sum`] and [`sum_squares`] need for `len`
+    /// elements (at least 1).
+    pub fn sum_len(len: usize) -> usize {
+        len.div_ceil(REDUCE_CHUNK).max(1)
+    }
+
+    /// The device bytes of a scratch of `partials` partial sums.
+    pub fn bytes(partials: usize) -> usize {
+        8usize.saturating_mul(partials.max(1)).saturating_add(8)
+    }
+
+    /// Allocates a scratch of `partials` partial sums (zeroed; the one
+    /// allocating step; [`BiasScratch::for_backward`] and
+    /// [`BiasScratch::for_sum`] size it for an op).
+    pub fn with_len(gpu: &CudaBackend, partials: usize) -> Result<Self> {
+        Ok(BiasScratch {
+            partial: gpu.zeros(partials.max(1))?,
+            total: gpu.zeros(1)?,
+        })
+    }
+
+    /// Allocates a scratch for [`backward`] on `p`.
+    pub fn for_backward(gpu: &CudaBackend, p: &BiasShape) -> Result<Self> {
+        Self::with_len(gpu, Self::backward_len(p))
+    }
+
+    /// Allocates a scratch for the sums of `len` elements.
+    pub fn for_sum(gpu: &CudaBackend, len: usize) -> Result<Self> {
+        Self::with_len(gpu, Self::sum_len(len))
+    }
+
+    /// The partial sums this scratch holds.
+    pub fn len(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Never true (a scratch holds at least one partial sum).
+    pub fn is_empty(&self) -> bool {
+        self.partial.is_empty()
+    }
+
+    /// An [`Error::Shape`] when fewer than `need` partial sums are held.
+    pub fn check(&self, op: &'static str, what: &str, need: usize) -> Result<()> {
+        if self.partial.len() < need {
+            return Err(Error::shape(
+                op,
+                format!("scratch partial sums (f64) length for {what}"),
+                format!("at least {need}"),
+                self.partial.len(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -113,6 +197,7 @@ pub fn backward(
     p: &BiasShape,
     dy: &CudaView<'_, f32>,
     db: &mut CudaViewMut<'_, f32>,
+    scratch: &mut BiasScratch,
 ) -> Result<()> {
     const OP: &str = "bias.backward";
     p.check_x(OP, "dy", dy.len())?;
@@ -120,9 +205,10 @@ pub fn backward(
     if p.c == 0 {
         return Ok(());
     }
+    scratch.check(OP, &format!("{p:?}"), BiasScratch::backward_len(p))?;
     let m = p.n * p.spatial;
     let chunks = m.div_ceil(CHANNEL_CHUNK);
-    let mut partial: CudaSlice<f64> = gpu.zeros((p.c * chunks).max(1))?;
+    let partial = &mut scratch.partial;
     let chunks64 = chunks as u64;
     if chunks > 0 {
         let f = gpu.function(&BIAS, "bias_grad_partials")?;
@@ -134,7 +220,7 @@ pub fn backward(
                 .launch_builder(&f)
                 .arg(p)
                 .arg(dy)
-                .arg(&mut partial)
+                .arg(&mut *partial)
                 .arg(&chunks64)
                 .launch(reduce_config(chunks, p.c))
         };
@@ -146,7 +232,7 @@ pub fn backward(
         gpu.stream()
             .launch_builder(&f)
             .arg(p)
-            .arg(&partial)
+            .arg(&*partial)
             .arg(&chunks64)
             .arg(db)
             .launch(gpu.elementwise_config(p.c))
@@ -160,11 +246,19 @@ fn reduce(
     x: &CudaView<'_, f32>,
     square: bool,
     out: &mut CudaViewMut<'_, f64>,
+    partial: &mut CudaSlice<f64>,
 ) -> Result<()> {
     check_len(op, "out (one f64)", out.len(), 1)?;
     let len = x.len();
     let chunks = len.div_ceil(REDUCE_CHUNK);
-    let mut partial: CudaSlice<f64> = gpu.zeros(chunks.max(1))?;
+    if partial.len() < BiasScratch::sum_len(len) {
+        return Err(Error::shape(
+            op,
+            format!("scratch partial sums (f64) length for {len} elements"),
+            format!("at least {}", BiasScratch::sum_len(len)),
+            partial.len(),
+        ));
+    }
     let (len64, chunks64, sq) = (len as u64, chunks as u64, square as u32);
     if chunks > 0 {
         let f = gpu.function(&BIAS, "reduce_sum_partials")?;
@@ -176,7 +270,7 @@ fn reduce(
                 .arg(x)
                 .arg(&len64)
                 .arg(&sq)
-                .arg(&mut partial)
+                .arg(&mut *partial)
                 .arg(&chunks64)
                 .launch(reduce_config(chunks, 1))
         };
@@ -188,7 +282,7 @@ fn reduce(
     let r = unsafe {
         gpu.stream()
             .launch_builder(&f)
-            .arg(&partial)
+            .arg(&*partial)
             .arg(&chunks64)
             .arg(out)
             .launch(reduce_config(1, 1))
@@ -199,8 +293,14 @@ fn reduce(
 /// `out[0] = sum(x)` in f64, on the device (deterministic; 0 for an empty
 /// `x`; NaN anywhere gives NaN). `out` must hold exactly one element: pass
 /// a one-element slice of a larger buffer to gather several sums.
-pub fn sum(gpu: &CudaBackend, x: &CudaView<'_, f32>, out: &mut CudaViewMut<'_, f64>) -> Result<()> {
-    reduce(gpu, "bias.sum", x, false, out)
+/// `scratch` needs [`BiasScratch::sum_len`]`(x.len())` partial sums.
+pub fn sum(
+    gpu: &CudaBackend,
+    x: &CudaView<'_, f32>,
+    out: &mut CudaViewMut<'_, f64>,
+    scratch: &mut BiasScratch,
+) -> Result<()> {
+    reduce(gpu, "bias.sum", x, false, out, &mut scratch.partial)
 }
 
 /// `out[0] = sum(x^2)` in f64 (squares in f64), on the device: the
@@ -209,20 +309,77 @@ pub fn sum_squares(
     gpu: &CudaBackend,
     x: &CudaView<'_, f32>,
     out: &mut CudaViewMut<'_, f64>,
+    scratch: &mut BiasScratch,
 ) -> Result<()> {
-    reduce(gpu, "bias.sum_squares", x, true, out)
+    reduce(gpu, "bias.sum_squares", x, true, out, &mut scratch.partial)
 }
 
-/// [`sum`], downloaded to the host (synchronizes the stream).
-pub fn sum_host(gpu: &CudaBackend, x: &CudaView<'_, f32>) -> Result<f64> {
-    let mut out: CudaSlice<f64> = gpu.zeros(1)?;
-    sum(gpu, x, &mut out.as_view_mut())?;
-    Ok(gpu.download(&out)?[0])
+/// [`sum`], downloaded to the host (synchronizes the stream); the total
+/// lives in `scratch`.
+pub fn sum_host(
+    gpu: &CudaBackend,
+    x: &CudaView<'_, f32>,
+    scratch: &mut BiasScratch,
+) -> Result<f64> {
+    let BiasScratch { partial, total } = scratch;
+    reduce(gpu, "bias.sum", x, false, &mut total.as_view_mut(), partial)?;
+    Ok(gpu.download(total)?[0])
 }
 
 /// [`sum_squares`], downloaded to the host (synchronizes the stream).
-pub fn sum_squares_host(gpu: &CudaBackend, x: &CudaView<'_, f32>) -> Result<f64> {
-    let mut out: CudaSlice<f64> = gpu.zeros(1)?;
-    sum_squares(gpu, x, &mut out.as_view_mut())?;
-    Ok(gpu.download(&out)?[0])
+pub fn sum_squares_host(
+    gpu: &CudaBackend,
+    x: &CudaView<'_, f32>,
+    scratch: &mut BiasScratch,
+) -> Result<f64> {
+    let BiasScratch { partial, total } = scratch;
+    reduce(
+        gpu,
+        "bias.sum_squares",
+        x,
+        true,
+        &mut total.as_view_mut(),
+        partial,
+    )?;
+    Ok(gpu.download(total)?[0])
+}
+
+/// [`backward`] with a fresh [`BiasScratch`] allocated (and freed) for this
+/// call: for one-off use; a loop should keep a scratch.
+pub fn backward_alloc(
+    gpu: &CudaBackend,
+    p: &BiasShape,
+    dy: &CudaView<'_, f32>,
+    db: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    backward(gpu, p, dy, db, &mut BiasScratch::for_backward(gpu, p)?)
+}
+
+/// [`sum`] with a fresh [`BiasScratch`] allocated for this call.
+pub fn sum_alloc(
+    gpu: &CudaBackend,
+    x: &CudaView<'_, f32>,
+    out: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
+    sum(gpu, x, out, &mut BiasScratch::for_sum(gpu, x.len())?)
+}
+
+/// [`sum_squares`] with a fresh [`BiasScratch`] allocated for this call.
+pub fn sum_squares_alloc(
+    gpu: &CudaBackend,
+    x: &CudaView<'_, f32>,
+    out: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
+    sum_squares(gpu, x, out, &mut BiasScratch::for_sum(gpu, x.len())?)
+}
+
+/// [`sum_host`] with a fresh [`BiasScratch`] allocated for this call.
+pub fn sum_host_alloc(gpu: &CudaBackend, x: &CudaView<'_, f32>) -> Result<f64> {
+    sum_host(gpu, x, &mut BiasScratch::for_sum(gpu, x.len())?)
+}
+
+/// [`sum_squares_host`] with a fresh [`BiasScratch`] allocated for this
+/// call.
+pub fn sum_squares_host_alloc(gpu: &CudaBackend, x: &CudaView<'_, f32>) -> Result<f64> {
+    sum_squares_host(gpu, x, &mut BiasScratch::for_sum(gpu, x.len())?)
 }

@@ -8,7 +8,12 @@
 //! same bits), and downloads the one total: like the CPU functions these
 //! return the batch value as `f64`, so **every call synchronizes the
 //! stream** (8 bytes come back). The small scratch buffers (chunk partials,
-//! the error counter) are allocated per call on the stream.
+//! the metrics' per-row values, the label error counter, the one-element
+//! total of the host forms) come from the caller: a [`LossScratch`], sized
+//! by [`LossScratch::lens`] for given parameters, allocated once by
+//! [`LossScratch::new`] and checked on every call; the launch paths
+//! allocate nothing. The host forms have `*_alloc` twins that allocate a
+//! fresh scratch per call, for one-off use.
 //!
 //! Sparse labels are validated on the device: a label `>= classes` is never
 //! used as an index; the kernel counts the bad rows and records the first
@@ -17,7 +22,7 @@
 //! the bad rows and valid values elsewhere; the CPU writes nothing instead.
 
 use cudarc::driver::{
-    CudaView, CudaViewMut, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, CudaViewMut, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use super::LossParams;
@@ -65,6 +70,151 @@ fn sum_config(gpu: &CudaBackend, chunks: usize) -> LaunchConfig {
     }
 }
 
+/// Element counts of a [`LossScratch`]'s buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossScratchLens {
+    /// f64 chunk sums of the first pass (`ceil(n / chunk)` when that is
+    /// more than one, else 0).
+    pub sum_a: usize,
+    /// f64 chunk sums of the second pass (`ceil(sum_a / chunk)` when that
+    /// is more than one, else 0); later passes alternate between the two.
+    pub sum_b: usize,
+    /// f64 per-row values of the metrics (`n`).
+    pub rows: usize,
+}
+
+impl LossScratchLens {
+    /// The larger of each count (a scratch that serves both).
+    pub fn max(self, o: Self) -> Self {
+        LossScratchLens {
+            sum_a: self.sum_a.max(o.sum_a),
+            sum_b: self.sum_b.max(o.sum_b),
+            rows: self.rows.max(o.rows),
+        }
+    }
+
+    /// Whether every count is at least `need`'s.
+    pub fn covers(&self, need: &Self) -> bool {
+        self.sum_a >= need.sum_a && self.sum_b >= need.sum_b && self.rows >= need.rows
+    }
+
+    /// Device bytes of a scratch with these counts (each buffer at least
+    /// one element, plus the 2-element error counter and the total).
+    pub fn bytes(&self) -> usize {
+        8usize
+            .saturating_mul(
+                self.sum_a
+                    .max(1)
+                    .saturating_add(self.sum_b.max(1))
+                    .saturating_add(self.rows.max(1)),
+            )
+            .saturating_add(16 + 8)
+    }
+}
+
+/// The device scratch of the losses and metrics, owned by the caller and
+/// reused across calls (see the module docs). The kernels overwrite every
+/// element they read (the error counter is cleared on the stream before
+/// each sparse launch), so it needs no clearing between calls.
+pub struct LossScratch {
+    sum_a: CudaSlice<f64>,
+    sum_b: CudaSlice<f64>,
+    rows: CudaSlice<f64>,
+    err: CudaSlice<u64>,
+    /// The host forms' total; `None` only while one of them runs.
+    total: Option<CudaSlice<f64>>,
+}
+
+impl std::fmt::Debug for LossScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LossScratch")
+            .field("lens", &self.capacity())
+            .finish()
+    }
+}
+
+impl LossScratch {
+    /// The counts the chunked sum of `n` values needs, `chunk` per pass.
+    pub fn sum_lens(n: usize, chunk: usize) -> LossScratchLens {
+        let a = n.div_ceil(chunk.max(2));
+        let b = a.div_ceil(chunk.max(2));
+        LossScratchLens {
+            sum_a: if a > 1 { a } else { 0 },
+            sum_b: if a > 1 && b > 1 { b } else { 0 },
+            rows: 0,
+        }
+    }
+
+    /// The counts every loss and metric on `p` needs.
+    pub fn lens(p: &LossParams) -> LossScratchLens {
+        LossScratchLens {
+            rows: p.n,
+            ..Self::sum_lens(p.n, SUM_CHUNK)
+        }
+    }
+
+    /// The device bytes a scratch for `p` takes.
+    pub fn bytes(p: &LossParams) -> usize {
+        Self::lens(p).bytes()
+    }
+
+    /// Allocates a scratch for `p` (zeroed; the one allocating step).
+    pub fn new(gpu: &CudaBackend, p: &LossParams) -> Result<Self> {
+        Self::with_lens(gpu, Self::lens(p))
+    }
+
+    /// Allocates a scratch of the given counts (zeroed), e.g. the
+    /// [`LossScratchLens::max`] over several parameter sets.
+    pub fn with_lens(gpu: &CudaBackend, lens: LossScratchLens) -> Result<Self> {
+        Ok(LossScratch {
+            sum_a: gpu.zeros(lens.sum_a.max(1))?,
+            sum_b: gpu.zeros(lens.sum_b.max(1))?,
+            rows: gpu.zeros(lens.rows.max(1))?,
+            err: gpu.zeros(2)?,
+            total: Some(gpu.zeros(1)?),
+        })
+    }
+
+    /// The counts this scratch holds.
+    pub fn capacity(&self) -> LossScratchLens {
+        LossScratchLens {
+            sum_a: self.sum_a.len(),
+            sum_b: self.sum_b.len(),
+            rows: self.rows.len(),
+        }
+    }
+
+    /// Whether this scratch is large enough for `p`.
+    pub fn fits(&self, p: &LossParams) -> bool {
+        self.capacity().covers(&Self::lens(p))
+    }
+
+    /// An [`Error::Shape`] naming the first buffer smaller than `need`.
+    fn check_lens(&self, op: &'static str, for_what: &str, need: &LossScratchLens) -> Result<()> {
+        let have = self.capacity();
+        for (what, got, want) in [
+            ("scratch first-pass sums (f64)", have.sum_a, need.sum_a),
+            ("scratch second-pass sums (f64)", have.sum_b, need.sum_b),
+            ("scratch per-row values (f64, n)", have.rows, need.rows),
+        ] {
+            if got < want {
+                return Err(Error::shape(
+                    op,
+                    format!("{what} length for {for_what}"),
+                    format!("at least {want}"),
+                    got,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An [`Error::Shape`] naming the first buffer too small for `p`.
+    pub fn check(&self, op: &'static str, p: &LossParams) -> Result<()> {
+        self.check_lens(op, &format!("{p:?}"), &Self::lens(p))
+    }
+}
+
 /// One chunk-sum pass: `out[i] = sum of x[i*chunk..]` for every chunk of
 /// the `len` values of `x`, with `kernel` ("loss_sum_f32" or
 /// "loss_sum_f64").
@@ -108,6 +258,8 @@ fn device_sum_into<T: DeviceRepr>(
     x: &CudaView<'_, T>,
     chunk: usize,
     out: &mut CudaViewMut<'_, f64>,
+    sum_a: &mut CudaSlice<f64>,
+    sum_b: &mut CudaSlice<f64>,
 ) -> Result<()> {
     check_len("loss.sum", "out (one f64)", out.len(), 1)?;
     if chunk < 2 {
@@ -124,34 +276,49 @@ fn device_sum_into<T: DeviceRepr>(
             .memset_zeros(out)
             .map_err(|e| gpu.error("cuMemsetD8 (loss sum)", e));
     }
+    let need = LossScratch::sum_lens(n, chunk);
+    for (what, got, want) in [
+        ("scratch first-pass sums (f64)", sum_a.len(), need.sum_a),
+        ("scratch second-pass sums (f64)", sum_b.len(), need.sum_b),
+    ] {
+        if got < want {
+            return Err(Error::shape(
+                "loss.sum",
+                format!("{what} length for {n} values in chunks of {chunk}"),
+                format!("at least {want}"),
+                got,
+            ));
+        }
+    }
     let chunks = n.div_ceil(chunk);
     if chunks == 1 {
         // SAFETY: x holds n elements; out one = ceil(n / chunk).
         return unsafe { sum_pass(gpu, kernel, x, n, chunk, out) };
     }
-    let mut partials = gpu.zeros::<f64>(chunks)?;
-    // SAFETY: x holds n elements, partials ceil(n / chunk).
-    unsafe { sum_pass(gpu, kernel, x, n, chunk, &mut partials.as_view_mut())? };
+    // SAFETY: x holds n elements, sum_a at least ceil(n / chunk) (checked).
+    unsafe { sum_pass(gpu, kernel, x, n, chunk, &mut sum_a.slice_mut(..chunks))? };
+    // Later passes alternate between the two buffers: each is shorter than
+    // the one before, so it fits in either (sum_b holds the second).
+    let (mut src, mut dst) = (sum_a, sum_b);
     let mut len = chunks;
     loop {
         let next_len = len.div_ceil(chunk);
         if next_len == 1 {
-            // SAFETY: partials holds len elements; out one.
-            return unsafe { sum_pass(gpu, "loss_sum_f64", &partials.as_view(), len, chunk, out) };
+            // SAFETY: src holds len elements; out one.
+            return unsafe { sum_pass(gpu, "loss_sum_f64", &src.slice(..len), len, chunk, out) };
         }
-        let mut next = gpu.zeros::<f64>(next_len)?;
-        // SAFETY: partials holds len elements, next ceil(len / chunk).
+        // SAFETY: src holds len elements, dst at least ceil(len / chunk).
         unsafe {
             sum_pass(
                 gpu,
                 "loss_sum_f64",
-                &partials.as_view(),
+                &src.slice(..len),
                 len,
                 chunk,
-                &mut next.as_view_mut(),
+                &mut dst.slice_mut(..next_len),
             )?
         };
-        partials = next;
+        std::mem::swap(&mut src, &mut dst);
         len = next_len;
     }
 }
@@ -160,21 +327,42 @@ fn device_sum_into<T: DeviceRepr>(
 /// totals, with sums over `chunk` consecutive values per pass (the losses
 /// use 4096) and as many passes as it takes; synchronizes and returns it.
 /// Deterministic: the same values and chunk give the same bits.
-pub fn sum_f32(gpu: &CudaBackend, x: &CudaView<'_, f32>, chunk: usize) -> Result<f64> {
-    to_host(gpu, |total| {
-        device_sum_into(gpu, "loss_sum_f32", x, chunk, total)
+pub fn sum_f32(
+    gpu: &CudaBackend,
+    x: &CudaView<'_, f32>,
+    chunk: usize,
+    scratch: &mut LossScratch,
+) -> Result<f64> {
+    to_host(gpu, scratch, |total, s| {
+        device_sum_into(
+            gpu,
+            "loss_sum_f32",
+            x,
+            chunk,
+            total,
+            &mut s.sum_a,
+            &mut s.sum_b,
+        )
     })
 }
 
-/// Runs `f` with a fresh one-element device total and downloads it
+/// Runs `f` with the scratch's one-element device total and downloads it
 /// (synchronizes): the host-returning wrappers below.
 fn to_host(
     gpu: &CudaBackend,
-    f: impl FnOnce(&mut CudaViewMut<'_, f64>) -> Result<()>,
+    scratch: &mut LossScratch,
+    f: impl FnOnce(&mut CudaViewMut<'_, f64>, &mut LossScratch) -> Result<()>,
 ) -> Result<f64> {
-    let mut total = gpu.zeros::<f64>(1)?;
-    f(&mut total.as_view_mut())?;
-    Ok(gpu.download(&total)?[0])
+    let Some(mut total) = scratch.total.take() else {
+        return Err(Error::invalid(
+            "loss",
+            "scratch",
+            "its total is missing (a host form panicked while using it)",
+        ));
+    };
+    let r = f(&mut total.as_view_mut(), scratch).and_then(|()| gpu.download(&total));
+    scratch.total = Some(total);
+    Ok(r?[0])
 }
 
 /// Checks the optional `[n, classes]` outputs.
@@ -188,6 +376,13 @@ fn check_opt(
         Some(b) => p.check_mat(op, what, b.len()),
         None => Ok(()),
     }
+}
+
+/// Clears a sparse kernel's error counter on the stream (no allocation).
+fn stream_zero(gpu: &CudaBackend, err: &mut CudaSlice<u64>) -> Result<()> {
+    gpu.stream()
+        .memset_zeros(err)
+        .map_err(|e| gpu.error("cuMemsetD8 (label error counter)", e))
 }
 
 /// Reads the device error counter of a sparse-label kernel and, when a
@@ -232,6 +427,7 @@ fn launch_float_labels(
     mut probs: Option<&mut CudaViewMut<'_, f32>>,
     mut dz: Option<&mut CudaViewMut<'_, f32>>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
     let f = gpu.function(module()?, kernel)?;
     let stream = gpu.stream();
@@ -259,12 +455,21 @@ fn launch_float_labels(
         };
         gpu.launched(kernel, r)?;
     }
-    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), SUM_CHUNK, total)
+    device_sum_into(
+        gpu,
+        "loss_sum_f32",
+        &losses.as_view(),
+        SUM_CHUNK,
+        total,
+        &mut scratch.sum_a,
+        &mut scratch.sum_b,
+    )
 }
 
 /// Softmax + categorical cross-entropy on the device; see
 /// [`super::cpu::softmax_cross_entropy`]. Returns the batch-mean loss
 /// (synchronizes).
+#[allow(clippy::too_many_arguments)]
 pub fn softmax_cross_entropy(
     gpu: &CudaBackend,
     p: &LossParams,
@@ -273,9 +478,10 @@ pub fn softmax_cross_entropy(
     losses: &mut CudaViewMut<'_, f32>,
     probs: Option<&mut CudaViewMut<'_, f32>>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
+    scratch: &mut LossScratch,
 ) -> Result<f64> {
-    let sum = to_host(gpu, |t| {
-        softmax_cross_entropy_into(gpu, p, logits, labels, losses, probs, dz, t)
+    let sum = to_host(gpu, scratch, |t, s| {
+        softmax_cross_entropy_into(gpu, p, logits, labels, losses, probs, dz, t, s)
     })?;
     Ok(sum / p.n as f64)
 }
@@ -293,6 +499,7 @@ pub fn softmax_cross_entropy_into(
     probs: Option<&mut CudaViewMut<'_, f32>>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
     const OP: &str = "softmax_cross_entropy";
     p.check_mat(OP, "logits", logits.len())?;
@@ -301,6 +508,7 @@ pub fn softmax_cross_entropy_into(
     check_opt(p, OP, "dz", &dz)?;
     p.check_mat(OP, "labels", labels.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
+    scratch.check(OP, p)?;
     let gs = scale_over(p, p.n as f64);
     launch_float_labels(
         gpu,
@@ -313,6 +521,7 @@ pub fn softmax_cross_entropy_into(
         probs,
         dz,
         total,
+        scratch,
     )
 }
 
@@ -320,6 +529,7 @@ pub fn softmax_cross_entropy_into(
 /// [`super::cpu::sparse_softmax_cross_entropy`]. Labels are validated on
 /// the device (see the module docs). Returns the batch-mean loss
 /// (synchronizes).
+#[allow(clippy::too_many_arguments)]
 pub fn sparse_softmax_cross_entropy(
     gpu: &CudaBackend,
     p: &LossParams,
@@ -328,9 +538,10 @@ pub fn sparse_softmax_cross_entropy(
     losses: &mut CudaViewMut<'_, f32>,
     probs: Option<&mut CudaViewMut<'_, f32>>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
+    scratch: &mut LossScratch,
 ) -> Result<f64> {
-    let sum = to_host(gpu, |t| {
-        sparse_xent(gpu, p, logits, labels, losses, probs, dz, t, true)
+    let sum = to_host(gpu, scratch, |t, s| {
+        sparse_xent(gpu, p, logits, labels, losses, probs, dz, t, s, true)
     })?;
     Ok(sum / p.n as f64)
 }
@@ -350,8 +561,11 @@ pub fn sparse_softmax_cross_entropy_into(
     probs: Option<&mut CudaViewMut<'_, f32>>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
-    sparse_xent(gpu, p, logits, labels, losses, probs, dz, total, false)
+    sparse_xent(
+        gpu, p, logits, labels, losses, probs, dz, total, scratch, false,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -364,6 +578,7 @@ fn sparse_xent(
     mut probs: Option<&mut CudaViewMut<'_, f32>>,
     mut dz: Option<&mut CudaViewMut<'_, f32>>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
     check_labels: bool,
 ) -> Result<()> {
     const OP: &str = "sparse_softmax_cross_entropy";
@@ -374,9 +589,11 @@ fn sparse_xent(
     check_opt(p, OP, "dz", &dz)?;
     p.check_rows(OP, "labels", labels.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
+    scratch.check(OP, p)?;
     let gs = scale_over(p, p.n as f64);
     let f = gpu.function(module()?, KERNEL)?;
-    let mut err = gpu.zeros::<u64>(2)?;
+    let err = &mut scratch.err;
+    stream_zero(gpu, err)?;
     let stream = gpu.stream();
     {
         let probs_g = probs.as_mut().map(|v| v.device_ptr_mut(stream));
@@ -396,20 +613,29 @@ fn sparse_xent(
                 .arg(&mut *losses)
                 .arg(&probs_ptr)
                 .arg(&dz_ptr)
-                .arg(&mut err)
+                .arg(&mut *err)
                 .launch(row_config(gpu, p))
         };
         gpu.launched(KERNEL, r)?;
     }
     if check_labels {
-        check_label_error(gpu, p, OP, &err, labels)?;
+        check_label_error(gpu, p, OP, &scratch.err, labels)?;
     }
-    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), SUM_CHUNK, total)
+    device_sum_into(
+        gpu,
+        "loss_sum_f32",
+        &losses.as_view(),
+        SUM_CHUNK,
+        total,
+        &mut scratch.sum_a,
+        &mut scratch.sum_b,
+    )
 }
 
 /// Sigmoid + binary cross-entropy on the device; see
 /// [`super::cpu::sigmoid_cross_entropy`]. Returns the batch-mean loss
 /// (synchronizes).
+#[allow(clippy::too_many_arguments)]
 pub fn sigmoid_cross_entropy(
     gpu: &CudaBackend,
     p: &LossParams,
@@ -418,9 +644,10 @@ pub fn sigmoid_cross_entropy(
     losses: &mut CudaViewMut<'_, f32>,
     probs: Option<&mut CudaViewMut<'_, f32>>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
+    scratch: &mut LossScratch,
 ) -> Result<f64> {
-    let sum = to_host(gpu, |t| {
-        sigmoid_cross_entropy_into(gpu, p, logits, targets, losses, probs, dz, t)
+    let sum = to_host(gpu, scratch, |t, s| {
+        sigmoid_cross_entropy_into(gpu, p, logits, targets, losses, probs, dz, t, s)
     })?;
     Ok(sum / p.n as f64)
 }
@@ -437,6 +664,7 @@ pub fn sigmoid_cross_entropy_into(
     probs: Option<&mut CudaViewMut<'_, f32>>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
     const OP: &str = "sigmoid_cross_entropy";
     p.check_mat(OP, "logits", logits.len())?;
@@ -445,6 +673,7 @@ pub fn sigmoid_cross_entropy_into(
     check_opt(p, OP, "dz", &dz)?;
     p.check_mat(OP, "targets", targets.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
+    scratch.check(OP, p)?;
     let gs = scale_over(p, p.n as f64 * p.classes as f64);
     launch_float_labels(
         gpu,
@@ -457,6 +686,7 @@ pub fn sigmoid_cross_entropy_into(
         probs,
         dz,
         total,
+        scratch,
     )
 }
 
@@ -469,13 +699,17 @@ pub fn mse(
     targets: &CudaView<'_, f32>,
     losses: &mut CudaViewMut<'_, f32>,
     dz: Option<&mut CudaViewMut<'_, f32>>,
+    scratch: &mut LossScratch,
 ) -> Result<f64> {
-    let sum = to_host(gpu, |t| mse_into(gpu, p, pred, targets, losses, dz, t))?;
+    let sum = to_host(gpu, scratch, |t, s| {
+        mse_into(gpu, p, pred, targets, losses, dz, t, s)
+    })?;
     Ok(sum / p.n as f64)
 }
 
 /// [`mse`] without the synchronization: writes the *sum* of the per-sample
 /// losses into the one-element `total` on the device.
+#[allow(clippy::too_many_arguments)]
 pub fn mse_into(
     gpu: &CudaBackend,
     p: &LossParams,
@@ -484,6 +718,7 @@ pub fn mse_into(
     losses: &mut CudaViewMut<'_, f32>,
     mut dz: Option<&mut CudaViewMut<'_, f32>>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
     const OP: &str = "mse";
     const KERNEL: &str = "mse_loss";
@@ -492,6 +727,7 @@ pub fn mse_into(
     check_opt(p, OP, "dz", &dz)?;
     p.check_mat(OP, "targets", targets.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
+    scratch.check(OP, p)?;
     let gs = scale_over(p, p.n as f64 * p.classes as f64 / 2.0);
     let f = gpu.function(module()?, KERNEL)?;
     let stream = gpu.stream();
@@ -513,7 +749,15 @@ pub fn mse_into(
         };
         gpu.launched(KERNEL, r)?;
     }
-    device_sum_into(gpu, "loss_sum_f32", &losses.as_view(), SUM_CHUNK, total)
+    device_sum_into(
+        gpu,
+        "loss_sum_f32",
+        &losses.as_view(),
+        SUM_CHUNK,
+        total,
+        &mut scratch.sum_a,
+        &mut scratch.sum_b,
+    )
 }
 
 /// Launches a metric kernel `kernel(p, a, b, rows)` writing one f64 per
@@ -525,10 +769,10 @@ fn metric_rows(
     a: &CudaView<'_, f32>,
     b: &CudaView<'_, f32>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
     let f = gpu.function(module()?, kernel)?;
-    // At least one element: the driver rejects empty allocations.
-    let mut rows = gpu.zeros::<f64>(p.n.max(1))?;
+    let rows = &mut scratch.rows;
     // SAFETY: a and b were checked to hold n * classes elements, rows holds n.
     let r = unsafe {
         gpu.stream()
@@ -536,11 +780,19 @@ fn metric_rows(
             .arg(p)
             .arg(a)
             .arg(b)
-            .arg(&mut rows)
+            .arg(&mut *rows)
             .launch(row_config(gpu, p))
     };
     gpu.launched(kernel, r)?;
-    device_sum_into(gpu, "loss_sum_f64", &rows.slice(..p.n), SUM_CHUNK, total)
+    device_sum_into(
+        gpu,
+        "loss_sum_f64",
+        &scratch.rows.slice(..p.n),
+        SUM_CHUNK,
+        total,
+        &mut scratch.sum_a,
+        &mut scratch.sum_b,
+    )
 }
 
 /// Rows where `argmax(scores) == argmax(labels)`, on the device; see
@@ -550,9 +802,10 @@ pub fn categorical_accuracy(
     p: &LossParams,
     scores: &CudaView<'_, f32>,
     labels: &CudaView<'_, f32>,
+    scratch: &mut LossScratch,
 ) -> Result<f64> {
-    to_host(gpu, |t| {
-        categorical_accuracy_into(gpu, p, scores, labels, t)
+    to_host(gpu, scratch, |t, s| {
+        categorical_accuracy_into(gpu, p, scores, labels, t, s)
     })
 }
 
@@ -564,12 +817,22 @@ pub fn categorical_accuracy_into(
     scores: &CudaView<'_, f32>,
     labels: &CudaView<'_, f32>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
     const OP: &str = "categorical_accuracy";
     p.check_mat(OP, "scores", scores.len())?;
     p.check_mat(OP, "labels", labels.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
-    metric_rows(gpu, "metric_categorical_accuracy", p, scores, labels, total)
+    scratch.check(OP, p)?;
+    metric_rows(
+        gpu,
+        "metric_categorical_accuracy",
+        p,
+        scores,
+        labels,
+        total,
+        scratch,
+    )
 }
 
 /// Rows where `argmax(scores) == labels[i]`, on the device; see
@@ -580,8 +843,11 @@ pub fn sparse_categorical_accuracy(
     p: &LossParams,
     scores: &CudaView<'_, f32>,
     labels: &CudaView<'_, u32>,
+    scratch: &mut LossScratch,
 ) -> Result<f64> {
-    to_host(gpu, |t| sparse_accuracy(gpu, p, scores, labels, t, true))
+    to_host(gpu, scratch, |t, s| {
+        sparse_accuracy(gpu, p, scores, labels, t, s, true)
+    })
 }
 
 /// [`sparse_categorical_accuracy`] into the one-element `total` on the
@@ -593,8 +859,9 @@ pub fn sparse_categorical_accuracy_into(
     scores: &CudaView<'_, f32>,
     labels: &CudaView<'_, u32>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
-    sparse_accuracy(gpu, p, scores, labels, total, false)
+    sparse_accuracy(gpu, p, scores, labels, total, scratch, false)
 }
 
 fn sparse_accuracy(
@@ -603,6 +870,7 @@ fn sparse_accuracy(
     scores: &CudaView<'_, f32>,
     labels: &CudaView<'_, u32>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
     check_labels: bool,
 ) -> Result<()> {
     const OP: &str = "sparse_categorical_accuracy";
@@ -610,9 +878,10 @@ fn sparse_accuracy(
     p.check_mat(OP, "scores", scores.len())?;
     p.check_rows(OP, "labels", labels.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
+    scratch.check(OP, p)?;
     let f = gpu.function(module()?, KERNEL)?;
-    let mut rows = gpu.zeros::<f64>(p.n.max(1))?;
-    let mut err = gpu.zeros::<u64>(2)?;
+    let LossScratch { rows, err, .. } = &mut *scratch;
+    stream_zero(gpu, err)?;
     // SAFETY: scores holds n * classes elements, labels and rows n, err 2.
     let r = unsafe {
         gpu.stream()
@@ -620,15 +889,23 @@ fn sparse_accuracy(
             .arg(p)
             .arg(scores)
             .arg(labels)
-            .arg(&mut rows)
-            .arg(&mut err)
+            .arg(&mut *rows)
+            .arg(&mut *err)
             .launch(row_config(gpu, p))
     };
     gpu.launched(KERNEL, r)?;
     if check_labels {
-        check_label_error(gpu, p, OP, &err, labels)?;
+        check_label_error(gpu, p, OP, &scratch.err, labels)?;
     }
-    device_sum_into(gpu, "loss_sum_f64", &rows.slice(..p.n), SUM_CHUNK, total)
+    device_sum_into(
+        gpu,
+        "loss_sum_f64",
+        &scratch.rows.slice(..p.n),
+        SUM_CHUNK,
+        total,
+        &mut scratch.sum_a,
+        &mut scratch.sum_b,
+    )
 }
 
 /// Keras 2.3.1's binary accuracy summed over the batch, on the device; see
@@ -638,9 +915,10 @@ pub fn binary_accuracy(
     p: &LossParams,
     probs: &CudaView<'_, f32>,
     targets: &CudaView<'_, f32>,
+    scratch: &mut LossScratch,
 ) -> Result<f64> {
-    Ok(to_host(gpu, |t| {
-        binary_accuracy_rows_into(gpu, p, probs, targets, t)
+    Ok(to_host(gpu, scratch, |t, s| {
+        binary_accuracy_rows_into(gpu, p, probs, targets, t, s)
     })? / p.classes as f64)
 }
 
@@ -653,12 +931,22 @@ pub fn binary_accuracy_rows_into(
     probs: &CudaView<'_, f32>,
     targets: &CudaView<'_, f32>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
     const OP: &str = "binary_accuracy";
     p.check_mat(OP, "probs", probs.len())?;
     p.check_mat(OP, "targets", targets.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
-    metric_rows(gpu, "metric_binary_accuracy", p, probs, targets, total)
+    scratch.check(OP, p)?;
+    metric_rows(
+        gpu,
+        "metric_binary_accuracy",
+        p,
+        probs,
+        targets,
+        total,
+        scratch,
+    )
 }
 
 /// Mean absolute error summed over the batch, on the device; see
@@ -668,8 +956,9 @@ pub fn mae(
     p: &LossParams,
     pred: &CudaView<'_, f32>,
     targets: &CudaView<'_, f32>,
+    scratch: &mut LossScratch,
 ) -> Result<f64> {
-    to_host(gpu, |t| mae_into(gpu, p, pred, targets, t))
+    to_host(gpu, scratch, |t, s| mae_into(gpu, p, pred, targets, t, s))
 }
 
 /// [`mae`] into the one-element `total` on the device (no synchronization).
@@ -679,10 +968,122 @@ pub fn mae_into(
     pred: &CudaView<'_, f32>,
     targets: &CudaView<'_, f32>,
     total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
 ) -> Result<()> {
     const OP: &str = "mae";
     p.check_mat(OP, "pred", pred.len())?;
     p.check_mat(OP, "targets", targets.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
-    metric_rows(gpu, "metric_mae", p, pred, targets, total)
+    scratch.check(OP, p)?;
+    metric_rows(gpu, "metric_mae", p, pred, targets, total, scratch)
+}
+
+// The allocating convenience forms: each allocates (and frees) a fresh
+// `LossScratch` for one call. For one-off use; a loop should keep a scratch.
+
+/// [`sum_f32`] with a fresh [`LossScratch`] allocated for this call.
+pub fn sum_f32_alloc(gpu: &CudaBackend, x: &CudaView<'_, f32>, chunk: usize) -> Result<f64> {
+    let mut s = LossScratch::with_lens(gpu, LossScratch::sum_lens(x.len(), chunk))?;
+    sum_f32(gpu, x, chunk, &mut s)
+}
+
+/// [`softmax_cross_entropy`] with a fresh [`LossScratch`] allocated for
+/// this call.
+pub fn softmax_cross_entropy_alloc(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    labels: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<f64> {
+    let mut s = LossScratch::new(gpu, p)?;
+    softmax_cross_entropy(gpu, p, logits, labels, losses, probs, dz, &mut s)
+}
+
+/// [`sparse_softmax_cross_entropy`] with a fresh [`LossScratch`] allocated
+/// for this call.
+pub fn sparse_softmax_cross_entropy_alloc(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    labels: &CudaView<'_, u32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<f64> {
+    let mut s = LossScratch::new(gpu, p)?;
+    sparse_softmax_cross_entropy(gpu, p, logits, labels, losses, probs, dz, &mut s)
+}
+
+/// [`sigmoid_cross_entropy`] with a fresh [`LossScratch`] allocated for
+/// this call.
+pub fn sigmoid_cross_entropy_alloc(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<f64> {
+    let mut s = LossScratch::new(gpu, p)?;
+    sigmoid_cross_entropy(gpu, p, logits, targets, losses, probs, dz, &mut s)
+}
+
+/// [`mse`] with a fresh [`LossScratch`] allocated for this call.
+pub fn mse_alloc(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    pred: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<f64> {
+    let mut s = LossScratch::new(gpu, p)?;
+    mse(gpu, p, pred, targets, losses, dz, &mut s)
+}
+
+/// [`categorical_accuracy`] with a fresh [`LossScratch`] allocated for
+/// this call.
+pub fn categorical_accuracy_alloc(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    scores: &CudaView<'_, f32>,
+    labels: &CudaView<'_, f32>,
+) -> Result<f64> {
+    categorical_accuracy(gpu, p, scores, labels, &mut LossScratch::new(gpu, p)?)
+}
+
+/// [`sparse_categorical_accuracy`] with a fresh [`LossScratch`] allocated
+/// for this call.
+pub fn sparse_categorical_accuracy_alloc(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    scores: &CudaView<'_, f32>,
+    labels: &CudaView<'_, u32>,
+) -> Result<f64> {
+    sparse_categorical_accuracy(gpu, p, scores, labels, &mut LossScratch::new(gpu, p)?)
+}
+
+/// [`binary_accuracy`] with a fresh [`LossScratch`] allocated for this
+/// call.
+pub fn binary_accuracy_alloc(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    probs: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+) -> Result<f64> {
+    binary_accuracy(gpu, p, probs, targets, &mut LossScratch::new(gpu, p)?)
+}
+
+/// [`mae`] with a fresh [`LossScratch`] allocated for this call.
+pub fn mae_alloc(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    pred: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+) -> Result<f64> {
+    mae(gpu, p, pred, targets, &mut LossScratch::new(gpu, p)?)
 }

@@ -314,18 +314,29 @@ impl CudaBackend {
         }
     }
 
+    /// An [`Error::Cuda`] for `kernel` saying that `what` needs compute
+    /// capability `needed`, unless this device has it: the one check behind
+    /// module loads and the kernel-version entry points.
+    pub fn require_capability(&self, kernel: &str, what: &str, needed: (i32, i32)) -> Result<()> {
+        if self.info.compute_capability >= needed {
+            return Ok(());
+        }
+        Err(self.error(
+            kernel,
+            format!(
+                "{what} needs compute capability {}.{} or newer",
+                needed.0, needed.1
+            ),
+        ))
+    }
+
     /// The function `name` of `module`, loading the module on first use.
     pub fn function(&self, module: &'static KernelModule, name: &str) -> Result<CudaFunction> {
-        let (major, minor) = self.info.compute_capability;
-        if (major, minor) < module.min_compute_capability {
-            return Err(self.error(
-                name,
-                format!(
-                    "module {} needs compute capability {}.{} or newer",
-                    module.name, module.min_compute_capability.0, module.min_compute_capability.1
-                ),
-            ));
-        }
+        self.require_capability(
+            name,
+            &format!("module {}", module.name),
+            module.min_compute_capability,
+        )?;
         let m = {
             let mut cache = lock(&self.modules.modules);
             match cache.get(module.name) {

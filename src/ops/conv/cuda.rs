@@ -99,14 +99,7 @@ pub fn select(_p: &Conv2d, _info: &DeviceInfo) -> ConvAlgo {
 
 /// An error naming the algorithm when the device is older than it needs.
 fn check_runs_on(gpu: &CudaBackend, algo: ConvAlgo) -> Result<()> {
-    if algo.runs_on(gpu.info()) {
-        return Ok(());
-    }
-    let (major, minor) = algo.min_compute_capability();
-    Err(gpu.error(
-        algo.name(),
-        format!("needs compute capability {major}.{minor} or newer"),
-    ))
+    gpu.require_capability(algo.name(), algo.name(), algo.min_compute_capability())
 }
 
 /// The most scratch floats a call allocates for its column matrices when the

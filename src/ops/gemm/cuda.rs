@@ -151,14 +151,11 @@ pub fn gemm_with(
 
 /// An error naming the kernel when the device is older than it needs.
 fn check_runs_on(gpu: &CudaBackend, kernel: GemmKernel) -> Result<()> {
-    if kernel.runs_on(gpu.info()) {
-        return Ok(());
-    }
-    let (major, minor) = kernel.min_compute_capability();
-    Err(gpu.error(
+    gpu.require_capability(
         kernel.name(),
-        format!("needs compute capability {major}.{minor} or newer"),
-    ))
+        kernel.name(),
+        kernel.min_compute_capability(),
+    )
 }
 
 /// Launches the version `kernel` (`None`: the one [`select`] picks for this

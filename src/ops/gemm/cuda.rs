@@ -92,6 +92,25 @@ impl GemmKernel {
     }
 }
 
+impl crate::cuda::KernelVersion for GemmKernel {
+    fn all() -> &'static [Self] {
+        &Self::ALL
+    }
+
+    fn name(self) -> &'static str {
+        GemmKernel::name(self)
+    }
+
+    fn modules(self) -> &'static [&'static KernelModule] {
+        std::slice::from_ref(match self {
+            GemmKernel::Tiled64 | GemmKernel::Tiled128 => &GEMM_MODULE,
+        })
+    }
+}
+
+/// [`GemmKernel::modules`]' slice for the versions in `kernels/gemm.cu`.
+static GEMM_MODULE: &KernelModule = &GEMM;
+
 /// The version [`gemm`] runs for `p` on `info`'s device: 128x128 tiles when
 /// `m` and `n` are at least 128 and there are at least as many such tiles
 /// (over the batch) as multiprocessors, else 64x64.
@@ -329,7 +348,10 @@ pub(crate) unsafe fn summed(
             return Err(Error::shape(
                 op,
                 "workspace length",
-                format!("at least {need} floats ({parts} partial products of {} x {})", p.m, p.n),
+                format!(
+                    "at least {need} floats ({parts} partial products of {} x {})",
+                    p.m, p.n
+                ),
                 other.map_or(0, |w| w.len()),
             ));
         }
@@ -345,7 +367,18 @@ pub(crate) unsafe fn summed(
     // operands per the caller. Every element of the slabs is written (beta
     // = 0, each slice covers all of its m x n) before gemm_sum_partials
     // reads it.
-    unsafe { launch(gpu, kernel, &q, DeviceEpilogue::default(), a, b, &mut scratch, group)? };
+    unsafe {
+        launch(
+            gpu,
+            kernel,
+            &q,
+            DeviceEpilogue::default(),
+            a,
+            b,
+            &mut scratch,
+            group,
+        )?
+    };
     let f = gpu.function(&GEMM, "gemm_sum_partials")?;
     let cfg = gpu.elementwise_config(slab);
     let (rows, cols, ldc, parts) = (p.m as u64, p.n as u64, p.ldc as u64, parts as u64);
@@ -480,12 +513,32 @@ fn backward(
         // them, and writes dA in A's layout, which the check placed inside
         // a.len() == da.len(); distinct batch items of dA do not overlap
         // (checked).
-        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), da, workspace.as_deref_mut())? };
+        unsafe {
+            run_grad(
+                gpu,
+                kernel,
+                &g,
+                pick(g.x),
+                pick(g.y),
+                da,
+                workspace.as_deref_mut(),
+            )?
+        };
     }
     if let Some(db) = db {
         let g = p.grad_b();
         // SAFETY: as for dA, with the roles of A and B exchanged.
-        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), db, workspace.as_deref_mut())? };
+        unsafe {
+            run_grad(
+                gpu,
+                kernel,
+                &g,
+                pick(g.x),
+                pick(g.y),
+                db,
+                workspace,
+            )?
+        };
     }
     Ok(())
 }
@@ -575,7 +628,14 @@ mod tests {
     /// caller, and the bound conv reserves for any chunk of a batch.
     #[test]
     fn split_plan_is_the_old_rule_and_bounded() {
-        for (m, n) in [(1usize, 1usize), (20, 30), (64, 64), (100, 300), (128, 1152), (700, 900)] {
+        for (m, n) in [
+            (1usize, 1usize),
+            (20, 30),
+            (64, 64),
+            (100, 300),
+            (128, 1152),
+            (700, 900),
+        ] {
             for k in [0usize, 1, 9] {
                 for batch in [1usize, 2, 3, 7, 31, 100, 1000] {
                     let tiles = m.div_ceil(64) * n.div_ceil(64);
@@ -586,7 +646,11 @@ mod tests {
                     };
                     let old_group = batch.div_ceil(old);
                     let plan = split_plan(m, n, k, batch);
-                    assert_eq!(plan, (old_group, batch.div_ceil(old_group)), "{m}x{n}x{k} b{batch}");
+                    assert_eq!(
+                        plan,
+                        (old_group, batch.div_ceil(old_group)),
+                        "{m}x{n}x{k} b{batch}"
+                    );
                     let p = Gemm::new(m, n, k).batched(batch);
                     let need = summed_workspace_len(&p);
                     assert_eq!(need == 0, plan.1 == 1);
@@ -603,7 +667,10 @@ mod tests {
         let mut p = Gemm::new(20, 30, 40).batched(100);
         assert_eq!(backward_workspace_len(&p), 0, "no operand shared");
         p.stride_a = 0;
-        assert!(backward_workspace_len(&p) >= 20 * 40 * 2, "dA is 20 x 40, split");
+        assert!(
+            backward_workspace_len(&p) >= 20 * 40 * 2,
+            "dA is 20 x 40, split"
+        );
         p.batch = 1;
         assert_eq!(backward_workspace_len(&p), 0, "one item: no split");
     }

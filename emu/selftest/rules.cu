@@ -112,3 +112,11 @@ extern "C" __global__ void kemu_test_dynamic_shared(float* out) {
     __syncthreads();
     out[threadIdx.x] = dyn[blockDim.x - 1 - threadIdx.x];
 }
+
+// x[i] = x[i] * 2 + a: the order of two launches shows in the result (the
+// graph checks replay captured launches in stream order, with the
+// parameter values of capture time).
+extern "C" __global__ void kemu_test_scale_add(float* x, float a, unsigned long long n) {
+    const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = x[i] * 2.0f + a;
+}

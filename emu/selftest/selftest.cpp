@@ -30,6 +30,28 @@ int cuMemcpyDtoH_v2(void*, uint64_t, size_t);
 int cuMemsetD8_v2(uint64_t, unsigned char, size_t);
 int cuGetErrorString(int, const char**);
 int cuGraphCreate(void**, unsigned);
+int cuStreamCreate(void**, unsigned);
+int cuStreamDestroy_v2(void*);
+int cuStreamSynchronize(void*);
+int cuStreamWaitEvent(void*, void*, unsigned);
+int cuStreamBeginCapture_v2(void*, int);
+int cuStreamEndCapture(void*, void**);
+int cuStreamIsCapturing(void*, int*);
+int cuEventCreate(void**, unsigned);
+int cuEventRecord(void*, void*);
+int cuEventDestroy_v2(void*);
+int cuMemcpyHtoDAsync_v2(uint64_t, const void*, size_t, void*);
+int cuMemcpyDtoDAsync_v2(uint64_t, uint64_t, size_t, void*);
+int cuMemsetD32Async(uint64_t, unsigned, size_t, void*);
+int cuMemAllocAsync(uint64_t*, size_t, void*);
+int cuMemAllocHost_v2(void**, size_t);
+int cuMemFreeHost(void*);
+int cuGraphInstantiateWithFlags(void**, void*, unsigned long long);
+int cuGraphLaunch(void*, void*);
+int cuGraphUpload(void*, void*);
+int cuGraphExecDestroy(void*);
+int cuGraphDestroy(void*);
+int cuGraphGetNodes(void*, void**, size_t*);
 }
 
 namespace {
@@ -82,6 +104,7 @@ std::string all_entries() {
     s += entry("kemu_test_shuffles", {P, P});
     s += entry("kemu_test_atomics", {P, P});
     s += entry("kemu_test_oob", {P, ".u64"});
+    s += entry("kemu_test_scale_add", {P, ".f32", ".u64"});
     s += ".shared .align 4 .b8 big_smem[40960];\n";
     s += entry("kemu_test_big_shared", {P}, ".maxntid 64, 1, 1", "\tmov.u64 %rd1, big_smem;\n");
     return s;
@@ -296,6 +319,117 @@ int main() {
         const int rc = launch(fn("kemu_test_oob"), 1, 32, {&p.p, &n});
         if (memcheck) expect_error(rc, 700, "AddressSanitizer", "a write one past an allocation");
         else check(rc == 0, "a write one past an allocation is not seen without memcheck (expected)");
+    }
+
+    // ---- stream capture and graphs --------------------------------------------------
+    {
+        void* st = nullptr;
+        check(cuStreamCreate(&st, 1) == 0, "a stream for the capture checks");
+        void* sa = fn("kemu_test_scale_add");
+        const unsigned long long n = 8;
+        Buf x(n * 4), y(n * 4);
+        auto floats = [](Buf& b) { return b.get<float>(); };
+        int status = -1;
+        auto cap_launch = [&](float a) {
+            return cuLaunchKernel(sa, 1, 1, 1, 32, 1, 1, 0, st, std::vector<void*>{&x.p, &a, (void*)&n}.data(),
+                                  nullptr);
+        };
+        // Relaxed mode, so that the synchronous reads below may look at the
+        // buffers during the capture.
+        check(cuStreamBeginCapture_v2(st, 2) == 0 && cuStreamIsCapturing(st, &status) == 0 && status == 1,
+              "capture begins; the stream reports CU_STREAM_CAPTURE_STATUS_ACTIVE");
+        // memset x = 1.0, x = 2x + 3, x = 2x + 5, y = x: run they would give
+        // x = y = 15; captured, nothing happens until the graph runs.
+        float a = 3.0f;
+        const bool recorded = cuMemsetD32Async(x.p, 0x3f800000u, n, st) == 0 &&
+                              cuLaunchKernel(sa, 1, 1, 1, 32, 1, 1, 0, st,
+                                             std::vector<void*>{&x.p, &a, (void*)&n}.data(), nullptr) == 0;
+        a = 100.0f;  // the capture copied the parameter: this must not matter
+        check(recorded && cap_launch(5.0f) == 0 && cuMemcpyDtoDAsync_v2(y.p, x.p, n * 4, st) == 0,
+              "a memset, two launches and a device copy are recorded");
+        check(floats(x)[0] == 0.0f && floats(y)[0] == 0.0f, "captured work does not run at capture");
+        void* g = nullptr;
+        void* ex = nullptr;
+        size_t nodes = 0;
+        check(cuStreamEndCapture(st, &g) == 0 && g && cuStreamIsCapturing(st, &status) == 0 && status == 0,
+              "capture ends with a graph; the stream is no longer capturing");
+        check(cuGraphGetNodes(g, nullptr, &nodes) == 0 && nodes == 4, "the graph holds the 4 nodes in order");
+        expect_error(cuGraphInstantiateWithFlags(&ex, g, 1 | 4), 1, "DEVICE_LAUNCH",
+                     "AUTO_FREE_ON_LAUNCH | DEVICE_LAUNCH is an invalid instantiation");
+        check(cuGraphInstantiateWithFlags(&ex, g, 0) == 0 && cuGraphUpload(ex, st) == 0 && cuGraphLaunch(ex, st) == 0,
+              "instantiate, upload, launch");
+        bool first = true;
+        for (float v : floats(x)) first = first && v == 15.0f;
+        for (float v : floats(y)) first = first && v == 15.0f;
+        check(first, "the replay runs the nodes in stream order with the captured parameters (x = y = 15)");
+        cuMemsetD8_v2(x.p, 0, n * 4);
+        check(cuGraphLaunch(ex, st) == 0 && floats(x)[3] == 15.0f && floats(y)[7] == 15.0f,
+              "a second replay gives the same result (the memset node resets x)");
+        check(cuGraphExecDestroy(ex) == 0 && cuGraphDestroy(g) == 0, "destroy the executable graph and the graph");
+        expect_error(cuGraphDestroy(g), 1, "not a live graph", "a graph destroyed twice");
+        expect_error(cuGraphLaunch(ex, st), 1, "not a live executable graph", "launching a destroyed graph");
+
+        // Illegal operations fail and invalidate the capture.
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuStreamSynchronize(st), 900, "cuStreamSynchronize", "synchronizing a capturing stream");
+        check(cuStreamIsCapturing(st, &status) == 0 && status == 2, "... invalidates the capture (status INVALIDATED)");
+        expect_error(cap_launch(1.0f), 901, "invalidated", "a launch into an invalidated capture");
+        g = (void*)1;
+        expect_error(cuStreamEndCapture(st, &g), 901, "invalidated", "ending an invalidated capture");
+        check(g == nullptr && cuStreamIsCapturing(st, &status) == 0 && status == 0,
+              "... gives no graph and ends the capture");
+
+        std::vector<float> host(n, 7.0f);
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuMemcpyHtoDAsync_v2(x.p, host.data(), n * 4, st), 900, "pageable",
+                     "a copy from pageable host memory during a capture");
+        cuStreamEndCapture(st, &g);
+        void* pin = nullptr;
+        cuMemAllocHost_v2(&pin, n * 4);
+        memcpy(pin, host.data(), n * 4);
+        cuStreamBeginCapture_v2(st, 0);
+        check(cuMemcpyHtoDAsync_v2(x.p, pin, n * 4, st) == 0 && cuStreamEndCapture(st, &g) == 0 &&
+                  cuGraphInstantiateWithFlags(&ex, g, 0) == 0,
+              "a copy from page-locked memory is captured");
+        static_cast<float*>(pin)[0] = 9.0f;
+        check(cuGraphLaunch(ex, st) == 0 && floats(x)[0] == 9.0f && floats(x)[1] == 7.0f,
+              "... and reads the host memory when the graph runs, not at capture");
+        cuGraphExecDestroy(ex);
+        cuGraphDestroy(g);
+        cuMemFreeHost(pin);
+
+        uint64_t p = 0;
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuMemAlloc_v2(&p, 64), 900, "cuMemAlloc", "cuMemAlloc during a global-mode capture");
+        expect_error(cuStreamEndCapture(st, &g), 901, "cuMemAlloc", "... invalidates it");
+        cuStreamBeginCapture_v2(st, 2);
+        check(cuMemAlloc_v2(&p, 64) == 0 && cuMemFree_v2(p) == 0 && cuStreamEndCapture(st, &g) == 0 && g,
+              "cuMemAlloc and cuMemFree during a relaxed capture are allowed");
+        cuGraphDestroy(g);
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuMemAllocAsync(&p, 64, st), 801, "graph memory nodes", "a stream-ordered allocation in a capture");
+        cuStreamEndCapture(st, &g);
+
+        void* ev = nullptr;
+        cuEventCreate(&ev, 2);
+        cuEventRecord(ev, st);
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuStreamWaitEvent(st, ev, 0), 905, "not recorded in this capture",
+                     "waiting on an event recorded outside the capture");
+        cuStreamEndCapture(st, &g);
+        cuStreamBeginCapture_v2(st, 0);
+        check(cuEventRecord(ev, st) == 0 && cuStreamWaitEvent(st, ev, 0) == 0 && cuStreamEndCapture(st, &g) == 0,
+              "waiting on an event recorded in the same capture");
+        cuGraphDestroy(g);
+        cuEventDestroy_v2(ev);
+
+        expect_error(cuStreamEndCapture(st, &g), 401, "not capturing", "ending a capture that never began");
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuStreamBeginCapture_v2(st, 0), 401, "already capturing", "beginning a capture twice");
+        cuStreamEndCapture(st, &g);
+        cuGraphDestroy(g);
+        expect_error(cuStreamBeginCapture_v2(nullptr, 0), 1, "legacy stream", "capturing the legacy stream");
+        cuStreamDestroy_v2(st);
     }
 
     printf("%d passed, %d failed\n", passed, failed);

@@ -524,7 +524,7 @@ fn tf32_rounds_its_operands() {
     let (m, n, k) = (32usize, 24usize, 64usize);
     let p = Gemm::new(m, n, k);
     let row_value = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             1.0 + 2f32.powi(-13)
         } else {
             1.0 + 2f32.powi(-11)

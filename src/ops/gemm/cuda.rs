@@ -367,7 +367,10 @@ pub(crate) unsafe fn summed(
             return Err(Error::shape(
                 op,
                 "workspace length",
-                format!("at least {need} floats ({parts} partial products of {} x {})", p.m, p.n),
+                format!(
+                    "at least {need} floats ({parts} partial products of {} x {})",
+                    p.m, p.n
+                ),
                 other.map_or(0, |w| w.len()),
             ));
         }
@@ -383,7 +386,18 @@ pub(crate) unsafe fn summed(
     // operands per the caller. Every element of the slabs is written (beta
     // = 0, each slice covers all of its m x n) before gemm_sum_partials
     // reads it.
-    unsafe { launch(gpu, kernel, &q, DeviceEpilogue::default(), a, b, &mut scratch, group)? };
+    unsafe {
+        launch(
+            gpu,
+            kernel,
+            &q,
+            DeviceEpilogue::default(),
+            a,
+            b,
+            &mut scratch,
+            group,
+        )?
+    };
     let f = gpu.function(&GEMM, "gemm_sum_partials")?;
     let cfg = gpu.elementwise_config(slab);
     let (rows, cols, ldc, parts) = (p.m as u64, p.n as u64, p.ldc as u64, parts as u64);
@@ -518,12 +532,32 @@ fn backward(
         // them, and writes dA in A's layout, which the check placed inside
         // a.len() == da.len(); distinct batch items of dA do not overlap
         // (checked).
-        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), da, workspace.as_deref_mut())? };
+        unsafe {
+            run_grad(
+                gpu,
+                kernel,
+                &g,
+                pick(g.x),
+                pick(g.y),
+                da,
+                workspace.as_deref_mut(),
+            )?
+        };
     }
     if let Some(db) = db {
         let g = p.grad_b();
         // SAFETY: as for dA, with the roles of A and B exchanged.
-        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), db, workspace.as_deref_mut())? };
+        unsafe {
+            run_grad(
+                gpu,
+                kernel,
+                &g,
+                pick(g.x),
+                pick(g.y),
+                db,
+                workspace.as_deref_mut(),
+            )?
+        };
     }
     Ok(())
 }
@@ -613,7 +647,14 @@ mod tests {
     /// caller, and the bound conv reserves for any chunk of a batch.
     #[test]
     fn split_plan_is_the_old_rule_and_bounded() {
-        for (m, n) in [(1usize, 1usize), (20, 30), (64, 64), (100, 300), (128, 1152), (700, 900)] {
+        for (m, n) in [
+            (1usize, 1usize),
+            (20, 30),
+            (64, 64),
+            (100, 300),
+            (128, 1152),
+            (700, 900),
+        ] {
             for k in [0usize, 1, 9] {
                 for batch in [1usize, 2, 3, 7, 31, 100, 1000] {
                     let tiles = m.div_ceil(64) * n.div_ceil(64);
@@ -624,7 +665,11 @@ mod tests {
                     };
                     let old_group = batch.div_ceil(old);
                     let plan = split_plan(m, n, k, batch);
-                    assert_eq!(plan, (old_group, batch.div_ceil(old_group)), "{m}x{n}x{k} b{batch}");
+                    assert_eq!(
+                        plan,
+                        (old_group, batch.div_ceil(old_group)),
+                        "{m}x{n}x{k} b{batch}"
+                    );
                     let p = Gemm::new(m, n, k).batched(batch);
                     let need = summed_workspace_len(&p);
                     assert_eq!(need == 0, plan.1 == 1);
@@ -641,7 +686,10 @@ mod tests {
         let mut p = Gemm::new(20, 30, 40).batched(100);
         assert_eq!(backward_workspace_len(&p), 0, "no operand shared");
         p.stride_a = 0;
-        assert!(backward_workspace_len(&p) >= 20 * 40 * 2, "dA is 20 x 40, split");
+        assert!(
+            backward_workspace_len(&p) >= 20 * 40 * 2,
+            "dA is 20 x 40, split"
+        );
         p.batch = 1;
         assert_eq!(backward_workspace_len(&p), 0, "one item: no split");
     }

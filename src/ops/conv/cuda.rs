@@ -95,6 +95,20 @@ impl ConvAlgo {
     }
 }
 
+impl crate::cuda::KernelVersion for ConvAlgo {
+    fn all() -> &'static [Self] {
+        &Self::ALL
+    }
+
+    fn name(self) -> &'static str {
+        ConvAlgo::name(self)
+    }
+
+    fn modules(self) -> &'static [&'static KernelModule] {
+        ConvAlgo::modules(self)
+    }
+}
+
 /// The algorithm [`forward`], [`backward_data`] and [`backward_filter`] run
 /// for `p` on `info`'s device: today always [`ConvAlgo::Im2colGemm`].
 pub fn select(_p: &Conv2d, _info: &DeviceInfo) -> ConvAlgo {

@@ -117,6 +117,29 @@ impl GemmKernel {
     }
 }
 
+impl crate::cuda::KernelVersion for GemmKernel {
+    fn all() -> &'static [Self] {
+        &Self::ALL
+    }
+
+    fn name(self) -> &'static str {
+        GemmKernel::name(self)
+    }
+
+    fn modules(self) -> &'static [&'static KernelModule] {
+        match self {
+            GemmKernel::Tiled64 | GemmKernel::Tiled128 => std::slice::from_ref(&GEMM_MODULE),
+            GemmKernel::Tf32MmaSync => &GEMM_TF32_MODULES,
+        }
+    }
+}
+
+/// [`GemmKernel::modules`]' slice for the versions in `kernels/gemm.cu`.
+static GEMM_MODULE: &KernelModule = &GEMM;
+/// The TF32 version's: its kernel in `kernels/gemm_tf32.cu`, and
+/// `gemm_sum_partials` of `kernels/gemm.cu` for split batch sums.
+static GEMM_TF32_MODULES: [&KernelModule; 2] = [&GEMM_TF32, &GEMM];
+
 /// The version [`gemm`] runs for `p` on `info`'s device: 128x128 tiles when
 /// `m` and `n` are at least 128 and there are at least as many such tiles
 /// (over the batch) as multiprocessors, else 64x64.
@@ -547,17 +570,7 @@ fn backward(
     if let Some(db) = db {
         let g = p.grad_b();
         // SAFETY: as for dA, with the roles of A and B exchanged.
-        unsafe {
-            run_grad(
-                gpu,
-                kernel,
-                &g,
-                pick(g.x),
-                pick(g.y),
-                db,
-                workspace.as_deref_mut(),
-            )?
-        };
+        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), db, workspace)? };
     }
     Ok(())
 }

@@ -225,14 +225,23 @@ fn every_isa_level_matches_the_definition() {
             let p = Dropout::new(len, rate, seed, offset).unwrap();
             let x = data(seed, len, -4.0, 4.0);
             let (y, mask) = with_isa(isa, || run(&p, &x)).unwrap();
-            assert!(mask == mask_def(len, rate, seed, offset), "{isa}: mask, len {len}");
+            assert!(
+                mask == mask_def(len, rate, seed, offset),
+                "{isa}: mask, len {len}"
+            );
             let scale = 1.0f32 / (1.0f32 - rate);
             for i in 0..len {
-                let expect = if mask[i] == 1 { x[i] * scale } else { x[i] * 0.0 };
+                let expect = if mask[i] == 1 {
+                    x[i] * scale
+                } else {
+                    x[i] * 0.0
+                };
                 assert_eq!(y[i].to_bits(), expect.to_bits(), "{isa}: y[{i}]");
             }
             let mut m2 = vec![9u8; len];
-            with_isa(isa, || cpu::mask_only(&p, &mut m2)).unwrap().unwrap();
+            with_isa(isa, || cpu::mask_only(&p, &mut m2))
+                .unwrap()
+                .unwrap();
             assert!(m2 == mask, "{isa}: mask_only");
         }
     }

@@ -57,30 +57,34 @@ fn philox_lanes(p: &Dropout, block0: u64, words: &mut [u32; 4 * LANES]) {
     }
 }
 
-/// Calls `f(j, kept)` for the elements `base..base + n` (`base` a multiple
-/// of 4), `j` counted from `base`.
+/// Calls `f(j0, words)` for the elements `base..base + n` (`base` a
+/// multiple of 4) in runs: `words[e]` is the Philox word of element
+/// `base + j0 + e` (the last run may be shorter than a whole block).
+/// Handing out runs of words rather than one decision at a time lets the
+/// callers' element loops be plain zips over slices, which vectorize.
 #[inline(always)]
-fn for_each_decision(p: &Dropout, base: usize, n: usize, mut f: impl FnMut(usize, bool)) {
+fn for_each_run(p: &Dropout, base: usize, n: usize, mut f: impl FnMut(usize, &[u32])) {
     let key = p.key();
-    if p.rate == 0.0 {
-        // u >= 0 always holds: skip the generator, same result.
-        (0..n).for_each(|j| f(j, true));
-        return;
-    }
-    // Whole groups of LANES blocks, then block by block.
     let groups = n / (4 * LANES);
     let mut words = [0u32; 4 * LANES];
     for g in 0..groups {
         philox_lanes(p, (base / 4 + g * LANES) as u64, &mut words);
-        for (e, &w) in words.iter().enumerate() {
-            f(g * 4 * LANES + e, keep_word(w, p.rate));
-        }
+        f(g * 4 * LANES, &words);
     }
     for b in groups * LANES..n.div_ceil(4) {
         let w = philox4x32_10(p.counter(((base / 4) + b) as u64), key);
-        for (lane, &word) in w.iter().enumerate().take((n - 4 * b).min(4)) {
-            f(4 * b + lane, keep_word(word, p.rate));
-        }
+        f(4 * b, &w[..(n - 4 * b).min(4)]);
+    }
+}
+
+/// The keep decisions of `words` into `mask` (1 kept, 0 dropped), and
+/// `y = x * scale` where kept, `x * 0.0` where dropped.
+#[inline(always)]
+fn apply(words: &[u32], rate: f32, scale: f32, x: &[f32], y: &mut [f32], mask: &mut [u8]) {
+    for (((&w, &xv), yv), m) in words.iter().zip(x).zip(y).zip(mask) {
+        let k = keep_word(w, rate);
+        *m = k as u8;
+        *yv = xv * if k { scale } else { 0.0 };
     }
 }
 
@@ -126,7 +130,16 @@ pub fn mask_only(p: &Dropout, mask: &mut [u8]) -> Result<()> {
     let isa = Isa::current();
     mask.par_chunks_mut(CHUNK).enumerate().for_each(|(t, mc)| {
         with_isa_build(isa, || {
-            for_each_decision(p, t * CHUNK, mc.len(), |j, k| mc[j] = k as u8)
+            if p.rate == 0.0 {
+                // u >= 0 always holds: skip the generator, same result.
+                mc.fill(1);
+                return;
+            }
+            for_each_run(p, t * CHUNK, mc.len(), |j0, w| {
+                for (m, &wv) in mc[j0..].iter_mut().zip(w) {
+                    *m = keep_word(wv, p.rate) as u8;
+                }
+            })
         });
     });
     Ok(())
@@ -147,9 +160,18 @@ pub fn forward(p: &Dropout, x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result
         .enumerate()
         .for_each(|(t, ((yc, mc), xc))| {
             with_isa_build(isa, || {
-                for_each_decision(p, t * CHUNK, yc.len(), |j, k| {
-                    mc[j] = k as u8;
-                    yc[j] = xc[j] * if k { scale } else { 0.0 };
+                if p.rate == 0.0 {
+                    // u >= 0 always holds: skip the generator, same result.
+                    mc.fill(1);
+                    for (yv, &xv) in yc.iter_mut().zip(xc.iter()) {
+                        *yv = xv * scale;
+                    }
+                    return;
+                }
+                for_each_run(p, t * CHUNK, yc.len(), |j0, w| {
+                    let n = w.len();
+                    let (x, y, m) = (&xc[j0..][..n], &mut yc[j0..][..n], &mut mc[j0..][..n]);
+                    apply(w, p.rate, scale, x, y, m);
                 })
             });
         });
@@ -164,12 +186,15 @@ pub fn backward(p: &Dropout, dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<
         &[("dy", dy.len()), ("mask", mask.len()), ("dx", dx.len())],
     )?;
     let scale = p.scale();
+    let isa = Isa::current();
     dx.par_chunks_mut(CHUNK)
         .zip(dy.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
         .for_each(|(dxc, (dyc, mc))| {
-            for j in 0..dxc.len() {
-                dxc[j] = dyc[j] * if mc[j] != 0 { scale } else { 0.0 };
-            }
+            with_isa_build(isa, || {
+                for ((d, &g), &m) in dxc.iter_mut().zip(dyc).zip(mc) {
+                    *d = g * if m != 0 { scale } else { 0.0 };
+                }
+            })
         });
     Ok(())
 }

@@ -50,7 +50,13 @@
 //! only `Im2colGemm`), [`ops::conv::cuda::select`], and
 //! [`ops::conv::cuda::forward_with`] & co.
 //!
-//! Every op family has the same levels (`ops::<family>::cuda`).
+//! Every op family has the same levels (`ops::<family>::cuda`), and the
+//! same versions-as-data form ([`cuda::KernelVersion`]): an enum of its
+//! kernel versions (`PoolKernel`, `BatchNormKernel`, ... with one version
+//! each today), a `select(params, info)`, and a `*_with` form of every
+//! launching entry point that runs the version a caller names; the GPU
+//! tests draw every version. A new version is a variant and a `.cu` in one
+//! op folder.
 //! A framework that owns its context, stream and buffers skips the first
 //! two: [`cuda::CudaBackend::from_stream`] wraps its cudarc stream, and the
 //! `ops::*::cuda` functions then enqueue on that stream, on its buffers
@@ -59,9 +65,12 @@
 //! gradient and sums, the losses and metrics), the framework owns that too:
 //! a scratch type per family sized by `lens`/`bytes` for given parameters,
 //! allocated once by its `new`, passed as `&mut` to every call and checked
-//! there (too small is an error, not a panic); level 2 keeps one per family,
-//! grown to the largest parameters seen, so a training step allocates
-//! nothing for these ops.
+//! there (too small is an error, not a panic); GEMM's shared-operand
+//! gradients and convolution take a plain `f32` workspace of the caller's
+//! (`gemm::cuda::backward_workspace_len`, `conv::cuda::workspace_len` /
+//! `min_workspace_len`). Level 2 keeps one of each, grown to the largest
+//! parameters seen, so a training step allocates nothing. Only the
+//! functions named `*_alloc` allocate (a convenience for one-off calls).
 //! `examples/gpu_own_stream.rs` is such a program.
 
 #![warn(missing_docs)]

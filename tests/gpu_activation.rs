@@ -43,6 +43,7 @@ fn inputs(seed: u64, len: usize) -> Vec<f32> {
 }
 
 fn check_elementwise(
+    kernel: cuda::ActivationKernel,
     gpu: &CudaBackend,
     act: Activation,
     len: usize,
@@ -60,11 +61,11 @@ fn check_elementwise(
     let what = |s: &str| format!("{s} {act:?} len {len}");
 
     let mut out = poisoned(gpu, len);
-    cuda::forward(gpu, act, &xd.as_view(), &mut out.as_view_mut()).unwrap();
+    cuda::forward_with(gpu, kernel, act, &xd.as_view(), &mut out.as_view_mut()).unwrap();
     check_close(&what("forward"), &down(gpu, &out), &to_f64(&y), ACT_TOL)?;
 
     let mut inplace = gpu.upload(&x).unwrap();
-    cuda::forward_inplace(gpu, act, &mut inplace.as_view_mut()).unwrap();
+    cuda::forward_inplace_with(gpu, kernel, act, &mut inplace.as_view_mut()).unwrap();
     check_close(
         &what("forward_inplace"),
         &down(gpu, &inplace),
@@ -76,8 +77,9 @@ fn check_elementwise(
     let mut dx = vec![0.0; len];
     cpu::backward(act, &x, &y, &dy, &mut dx).unwrap();
     let mut out = poisoned(gpu, len);
-    cuda::backward(
+    cuda::backward_with(
         gpu,
+        kernel,
         act,
         &xd.as_view(),
         &yd.as_view(),
@@ -88,7 +90,15 @@ fn check_elementwise(
     check_close(&what("backward"), &down(gpu, &out), &to_f64(&dx), ACT_TOL)?;
 
     let mut g = gpu.upload(&dy).unwrap();
-    cuda::backward_inplace(gpu, act, &xd.as_view(), &yd.as_view(), &mut g.as_view_mut()).unwrap();
+    cuda::backward_inplace_with(
+        gpu,
+        kernel,
+        act,
+        &xd.as_view(),
+        &yd.as_view(),
+        &mut g.as_view_mut(),
+    )
+    .unwrap();
     check_close(
         &what("backward_inplace"),
         &down(gpu, &g),
@@ -99,7 +109,8 @@ fn check_elementwise(
     let mut gc = dy.clone();
     if cpu::backward_from_output(act, &y, &mut gc).is_ok() {
         let mut g = gpu.upload(&dy).unwrap();
-        cuda::backward_from_output(gpu, act, &yd.as_view(), &mut g.as_view_mut()).unwrap();
+        cuda::backward_from_output_with(gpu, kernel, act, &yd.as_view(), &mut g.as_view_mut())
+            .unwrap();
         check_close(
             &what("backward_from_output"),
             &down(gpu, &g),
@@ -115,18 +126,18 @@ proptest! {
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn elementwise_matches_cpu(len in prop_oneof![dim(300), 1000usize..70_000], seed: u64,
+    fn elementwise_matches_cpu(kernel in version::<cuda::ActivationKernel>(), len in prop_oneof![dim(300), 1000usize..70_000], seed: u64,
                                alpha in prop_oneof![Just(0.3f32), Just(1.0f32), -1.0f32..2.0]) {
         let gpu = gpu();
         for act in kinds(alpha) {
-            let r = check_elementwise(&gpu, act, len, seed);
+            let r = check_elementwise(kernel, &gpu, act, len, seed);
             prop_assert!(r.is_ok(), "{}", r.unwrap_err());
         }
     }
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn softmax_matches_cpu(rows in dim(300), cols in prop_oneof![dim(65), 1000usize..1100], seed: u64,
+    fn softmax_matches_cpu(kernel in version::<cuda::ActivationKernel>(), rows in dim(300), cols in prop_oneof![dim(65), 1000usize..1100], seed: u64,
                            scale in prop_oneof![Just(1.0f32), Just(50.0f32)]) {
         let gpu = gpu();
         let p = Softmax::new(rows, cols).unwrap();
@@ -144,7 +155,7 @@ proptest! {
         cpu::softmax_forward(&p, &x, &mut y).unwrap();
         let xd = gpu.upload(&x).unwrap();
         let mut yd = poisoned(&gpu, p.len());
-        cuda::softmax_forward(&gpu, &p, &xd.as_view(), &mut yd.as_view_mut()).unwrap();
+        cuda::softmax_forward_with(&gpu, kernel, &p, &xd.as_view(), &mut yd.as_view_mut()).unwrap();
         let r = check_close("softmax.forward", &down(&gpu, &yd), &to_f64(&y), SOFTMAX_TOL);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
 
@@ -152,7 +163,7 @@ proptest! {
         cpu::softmax_backward(&p, &y, &dy, &mut dx).unwrap();
         let (ycpu, dyd) = (gpu.upload(&y).unwrap(), gpu.upload(&dy).unwrap());
         let mut dxd = poisoned(&gpu, p.len());
-        cuda::softmax_backward(&gpu, &p, &ycpu.as_view(), &dyd.as_view(), &mut dxd.as_view_mut()).unwrap();
+        cuda::softmax_backward_with(&gpu, kernel, &p, &ycpu.as_view(), &dyd.as_view(), &mut dxd.as_view_mut()).unwrap();
         let r = check_close("softmax.backward", &down(&gpu, &dxd), &to_f64(&dx), SOFTMAX_TOL);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     }

@@ -38,7 +38,7 @@ proptest! {
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn training_inference_backward_match_cpu((n, c, sp) in shape(), seed: u64, mode_i in 0usize..5,
+    fn training_inference_backward_match_cpu(kernel in version::<cuda::BatchNormKernel>(), (n, c, sp) in shape(), seed: u64, mode_i in 0usize..5,
                                              is_conv: bool, offset in -3.0f32..3.0) {
         let gpu = gpu();
         let mut p = BatchNorm::new(n, c, sp, is_conv, 0.99, 1e-3, MODES[mode_i]);
@@ -62,11 +62,12 @@ proptest! {
         cpu::forward_training(&p, &x, &gamma, &beta, &mut y, &mut sm, &mut sis, &mut rm, &mut rv).unwrap();
 
         let up = |v: &[f32]| gpu.upload(v).unwrap();
+        let mut scratch = cuda::BatchNormScratch::new(&gpu, &p).unwrap();
         let (xd, dyd, gd, bd) = (up(&x), up(&dy), up(&gamma), up(&beta));
         let (mut yd, mut smd, mut sisd) = (poisoned(&gpu, len), poisoned(&gpu, c), poisoned(&gpu, c));
         let (mut rmd, mut rvd) = (up(&rm0), up(&rv0));
-        cuda::forward_training_alloc(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &mut yd.as_view_mut(),
-            &mut smd.as_view_mut(), &mut sisd.as_view_mut(), &mut rmd.as_view_mut(), &mut rvd.as_view_mut()).unwrap();
+        cuda::forward_training_with(&gpu, kernel, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &mut yd.as_view_mut(),
+            &mut smd.as_view_mut(), &mut sisd.as_view_mut(), &mut rmd.as_view_mut(), &mut rvd.as_view_mut(), &mut scratch).unwrap();
         let dl = |s: &cudarc::driver::CudaSlice<f32>| gpu.download(s).unwrap();
         for (what, got, want, tol) in [
             ("save_mean", dl(&smd), &sm, STAT_TOL),
@@ -81,8 +82,8 @@ proptest! {
         // Determinism of the statistics.
         let (mut y2, mut sm2, mut sis2) = (poisoned(&gpu, len), poisoned(&gpu, c), poisoned(&gpu, c));
         let (mut rm2, mut rv2) = (up(&rm0), up(&rv0));
-        cuda::forward_training_alloc(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &mut y2.as_view_mut(),
-            &mut sm2.as_view_mut(), &mut sis2.as_view_mut(), &mut rm2.as_view_mut(), &mut rv2.as_view_mut()).unwrap();
+        cuda::forward_training_with(&gpu, kernel, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &mut y2.as_view_mut(),
+            &mut sm2.as_view_mut(), &mut sis2.as_view_mut(), &mut rm2.as_view_mut(), &mut rv2.as_view_mut(), &mut scratch).unwrap();
         let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(dl(&y2)), bits(dl(&yd)));
         prop_assert_eq!(bits(dl(&sis2)), bits(dl(&sisd)));
@@ -93,8 +94,8 @@ proptest! {
         cpu::forward_inference(&p, &x, &gamma, &beta, &rm, &rv, &mut yi).unwrap();
         let (rmc, rvc) = (up(&rm), up(&rv));
         let mut yid = poisoned(&gpu, len);
-        cuda::forward_inference_alloc(&gpu, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &rmc.as_view(),
-            &rvc.as_view(), &mut yid.as_view_mut()).unwrap();
+        cuda::forward_inference_with(&gpu, kernel, &p, &xd.as_view(), &gd.as_view(), &bd.as_view(), &rmc.as_view(),
+            &rvc.as_view(), &mut yid.as_view_mut(), &mut scratch).unwrap();
         let r = check_close("forward_inference y", &dl(&yid), &to_f64(&yi), OUT_TOL);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
 
@@ -103,8 +104,8 @@ proptest! {
         cpu::backward(&p, &x, &dy, &gamma, &sm, &sis, &mut dx, &mut dg, &mut db).unwrap();
         let (smc, sisc) = (up(&sm), up(&sis));
         let (mut dxd, mut dgd, mut dbd) = (poisoned(&gpu, len), poisoned(&gpu, c), poisoned(&gpu, c));
-        cuda::backward_alloc(&gpu, &p, &xd.as_view(), &dyd.as_view(), &gd.as_view(), &smc.as_view(), &sisc.as_view(),
-            &mut dxd.as_view_mut(), &mut dgd.as_view_mut(), &mut dbd.as_view_mut()).unwrap();
+        cuda::backward_with(&gpu, kernel, &p, &xd.as_view(), &dyd.as_view(), &gd.as_view(), &smc.as_view(), &sisc.as_view(),
+            &mut dxd.as_view_mut(), &mut dgd.as_view_mut(), &mut dbd.as_view_mut(), &mut scratch).unwrap();
         for (what, got, want, tol) in [
             ("dx", dl(&dxd), &dx, OUT_TOL),
             ("dgamma", dl(&dgd), &dg, PARAM_TOL),
@@ -114,8 +115,8 @@ proptest! {
             prop_assert!(r.is_ok(), "{}", r.unwrap_err());
         }
         let (mut dx2, mut dg2, mut db2) = (poisoned(&gpu, len), poisoned(&gpu, c), poisoned(&gpu, c));
-        cuda::backward_alloc(&gpu, &p, &xd.as_view(), &dyd.as_view(), &gd.as_view(), &smc.as_view(), &sisc.as_view(),
-            &mut dx2.as_view_mut(), &mut dg2.as_view_mut(), &mut db2.as_view_mut()).unwrap();
+        cuda::backward_with(&gpu, kernel, &p, &xd.as_view(), &dyd.as_view(), &gd.as_view(), &smc.as_view(), &sisc.as_view(),
+            &mut dx2.as_view_mut(), &mut dg2.as_view_mut(), &mut db2.as_view_mut(), &mut scratch).unwrap();
         prop_assert_eq!(bits(dl(&dx2)), bits(dl(&dxd)));
         prop_assert_eq!(bits(dl(&dg2)), bits(dl(&dgd)));
     }
@@ -230,6 +231,7 @@ fn errors_name_the_op() {
 /// Runs training forward, inference and backward for `p` on `seed`'s data
 /// with `scratch`; returns every output, as bits.
 fn run_all(
+    kernel: cuda::BatchNormKernel,
     gpu: &kestrel::cuda::CudaBackend,
     p: &BatchNorm,
     seed: u64,
@@ -243,8 +245,9 @@ fn run_all(
     let beta = up(&data(seed ^ 3, c, -0.5, 0.5));
     let (mut y, mut sm, mut sis) = (poisoned(gpu, len), poisoned(gpu, c), poisoned(gpu, c));
     let (mut rm, mut rv) = (up(&vec![0.0; c]), up(&vec![1.0; c]));
-    cuda::forward_training(
+    cuda::forward_training_with(
         gpu,
+        kernel,
         p,
         &x.as_view(),
         &gamma.as_view(),
@@ -258,8 +261,9 @@ fn run_all(
     )
     .unwrap();
     let mut yi = poisoned(gpu, len);
-    cuda::forward_inference(
+    cuda::forward_inference_with(
         gpu,
+        kernel,
         p,
         &x.as_view(),
         &gamma.as_view(),
@@ -271,8 +275,9 @@ fn run_all(
     )
     .unwrap();
     let (mut dx, mut dg, mut db) = (poisoned(gpu, len), poisoned(gpu, c), poisoned(gpu, c));
-    cuda::backward(
+    cuda::backward_with(
         gpu,
+        kernel,
         p,
         &x.as_view(),
         &dy.as_view(),
@@ -311,9 +316,13 @@ fn reused_scratch_matches_fresh_scratch() {
     );
     // One scratch across calls with different data (and a smaller shape in
     // between, leaving other values in it) gives what fresh scratch gives.
-    for (q, seed) in [(&p, 1u64), (&small, 2), (&p, 3)] {
-        let reused = run_all(&gpu, q, seed, &mut shared);
+    for (q, seed, &kernel) in [(&p, 1u64), (&small, 2), (&p, 3)]
+        .into_iter()
+        .flat_map(|(q, s)| cuda::BatchNormKernel::ALL.iter().map(move |k| (q, s, k)))
+    {
+        let reused = run_all(kernel, &gpu, q, seed, &mut shared);
         let fresh = run_all(
+            kernel,
             &gpu,
             q,
             seed,

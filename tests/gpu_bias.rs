@@ -30,7 +30,7 @@ proptest! {
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn add_and_backward_match_cpu((n, c, sp) in shape(), seed: u64) {
+    fn add_and_backward_match_cpu(kernel in version::<cuda::BiasKernel>(), (n, c, sp) in shape(), seed: u64) {
         let gpu = gpu();
         let p = BiasShape::new(n, c, sp).unwrap();
         let x = data(seed, p.len(), -3.0, 3.0);
@@ -39,12 +39,12 @@ proptest! {
         cpu::add(&p, &x, &b, &mut y).unwrap();
         let (xd, bd) = (gpu.upload(&x).unwrap(), gpu.upload(&b).unwrap());
         let mut yd = poisoned(&gpu, p.len());
-        cuda::add(&gpu, &p, &xd.as_view(), &bd.as_view(), &mut yd.as_view_mut()).unwrap();
+        cuda::add_with(&gpu, kernel, &p, &xd.as_view(), &bd.as_view(), &mut yd.as_view_mut()).unwrap();
         let r = check_close("bias.add", &gpu.download(&yd).unwrap(), &to_f64(&y), ADD_TOL);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
 
         let mut xi = gpu.upload(&x).unwrap();
-        cuda::add_inplace(&gpu, &p, &mut xi.as_view_mut(), &bd.as_view()).unwrap();
+        cuda::add_inplace_with(&gpu, kernel, &p, &mut xi.as_view_mut(), &bd.as_view()).unwrap();
         let r = check_close("bias.add_inplace", &gpu.download(&xi).unwrap(), &to_f64(&y), ADD_TOL);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
 

@@ -24,7 +24,7 @@ proptest! {
     /// with the same scale.
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn matches_cpu_bit_for_bit(len in prop_oneof![1usize..9, dim(5000), 60_000usize..200_000],
+    fn matches_cpu_bit_for_bit(kernel in version::<cuda::DropoutKernel>(), len in prop_oneof![1usize..9, dim(5000), 60_000usize..200_000],
                                rate in prop_oneof![Just(0.0f32), Just(0.5f32), 0.0f32..0.999],
                                seed: u64, offset: u64) {
         let gpu = gpu();
@@ -38,20 +38,20 @@ proptest! {
         let xd = gpu.upload(&x).unwrap();
         let mut yd = poisoned(&gpu, len);
         let mut md = gpu.upload(&vec![0xAAu8; len]).unwrap();
-        cuda::forward(&gpu, &p, &xd.as_view(), &mut yd.as_view_mut(), &mut md.as_view_mut()).unwrap();
+        cuda::forward_with(&gpu, kernel, &p, &xd.as_view(), &mut yd.as_view_mut(), &mut md.as_view_mut()).unwrap();
         prop_assert_eq!(gpu.download(&md).unwrap(), mask.clone());
         let r = same_bits(&gpu.download(&yd).unwrap(), &y);
         prop_assert!(r.is_ok(), "dropout.forward {}", r.unwrap_err());
 
         let mut mo = gpu.upload(&vec![0xAAu8; len]).unwrap();
-        cuda::mask_only(&gpu, &p, &mut mo.as_view_mut()).unwrap();
+        cuda::mask_only_with(&gpu, kernel, &p, &mut mo.as_view_mut()).unwrap();
         prop_assert_eq!(gpu.download(&mo).unwrap(), mask.clone());
 
         let mut dx = vec![0.0; len];
         cpu::backward(&p, &dy, &mask, &mut dx).unwrap();
         let dyd = gpu.upload(&dy).unwrap();
         let mut dxd = poisoned(&gpu, len);
-        cuda::backward(&gpu, &p, &dyd.as_view(), &md.as_view(), &mut dxd.as_view_mut()).unwrap();
+        cuda::backward_with(&gpu, kernel, &p, &dyd.as_view(), &md.as_view(), &mut dxd.as_view_mut()).unwrap();
         let r = same_bits(&gpu.download(&dxd).unwrap(), &dx);
         prop_assert!(r.is_ok(), "dropout.backward {}", r.unwrap_err());
     }

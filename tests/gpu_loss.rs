@@ -77,26 +77,54 @@ fn sparse_labels(seed: u64, n: usize, c: usize) -> Vec<u32> {
 /// GPU (losses, probs, dz, mean) for one of the float-label losses.
 type Outs = (Vec<f32>, Vec<f32>, Vec<f32>, f64);
 
-fn gpu_xent(gpu: &CudaBackend, p: &LossParams, z: &[f32], y: &[f32], sigmoid: bool) -> Outs {
+/// Runs an `*_into_with` loss on `version` into a fresh device total and
+/// returns the total divided by `divisor` (what the host forms return).
+fn total_with(
+    gpu: &CudaBackend,
+    p: &LossParams,
+    divisor: f64,
+    f: impl FnOnce(
+        &mut cudarc::driver::CudaViewMut<'_, f64>,
+        &mut cuda::LossScratch,
+    ) -> kestrel::Result<()>,
+) -> kestrel::Result<f64> {
+    let mut total = gpu.zeros::<f64>(1)?;
+    let mut scratch = cuda::LossScratch::new(gpu, p)?;
+    f(&mut total.as_view_mut(), &mut scratch)?;
+    Ok(gpu.download(&total)?[0] / divisor)
+}
+
+fn gpu_xent(
+    version: cuda::LossKernel,
+    gpu: &CudaBackend,
+    p: &LossParams,
+    z: &[f32],
+    y: &[f32],
+    sigmoid: bool,
+) -> Outs {
     let (dz_in, dy) = (up(gpu, z), up(gpu, y));
     let mut losses = poisoned(gpu, p.n);
     let mut probs = poisoned(gpu, p.len());
     let mut dz = poisoned(gpu, p.len());
     let f = if sigmoid {
-        cuda::sigmoid_cross_entropy
+        cuda::sigmoid_cross_entropy_into_with
     } else {
-        cuda::softmax_cross_entropy
+        cuda::softmax_cross_entropy_into_with
     };
-    let mean = f(
-        gpu,
-        p,
-        &dz_in.as_view(),
-        &dy.as_view(),
-        &mut losses.as_view_mut(),
-        Some(&mut probs.as_view_mut()),
-        Some(&mut dz.as_view_mut()),
-        &mut cuda::LossScratch::new(gpu, p).unwrap(),
-    )
+    let mean = total_with(gpu, p, p.n as f64, |t, s| {
+        f(
+            gpu,
+            version,
+            p,
+            &dz_in.as_view(),
+            &dy.as_view(),
+            &mut losses.as_view_mut(),
+            Some(&mut probs.as_view_mut()),
+            Some(&mut dz.as_view_mut()),
+            t,
+            s,
+        )
+    })
     .expect("gpu loss");
     (down(gpu, &losses), down(gpu, &probs), down(gpu, &dz), mean)
 }
@@ -124,6 +152,7 @@ fn check_mean(what: &str, got: f64, want: f64, tol: Tol) -> Result<(), String> {
 }
 
 fn gpu_sparse(
+    version: cuda::LossKernel,
     gpu: &CudaBackend,
     p: &LossParams,
     z: &[f32],
@@ -134,30 +163,46 @@ fn gpu_sparse(
     let mut losses = poisoned(gpu, p.n);
     let mut probs = poisoned(gpu, p.len());
     let mut dz = poisoned(gpu, p.len());
-    let mean = cuda::sparse_softmax_cross_entropy_alloc(
-        gpu,
-        p,
-        &dz_in.as_view(),
-        &dl.as_view(),
-        &mut losses.as_view_mut(),
-        Some(&mut probs.as_view_mut()),
-        Some(&mut dz.as_view_mut()),
-    )?;
+    let mean = total_with(gpu, p, p.n as f64, |t, s| {
+        cuda::sparse_softmax_cross_entropy_into_with(
+            gpu,
+            version,
+            p,
+            &dz_in.as_view(),
+            &dl.as_view(),
+            &mut losses.as_view_mut(),
+            Some(&mut probs.as_view_mut()),
+            Some(&mut dz.as_view_mut()),
+            t,
+            s,
+        )
+    })?;
     Ok((down(gpu, &losses), down(gpu, &probs), down(gpu, &dz), mean))
 }
 
-fn gpu_mse(gpu: &CudaBackend, p: &LossParams, x: &[f32], y: &[f32]) -> (Vec<f32>, Vec<f32>, f64) {
+fn gpu_mse(
+    version: cuda::LossKernel,
+    gpu: &CudaBackend,
+    p: &LossParams,
+    x: &[f32],
+    y: &[f32],
+) -> (Vec<f32>, Vec<f32>, f64) {
     let (dx, dy) = (up(gpu, x), up(gpu, y));
     let mut losses = poisoned(gpu, p.n);
     let mut dz = poisoned(gpu, p.len());
-    let mean = cuda::mse_alloc(
-        gpu,
-        p,
-        &dx.as_view(),
-        &dy.as_view(),
-        &mut losses.as_view_mut(),
-        Some(&mut dz.as_view_mut()),
-    )
+    let mean = total_with(gpu, p, p.n as f64, |t, s| {
+        cuda::mse_into_with(
+            gpu,
+            version,
+            p,
+            &dx.as_view(),
+            &dy.as_view(),
+            &mut losses.as_view_mut(),
+            Some(&mut dz.as_view_mut()),
+            t,
+            s,
+        )
+    })
     .expect("gpu mse");
     (down(gpu, &losses), down(gpu, &dz), mean)
 }
@@ -182,12 +227,12 @@ proptest! {
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn softmax_xent_matches_cpu((n, c, seed, gs) in shape()) {
+    fn softmax_xent_matches_cpu(kernel in version::<cuda::LossKernel>(), (n, c, seed, gs) in shape()) {
         let gpu = gpu();
         let p = params(n, c, gs);
         let z = data(seed, p.len(), -10.0, 10.0);
         let y = if seed % 2 == 0 { soft_labels(seed ^ 1, n, c) } else { one_hot(&sparse_labels(seed ^ 1, n, c), c) };
-        let (gl, gp, gd, gm) = gpu_xent(&gpu, &p, &z, &y, false);
+        let (gl, gp, gd, gm) = gpu_xent(kernel, &gpu, &p, &z, &y, false);
         let (cl, cp, cd, cm) = cpu_xent(&p, &z, &y, false);
         let r = check_close("losses", &gl, &cl, XENT_TOL)
             .and_then(|_| check_close("probs", &gp, &cp, PROB_TOL))
@@ -198,12 +243,12 @@ proptest! {
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn sparse_softmax_xent_matches_cpu((n, c, seed, gs) in shape()) {
+    fn sparse_softmax_xent_matches_cpu(kernel in version::<cuda::LossKernel>(), (n, c, seed, gs) in shape()) {
         let gpu = gpu();
         let p = params(n, c, gs);
         let z = data(seed, p.len(), -10.0, 10.0);
         let labels = sparse_labels(seed ^ 1, n, c);
-        let (gl, gp, gd, gm) = gpu_sparse(&gpu, &p, &z, &labels).expect("gpu sparse");
+        let (gl, gp, gd, gm) = gpu_sparse(kernel, &gpu, &p, &z, &labels).expect("gpu sparse");
         let mut cl = vec![0.0f32; n];
         let mut cp = vec![0.0f32; p.len()];
         let mut cd = vec![0.0f32; p.len()];
@@ -217,12 +262,12 @@ proptest! {
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn sigmoid_xent_matches_cpu((n, c, seed, gs) in shape()) {
+    fn sigmoid_xent_matches_cpu(kernel in version::<cuda::LossKernel>(), (n, c, seed, gs) in shape()) {
         let gpu = gpu();
         let p = params(n, c, gs);
         let z = data(seed, p.len(), -10.0, 10.0);
         let y = data(seed ^ 1, p.len(), 0.0, 1.0);
-        let (gl, gp, gd, gm) = gpu_xent(&gpu, &p, &z, &y, true);
+        let (gl, gp, gd, gm) = gpu_xent(kernel, &gpu, &p, &z, &y, true);
         let (cl, cp, cd, cm) = cpu_xent(&p, &z, &y, true);
         let r = check_close("losses", &gl, &cl, BCE_TOL)
             .and_then(|_| check_close("probs", &gp, &cp, SIGMOID_TOL))
@@ -233,12 +278,12 @@ proptest! {
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn mse_matches_cpu((n, c, seed, gs) in shape()) {
+    fn mse_matches_cpu(kernel in version::<cuda::LossKernel>(), (n, c, seed, gs) in shape()) {
         let gpu = gpu();
         let p = params(n, c, gs);
         let x = data(seed, p.len(), -1.0, 1.0);
         let y = data(seed ^ 1, p.len(), -1.0, 1.0);
-        let (gl, gd, gm) = gpu_mse(&gpu, &p, &x, &y);
+        let (gl, gd, gm) = gpu_mse(kernel, &gpu, &p, &x, &y);
         let mut cl = vec![0.0f32; n];
         let mut cd = vec![0.0f32; p.len()];
         let cm = cpu::mse(&p, &x, &y, &mut cl, Some(&mut cd)).unwrap();
@@ -253,7 +298,7 @@ proptest! {
     /// NaN (the first NaN wins).
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn metrics_match_cpu((n, c, seed, _gs) in shape()) {
+    fn metrics_match_cpu(kernel in version::<cuda::LossKernel>(), (n, c, seed, _gs) in shape()) {
         let gpu = gpu();
         let p = params(n, c, 1.0);
         let mut r = Rng::new(seed);
@@ -271,10 +316,19 @@ proptest! {
 
         let (ds, doh, dp, dt, dpr) = (up(&gpu, &scores), up(&gpu, &onehot), up(&gpu, &probs), up(&gpu, &targets), up(&gpu, &pred));
         let dl = gpu.upload(&labels).unwrap();
-        let g_cat = cuda::categorical_accuracy_alloc(&gpu, &p, &ds.as_view(), &doh.as_view()).unwrap();
-        let g_sp = cuda::sparse_categorical_accuracy_alloc(&gpu, &p, &ds.as_view(), &dl.as_view()).unwrap();
-        let g_bin = cuda::binary_accuracy_alloc(&gpu, &p, &dp.as_view(), &dt.as_view()).unwrap();
-        let g_mae = cuda::mae_alloc(&gpu, &p, &dpr.as_view(), &dt.as_view()).unwrap();
+        // The device totals of `kernel` (the host forms' divisors: 1, and
+        // `classes` for binary accuracy's count of matching elements).
+        let g_cat = total_with(&gpu, &p, 1.0, |t, s|
+            cuda::categorical_accuracy_into_with(&gpu, kernel, &p, &ds.as_view(), &doh.as_view(), t, s)).unwrap();
+        let g_sp = total_with(&gpu, &p, 1.0, |t, s|
+            cuda::sparse_categorical_accuracy_into_with(&gpu, kernel, &p, &ds.as_view(), &dl.as_view(), t, s)).unwrap();
+        let g_bin = total_with(&gpu, &p, p.classes as f64, |t, s|
+            cuda::binary_accuracy_rows_into_with(&gpu, kernel, &p, &dp.as_view(), &dt.as_view(), t, s)).unwrap();
+        let g_mae = total_with(&gpu, &p, 1.0, |t, s|
+            cuda::mae_into_with(&gpu, kernel, &p, &dpr.as_view(), &dt.as_view(), t, s)).unwrap();
+        // The host forms are the same totals.
+        prop_assert_eq!(g_cat, cuda::categorical_accuracy_alloc(&gpu, &p, &ds.as_view(), &doh.as_view()).unwrap());
+        prop_assert_eq!(g_bin, cuda::binary_accuracy_alloc(&gpu, &p, &dp.as_view(), &dt.as_view()).unwrap());
         prop_assert_eq!(g_cat, cpu::categorical_accuracy(&p, &scores, &onehot).unwrap());
         prop_assert_eq!(g_sp, cpu::sparse_categorical_accuracy(&p, &scores, &labels).unwrap());
         prop_assert_eq!(g_bin, cpu::binary_accuracy(&p, &probs, &targets).unwrap());
@@ -299,7 +353,8 @@ fn extreme_and_nan_logits_match_cpu() {
     z[2 * c + 5] = f32::INFINITY;
     let y = soft_labels(8, n, c);
     for sigmoid in [false, true] {
-        let (gl, gp, gd, gm) = gpu_xent(&gpu, &p, &z, &y, sigmoid);
+        let (gl, gp, gd, gm) =
+            gpu_xent(cuda::select(p.len(), gpu.info()), &gpu, &p, &z, &y, sigmoid);
         let (cl, cp, cd, cm) = cpu_xent(&p, &z, &y, sigmoid);
         assert!(cl[1].is_nan() && gl[1].is_nan(), "NaN row stays NaN");
         assert!(gm.is_nan() && cm.is_nan(), "the mean of a NaN row is NaN");
@@ -308,7 +363,8 @@ fn extreme_and_nan_logits_match_cpu() {
         assert_close("dz", &gd, &cd, DZ_TOL);
     }
     let labels = sparse_labels(9, n, c);
-    let (gl, _, gd, _) = gpu_sparse(&gpu, &p, &z, &labels).unwrap();
+    let (gl, _, gd, _) =
+        gpu_sparse(cuda::select(p.len(), gpu.info()), &gpu, &p, &z, &labels).unwrap();
     let mut cl = vec![0.0f32; n];
     let mut cd = vec![0.0f32; n * c];
     cpu::sparse_softmax_cross_entropy(&p, &z, &labels, &mut cl, None, Some(&mut cd)).unwrap();
@@ -336,7 +392,7 @@ fn multi_pass_mean_matches_cpu() {
     let p = LossParams::new(n, c).unwrap();
     let x = data(11, n, -1.0, 1.0);
     let y = data(12, n, -1.0, 1.0);
-    let (gl, _, gm) = gpu_mse(&gpu, &p, &x, &y);
+    let (gl, _, gm) = gpu_mse(cuda::select(p.len(), gpu.info()), &gpu, &p, &x, &y);
     let mut cl = vec![0.0f32; n];
     let cm = cpu::mse(&p, &x, &y, &mut cl, None).unwrap();
     assert_close("losses", &gl, &to_f64(&cl), MSE_TOL);
@@ -363,8 +419,8 @@ fn deterministic() {
     let z = data(21, n * c, -10.0, 10.0);
     let y = soft_labels(22, n, c);
     for sigmoid in [false, true] {
-        let a = gpu_xent(&gpu, &p, &z, &y, sigmoid);
-        let b = gpu_xent(&gpu, &p, &z, &y, sigmoid);
+        let a = gpu_xent(cuda::select(p.len(), gpu.info()), &gpu, &p, &z, &y, sigmoid);
+        let b = gpu_xent(cuda::select(p.len(), gpu.info()), &gpu, &p, &z, &y, sigmoid);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.0), bits(&b.0));
         assert_eq!(bits(&a.1), bits(&b.1));
@@ -372,8 +428,8 @@ fn deterministic() {
         assert_eq!(a.3.to_bits(), b.3.to_bits());
     }
     let labels = sparse_labels(23, n, c);
-    let a = gpu_sparse(&gpu, &p, &z, &labels).unwrap();
-    let b = gpu_sparse(&gpu, &p, &z, &labels).unwrap();
+    let a = gpu_sparse(cuda::select(p.len(), gpu.info()), &gpu, &p, &z, &labels).unwrap();
+    let b = gpu_sparse(cuda::select(p.len(), gpu.info()), &gpu, &p, &z, &labels).unwrap();
     assert_eq!(a.3.to_bits(), b.3.to_bits());
     let (dx, dy) = (up(&gpu, &z), up(&gpu, &y));
     let m1 = cuda::mae_alloc(&gpu, &p, &dx.as_view(), &dy.as_view()).unwrap();
@@ -457,8 +513,19 @@ fn errors() {
     );
     // Rows 1 and 3 are out of range; the error names the first.
     let labels = gpu.upload(&[0u32, 7, 2, 3]).unwrap();
+    // The host form checks the labels (the `_into` forms leave that to the
+    // caller: it would synchronize).
+    let (zeros, mut losses) = (gpu.upload(&[0.0f32; 12]).unwrap(), poisoned(&gpu, 4));
     assert_err_mentions(
-        gpu_sparse(&gpu, &p, &[0.0; 12], &[0, 7, 2, 3]),
+        cuda::sparse_softmax_cross_entropy_alloc(
+            &gpu,
+            &p,
+            &zeros.as_view(),
+            &labels.as_view(),
+            &mut losses.as_view_mut(),
+            None,
+            None,
+        ),
         "sparse_softmax_cross_entropy",
         &["row 1", "class index 7", "classes = 3"],
     );

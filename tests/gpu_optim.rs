@@ -87,6 +87,7 @@ fn grads_at(seed: u64, k: usize, sizes: &[usize]) -> Vec<Vec<f32>> {
 /// Runs `steps` GPU steps from `params`; returns the parameters and the
 /// downloaded state.
 fn gpu_run(
+    kernel: cuda::OptimKernel,
     gpu: &CudaBackend,
     opt: &Optimizer,
     state: &mut CudaOptimizerState,
@@ -99,7 +100,7 @@ fn gpu_run(
     for k in steps {
         let g = upload_all(gpu, &grads_at(seed, k, &sizes));
         let mut pv = views_mut(&mut p, &sizes);
-        cuda::step(gpu, opt, state, &mut pv, &views(&g, &sizes)).unwrap();
+        cuda::step_with(gpu, kernel, opt, state, &mut pv, &views(&g, &sizes)).unwrap();
     }
     download_all(gpu, &p, &sizes)
 }
@@ -180,7 +181,8 @@ proptest! {
     /// decay, 4 steps on 1-5 tensors.
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn step_matches_cpu(
+    fn step_matches_cpu(kernel in version::<cuda::OptimKernel>(),
+
         rule in 0usize..6,
         tf in any::<bool>(),
         clip in 0usize..4,
@@ -199,7 +201,7 @@ proptest! {
         cpu_run(&opt, &mut cs, &mut cp, seed, steps);
 
         let mut gs = CudaOptimizerState::new(&gpu, &opt, &sizes).unwrap();
-        let gp = gpu_run(&gpu, &opt, &mut gs, &params, seed, 0..steps);
+        let gp = gpu_run(kernel, &gpu, &opt, &mut gs, &params, seed, 0..steps);
         let gstate = gs.download(&gpu, &opt).unwrap();
         let r = compare(&gp, &cp, &gstate, &cs);
         prop_assert!(r.is_ok(), "{:?}: {}", opt, r.unwrap_err());
@@ -221,7 +223,15 @@ fn deterministic() {
         let opt = configure(5, tf, 3, true, 1.0);
         let run = || {
             let mut s = CudaOptimizerState::new(&gpu, &opt, &sizes).unwrap();
-            let p = gpu_run(&gpu, &opt, &mut s, &params, 99, 0..3);
+            let p = gpu_run(
+                cuda::select(&opt, gpu.info()),
+                &gpu,
+                &opt,
+                &mut s,
+                &params,
+                99,
+                0..3,
+            );
             (p, s.download(&gpu, &opt).unwrap())
         };
         let (a, sa) = run();
@@ -254,12 +264,28 @@ fn checkpoint_resume_and_moved_buffers() {
     for rule in 0..6 {
         let opt = configure(rule, rule % 2 == 1, 3, true, 2.0);
         let mut s = CudaOptimizerState::new(&gpu, &opt, &sizes).unwrap();
-        let p2 = gpu_run(&gpu, &opt, &mut s, &params, 5, 0..2);
+        let p2 = gpu_run(
+            cuda::select(&opt, gpu.info()),
+            &gpu,
+            &opt,
+            &mut s,
+            &params,
+            5,
+            0..2,
+        );
         let saved = s.download(&gpu, &opt).unwrap();
         let mut resumed = CudaOptimizerState::upload(&gpu, &opt, &saved).unwrap();
         assert_eq!(resumed.iterations(), 2);
         // gpu_run uploads the parameters into new buffers.
-        let p5 = gpu_run(&gpu, &opt, &mut resumed, &p2, 5, 2..5);
+        let p5 = gpu_run(
+            cuda::select(&opt, gpu.info()),
+            &gpu,
+            &opt,
+            &mut resumed,
+            &p2,
+            5,
+            2..5,
+        );
 
         let mut cs = OptimizerState::new(&opt, &sizes).unwrap();
         let mut cp = params.clone();

@@ -29,7 +29,7 @@ proptest! {
 
     #[test]
     #[ignore = "needs a CUDA device"]
-    fn matches_cpu_exactly(p in layer(), seed: u64, ties: bool) {
+    fn matches_cpu_exactly(kernel in version::<cuda::PoolKernel>(), p in layer(), seed: u64, ties: bool) {
         let gpu = gpu();
         let (xl, yl) = (p.x_len(), p.y_len());
         // Ties: values on a coarse grid, so windows hold equal maxima.
@@ -43,20 +43,20 @@ proptest! {
         let xd = gpu.upload(&x).unwrap();
         let mut yd = poisoned(&gpu, yl);
         let mut amd = gpu.upload(&vec![u32::MAX; yl]).unwrap();
-        cuda::forward(&gpu, &p, &xd.as_view(), &mut yd.as_view_mut(), &mut amd.as_view_mut()).unwrap();
+        cuda::forward_with(&gpu, kernel, &p, &xd.as_view(), &mut yd.as_view_mut(), &mut amd.as_view_mut()).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&gpu.download(&yd).unwrap()), bits(&y), "y {:?}", p);
         prop_assert_eq!(gpu.download(&amd).unwrap(), am.clone(), "argmax {:?}", p);
 
         let mut yi = poisoned(&gpu, yl);
-        cuda::forward_inference(&gpu, &p, &xd.as_view(), &mut yi.as_view_mut()).unwrap();
+        cuda::forward_inference_with(&gpu, kernel, &p, &xd.as_view(), &mut yi.as_view_mut()).unwrap();
         prop_assert_eq!(bits(&gpu.download(&yi).unwrap()), bits(&y), "y inference {:?}", p);
 
         let mut dx = vec![0.0; xl];
         cpu::backward(&p, &dy, &am, &mut dx).unwrap();
         let dyd = gpu.upload(&dy).unwrap();
         let mut dxd = poisoned(&gpu, xl);
-        cuda::backward(&gpu, &p, &dyd.as_view(), &amd.as_view(), &mut dxd.as_view_mut()).unwrap();
+        cuda::backward_with(&gpu, kernel, &p, &dyd.as_view(), &amd.as_view(), &mut dxd.as_view_mut()).unwrap();
         prop_assert_eq!(bits(&gpu.download(&dxd).unwrap()), bits(&dx), "dx {:?}", p);
     }
 }

@@ -9,8 +9,10 @@
 //! with `include_str!`, so users need no compiler either.
 
 mod modules;
+mod versions;
 
 pub use modules::*;
+pub use versions::KernelVersion;
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};

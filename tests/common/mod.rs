@@ -174,3 +174,10 @@ pub const POISON: f32 = f32::from_bits(0x7fc0_dead);
 pub fn poisoned(gpu: &kestrel::cuda::CudaBackend, len: usize) -> cudarc::driver::CudaSlice<f32> {
     gpu.upload(&vec![POISON; len]).expect("upload")
 }
+
+/// One of a kernel family's versions (`KernelVersion::all`), drawn per case,
+/// so that a property test of the `*_with` entry points covers every version.
+#[allow(dead_code)]
+pub fn version<K: kestrel::cuda::KernelVersion>() -> BoxedStrategy<K> {
+    proptest::sample::select(K::all()).boxed()
+}

@@ -4,8 +4,24 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{Activation, Softmax};
-use crate::cuda::{ACTIVATION, CudaBackend};
+use crate::cuda::{ACTIVATION, CudaBackend, DeviceInfo, KernelVersion};
 use crate::error::Result;
+
+crate::kernel_versions! {
+    /// The versions of this family's kernels, as data (see
+    /// [`KernelVersion`]): today one.
+    pub enum ActivationKernel {
+        /// One thread per element (grid-stride), softmax one block per row (`kernels/activation.cu`).
+        Elementwise => "activation_elementwise", crate::cuda::ACTIVATION,
+    }
+}
+
+/// The version the plain entry points run for the elements of its main tensor on `info`'s
+/// device; the `*_with` forms run the one a caller names. Today there is
+/// one version, so it is always [`ActivationKernel::Elementwise`].
+pub fn select(_elements: usize, _info: &DeviceInfo) -> ActivationKernel {
+    ActivationKernel::Elementwise
+}
 
 // SAFETY: `#[repr(C)]` with a `#[repr(u32)]` enum and an f32: plain old
 // data of 8 bytes, mirrored as `struct Activation` in common.cuh.
@@ -44,6 +60,19 @@ pub fn forward(
     x: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    forward_with(gpu, select(x.len(), gpu.info()), act, x, y)
+}
+
+/// [`forward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn forward_with(
+    gpu: &CudaBackend,
+    kernel: ActivationKernel,
+    act: Activation,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "activation.forward";
     act.check_elementwise(OP, &[("x", x.len()), ("y", y.len())])?;
     launch_elementwise!(gpu, "activation_forward", x.len(), &act, x, y)
@@ -55,6 +84,18 @@ pub fn forward_inplace(
     act: Activation,
     x: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    forward_inplace_with(gpu, select(x.len(), gpu.info()), act, x)
+}
+
+/// [`forward_inplace`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn forward_inplace_with(
+    gpu: &CudaBackend,
+    kernel: ActivationKernel,
+    act: Activation,
+    x: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     act.check("activation.forward_inplace")?;
     let n = x.len();
     launch_elementwise!(gpu, "activation_forward_inplace", n, &act, x)
@@ -70,6 +111,21 @@ pub fn backward(
     dy: &CudaView<'_, f32>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    backward_with(gpu, select(x.len(), gpu.info()), act, x, y, dy, dx)
+}
+
+/// [`backward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn backward_with(
+    gpu: &CudaBackend,
+    kernel: ActivationKernel,
+    act: Activation,
+    x: &CudaView<'_, f32>,
+    y: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "activation.backward";
     act.check_elementwise(
         OP,
@@ -91,6 +147,20 @@ pub fn backward_inplace(
     y: &CudaView<'_, f32>,
     g: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    backward_inplace_with(gpu, select(x.len(), gpu.info()), act, x, y, g)
+}
+
+/// [`backward_inplace`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn backward_inplace_with(
+    gpu: &CudaBackend,
+    kernel: ActivationKernel,
+    act: Activation,
+    x: &CudaView<'_, f32>,
+    y: &CudaView<'_, f32>,
+    g: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "activation.backward_inplace";
     act.check_elementwise(OP, &[("x", x.len()), ("y", y.len()), ("gradient", g.len())])?;
     launch_elementwise!(gpu, "activation_backward_inplace", x.len(), &act, x, y, g)
@@ -104,6 +174,19 @@ pub fn backward_from_output(
     y: &CudaView<'_, f32>,
     g: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    backward_from_output_with(gpu, select(y.len(), gpu.info()), act, y, g)
+}
+
+/// [`backward_from_output`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn backward_from_output_with(
+    gpu: &CudaBackend,
+    kernel: ActivationKernel,
+    act: Activation,
+    y: &CudaView<'_, f32>,
+    g: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "activation.backward_from_output";
     act.check_from_output(OP, &[("y", y.len()), ("gradient", g.len())])?;
     launch_elementwise!(gpu, "activation_backward_from_output", y.len(), &act, y, g)
@@ -130,12 +213,25 @@ pub fn softmax_forward(
     x: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    softmax_forward_with(gpu, select(x.len(), gpu.info()), p, x, y)
+}
+
+/// [`softmax_forward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn softmax_forward_with(
+    gpu: &CudaBackend,
+    kernel: ActivationKernel,
+    p: &Softmax,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "softmax.forward";
     p.check(OP, &[("x", x.len()), ("y", y.len())])?;
     if p.is_empty() {
         return Ok(());
     }
-    let f = gpu.function(&ACTIVATION, "softmax_forward")?;
+    let f = gpu.function(kernel.module(), "softmax_forward")?;
     let cfg = softmax_config(gpu, p.rows);
     // SAFETY: x and y hold rows * cols elements (checked above); the kernel
     // reads and writes rows below p.rows, columns below p.cols only.
@@ -159,12 +255,26 @@ pub fn softmax_backward(
     dy: &CudaView<'_, f32>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    softmax_backward_with(gpu, select(y.len(), gpu.info()), p, y, dy, dx)
+}
+
+/// [`softmax_backward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn softmax_backward_with(
+    gpu: &CudaBackend,
+    kernel: ActivationKernel,
+    p: &Softmax,
+    y: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "softmax.backward";
     p.check(OP, &[("y", y.len()), ("dy", dy.len()), ("dx", dx.len())])?;
     if p.is_empty() {
         return Ok(());
     }
-    let f = gpu.function(&ACTIVATION, "softmax_backward")?;
+    let f = gpu.function(kernel.module(), "softmax_backward")?;
     let cfg = softmax_config(gpu, p.rows);
     // SAFETY: y, dy and dx hold rows * cols elements (checked above).
     let r = unsafe {

@@ -24,8 +24,24 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::BatchNorm;
-use crate::cuda::{BATCHNORM, CudaBackend};
+use crate::cuda::{BATCHNORM, CudaBackend, DeviceInfo, KernelVersion};
 use crate::error::{Error, Result};
+
+crate::kernel_versions! {
+    /// The versions of this family's kernels, as data (see
+    /// [`KernelVersion`]): today one.
+    pub enum BatchNormKernel {
+        /// Per-channel partial sums over fixed chunks, combined in order (`kernels/batchnorm.cu`).
+        ChannelBlocks => "batchnorm_channel_blocks", crate::cuda::BATCHNORM,
+    }
+}
+
+/// The version the plain entry points run for `p` on `info`'s
+/// device; the `*_with` forms run the one a caller names. Today there is
+/// one version, so it is always [`BatchNormKernel::ChannelBlocks`].
+pub fn select(_p: &BatchNorm, _info: &DeviceInfo) -> BatchNormKernel {
+    BatchNormKernel::ChannelBlocks
+}
 
 // SAFETY: `#[repr(C)]`, three usizes, a bool, two f32s and a
 // `#[repr(u32)]` enum: plain old data of 40 bytes, mirrored as `struct
@@ -203,6 +219,40 @@ pub fn forward_training(
     running_var: &mut CudaViewMut<'_, f32>,
     scratch: &mut BatchNormScratch,
 ) -> Result<()> {
+    forward_training_with(
+        gpu,
+        select(p, gpu.info()),
+        p,
+        x,
+        gamma,
+        beta,
+        y,
+        save_mean,
+        save_inv_std,
+        running_mean,
+        running_var,
+        scratch,
+    )
+}
+
+/// [`forward_training`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_training_with(
+    gpu: &CudaBackend,
+    kernel: BatchNormKernel,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    save_mean: &mut CudaViewMut<'_, f32>,
+    save_inv_std: &mut CudaViewMut<'_, f32>,
+    running_mean: &mut CudaViewMut<'_, f32>,
+    running_var: &mut CudaViewMut<'_, f32>,
+    scratch: &mut BatchNormScratch,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check(
         "batchnorm.forward_training",
         &[("x", x.len()), ("y", y.len())],
@@ -223,7 +273,7 @@ pub fn forward_training(
         mean64,
         ..
     } = scratch;
-    let stat = gpu.function(&BATCHNORM, "bn_stat_partials")?;
+    let stat = gpu.function(kernel.module(), "bn_stat_partials")?;
     let cfg = partials_config(p, chunks);
     // SAFETY (both passes): x holds n*c*spatial elements (checked); block
     // (k, ch) reads samples of channel ch below n*spatial and mean64[ch],
@@ -240,7 +290,7 @@ pub fn forward_training(
             .launch(cfg)
     };
     gpu.launched("bn_stat_partials", r)?;
-    let f = gpu.function(&BATCHNORM, "bn_mean")?;
+    let f = gpu.function(kernel.module(), "bn_mean")?;
     // SAFETY: reads partial below c * chunks, writes mean64 below c.
     let r = unsafe {
         gpu.stream()
@@ -266,7 +316,7 @@ pub fn forward_training(
     };
     gpu.launched("bn_stat_partials", r)?;
     let factor = p.variance_factor();
-    let f = gpu.function(&BATCHNORM, "bn_finalize_training")?;
+    let f = gpu.function(kernel.module(), "bn_finalize_training")?;
     // SAFETY: reads partial below c * chunks and mean64 below c; the four
     // per-channel outputs hold c elements each (checked).
     let r = unsafe {
@@ -342,6 +392,36 @@ pub fn forward_inference(
     y: &mut CudaViewMut<'_, f32>,
     scratch: &mut BatchNormScratch,
 ) -> Result<()> {
+    forward_inference_with(
+        gpu,
+        select(p, gpu.info()),
+        p,
+        x,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        y,
+        scratch,
+    )
+}
+
+/// [`forward_inference`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_inference_with(
+    gpu: &CudaBackend,
+    kernel: BatchNormKernel,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    running_mean: &CudaView<'_, f32>,
+    running_var: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    scratch: &mut BatchNormScratch,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check(
         "batchnorm.forward_inference",
         &[("x", x.len()), ("y", y.len())],
@@ -354,7 +434,7 @@ pub fn forward_inference(
     )?;
     scratch.check("batchnorm.forward_inference", p)?;
     let inv_std = &mut scratch.coefs;
-    let f = gpu.function(&BATCHNORM, "bn_inference_inv_std")?;
+    let f = gpu.function(kernel.module(), "bn_inference_inv_std")?;
     // SAFETY: reads running_var below c (checked), writes inv_std below c.
     let r = unsafe {
         gpu.stream()
@@ -384,6 +464,40 @@ pub fn backward(
     dbeta: &mut CudaViewMut<'_, f32>,
     scratch: &mut BatchNormScratch,
 ) -> Result<()> {
+    backward_with(
+        gpu,
+        select(p, gpu.info()),
+        p,
+        x,
+        dy,
+        gamma,
+        save_mean,
+        save_inv_std,
+        dx,
+        dgamma,
+        dbeta,
+        scratch,
+    )
+}
+
+/// [`backward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with(
+    gpu: &CudaBackend,
+    kernel: BatchNormKernel,
+    p: &BatchNorm,
+    x: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    gamma: &CudaView<'_, f32>,
+    save_mean: &CudaView<'_, f32>,
+    save_inv_std: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+    dgamma: &mut CudaViewMut<'_, f32>,
+    dbeta: &mut CudaViewMut<'_, f32>,
+    scratch: &mut BatchNormScratch,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check(
         "batchnorm.backward",
         &[("x", x.len()), ("dy", dy.len()), ("dx", dx.len())],
@@ -404,7 +518,7 @@ pub fn backward(
         coefs,
         ..
     } = scratch;
-    let f = gpu.function(&BATCHNORM, "bn_backward_partials")?;
+    let f = gpu.function(kernel.module(), "bn_backward_partials")?;
     // SAFETY: x, dy hold n*c*spatial elements, save_* hold c (checked);
     // block (k, ch) writes element ch * chunks + k of both partial buffers.
     let r = unsafe {
@@ -421,7 +535,7 @@ pub fn backward(
             .launch(partials_config(p, chunks))
     };
     gpu.launched("bn_backward_partials", r)?;
-    let f = gpu.function(&BATCHNORM, "bn_backward_finalize")?;
+    let f = gpu.function(kernel.module(), "bn_backward_finalize")?;
     // SAFETY: reads the partials below c * chunks and gamma, save_inv_std
     // below c; writes dgamma, dbeta below c (checked) and coefs below 3c.
     let r = unsafe {
@@ -439,7 +553,7 @@ pub fn backward(
             .launch(gpu.elementwise_config(p.c))
     };
     gpu.launched("bn_backward_finalize", r)?;
-    let f = gpu.function(&BATCHNORM, "bn_backward_dx")?;
+    let f = gpu.function(kernel.module(), "bn_backward_dx")?;
     let len = p.len() as u64;
     // SAFETY: x, dy, dx hold n*c*spatial elements; element i reads channel
     // (i / spatial) % c of save_* (c elements) and coefs (3c).

@@ -22,8 +22,24 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::BiasShape;
-use crate::cuda::{BIAS, CudaBackend};
+use crate::cuda::{BIAS, CudaBackend, DeviceInfo, KernelVersion};
 use crate::error::{Error, Result, check_len};
+
+crate::kernel_versions! {
+    /// The versions of this family's kernels, as data (see
+    /// [`KernelVersion`]): today one.
+    pub enum BiasKernel {
+        /// Elementwise add; gradient and sums as fixed-chunk f64 partials combined in order (`kernels/bias.cu`).
+        ChannelBlocks => "bias_channel_blocks", crate::cuda::BIAS,
+    }
+}
+
+/// The version the plain entry points run for `p` on `info`'s
+/// device; the `*_with` forms run the one a caller names. Today there is
+/// one version, so it is always [`BiasKernel::ChannelBlocks`].
+pub fn select(_p: &BiasShape, _info: &DeviceInfo) -> BiasKernel {
+    BiasKernel::ChannelBlocks
+}
 
 // SAFETY: `#[repr(C)]`, three usizes: plain old data, mirrored as `struct
 // BiasShape` in bias.cu.
@@ -138,6 +154,20 @@ pub fn add(
     b: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    add_with(gpu, select(p, gpu.info()), p, x, b, y)
+}
+
+/// [`add`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn add_with(
+    gpu: &CudaBackend,
+    kernel: BiasKernel,
+    p: &BiasShape,
+    x: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "bias.add";
     p.check_x(OP, "x", x.len())?;
     p.check_b(OP, "b", b.len())?;
@@ -145,7 +175,7 @@ pub fn add(
     if p.is_empty() {
         return Ok(());
     }
-    let f = gpu.function(&BIAS, "bias_add")?;
+    let f = gpu.function(kernel.module(), "bias_add")?;
     let len = p.len() as u64;
     // SAFETY: x and y hold n*c*spatial elements and b holds c (checked);
     // the kernel reads b at (i / spatial) % c < c and x, y below len.
@@ -169,13 +199,26 @@ pub fn add_inplace(
     x: &mut CudaViewMut<'_, f32>,
     b: &CudaView<'_, f32>,
 ) -> Result<()> {
+    add_inplace_with(gpu, select(p, gpu.info()), p, x, b)
+}
+
+/// [`add_inplace`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn add_inplace_with(
+    gpu: &CudaBackend,
+    kernel: BiasKernel,
+    p: &BiasShape,
+    x: &mut CudaViewMut<'_, f32>,
+    b: &CudaView<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "bias.add_inplace";
     p.check_x(OP, "x", x.len())?;
     p.check_b(OP, "b", b.len())?;
     if p.is_empty() {
         return Ok(());
     }
-    let f = gpu.function(&BIAS, "bias_add_inplace")?;
+    let f = gpu.function(kernel.module(), "bias_add_inplace")?;
     let len = p.len() as u64;
     // SAFETY: as in `add`.
     let r = unsafe {
@@ -199,6 +242,20 @@ pub fn backward(
     db: &mut CudaViewMut<'_, f32>,
     scratch: &mut BiasScratch,
 ) -> Result<()> {
+    backward_with(gpu, select(p, gpu.info()), p, dy, db, scratch)
+}
+
+/// [`backward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn backward_with(
+    gpu: &CudaBackend,
+    kernel: BiasKernel,
+    p: &BiasShape,
+    dy: &CudaView<'_, f32>,
+    db: &mut CudaViewMut<'_, f32>,
+    scratch: &mut BiasScratch,
+) -> Result<()> {
+    kernel.require(gpu)?;
     const OP: &str = "bias.backward";
     p.check_x(OP, "dy", dy.len())?;
     p.check_b(OP, "db", db.len())?;
@@ -211,7 +268,7 @@ pub fn backward(
     let partial = &mut scratch.partial;
     let chunks64 = chunks as u64;
     if chunks > 0 {
-        let f = gpu.function(&BIAS, "bias_grad_partials")?;
+        let f = gpu.function(kernel.module(), "bias_grad_partials")?;
         // SAFETY: dy holds n*c*spatial elements (checked); block (k, ch)
         // reads samples of channel ch below n*spatial and writes
         // partial[ch * chunks + k] < c * chunks, the buffer's length.
@@ -226,7 +283,7 @@ pub fn backward(
         };
         gpu.launched("bias_grad_partials", r)?;
     }
-    let f = gpu.function(&BIAS, "bias_grad_finalize")?;
+    let f = gpu.function(kernel.module(), "bias_grad_finalize")?;
     // SAFETY: reads partial below c * chunks, writes db below c (checked).
     let r = unsafe {
         gpu.stream()
@@ -300,6 +357,25 @@ pub fn sum(
     out: &mut CudaViewMut<'_, f64>,
     scratch: &mut BiasScratch,
 ) -> Result<()> {
+    sum_with(
+        gpu,
+        select(&BiasShape::flat(x.len()), gpu.info()),
+        x,
+        out,
+        scratch,
+    )
+}
+
+/// [`sum`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn sum_with(
+    gpu: &CudaBackend,
+    kernel: BiasKernel,
+    x: &CudaView<'_, f32>,
+    out: &mut CudaViewMut<'_, f64>,
+    scratch: &mut BiasScratch,
+) -> Result<()> {
+    kernel.require(gpu)?;
     reduce(gpu, "bias.sum", x, false, out, &mut scratch.partial)
 }
 
@@ -311,6 +387,25 @@ pub fn sum_squares(
     out: &mut CudaViewMut<'_, f64>,
     scratch: &mut BiasScratch,
 ) -> Result<()> {
+    sum_squares_with(
+        gpu,
+        select(&BiasShape::flat(x.len()), gpu.info()),
+        x,
+        out,
+        scratch,
+    )
+}
+
+/// [`sum_squares`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn sum_squares_with(
+    gpu: &CudaBackend,
+    kernel: BiasKernel,
+    x: &CudaView<'_, f32>,
+    out: &mut CudaViewMut<'_, f64>,
+    scratch: &mut BiasScratch,
+) -> Result<()> {
+    kernel.require(gpu)?;
     reduce(gpu, "bias.sum_squares", x, true, out, &mut scratch.partial)
 }
 

@@ -39,6 +39,16 @@ pub struct BiasShape {
 }
 
 impl BiasShape {
+    /// `len` elements as one sample of one channel: the shape of a flat sum
+    /// (`cuda::sum`), for choosing its kernel version.
+    pub const fn flat(len: usize) -> Self {
+        BiasShape {
+            n: 1,
+            c: 1,
+            spatial: len,
+        }
+    }
+
     /// `[n, c, spatial] + b[c]`; fails if the element count overflows `usize`.
     /// Zero sizes are allowed (nothing to add; the gradient is all zeros).
     pub fn new(n: usize, c: usize, spatial: usize) -> Result<Self> {

@@ -7,8 +7,24 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::Dropout;
-use crate::cuda::{CudaBackend, DROPOUT};
+use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion};
 use crate::error::Result;
+
+crate::kernel_versions! {
+    /// The versions of this family's kernels, as data (see
+    /// [`KernelVersion`]): today one.
+    pub enum DropoutKernel {
+        /// One Philox-4x32-10 draw per element, keyed by (seed, element) (`kernels/dropout.cu`).
+        Philox => "dropout_philox", crate::cuda::DROPOUT,
+    }
+}
+
+/// The version the plain entry points run for `p` on `info`'s
+/// device; the `*_with` forms run the one a caller names. Today there is
+/// one version, so it is always [`DropoutKernel::Philox`].
+pub fn select(_p: &Dropout, _info: &DeviceInfo) -> DropoutKernel {
+    DropoutKernel::Philox
+}
 
 // SAFETY: `#[repr(C)]` usize, f32, u64, u64: plain old data of 32 bytes
 // (4 bytes of padding after `rate`), mirrored as `struct Dropout` in dropout.cu.
@@ -22,11 +38,23 @@ fn blocks_config(gpu: &CudaBackend, len: usize) -> LaunchConfig {
 
 /// Writes the mask alone (1 kept, 0 dropped), fully overwriting `mask`.
 pub fn mask_only(gpu: &CudaBackend, p: &Dropout, mask: &mut CudaViewMut<'_, u8>) -> Result<()> {
+    mask_only_with(gpu, select(p, gpu.info()), p, mask)
+}
+
+/// [`mask_only`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn mask_only_with(
+    gpu: &CudaBackend,
+    kernel: DropoutKernel,
+    p: &Dropout,
+    mask: &mut CudaViewMut<'_, u8>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check("dropout.mask_only", &[("mask", mask.len())])?;
     if p.len == 0 {
         return Ok(());
     }
-    let f = gpu.function(&DROPOUT, "dropout_mask_only")?;
+    let f = gpu.function(kernel.module(), "dropout_mask_only")?;
     // SAFETY: mask holds p.len bytes (checked); the kernel writes below p.len.
     let r = unsafe {
         gpu.stream()
@@ -47,6 +75,20 @@ pub fn forward(
     y: &mut CudaViewMut<'_, f32>,
     mask: &mut CudaViewMut<'_, u8>,
 ) -> Result<()> {
+    forward_with(gpu, select(p, gpu.info()), p, x, y, mask)
+}
+
+/// [`forward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn forward_with(
+    gpu: &CudaBackend,
+    kernel: DropoutKernel,
+    p: &Dropout,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    mask: &mut CudaViewMut<'_, u8>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check(
         "dropout.forward",
         &[("x", x.len()), ("y", y.len()), ("mask", mask.len())],
@@ -55,7 +97,7 @@ pub fn forward(
         return Ok(());
     }
     let scale = p.scale();
-    let f = gpu.function(&DROPOUT, "dropout_forward")?;
+    let f = gpu.function(kernel.module(), "dropout_forward")?;
     // SAFETY: x, y and mask hold p.len elements (checked); the kernel
     // touches indices below p.len only.
     let r = unsafe {
@@ -80,6 +122,20 @@ pub fn backward(
     mask: &CudaView<'_, u8>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    backward_with(gpu, select(p, gpu.info()), p, dy, mask, dx)
+}
+
+/// [`backward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn backward_with(
+    gpu: &CudaBackend,
+    kernel: DropoutKernel,
+    p: &Dropout,
+    dy: &CudaView<'_, f32>,
+    mask: &CudaView<'_, u8>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check(
         "dropout.backward",
         &[("dy", dy.len()), ("mask", mask.len()), ("dx", dx.len())],
@@ -88,7 +144,7 @@ pub fn backward(
         return Ok(());
     }
     let scale = p.scale();
-    let f = gpu.function(&DROPOUT, "dropout_backward")?;
+    let f = gpu.function(kernel.module(), "dropout_backward")?;
     // SAFETY: dy, mask and dx hold p.len elements (checked).
     let r = unsafe {
         gpu.stream()

@@ -26,8 +26,24 @@ use cudarc::driver::{
 };
 
 use super::LossParams;
-use crate::cuda::{CudaBackend, KernelModule, MODULES};
+use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion, LOSS};
 use crate::error::{Error, Result, check_len};
+
+crate::kernel_versions! {
+    /// The versions of this family's kernels, as data (see
+    /// [`KernelVersion`]): today one.
+    pub enum LossKernel {
+        /// One block per row, per-row values summed in fixed f64 chunks (`kernels/loss.cu`).
+        RowBlocks => "loss_row_blocks", crate::cuda::LOSS,
+    }
+}
+
+/// The version the plain entry points run for the logits (`n * classes`, or the summed length) on `info`'s
+/// device; the `*_with` forms run the one a caller names. Today there is
+/// one version, so it is always [`LossKernel::RowBlocks`].
+pub fn select(_elements: usize, _info: &DeviceInfo) -> LossKernel {
+    LossKernel::RowBlocks
+}
 
 // SAFETY: `LossParams` is `#[repr(C)]` plain old data (two usize and an f32,
 // no pointers), mirrored field for field by `struct LossParams` in
@@ -35,16 +51,6 @@ use crate::error::{Error, Result, check_len};
 unsafe impl DeviceRepr for LossParams {}
 
 const _: () = assert!(std::mem::size_of::<LossParams>() == 24);
-
-/// `kernels/loss.cu`, found by name in the registry (`src/cuda/modules.rs`
-/// re-exports only the list).
-fn module() -> Result<&'static KernelModule> {
-    MODULES
-        .iter()
-        .copied()
-        .find(|m| m.name == "loss")
-        .ok_or_else(|| Error::invalid("loss", "module", "kernels/loss.cu is not registered"))
-}
 
 /// Elements per chunk of the device sums (each chunk one block's f64 tree).
 const SUM_CHUNK: usize = 4096;
@@ -230,7 +236,7 @@ unsafe fn sum_pass<T: DeviceRepr>(
     chunk: usize,
     out: &mut CudaViewMut<'_, f64>,
 ) -> Result<()> {
-    let f = gpu.function(module()?, kernel)?;
+    let f = gpu.function(&LOSS, kernel)?;
     let next_len = len.div_ceil(chunk);
     let (n, chunk) = (len as u64, chunk as u64);
     // SAFETY: reads x[..len] and writes out[..ceil(len / chunk)], both in
@@ -333,6 +339,19 @@ pub fn sum_f32(
     chunk: usize,
     scratch: &mut LossScratch,
 ) -> Result<f64> {
+    sum_f32_with(gpu, select(x.len(), gpu.info()), x, chunk, scratch)
+}
+
+/// [`sum_f32`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+pub fn sum_f32_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    x: &CudaView<'_, f32>,
+    chunk: usize,
+    scratch: &mut LossScratch,
+) -> Result<f64> {
+    version.require(gpu)?;
     to_host(gpu, scratch, |total, s| {
         device_sum_into(
             gpu,
@@ -429,7 +448,7 @@ fn launch_float_labels(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
-    let f = gpu.function(module()?, kernel)?;
+    let f = gpu.function(&LOSS, kernel)?;
     let stream = gpu.stream();
     {
         // Absent outputs are passed as null pointers, which the kernel tests.
@@ -501,6 +520,36 @@ pub fn softmax_cross_entropy_into(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
+    softmax_cross_entropy_into_with(
+        gpu,
+        select(p.n * p.classes, gpu.info()),
+        p,
+        logits,
+        labels,
+        losses,
+        probs,
+        dz,
+        total,
+        scratch,
+    )
+}
+
+/// [`softmax_cross_entropy_into`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_cross_entropy_into_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    labels: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+    total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
+) -> Result<()> {
+    version.require(gpu)?;
     const OP: &str = "softmax_cross_entropy";
     p.check_mat(OP, "logits", logits.len())?;
     p.check_rows(OP, "losses", losses.len())?;
@@ -563,6 +612,36 @@ pub fn sparse_softmax_cross_entropy_into(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
+    sparse_softmax_cross_entropy_into_with(
+        gpu,
+        select(p.n * p.classes, gpu.info()),
+        p,
+        logits,
+        labels,
+        losses,
+        probs,
+        dz,
+        total,
+        scratch,
+    )
+}
+
+/// [`sparse_softmax_cross_entropy_into`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_softmax_cross_entropy_into_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    labels: &CudaView<'_, u32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+    total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
+) -> Result<()> {
+    version.require(gpu)?;
     sparse_xent(
         gpu, p, logits, labels, losses, probs, dz, total, scratch, false,
     )
@@ -591,7 +670,7 @@ fn sparse_xent(
     check_len(OP, "total (one f64)", total.len(), 1)?;
     scratch.check(OP, p)?;
     let gs = scale_over(p, p.n as f64);
-    let f = gpu.function(module()?, KERNEL)?;
+    let f = gpu.function(&LOSS, KERNEL)?;
     let err = &mut scratch.err;
     stream_zero(gpu, err)?;
     let stream = gpu.stream();
@@ -666,6 +745,36 @@ pub fn sigmoid_cross_entropy_into(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
+    sigmoid_cross_entropy_into_with(
+        gpu,
+        select(p.n * p.classes, gpu.info()),
+        p,
+        logits,
+        targets,
+        losses,
+        probs,
+        dz,
+        total,
+        scratch,
+    )
+}
+
+/// [`sigmoid_cross_entropy_into`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+#[allow(clippy::too_many_arguments)]
+pub fn sigmoid_cross_entropy_into_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    p: &LossParams,
+    logits: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
+    probs: Option<&mut CudaViewMut<'_, f32>>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+    total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
+) -> Result<()> {
+    version.require(gpu)?;
     const OP: &str = "sigmoid_cross_entropy";
     p.check_mat(OP, "logits", logits.len())?;
     p.check_rows(OP, "losses", losses.len())?;
@@ -716,10 +825,38 @@ pub fn mse_into(
     pred: &CudaView<'_, f32>,
     targets: &CudaView<'_, f32>,
     losses: &mut CudaViewMut<'_, f32>,
+    dz: Option<&mut CudaViewMut<'_, f32>>,
+    total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
+) -> Result<()> {
+    mse_into_with(
+        gpu,
+        select(p.n * p.classes, gpu.info()),
+        p,
+        pred,
+        targets,
+        losses,
+        dz,
+        total,
+        scratch,
+    )
+}
+
+/// [`mse_into`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+#[allow(clippy::too_many_arguments)]
+pub fn mse_into_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    p: &LossParams,
+    pred: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    losses: &mut CudaViewMut<'_, f32>,
     mut dz: Option<&mut CudaViewMut<'_, f32>>,
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
+    version.require(gpu)?;
     const OP: &str = "mse";
     const KERNEL: &str = "mse_loss";
     p.check_mat(OP, "pred", pred.len())?;
@@ -729,7 +866,7 @@ pub fn mse_into(
     check_len(OP, "total (one f64)", total.len(), 1)?;
     scratch.check(OP, p)?;
     let gs = scale_over(p, p.n as f64 * p.classes as f64 / 2.0);
-    let f = gpu.function(module()?, KERNEL)?;
+    let f = gpu.function(version.module(), KERNEL)?;
     let stream = gpu.stream();
     {
         let dz_g = dz.as_mut().map(|v| v.device_ptr_mut(stream));
@@ -771,7 +908,7 @@ fn metric_rows(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
-    let f = gpu.function(module()?, kernel)?;
+    let f = gpu.function(&LOSS, kernel)?;
     let rows = &mut scratch.rows;
     // SAFETY: a and b were checked to hold n * classes elements, rows holds n.
     let r = unsafe {
@@ -819,6 +956,29 @@ pub fn categorical_accuracy_into(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
+    categorical_accuracy_into_with(
+        gpu,
+        select(p.n * p.classes, gpu.info()),
+        p,
+        scores,
+        labels,
+        total,
+        scratch,
+    )
+}
+
+/// [`categorical_accuracy_into`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+pub fn categorical_accuracy_into_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    p: &LossParams,
+    scores: &CudaView<'_, f32>,
+    labels: &CudaView<'_, f32>,
+    total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
+) -> Result<()> {
+    version.require(gpu)?;
     const OP: &str = "categorical_accuracy";
     p.check_mat(OP, "scores", scores.len())?;
     p.check_mat(OP, "labels", labels.len())?;
@@ -861,6 +1021,29 @@ pub fn sparse_categorical_accuracy_into(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
+    sparse_categorical_accuracy_into_with(
+        gpu,
+        select(p.n * p.classes, gpu.info()),
+        p,
+        scores,
+        labels,
+        total,
+        scratch,
+    )
+}
+
+/// [`sparse_categorical_accuracy_into`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+pub fn sparse_categorical_accuracy_into_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    p: &LossParams,
+    scores: &CudaView<'_, f32>,
+    labels: &CudaView<'_, u32>,
+    total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
+) -> Result<()> {
+    version.require(gpu)?;
     sparse_accuracy(gpu, p, scores, labels, total, scratch, false)
 }
 
@@ -879,7 +1062,7 @@ fn sparse_accuracy(
     p.check_rows(OP, "labels", labels.len())?;
     check_len(OP, "total (one f64)", total.len(), 1)?;
     scratch.check(OP, p)?;
-    let f = gpu.function(module()?, KERNEL)?;
+    let f = gpu.function(&LOSS, KERNEL)?;
     let LossScratch { rows, err, .. } = &mut *scratch;
     stream_zero(gpu, err)?;
     // SAFETY: scores holds n * classes elements, labels and rows n, err 2.
@@ -933,6 +1116,29 @@ pub fn binary_accuracy_rows_into(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
+    binary_accuracy_rows_into_with(
+        gpu,
+        select(p.n * p.classes, gpu.info()),
+        p,
+        probs,
+        targets,
+        total,
+        scratch,
+    )
+}
+
+/// [`binary_accuracy_rows_into`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+pub fn binary_accuracy_rows_into_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    p: &LossParams,
+    probs: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
+) -> Result<()> {
+    version.require(gpu)?;
     const OP: &str = "binary_accuracy";
     p.check_mat(OP, "probs", probs.len())?;
     p.check_mat(OP, "targets", targets.len())?;
@@ -970,6 +1176,29 @@ pub fn mae_into(
     total: &mut CudaViewMut<'_, f64>,
     scratch: &mut LossScratch,
 ) -> Result<()> {
+    mae_into_with(
+        gpu,
+        select(p.n * p.classes, gpu.info()),
+        p,
+        pred,
+        targets,
+        total,
+        scratch,
+    )
+}
+
+/// [`mae_into`] on the version `version` (an error, before any launch, on a
+/// device older than it needs).
+pub fn mae_into_with(
+    gpu: &CudaBackend,
+    version: LossKernel,
+    p: &LossParams,
+    pred: &CudaView<'_, f32>,
+    targets: &CudaView<'_, f32>,
+    total: &mut CudaViewMut<'_, f64>,
+    scratch: &mut LossScratch,
+) -> Result<()> {
+    version.require(gpu)?;
     const OP: &str = "mae";
     p.check_mat(OP, "pred", pred.len())?;
     p.check_mat(OP, "targets", targets.len())?;

@@ -27,8 +27,24 @@ use cudarc::driver::{
 };
 
 use super::{Optimizer, OptimizerKind, OptimizerState, StepScalars};
-use crate::cuda::{CudaBackend, KernelModule, MODULES};
+use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion};
 use crate::error::{Error, Result, check_len};
+
+crate::kernel_versions! {
+    /// The versions of this family's kernels, as data (see
+    /// [`KernelVersion`]): today one.
+    pub enum OptimKernel {
+        /// One fused update over every tensor of the step, clipping from fixed-order sums (`kernels/optim.cu`).
+        Fused => "optim_fused", crate::cuda::OPTIM,
+    }
+}
+
+/// The version the plain entry points run for `opt` on `info`'s
+/// device; the `*_with` forms run the one a caller names. Today there is
+/// one version, so it is always [`OptimKernel::Fused`].
+pub fn select(_opt: &Optimizer, _info: &DeviceInfo) -> OptimKernel {
+    OptimKernel::Fused
+}
 
 const OP: &str = "optimizer.step";
 
@@ -37,16 +53,6 @@ const OP: &str = "optimizer.step";
 /// gives hundreds of blocks.
 pub const CHUNK: usize = 4096;
 const THREADS: u32 = 256;
-
-/// `kernels/optim.cu`, found by name in the registry (`src/cuda/modules.rs`
-/// re-exports only the list).
-fn module() -> Result<&'static KernelModule> {
-    MODULES
-        .iter()
-        .copied()
-        .find(|m| m.name == "optim")
-        .ok_or_else(|| Error::invalid(OP, "module", "kernels/optim.cu is not registered"))
-}
 
 // SAFETY: `StepScalars` is `#[repr(C)]` plain old data (a `#[repr(u32)]`
 // enum, two bools, f32s; no pointers), mirrored field for field by
@@ -319,6 +325,20 @@ pub fn step(
     params: &mut [CudaViewMut<'_, f32>],
     grads: &[CudaView<'_, f32>],
 ) -> Result<()> {
+    step_with(gpu, select(opt, gpu.info()), opt, state, params, grads)
+}
+
+/// [`step`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn step_with(
+    gpu: &CudaBackend,
+    kernel: OptimKernel,
+    opt: &Optimizer,
+    state: &mut CudaOptimizerState,
+    params: &mut [CudaViewMut<'_, f32>],
+    grads: &[CudaView<'_, f32>],
+) -> Result<()> {
+    kernel.require(gpu)?;
     opt.validate()?;
     check_kind(opt, state.kind)?;
     let sizes = &state.sizes;
@@ -355,7 +375,7 @@ pub fn step(
         let chunk = CHUNK as u64;
         let use_scales: u32 = opt.clipnorm.is_some().into();
         if let Some(c) = opt.clipnorm {
-            let f = gpu.function(module()?, "optim_sumsq")?;
+            let f = gpu.function(kernel.module(), "optim_sumsq")?;
             // SAFETY: the table describes every tensor with pointers taken
             // from the views above (checked to hold `len` elements each) and
             // the state's own slots; chunk_tensor and partials hold `chunks`
@@ -373,7 +393,7 @@ pub fn step(
             };
             gpu.launched("optim_sumsq", r)?;
 
-            let f = gpu.function(module()?, "optim_clip_scales")?;
+            let f = gpu.function(kernel.module(), "optim_clip_scales")?;
             let per_tensor: u32 = opt.clipnorm_per_tensor.into();
             let count = sizes.len() as u64;
             let one_block = LaunchConfig {
@@ -397,7 +417,7 @@ pub fn step(
             };
             gpu.launched("optim_clip_scales", r)?;
         }
-        let f = gpu.function(module()?, "optim_update")?;
+        let f = gpu.function(kernel.module(), "optim_update")?;
         // SAFETY: as for optim_sumsq; params are distinct `&mut` views, so no
         // two tensors (and no gradient) alias a written element; slot1 is
         // only dereferenced when non-null (Adam).

@@ -16,8 +16,24 @@
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
 use super::MaxPool2d;
-use crate::cuda::{CudaBackend, POOL};
+use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion};
 use crate::error::Result;
+
+crate::kernel_versions! {
+    /// The versions of this family's kernels, as data (see
+    /// [`KernelVersion`]): today one.
+    pub enum PoolKernel {
+        /// One thread per output (forward) or input element (backward, a gather) (`kernels/pool.cu`).
+        Direct => "maxpool_direct", crate::cuda::POOL,
+    }
+}
+
+/// The version the plain entry points run for `p` on `info`'s
+/// device; the `*_with` forms run the one a caller names. Today there is
+/// one version, so it is always [`PoolKernel::Direct`].
+pub fn select(_p: &MaxPool2d, _info: &DeviceInfo) -> PoolKernel {
+    PoolKernel::Direct
+}
 
 // SAFETY: `#[repr(C)]`, fourteen usizes: plain old data of 112 bytes,
 // mirrored as `struct MaxPool2d` in pool.cu.
@@ -33,12 +49,26 @@ pub fn forward(
     y: &mut CudaViewMut<'_, f32>,
     argmax: &mut CudaViewMut<'_, u32>,
 ) -> Result<()> {
+    forward_with(gpu, select(p, gpu.info()), p, x, y, argmax)
+}
+
+/// [`forward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn forward_with(
+    gpu: &CudaBackend,
+    kernel: PoolKernel,
+    p: &MaxPool2d,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    argmax: &mut CudaViewMut<'_, u32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check_forward(x.len(), y.len(), argmax.len())?;
     let ylen = p.y_len();
     if ylen == 0 {
         return Ok(());
     }
-    let f = gpu.function(&POOL, "maxpool2d_forward")?;
+    let f = gpu.function(kernel.module(), "maxpool2d_forward")?;
     let ylen64 = ylen as u64;
     // SAFETY: validate() guarantees every window holds a real cell inside
     // its h x w plane; x holds n*c*h*w and y, argmax n*c*oh*ow (checked).
@@ -62,12 +92,25 @@ pub fn forward_inference(
     x: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    forward_inference_with(gpu, select(p, gpu.info()), p, x, y)
+}
+
+/// [`forward_inference`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn forward_inference_with(
+    gpu: &CudaBackend,
+    kernel: PoolKernel,
+    p: &MaxPool2d,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check_forward_inference(x.len(), y.len())?;
     let ylen = p.y_len();
     if ylen == 0 {
         return Ok(());
     }
-    let f = gpu.function(&POOL, "maxpool2d_forward_inference")?;
+    let f = gpu.function(kernel.module(), "maxpool2d_forward_inference")?;
     let ylen64 = ylen as u64;
     // SAFETY: as in `forward`.
     let r = unsafe {
@@ -90,12 +133,26 @@ pub fn backward(
     argmax: &CudaView<'_, u32>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
+    backward_with(gpu, select(p, gpu.info()), p, dy, argmax, dx)
+}
+
+/// [`backward`] on the version `kernel` (an error, before any launch, on a
+/// device older than it needs).
+pub fn backward_with(
+    gpu: &CudaBackend,
+    kernel: PoolKernel,
+    p: &MaxPool2d,
+    dy: &CudaView<'_, f32>,
+    argmax: &CudaView<'_, u32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    kernel.require(gpu)?;
     p.check_backward(dy.len(), argmax.len(), dx.len())?;
     let xlen = p.x_len();
     if xlen == 0 {
         return Ok(());
     }
-    let f = gpu.function(&POOL, "maxpool2d_backward")?;
+    let f = gpu.function(kernel.module(), "maxpool2d_backward")?;
     let xlen64 = xlen as u64;
     // SAFETY: dx holds n*c*h*w and dy, argmax n*c*oh*ow (checked); each
     // thread reads dy and argmax only at windows (oy, ox) of its own plane

@@ -79,6 +79,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod cpu_isa;
 pub mod cuda;
 pub mod data;
 pub mod error;

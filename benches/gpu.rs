@@ -598,6 +598,15 @@ fn open_blas(gpu: &CudaBackend) -> Result<CudaBlas, String> {
     Ok(blas)
 }
 
+/// Sets the handle's math mode (DEFAULT_MATH: FP32 sgemm; TF32_TENSOR_OP_MATH:
+/// sgemm on TF32 tensor cores).
+fn set_math(blas: &CudaBlas, mode: blas_sys::cublasMath_t) {
+    // SAFETY: a valid handle; the mode only changes how later calls compute.
+    unsafe { blas_sys::cublasSetMathMode(*blas.handle(), mode) }
+        .result()
+        .expect("cublasSetMathMode");
+}
+
 /// cuBLAS sgemm computing kestrel's row-major `p` (one batch item) on the
 /// column-major library: `C^T = op(B)^T op(A)^T`.
 fn cublas_sgemm(
@@ -663,11 +672,23 @@ fn gemm_version_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm, kernel: Op
         )
         .expect("kestrel gemm")
     };
-    let note = format!("FP32, {}", kernel.name());
+    // A TF32 version is named as such and timed beside cuBLAS in TF32 mode
+    // (the ratio is against cuBLAS TF32); f32 versions beside
+    // cuBLAS FP32.
+    let tf32 = kernel.precision() == gemm::Precision::Tf32;
+    let note = format!("{}, {}", if tf32 { "TF32" } else { "FP32" }, kernel.name());
     let note = note.as_str();
     match &env.blas {
         Some(blas) => {
-            let mut base = |_i: u64| cublas_sgemm(blas, &p, &a, &b, &mut out_base);
+            let mut base = |_i: u64| {
+                if tf32 {
+                    set_math(blas, blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH);
+                }
+                cublas_sgemm(blas, &p, &a, &b, &mut out_base);
+                if tf32 {
+                    set_math(blas, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH);
+                }
+            };
             env.pair(
                 c,
                 "gpu_gemm",

@@ -20,9 +20,15 @@ GPU (default, --device cuda):
 
 CPU (--device cpu): the Fashion-MNIST mlp epoch (784-300-100-10 relu,
   softmax, batch 32, SGD lr 0.01, 55,000 samples, shuffled) with
-  torch.set_num_threads(2): seconds per epoch; plus the keras-cnn step at
-  batch 32 and the per-layer conv timings at batch 32 (to put beside
-  benches/ops_cpu.rs and step_cpu.rs).
+  torch.set_num_threads(--threads, default 2): seconds per epoch; plus the
+  keras-cnn step at batch 32, the per-layer conv timings at batch 32, the
+  GEMMs of benches/gemm_cpu.rs (torch.mm: square 512 and 2048, the mlp's
+  layers at batch 32, the conv-like 64x3136x576; "cpugemm"), and the
+  memory-bound ops of benches/ops_cpu.rs ("mem": max pooling, batch norm,
+  dropout, the optimizers over keras-cnn's parameters), each with the id of
+  the kestrel bench it goes beside.
+  Only on a quiet machine: PyTorch's OpenMP threads collapse when the cores
+  are shared, so check /proc/loadavg before and after (docs/perf-log.md).
 
 Output: one JSON object on stdout: device, torch / cuDNN versions, settings,
 and "results": [{"family", "id", "median_ms", "work", "unit"}], where "id"
@@ -201,6 +207,97 @@ def bench_gemms(timer, device, batches, out):
                         unit="GFLOP/s"))
 
 
+# benches/gemm_cpu.rs: (id, m, n, k), C = A B, all row-major.
+CPU_GEMMS = [(512, 512, 512), (2048, 2048, 2048), (32, 300, 784), (32, 100, 300),
+             (32, 10, 100), (64, 3136, 576)]
+
+
+def bench_cpu_gemms(timer, out):
+    for m, n, k in CPU_GEMMS:
+        a, b, c = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+        ms = timer.median_ms(lambda: torch.mm(a, b, out=c))
+        out.append(dict(family="gemm", id=f"{m}x{n}x{k}", median_ms=ms, work=2.0 * m * n * k,
+                        unit="GFLOP/s"))
+
+
+# benches/common/mod.rs: POOLS (net, name, channels, size), DROPOUTS (net,
+# name, elements per sample), KERAS_CNN_PARAMS.
+POOLS = [("keras-cnn", "pool1", 32, 30), ("keras-cnn", "pool2", 64, 13),
+         ("elu-cnn", "pool1", 128, 30), ("elu-cnn", "pool2", 256, 13), ("elu-cnn", "pool3", 512, 4)]
+DROPOUTS = [("keras-cnn", "drop1", 32 * 15 * 15), ("keras-cnn", "drop2", 64 * 6 * 6),
+            ("keras-cnn", "drop3", 512), ("elu-cnn", "drop1", 128 * 15 * 15),
+            ("elu-cnn", "drop2", 256 * 6 * 6), ("elu-cnn", "drop3", 512 * 2 * 2),
+            ("elu-cnn", "drop4", 1024)]
+KERAS_CNN_PARAM_SHAPES = [(32, 3, 3, 3), (32,), (32, 32, 3, 3), (32,), (64, 32, 3, 3), (64,),
+                          (64, 64, 3, 3), (64,), (2304, 512), (512,), (512, 10), (10,)]
+
+
+def bench_memory_bound(timer, out):
+    """The ops of benches/ops_cpu.rs at the same sizes, batch 32. "work" is
+    the bytes kestrel's bench counts for the same op, so rates compare."""
+    n = 32
+    for net, name, c, hw in POOLS:
+        x = torch.randn(n, c, hw, hw)
+        y, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+        dy = torch.randn_like(y)
+        base = f"{net}.{name}.b{n}"
+        fwd_bytes = 4 * x.numel() + 8 * y.numel()
+        ms = timer.median_ms(lambda: F.max_pool2d(x, 2, 2, return_indices=True))
+        out.append(dict(family="pool", id=f"{base}.fwd", median_ms=ms, work=fwd_bytes, unit="GB/s"))
+        ms = timer.median_ms(lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+            dy, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx))
+        out.append(dict(family="pool", id=f"{base}.bwd", median_ms=ms, work=fwd_bytes, unit="GB/s"))
+    for bid, ch, spatial in [("mlp.bn784.b32", 784, 1), ("mlp.bn300.b32", 300, 1),
+                             ("mlp.bn100.b32", 100, 1), ("keras-cnn.conv1-out.b32", 32, 32 * 32)]:
+        shape = (n, ch) if spatial == 1 else (n, ch, 32, 32)
+        x, dy = torch.randn(*shape), torch.randn(*shape)
+        g, b = torch.randn(ch), torch.randn(ch)
+        rm, rv = torch.zeros(ch), torch.ones(ch)
+        length = x.numel()
+        ms = timer.median_ms(lambda: torch.native_batch_norm(x, g, b, rm, rv, True, 0.01, 1e-3))
+        out.append(dict(family="batchnorm", id=f"{bid}.fwd", median_ms=ms,
+                        work=4 * (2 * length + 8 * ch), unit="GB/s"))
+        _, sm, si = torch.native_batch_norm(x, g, b, rm, rv, True, 0.01, 1e-3)
+        ms = timer.median_ms(lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, g, rm, rv, sm, si, True, 1e-3, [True, True, True]))
+        out.append(dict(family="batchnorm", id=f"{bid}.bwd", median_ms=ms,
+                        work=4 * (3 * length + 5 * ch), unit="GB/s"))
+    for net, name, per in DROPOUTS:
+        rate = 0.25 if name in ("drop1", "drop2") else 0.5
+        x, dy = torch.randn(n * per), torch.randn(n * per)
+        _, mask = torch.native_dropout(x, rate, True)
+        base = f"{net}.{name}.b{n}"
+        ms = timer.median_ms(lambda: torch.native_dropout(x, rate, True))
+        out.append(dict(family="dropout", id=f"{base}.fwd", median_ms=ms, work=9 * x.numel(),
+                        unit="GB/s"))
+        ms = timer.median_ms(lambda: torch.ops.aten.native_dropout_backward(dy, mask, 1 / (1 - rate)))
+        out.append(dict(family="dropout", id=f"{base}.bwd", median_ms=ms, work=9 * x.numel(),
+                        unit="GB/s"))
+    total = sum(torch.Size(s).numel() for s in KERAS_CNN_PARAM_SHAPES)
+    for oid, make, clip, slots in [
+            ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.01), False, 1),
+            ("momentum", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.5), False, 1),
+            ("nesterov", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.5, nesterov=True), False, 1),
+            ("adagrad", lambda ps: torch.optim.Adagrad(ps, lr=0.01, eps=1e-7), False, 1),
+            ("rmsprop", lambda ps: torch.optim.RMSprop(ps, lr=1e-4, alpha=0.9, eps=1e-7), False, 1),
+            ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3, eps=1e-7), False, 2),
+            ("adam_clipnorm", lambda ps: torch.optim.Adam(ps, lr=1e-3, eps=1e-7), True, 2)]:
+        ps = [torch.randn(*s, requires_grad=True) for s in KERAS_CNN_PARAM_SHAPES]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = make(ps)
+
+        def step():
+            if clip:
+                torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            opt.step()
+
+        ms = timer.median_ms(step)
+        per = 4 + 4 + 4 + slots * 8 + (4 if clip else 0)
+        out.append(dict(family="optim", id=f"keras-cnn.{oid}.p{total}", median_ms=ms,
+                        work=per * total, unit="GB/s"))
+
+
 def make_optimizer(kind, params, device, fused, capturable=False):
     kw = {}
     if device.type == "cuda":
@@ -327,7 +424,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
     ap.add_argument("--compile", action="store_true",
                     help='graph mode via torch.compile(mode="reduce-overhead") instead of CUDA graphs')
-    ap.add_argument("--only", default="", help="comma list of: conv,gemm,step,epoch")
+    ap.add_argument("--only", default="",
+                    help="comma list of: conv,gemm,step,epoch (GPU and CPU), cpugemm,mem (CPU)")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
 
@@ -375,6 +473,10 @@ def main():
             bench_steps(timer, device, [("keras-cnn", 32, "rmsprop")], results, False)
         if want("conv"):
             bench_convs(timer, device, [32], results)
+        if want("cpugemm"):
+            bench_cpu_gemms(timer, results)
+        if want("mem"):
+            bench_memory_bound(timer, results)
 
     json.dump(dict(
         device=name,

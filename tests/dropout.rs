@@ -206,6 +206,47 @@ fn nan_follows_multiplication() {
     assert!(dx.iter().all(|v| v.is_nan()));
 }
 
+/// Every instruction-set level this CPU runs (`cpu_isa`) draws the same
+/// masks and values as the definition: the lane-parallel Philox is integer
+/// arithmetic, so the levels agree bitwise. Lengths around the 64-element
+/// groups and the 16384-element tasks.
+#[test]
+fn every_isa_level_matches_the_definition() {
+    use kestrel::cpu_isa::{Isa, with_isa};
+    for isa in Isa::available() {
+        for (len, rate, seed, offset) in [
+            (1usize, 0.5f32, 1u64, 0u64),
+            (63, 0.3, 2, 5),
+            (64, 0.3, 3, u64::MAX - 1),
+            (65, 0.7, 4, 1 << 40),
+            (16_384 + 67, 0.25, 5, 7),
+            (50_000, 0.5, u64::MAX, 123),
+        ] {
+            let p = Dropout::new(len, rate, seed, offset).unwrap();
+            let x = data(seed, len, -4.0, 4.0);
+            let (y, mask) = with_isa(isa, || run(&p, &x)).unwrap();
+            assert!(
+                mask == mask_def(len, rate, seed, offset),
+                "{isa}: mask, len {len}"
+            );
+            let scale = 1.0f32 / (1.0f32 - rate);
+            for i in 0..len {
+                let expect = if mask[i] == 1 {
+                    x[i] * scale
+                } else {
+                    x[i] * 0.0
+                };
+                assert_eq!(y[i].to_bits(), expect.to_bits(), "{isa}: y[{i}]");
+            }
+            let mut m2 = vec![9u8; len];
+            with_isa(isa, || cpu::mask_only(&p, &mut m2))
+                .unwrap()
+                .unwrap();
+            assert!(m2 == mask, "{isa}: mask_only");
+        }
+    }
+}
+
 #[test]
 fn bit_identical_on_any_thread_count() {
     let len = 100_003;

@@ -1,11 +1,14 @@
-//! GEMM against its definition in f64, on both micro-kernels (AVX2+FMA and
-//! portable), plus the backward pass against finite differences.
+//! GEMM against its definition in f64, on every micro-kernel this CPU runs
+//! (AVX-512, AVX2+FMA, portable: `cpu::Kernel::available`), plus the
+//! backward pass against finite differences.
 
 mod common;
 
 use common::Rng;
 use common::*;
+use kestrel::cpu_isa::{Isa, with_isa};
 use kestrel::ops::activation::Activation;
+use kestrel::ops::gemm::cpu::Kernel;
 use kestrel::ops::gemm::{Bias, Epilogue, Gemm, cpu};
 use proptest::prelude::*;
 
@@ -16,6 +19,13 @@ use proptest::prelude::*;
 /// `(k + 4) eps`, twice that. The activation is `max(1, alpha)`-Lipschitz
 /// and rounds its own output (a few ulps: `4 eps |ref|`). The absolute
 /// `1e-6` covers results near 0 after tanh/sigmoid/exp.
+///
+/// The same bound holds for every kernel: the AVX-512 and AVX2 ones compute
+/// the same FMA chain per element (and are checked to agree bitwise), the
+/// portable one rounds each product and each sum (at most `2k` roundings
+/// instead of `k`, still inside `(k + 4) eps` twice over for the error
+/// analysis above, which counts `k u` per path). So the kernels differ
+/// from one another by at most twice this tolerance.
 fn gemm_tol(k: usize) -> f64 {
     (k as f64 + 4.0) * f32::EPSILON as f64
 }
@@ -194,6 +204,12 @@ impl Case {
     fn check(&self, what: &str, f: GemmFn) -> Result<(), String> {
         let mut c = self.c.clone();
         f(&self.p, &self.a, &self.b, &mut c, self.epilogue()).map_err(|e| e.to_string())?;
+        self.check_out(what, &c)
+    }
+
+    /// Checks an output `c` (the whole buffer, gaps included) against the
+    /// definition.
+    fn check_out(&self, what: &str, c: &[f32]) -> Result<(), String> {
         let (want, scale) = self.reference();
         let lip = (self.act.alpha as f64).max(1.0);
         for (idx, ((&g, &w), &s)) in c.iter().zip(&want).zip(&scale).enumerate() {
@@ -217,9 +233,31 @@ impl Case {
         Ok(())
     }
 
-    /// Both micro-kernels.
-    fn check_both(&self) -> Result<(), String> {
+    /// Every micro-kernel this CPU runs, through `gemm_with`, and the
+    /// default `gemm`. The AVX2 and AVX-512 kernels must also agree bitwise
+    /// (the same FMA chain per element, see `cpu`'s module docs).
+    fn check_all(&self) -> Result<(), String> {
         self.check("gemm", cpu::gemm)?;
+        let mut simd: Option<(Kernel, Vec<u32>)> = None;
+        for kern in Kernel::available() {
+            let mut c = self.c.clone();
+            cpu::gemm_with(kern, &self.p, &self.a, &self.b, &mut c, self.epilogue())
+                .map_err(|e| e.to_string())?;
+            self.check_out(&format!("gemm_with({kern:?})"), &c)?;
+            if kern != Kernel::Portable {
+                let bits: Vec<u32> = c.iter().map(|v| v.to_bits()).collect();
+                match &simd {
+                    None => simd = Some((kern, bits)),
+                    Some((k0, b0)) if *b0 != bits => {
+                        return Err(format!(
+                            "{kern:?} and {k0:?} differ bitwise on {:?}",
+                            self.p
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
         self.check("gemm_portable", cpu::gemm_portable)
     }
 }
@@ -240,10 +278,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Every transpose pair, dims with 1, primes and sizes off the 6 x 16
-    /// tile edges, alpha/beta (beta = 0 over NaN in C), padded leading
+    /// and 8 x 32 tile edges, alpha/beta (beta = 0 over NaN in C), padded leading
     /// dimensions (gaps NaN in A/B, a sentinel in C that must survive),
-    /// batches with A and/or B shared, every bias and activation; both the
-    /// AVX2 and the portable path. Tolerance: see `gemm_tol`.
+    /// batches with A and/or B shared, every bias and activation; every
+    /// kernel this CPU runs. Tolerance: see `gemm_tol`.
     #[test]
     fn matches_definition(
         m in dim(40), n in dim(40), k in dim(70), ta: bool, tb: bool,
@@ -251,18 +289,18 @@ proptest! {
         bias_kind in 0u8..3, act in 0u8..7, seed: u64,
     ) {
         let case = Case::new((m, n, k), (ta, tb), ab, batch, pad, share, (bias_kind, act), seed);
-        let r = case.check_both();
+        let r = case.check_all();
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     }
 
-    /// The same on plain dense shapes up to 129, past one 6 x 16 tile in
-    /// every direction and, with k up to 300, over two kc blocks.
+    /// The same on plain dense shapes up to 129, past several 6 x 16 and
+    /// 8 x 32 tiles in every direction and, with k up to 300, over two kc blocks.
     #[test]
     fn matches_definition_dense(
         m in dim(129), n in dim(129), k in dim(300), ta: bool, tb: bool, ab in scalars(), seed: u64,
     ) {
         let case = Case::new((m, n, k), (ta, tb), ab, 1, 0, 0, (0, 0), seed);
-        let r = case.check_both();
+        let r = case.check_all();
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     }
 }
@@ -282,11 +320,11 @@ fn large_shapes_parallel_and_blocked() {
     ];
     for (i, &(mnk, t, act)) in shapes.iter().enumerate() {
         let case = Case::new(mnk, t, (0.75, 0.5), 1, 1, 0, (i as u8, act), 42 + i as u64);
-        case.check_both().unwrap();
+        case.check_all().unwrap();
     }
     // A batch of small products, run one item per thread.
     let case = Case::new((40, 50, 60), (false, true), (1.0, 0.0), 12, 2, 0, (2, 1), 7);
-    case.check_both().unwrap();
+    case.check_all().unwrap();
     // A shared A over a batch of large items.
     let case = Case::new(
         (64, 200, 100),
@@ -298,7 +336,7 @@ fn large_shapes_parallel_and_blocked() {
         (1, 4),
         8,
     );
-    case.check_both().unwrap();
+    case.check_all().unwrap();
 }
 
 #[test]
@@ -313,9 +351,9 @@ fn nan_in_a_propagates_to_its_row_only() {
             row * case.p.lda + col
         };
         case.a[idx] = f32::NAN;
-        for f in [cpu::gemm as GemmFn, cpu::gemm_portable] {
+        for kern in Kernel::available() {
             let mut c = case.c.clone();
-            f(&case.p, &case.a, &case.b, &mut c, case.epilogue()).unwrap();
+            cpu::gemm_with(kern, &case.p, &case.a, &case.b, &mut c, case.epilogue()).unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let v = c[i * n + j];
@@ -340,7 +378,7 @@ fn beta_zero_never_reads_c() {
         11,
     );
     assert!(case.c.iter().any(|v| v.is_nan()));
-    case.check_both().unwrap();
+    case.check_all().unwrap();
 }
 
 /// `k == 0`: `C = act(beta * C + bias)`; with `beta == 0`, `act(bias)`.
@@ -357,7 +395,7 @@ fn k_zero_is_scaled_c_plus_bias() {
             (bias_kind, act),
             5,
         );
-        case.check_both().unwrap();
+        case.check_all().unwrap();
     }
 }
 
@@ -398,11 +436,12 @@ fn thread_count_independent() {
         ),
     ];
     for case in &cases {
-        for f in [cpu::gemm as GemmFn, cpu::gemm_portable] {
+        for kern in Kernel::available() {
             let run = |threads: Option<usize>| {
                 let mut c = case.c.clone();
-                let go =
-                    |c: &mut Vec<f32>| f(&case.p, &case.a, &case.b, c, case.epilogue()).unwrap();
+                let go = |c: &mut Vec<f32>| {
+                    cpu::gemm_with(kern, &case.p, &case.a, &case.b, c, case.epilogue()).unwrap()
+                };
                 match threads {
                     None => go(&mut c),
                     Some(t) => rayon::ThreadPoolBuilder::new()
@@ -416,30 +455,66 @@ fn thread_count_independent() {
             let global = run(None);
             assert!(
                 global == run(Some(1)),
-                "1 thread differs from the global pool: {:?}",
+                "{kern:?}: 1 thread differs from the global pool: {:?}",
                 case.p
             );
             assert!(
                 global == run(Some(3)),
-                "3 threads differ from the global pool: {:?}",
+                "{kern:?}: 3 threads differ from the global pool: {:?}",
                 case.p
             );
         }
     }
 }
 
-/// On this machine (x86-64 with AVX2+FMA) `gemm` takes the SIMD path, so
-/// the tests above cover both kernels; elsewhere both calls run the
-/// portable one.
+/// `gemm` follows `Isa::current`: under `with_isa` it runs that level's
+/// kernel (bitwise the same as `gemm_with` on it), on every level this CPU
+/// runs; a kernel the CPU lacks is an error from `gemm_with`, and every
+/// x86-64 CPU with AVX2+FMA is detected as at least `Avx2`.
 #[test]
-fn simd_path_is_detected() {
+fn every_isa_level_is_reachable() {
     #[cfg(target_arch = "x86_64")]
-    assert_eq!(
-        cpu::uses_simd(),
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    );
+    {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        assert_eq!(Isa::detected() >= Isa::Avx2, avx2);
+        assert_eq!(
+            Isa::detected() == Isa::Avx512,
+            avx2 && is_x86_feature_detected!("avx512f")
+        );
+    }
     #[cfg(not(target_arch = "x86_64"))]
-    assert!(!cpu::uses_simd());
+    assert_eq!(Isa::detected(), Isa::Portable);
+    let case = Case::new(
+        (37, 70, 300),
+        (false, true),
+        (1.0, 0.5),
+        1,
+        1,
+        0,
+        (2, 1),
+        31,
+    );
+    for isa in Isa::available() {
+        let kern = Kernel::for_isa(isa);
+        let mut c1 = case.c.clone();
+        with_isa(isa, || {
+            assert_eq!(cpu::uses_simd(), isa != Isa::Portable);
+            cpu::gemm(&case.p, &case.a, &case.b, &mut c1, case.epilogue()).unwrap()
+        })
+        .unwrap();
+        let mut c2 = case.c.clone();
+        cpu::gemm_with(kern, &case.p, &case.a, &case.b, &mut c2, case.epilogue()).unwrap();
+        assert!(
+            c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{isa}"
+        );
+        case.check_out(&format!("gemm under {isa}"), &c1).unwrap();
+    }
+    for kern in Kernel::ALL {
+        let mut c = case.c.clone();
+        let r = cpu::gemm_with(kern, &case.p, &case.a, &case.b, &mut c, case.epilogue());
+        assert_eq!(r.is_ok(), kern.isa() <= Isa::detected(), "{kern:?}");
+    }
 }
 
 /// `L = sum(dC * alpha op(A) op(B))` over the batch, in f64 from A and B as

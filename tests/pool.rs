@@ -116,6 +116,31 @@ proptest! {
         prop_assert!(res.is_ok(), "{}", res.unwrap_err());
     }
 
+    /// The seed networks' pool, 2x2 with stride 2, which the forward pass
+    /// runs on a straight-line path wherever the window lies inside the
+    /// image: odd and even sizes, valid and same padding (whose last
+    /// window may be clipped), random data, ties from {0, 1, 2}, and NaNs
+    /// sprinkled in (the first NaN of a window must win, with its index).
+    #[test]
+    fn pool_2x2_stride_2(
+        n in 1usize..=2, c in dim(3), h in 1usize..=19, w in 1usize..=19, same: bool,
+        kind in 0u8..3, seed: u64,
+    ) {
+        let (h, w) = if same { (h, w) } else { (h.max(2), w.max(2)) };
+        let p = MaxPool2d::new([n, c, h, w], [2, 2], [2, 2], padding(same)).unwrap();
+        let mut rng = common::Rng::new(seed);
+        let x: Vec<f32> = (0..p.x_len())
+            .map(|_| match kind {
+                0 => rng.uniform(-1.0, 1.0),
+                1 => rng.below(3) as f32,
+                _ if rng.below(6) == 0 => f32::NAN,
+                _ => rng.below(3) as f32,
+            })
+            .collect();
+        let res = check_forward(&p, &x);
+        prop_assert!(res.is_ok(), "{}", res.unwrap_err());
+    }
+
     /// Integer data from {0, 1, 2}: most windows hold several equal maxima.
     #[test]
     fn ties_select_the_first_maximum(

@@ -1,5 +1,6 @@
-//! CPU GEMM: a blocked, packed (Goto/BLIS-style) kernel with an AVX2+FMA
-//! micro-kernel chosen at run time and a portable fallback.
+//! CPU GEMM: a blocked, packed (Goto/BLIS-style) kernel with micro-kernels
+//! for AVX-512, AVX2+FMA and a portable fallback, chosen at run time
+//! ([`crate::cpu_isa`]).
 //!
 //! Structure, outermost first, for one batch item:
 //! - `op(A)` is packed once, whole, into `MR`-row panels per `kc` block of
@@ -12,8 +13,9 @@
 //!   of `k` in `kc` blocks: it packs its `kc x width` slice of `op(B)` into
 //!   `NR`-column panels (L2-resident), then, `MC` rows of packed A at a time
 //!   (L2-resident), runs the `MR x NR` micro-kernel over every pair of A and
-//!   B panels, with the B panel (`kc x NR`, 16 KiB) in L1. The C tile is
-//!   prefetched before each micro-kernel call: its rows are `ldc` apart.
+//!   B panels, with the B panel (`kc x NR`: 16 KiB for AVX2's 16 columns,
+//!   32 KiB for AVX-512's 32) in L1. The C tile is prefetched before each
+//!   micro-kernel call: its rows are `ldc` apart.
 //! - Small problems (under `PAR_MIN_MACS`) run on the calling thread; a
 //!   batch of small products runs one item per thread. Scratch buffers are
 //!   kept per thread, so small calls do not allocate.
@@ -21,10 +23,19 @@
 //!   first `kc` block applies `beta` (not reading C when `beta == 0`), the
 //!   middle ones add, the last adds the bias and applies the activation.
 //!
-//! Determinism: the value of each element of C depends only on the kernel
-//! (AVX2 or portable) and the `kc` blocking, which is a function of `k`
-//! alone; tasks only choose *which* elements a thread computes. So results
-//! are bit-identical for any number of threads.
+//! The micro-kernels ([`Kernel`], versions as data): [`Kernel::Avx512`]
+//! (8 x 32, two `zmm` columns of accumulators per row), [`Kernel::Avx2`]
+//! (6 x 16, the kernel every x86-64 machine ran before the AVX-512 one, kept
+//! selectable) and [`Kernel::Portable`] (6 x 16, plain Rust).
+//!
+//! Determinism: the value of each element of C is a chain of FMAs over `kk`
+//! in order within each `kc` block, the blocks added in order; the `kc`
+//! blocking is a function of `k` alone (the same for every kernel), and
+//! tasks only choose *which* elements a thread computes. So results are
+//! bit-identical for any number of threads, and the AVX-512 and AVX2
+//! kernels give the same bits as each other (same chain, wider vectors);
+//! the portable kernel multiplies and adds separately (no FMA), so it
+//! differs from them in the last bits (within `(k + 4) eps sum |a||b|`).
 
 use std::cell::Cell;
 
@@ -34,46 +45,94 @@ use super::{Bias, Epilogue, Gemm, GradGemm, HostEpilogue, Operand};
 
 /// The host bias.
 type HostBias<'a> = Bias<&'a [f32]>;
-use crate::error::Result;
+use crate::cpu_isa::Isa;
+use crate::error::{Error, Result};
 use crate::ops::activation::{Activation, ActivationKind};
 
-/// Rows of the micro-kernel's register tile.
-const MR: usize = 6;
-/// Columns of the register tile: two 8-lane AVX vectors. 6 x 2 accumulators
-/// plus two B vectors and one broadcast A value fill the 16 ymm registers.
-const NR: usize = 16;
-/// Largest `kc` block: a `kc x NR` panel of B is 16 KiB, half of L1d.
+/// Largest `kc` block: a `kc x NR` panel of B is 16 KiB with 16 columns
+/// (half of a 32 KiB L1d), 32 KiB with 32 (two thirds of a 48 KiB one). The
+/// same for every kernel, so that the AVX2 and AVX-512 ones agree bitwise.
 const KC: usize = 256;
 /// Rows of C per task: a `MC x KC` block of packed A (~144 KiB) stays in L2.
+/// A multiple of both kernels' `MR` (6 and 8).
 const MC: usize = 144;
-/// Default columns of C per task (8 panels): the packed B slice is 128 KiB.
-const NC_TASK: usize = 128;
+/// Default columns of C per task, by the kernel's `NR`: the packed B slice
+/// (`kc x` these columns) is 128 KiB for the 16-column kernels (as before
+/// the AVX-512 one), 512 KiB for the 32-column one, so that each block of
+/// packed A brought into L2 serves 16 B panels before it is evicted (with
+/// 128 columns, a large A came from L3 four times as often: 2048^3 ran at
+/// the L3's pace).
+const fn nc_task(nr: usize) -> usize {
+    if nr >= 32 { 512 } else { 128 }
+}
 /// Below this many multiply-adds (~2 MFLOP, some 40 us on one core) waking
 /// rayon's threads costs about as much as it saves.
 const PAR_MIN_MACS: usize = 1 << 20;
+/// The largest `MR * NR` of any kernel (the accumulator buffer's length).
+const ACC_MAX: usize = 8 * 32;
 
-/// Which micro-kernel runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
-    #[cfg(target_arch = "x86_64")]
-    Avx2Fma,
+/// A micro-kernel of the CPU GEMM: its register tile and the instruction
+/// set it needs. [`gemm`] takes the one [`Kernel::for_isa`] gives for
+/// [`Isa::current`]; [`gemm_with`] runs any one the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// 6 x 16, plain Rust (separate multiply and add), vectorized by LLVM
+    /// for the compile target: what runs without AVX2+FMA.
     Portable,
+    /// 6 x 16 with AVX2+FMA: 12 `ymm` accumulators, two B loads and six
+    /// broadcasts per 12 FMAs. The previous version (the only SIMD kernel
+    /// before the AVX-512 one), kept for comparison and for CPUs without
+    /// AVX-512.
+    Avx2,
+    /// 8 x 32 with AVX-512F: 16 `zmm` accumulators, two B loads and eight
+    /// broadcasts per 16 FMAs; eight rows fit the 32-row layers (a batch of
+    /// 32, 32 conv channels) without a padded panel.
+    Avx512,
 }
 
-fn best_kernel() -> Kernel {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Kernel::Avx2Fma;
+impl Kernel {
+    /// Every kernel, lowest instruction set first.
+    pub const ALL: [Kernel; 3] = [Kernel::Portable, Kernel::Avx2, Kernel::Avx512];
+
+    /// The instruction set the kernel needs.
+    pub fn isa(self) -> Isa {
+        match self {
+            Kernel::Portable => Isa::Portable,
+            Kernel::Avx2 => Isa::Avx2,
+            Kernel::Avx512 => Isa::Avx512,
         }
     }
-    Kernel::Portable
+
+    /// The best kernel for `isa`.
+    pub fn for_isa(isa: Isa) -> Kernel {
+        match isa {
+            Isa::Portable => Kernel::Portable,
+            Isa::Avx2 => Kernel::Avx2,
+            Isa::Avx512 => Kernel::Avx512,
+        }
+    }
+
+    /// The register tile, `(MR, NR)`: rows and columns of C per call.
+    pub fn tile(self) -> (usize, usize) {
+        match self {
+            Kernel::Portable | Kernel::Avx2 => (6, 16),
+            Kernel::Avx512 => (8, 32),
+        }
+    }
+
+    /// The kernels this CPU runs, lowest first.
+    pub fn available() -> Vec<Kernel> {
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.isa() <= Isa::detected())
+            .collect()
+    }
 }
 
-/// Whether [`gemm`] uses the AVX2+FMA micro-kernel on this CPU (otherwise it
-/// runs the same code as [`gemm_portable`]).
+/// Whether [`gemm`] uses a SIMD micro-kernel on this thread now (AVX2+FMA
+/// or AVX-512; otherwise it runs the same code as [`gemm_portable`]).
 pub fn uses_simd() -> bool {
-    best_kernel() != Kernel::Portable
+    Isa::current() != Isa::Portable
 }
 
 /// `C = act(alpha * op(A) * op(B) + beta * C + bias)` on the host, for each
@@ -81,11 +140,35 @@ pub fn uses_simd() -> bool {
 ///
 /// Overwrites the `m x n` block of each batch item of `c` (reading it only
 /// when `beta != 0`); elements between rows (`ldc > n`) and between batch
-/// items are not touched. Uses the AVX2+FMA micro-kernel where the CPU has
-/// it, and rayon threads for large problems; the result is bit-identical for
-/// any number of threads.
+/// items are not touched. Uses the micro-kernel of [`Isa::current`]
+/// (AVX-512, AVX2+FMA or portable), and rayon threads for large problems;
+/// the result is bit-identical for any number of threads.
 pub fn gemm(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: HostEpilogue) -> Result<()> {
-    run(p, a, b, c, epi, best_kernel())
+    run(p, a, b, c, epi, Kernel::for_isa(Isa::current()))
+}
+
+/// [`gemm`] with micro-kernel `kernel`; an error if the CPU lacks its
+/// instruction set.
+pub fn gemm_with(
+    kernel: Kernel,
+    p: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    epi: HostEpilogue,
+) -> Result<()> {
+    if kernel.isa() > Isa::detected() {
+        return Err(Error::invalid(
+            "gemm",
+            "kernel",
+            format!(
+                "the {kernel:?} micro-kernel needs {}, which this CPU lacks (it runs up to {})",
+                kernel.isa(),
+                Isa::detected()
+            ),
+        ));
+    }
+    run(p, a, b, c, epi, kernel)
 }
 
 /// [`gemm`] with the portable (scalar, auto-vectorized) micro-kernel, which
@@ -124,9 +207,29 @@ fn run(
         scale_only(p, c, epi);
         return Ok(());
     }
+    match kern {
+        Kernel::Portable | Kernel::Avx2 => run_tiled::<6, 16>(p, a, b, c, epi, kern),
+        Kernel::Avx512 => run_tiled::<8, 32>(p, a, b, c, epi, kern),
+    }
+    Ok(())
+}
+
+/// [`run`] past the checks, for a kernel with an `MR x NR` tile.
+fn run_tiled<const MR: usize, const NR: usize>(
+    p: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    epi: HostEpilogue,
+    kern: Kernel,
+) {
+    debug_assert_eq!(kern.tile(), (MR, NR));
     let macs = p.m.saturating_mul(p.n).saturating_mul(p.k);
-    let item_parallel = macs >= PAR_MIN_MACS;
-    let plan = Plan::new(p, item_parallel);
+    // With one thread in the pool, a parallel loop would only hand the work
+    // to that thread and wait for it (a wake-up per call): run it here.
+    let threads = rayon::current_num_threads();
+    let item_parallel = macs >= PAR_MIN_MACS && threads > 1;
+    let plan = Plan::<MR, NR>::new(p, item_parallel);
     with_scratch(&SCRATCH_A, |shared_a| {
         // Packing A once for the whole batch when it is shared.
         let shared = p.batch == 1 || p.stride_a == 0;
@@ -147,7 +250,7 @@ fn run(
         };
         if p.batch == 1 {
             one(0, c, item_parallel);
-        } else if !item_parallel && macs.saturating_mul(p.batch) >= PAR_MIN_MACS {
+        } else if !item_parallel && threads > 1 && macs.saturating_mul(p.batch) >= PAR_MIN_MACS {
             // Many small products: one thread per batch item. `check`
             // guarantees `stride_c >= m * ldc > 0`, so the chunks hold
             // disjoint items.
@@ -161,7 +264,6 @@ fn run(
             }
         }
     });
-    Ok(())
 }
 
 thread_local! {
@@ -212,7 +314,7 @@ fn bias_at(bias: HostBias, i: usize, j: usize) -> f32 {
 }
 
 /// The blocking of one call; all of it follows from the shape alone.
-struct Plan {
+struct Plan<const MR: usize, const NR: usize> {
     /// Number of `kc` blocks and the size of all but the last.
     k_blocks: usize,
     kc: usize,
@@ -222,7 +324,7 @@ struct Plan {
     tasks: Vec<(usize, usize, usize, usize)>,
 }
 
-impl Plan {
+impl<const MR: usize, const NR: usize> Plan<MR, NR> {
     fn new(p: &Gemm, parallel: bool) -> Self {
         // Equal blocks rather than KC and a thin remainder. This is the only
         // choice that shapes the arithmetic, and it depends on k alone.
@@ -240,7 +342,7 @@ impl Plan {
             1
         };
         let n_panels = p.n.div_ceil(NR);
-        let mut chunk_panels = NC_TASK / NR;
+        let mut chunk_panels = nc_task(NR) / NR;
         let mut m_groups = 1;
         while m_groups * n_panels.div_ceil(chunk_panels) < want {
             if chunk_panels > 1 {
@@ -339,7 +441,7 @@ impl Plan {
     ) {
         let out = COut::new(c, p.ldc, p.m, p.n);
         let run = |&(r0, r1, c0, c1): &(usize, usize, usize, usize)| {
-            let t = Task {
+            let t = Task::<MR, NR> {
                 plan: self,
                 p,
                 packed_a,
@@ -352,13 +454,21 @@ impl Plan {
             with_scratch(&SCRATCH_B, |bp| {
                 bp.resize(self.kc * (c1 - c0).div_ceil(NR) * NR, 0.0);
                 match kern {
-                    // SAFETY: `Avx2Fma` is only chosen after detecting avx2
-                    // and fma; the tasks partition the m x n block of C, so
-                    // no two calls get the same element.
+                    // SAFETY: `Avx2` and `Avx512` run only where the CPU has
+                    // their instruction sets (`Isa::current` and `gemm_with`
+                    // never exceed `Isa::detected`); the tasks partition the
+                    // m x n block of C, so no two calls get the same element.
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2Fma => unsafe { task_avx2(&t, bp) },
+                    Kernel::Avx2 => unsafe { task_avx2(&t, bp) },
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512 => unsafe { task_avx512(&t, bp) },
+                    // Without x86-64 only the portable kernel is available
+                    // (`Isa::detected` is `Portable`).
+                    #[cfg(not(target_arch = "x86_64"))]
+                    Kernel::Avx2 | Kernel::Avx512 => unreachable!("no x86-64 kernels here"),
                     // SAFETY: as above, for the tile.
-                    Kernel::Portable => unsafe { t.run(bp, micro_portable) },
+                    Kernel::Portable => unsafe { t.run(bp, micro_portable::<MR, NR>) },
                 }
             });
         };
@@ -372,8 +482,8 @@ impl Plan {
 
 /// One task: rows `rows.0..rows.1`, columns `cols.0..cols.1` of C, over
 /// all of `k`.
-struct Task<'a> {
-    plan: &'a Plan,
+struct Task<'a, const MR: usize, const NR: usize> {
+    plan: &'a Plan<MR, NR>,
     p: &'a Gemm,
     packed_a: &'a [f32],
     b: &'a [f32],
@@ -383,7 +493,7 @@ struct Task<'a> {
     cols: (usize, usize),
 }
 
-impl Task<'_> {
+impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
     /// Runs the task with micro-kernel `micro`, packing B into `bp`.
     /// Inlined into [`task_avx2`] so that the packing and write-back loops
     /// are compiled for AVX2 too.
@@ -391,15 +501,16 @@ impl Task<'_> {
     /// # Safety
     /// No other thread may access the task's elements of C during the call.
     #[inline(always)]
-    unsafe fn run(&self, bp: &mut [f32], micro: impl Fn(&[f32], &[f32], &mut [f32; MR * NR])) {
+    unsafe fn run(&self, bp: &mut [f32], micro: impl Fn(&[f32], &[f32], &mut [f32])) {
         let (plan, p, out) = (self.plan, self.p, self.out);
         let ((r0, r1), (c0, c1)) = (self.rows, self.cols);
         let width = c1 - c0;
         let panels = width.div_ceil(NR);
-        let mut acc = [0.0f32; MR * NR];
+        let mut acc_buf = [0.0f32; ACC_MAX];
+        let acc = &mut acc_buf[..MR * NR];
         for kb in 0..plan.k_blocks {
             let (k0, kcb) = plan.k_block(p, kb);
-            pack_b(p, self.b, k0, kcb, c0, width, bp);
+            pack_b::<NR>(p, self.b, k0, kcb, c0, width, bp);
             let stage = Stage {
                 alpha: p.alpha,
                 beta: p.beta,
@@ -424,7 +535,7 @@ impl Task<'_> {
                         // out of cache: ask for them now, so that they
                         // arrive while the micro-kernel runs.
                         out.prefetch(i0, j0, mr, nr);
-                        micro(a_panel, b_panel, &mut acc);
+                        micro(a_panel, b_panel, acc);
                         for r in 0..mr {
                             // SAFETY: in bounds (asserted by `row`); the
                             // caller owns this task's tile of C, and the
@@ -445,16 +556,38 @@ impl Task<'_> {
 /// The CPU must support avx2 and fma; as for [`Task::run`] otherwise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2(t: &Task, bp: &mut [f32]) {
+unsafe fn task_avx2<const MR: usize, const NR: usize>(t: &Task<MR, NR>, bp: &mut [f32]) {
+    assert_eq!((MR, NR), Kernel::Avx2.tile());
     // SAFETY: passed on from the caller (CPU features, exclusive tile).
     unsafe { t.run(bp, |a, b, acc| micro_avx2(a, b, acc)) }
 }
 
+/// [`Task::run`] with the AVX-512 micro-kernel, all compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support avx512f, avx2 and fma; as for [`Task::run`]
+/// otherwise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn task_avx512<const MR: usize, const NR: usize>(t: &Task<MR, NR>, bp: &mut [f32]) {
+    assert_eq!((MR, NR), Kernel::Avx512.tile());
+    // SAFETY: passed on from the caller (CPU features, exclusive tile).
+    unsafe { t.run(bp, |a, b, acc| micro_avx512(a, b, acc)) }
+}
+
 /// Packs `op(B)[k0..k0+kcb][c0..c0+width]` into `NR`-column panels of
 /// `kcb x NR` (row `kk` of a panel contiguous), columns past `width` zero.
-/// (Inlined so that it is compiled for AVX2 inside [`task_avx2`].)
+/// (Inlined so that it is compiled for the task's instruction set.)
 #[inline(always)]
-fn pack_b(p: &Gemm, b: &[f32], k0: usize, kcb: usize, c0: usize, width: usize, bp: &mut [f32]) {
+fn pack_b<const NR: usize>(
+    p: &Gemm,
+    b: &[f32],
+    k0: usize,
+    kcb: usize,
+    c0: usize,
+    width: usize,
+    bp: &mut [f32],
+) {
     for (jp, panel) in bp.chunks_exact_mut(kcb * NR).enumerate() {
         let j0 = jp * NR;
         if j0 >= width {
@@ -572,11 +705,12 @@ fn finish_row(row: &mut [f32], bias: HostBias, act: Activation, i: usize, j0: us
     }
 }
 
-/// `acc = sum_kk a[kk] (x) b[kk]` over one pair of packed panels.
+/// `acc = sum_kk a[kk] (x) b[kk]` over one pair of packed panels (`acc`
+/// row-major `MR x NR`).
 ///
 /// The portable micro-kernel: a fixed-size loop nest that LLVM vectorizes
 /// for whatever the target offers (SSE2 on baseline x86-64, NEON, ...).
-fn micro_portable(a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
+fn micro_portable<const MR: usize, const NR: usize>(a: &[f32], b: &[f32], acc: &mut [f32]) {
     let mut t = [[0.0f32; NR]; MR];
     for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
         for (ti, &av) in t.iter_mut().zip(ap) {
@@ -590,13 +724,16 @@ fn micro_portable(a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
     }
 }
 
-/// `acc = sum_kk a[kk] (x) b[kk]` with AVX2+FMA: 12 ymm accumulators (6 rows x 16 columns);
-/// per `kk`, two loads of B, six broadcasts of A and twelve FMAs.
+/// `acc = sum_kk a[kk] (x) b[kk]` with AVX2+FMA: 12 ymm accumulators (6 rows
+/// x 16 columns); per `kk`, two loads of B, six broadcasts of A and twelve
+/// FMAs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn micro_avx2(a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
+fn micro_avx2(a: &[f32], b: &[f32], acc: &mut [f32]) {
     use std::arch::x86_64::*;
+    const MR: usize = 6;
+    const NR: usize = 16;
     let mut t = [[_mm256_setzero_ps(); 2]; MR];
     #[inline(always)]
     fn step(t: &mut [[__m256; 2]; MR], ap: &[f32], bp: &[f32]) {
@@ -626,11 +763,60 @@ fn micro_avx2(a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
     for (ap, bp) in ar.chunks_exact(MR).zip(br.chunks_exact(NR)) {
         step(&mut t, ap, bp);
     }
+    assert!(acc.len() >= MR * NR);
     for (dst, ti) in acc.chunks_exact_mut(NR).zip(&t) {
-        // SAFETY: `dst` holds 16 floats: two 8-lane stores.
+        // SAFETY: `dst` holds NR = 16 floats: two 8-lane stores.
         unsafe {
             _mm256_storeu_ps(dst.as_mut_ptr(), ti[0]);
             _mm256_storeu_ps(dst.as_mut_ptr().add(8), ti[1]);
+        }
+    }
+}
+
+/// `acc = sum_kk a[kk] (x) b[kk]` with AVX-512F: 16 zmm accumulators (8 rows
+/// x 32 columns); per `kk`, two loads of B, eight broadcasts of A and
+/// sixteen FMAs. Each element is the same chain of FMAs as in
+/// [`micro_avx2`], so the two agree bitwise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+fn micro_avx512(a: &[f32], b: &[f32], acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const MR: usize = 8;
+    const NR: usize = 32;
+    let mut t = [[_mm512_setzero_ps(); 2]; MR];
+    #[inline(always)]
+    fn step(t: &mut [[__m512; 2]; MR], ap: &[f32], bp: &[f32]) {
+        assert!(ap.len() >= MR && bp.len() >= NR);
+        // SAFETY: `bp` holds at least NR = 32 floats (asserted), so both
+        // 16-lane loads are in bounds; loadu has no alignment requirement.
+        // The caller has avx512f, and this is inlined into it.
+        unsafe {
+            let b0 = _mm512_loadu_ps(bp.as_ptr());
+            let b1 = _mm512_loadu_ps(bp.as_ptr().add(16));
+            for (ti, &av) in t.iter_mut().zip(ap) {
+                let av = _mm512_set1_ps(av);
+                ti[0] = _mm512_fmadd_ps(av, b0, ti[0]);
+                ti[1] = _mm512_fmadd_ps(av, b1, ti[1]);
+            }
+        }
+    }
+    let (a4, b4) = (a.chunks_exact(4 * MR), b.chunks_exact(4 * NR));
+    let (ar, br) = (a4.remainder(), b4.remainder());
+    for (ap, bp) in a4.zip(b4) {
+        for u in 0..4 {
+            step(&mut t, &ap[u * MR..], &bp[u * NR..]);
+        }
+    }
+    for (ap, bp) in ar.chunks_exact(MR).zip(br.chunks_exact(NR)) {
+        step(&mut t, ap, bp);
+    }
+    assert!(acc.len() >= MR * NR);
+    for (dst, ti) in acc.chunks_exact_mut(NR).zip(&t) {
+        // SAFETY: `dst` holds NR = 32 floats: two 16-lane stores.
+        unsafe {
+            _mm512_storeu_ps(dst.as_mut_ptr(), ti[0]);
+            _mm512_storeu_ps(dst.as_mut_ptr().add(16), ti[1]);
         }
     }
 }

@@ -11,19 +11,89 @@ use crate::error::{Error, Result};
 pub fn forward(p: &MaxPool2d, x: &[f32], y: &mut [f32], argmax: &mut [u32]) -> Result<()> {
     p.check_forward(x.len(), y.len(), argmax.len())?;
     let (hw, ohw) = (p.h * p.w, p.out_h * p.out_w);
-    y.par_chunks_mut(ohw)
-        .zip(argmax.par_chunks_mut(ohw))
+    // Planes per task: small planes (a 4x4 output is 16 elements) would
+    // otherwise cost more in scheduling than in work.
+    let per_task = (PLANES_MIN_ELEMS / ohw.max(1)).max(1);
+    let chunk = (ohw * per_task).max(1);
+    y.par_chunks_mut(chunk)
+        .zip(argmax.par_chunks_mut(chunk))
         .enumerate()
-        .for_each(|(pi, (yp, ap))| {
-            let plane = &x[pi * hw..][..hw];
-            for (j, (yv, av)) in yp.iter_mut().zip(ap.iter_mut()).enumerate() {
-                let (v, i) = window_max(p, plane, j / p.out_w, j % p.out_w);
-                *yv = v;
-                // validate() bounds H*W by 2^32, so the plane index fits.
-                *av = i as u32;
+        .for_each(|(t, (ys, aas))| {
+            for (q, (yp, ap)) in ys
+                .chunks_mut(ohw.max(1))
+                .zip(aas.chunks_mut(ohw.max(1)))
+                .enumerate()
+            {
+                let pi = t * per_task + q;
+                forward_plane(p, &x[pi * hw..][..hw], yp, ap);
             }
         });
     Ok(())
+}
+
+/// Output elements a forward task covers at least (whole planes).
+const PLANES_MIN_ELEMS: usize = 4096;
+
+/// One plane of [`forward`]. The 2x2 windows of stride 2 that lie inside
+/// the image (every window of a `valid` 2x2 pool, as in the seed networks)
+/// take a straight-line path: four loads, three compares, no loop, no
+/// division; any other window goes through [`window_max`]. Both keep the
+/// same rule (first NaN in row-major order, else the first maximum).
+#[inline]
+fn forward_plane(p: &MaxPool2d, plane: &[f32], yp: &mut [f32], ap: &mut [u32]) {
+    let fast = p.pool_h == 2 && p.pool_w == 2 && p.stride_h == 2 && p.stride_w == 2;
+    let fast = fast && p.pad_top == 0 && p.pad_left == 0;
+    for (oy, (yr, ar)) in yp
+        .chunks_mut(p.out_w)
+        .zip(ap.chunks_mut(p.out_w))
+        .enumerate()
+    {
+        // Columns whose window lies inside the plane (all rows inside too).
+        let inside = if fast && 2 * oy + 1 < p.h {
+            (p.w / 2).min(p.out_w)
+        } else {
+            0
+        };
+        if inside > 0 {
+            let i0 = 2 * oy * p.w;
+            let (r0, r1) = (&plane[i0..][..2 * inside], &plane[i0 + p.w..][..2 * inside]);
+            for (ox, (yv, av)) in yr[..inside].iter_mut().zip(&mut ar[..inside]).enumerate() {
+                let (a, b, c, d) = (r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]);
+                let (mut best, mut k) = (a, 0usize);
+                if b > best {
+                    (best, k) = (b, 1);
+                }
+                if c > best {
+                    (best, k) = (c, p.w);
+                }
+                if d > best {
+                    (best, k) = (d, p.w + 1);
+                }
+                // The first NaN wins: checked last to first, so the earliest
+                // one is what remains.
+                if d.is_nan() {
+                    (best, k) = (d, p.w + 1);
+                }
+                if c.is_nan() {
+                    (best, k) = (c, p.w);
+                }
+                if b.is_nan() {
+                    (best, k) = (b, 1);
+                }
+                if a.is_nan() {
+                    (best, k) = (a, 0);
+                }
+                *yv = best;
+                // validate() bounds H*W by 2^32, so the plane index fits.
+                *av = (i0 + 2 * ox + k) as u32;
+            }
+        }
+        for ox in inside..p.out_w {
+            let (v, i) = window_max(p, plane, oy, ox);
+            yr[ox] = v;
+            ar[ox] = i as u32;
+        }
+    }
 }
 
 /// `y = maxpool(x)` without recording the argmax (inference). Same values

@@ -1,0 +1,130 @@
+//! Interleaved A/B timing of the CPU GEMM's micro-kernels and the
+//! `matrixmultiply` crate: for each shape, every contender runs once per
+//! round, rounds repeated, medians printed. Interleaving spreads a loaded
+//! machine's noise over all contenders alike, so the ratios stay usable
+//! when the absolute figures are not (`docs/perf-log.md`).
+//!
+//!     RAYON_NUM_THREADS=1 MATMUL_NUM_THREADS=1 cargo run --release --example cpu_gemm_ab [ROUNDS [SHAPE]]
+
+use std::time::Instant;
+
+use kestrel::ops::gemm::cpu::{self, Kernel};
+use kestrel::ops::gemm::{Epilogue, Gemm};
+
+fn data(seed: u64, len: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    // (m, n, k): square; the mlp's layers at batch 32 (forward); keras-cnn's
+    // conv1/conv2 forward GEMMs over one chunk (K x C*R*S times C*R*S x
+    // N*OH*OW, N = 32) and conv2's backward-filter.
+    let shapes = [
+        (512, 512, 512),
+        (2048, 2048, 2048),
+        (32, 300, 784),
+        (32, 100, 300),
+        (32, 10, 100),
+        (64, 3136, 576),
+        (32, 32768, 27),
+        (32, 28800, 288),
+        (32, 288, 28800),
+    ];
+    // An optional second argument keeps only the shapes whose "MxNxK"
+    // contains it.
+    let only = std::env::args().nth(2).unwrap_or_default();
+    let kernels = Kernel::available();
+    println!(
+        "threads: rayon {}, load average {}",
+        rayon::current_num_threads(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    for &(m, n, k) in &shapes {
+        if !format!("{m}x{n}x{k}").contains(&only) {
+            continue;
+        }
+        let (a, b) = (data(1, m * k), data(2, k * n));
+        let mut c = vec![0.0f32; m * n];
+        let p = Gemm::new(m, n, k);
+        let flops = p.flops();
+        let reps = ((2e8 / flops).ceil() as usize).max(1);
+        let names: Vec<String> = kernels
+            .iter()
+            .map(|k| format!("{k:?}"))
+            .chain(["matrixmultiply".to_string()])
+            .collect();
+        let mut times = vec![Vec::new(); names.len()];
+        for round in 0..=rounds {
+            for (ci, t) in times.iter_mut().enumerate() {
+                let t0 = Instant::now();
+                for _ in 0..reps {
+                    if ci < kernels.len() {
+                        cpu::gemm_with(kernels[ci], &p, &a, &b, &mut c, Epilogue::default())
+                            .unwrap();
+                    } else {
+                        // SAFETY: the pointers cover m x k, k x n and m x n
+                        // row-major matrices with the strides given.
+                        unsafe {
+                            matrixmultiply::sgemm(
+                                m,
+                                k,
+                                n,
+                                1.0,
+                                a.as_ptr(),
+                                k as isize,
+                                1,
+                                b.as_ptr(),
+                                n as isize,
+                                1,
+                                0.0,
+                                c.as_mut_ptr(),
+                                n as isize,
+                                1,
+                            )
+                        }
+                    }
+                }
+                // Round 0 warms up.
+                if round > 0 {
+                    t.push(t0.elapsed().as_secs_f64() / reps as f64);
+                }
+            }
+        }
+        let med: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+        // `median` sorted each list: its first entry is the fastest round.
+        let best: Vec<f64> = times.iter().map(|t| t[0]).collect();
+        let base = med[kernels.iter().position(|&k| k == Kernel::Avx2).unwrap_or(0)];
+        let base_best = best[kernels.iter().position(|&k| k == Kernel::Avx2).unwrap_or(0)];
+        println!("{m}x{n}x{k} (median / best of {rounds} rounds; ratio to Avx2):");
+        for ((name, &t), &tb) in names.iter().zip(&med).zip(&best) {
+            println!(
+                "  {name:>15} {:9.3} ms {:6.1} GFLOP/s ({:.2}x) | best {:9.3} ms {:6.1} GFLOP/s ({:.2}x)",
+                t * 1e3,
+                flops / t / 1e9,
+                t / base,
+                tb * 1e3,
+                flops / tb / 1e9,
+                tb / base_best
+            );
+        }
+    }
+}

@@ -84,6 +84,7 @@ modules! {
     OPTIM => "optim",
     CONV => "conv",
     GEMM => "gemm",
+    GEMM_V2 => "gemm_v2",
 }
 
 #[cfg(test)]
@@ -113,8 +114,11 @@ mod tests {
             let digits: String = line.chars().take_while(char::is_ascii_digit).collect();
             let v: i32 = digits.parse().unwrap();
             assert_eq!(m.min_compute_capability, (v / 10, v % 10), "{}", m.name);
-            // Today every kernel file targets the default compute_70.
+            // The default compute_70, or newer where a file declares it.
             assert!(m.min_compute_capability >= (7, 0), "{}", m.name);
         }
+        // cp.async (kernels/async_copy.cuh) needs sm_80.
+        assert_eq!(GEMM_V2.min_compute_capability, (8, 0));
+        assert_eq!(GEMM.min_compute_capability, (7, 0));
     }
 }

@@ -208,7 +208,7 @@ def build(mode: str, out: pathlib.Path, kernels: pathlib.Path):
     write_if_changed(st_tu, module_source(rules))
     st_so, st_bin = st_dir / "librules.so", out / "kemu-selftest"
     st_src = EMU / "selftest" / "selftest.cpp"
-    key = stamp([rules, st_tu, st_src, *headers], flags)
+    key = stamp([rules, st_tu, st_src, *headers, *cuh], flags)
     st_stamp = st_dir / ".stamp"
     if not (st_so.exists() and st_bin.exists() and st_stamp.exists() and st_stamp.read_text() == key):
         run(["g++", *flags, "-include", "kemu/simt.h", "-I", "emu/selftest", "-shared", "-o", str(st_so),

@@ -33,7 +33,14 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, u32 src_
                  : "memory");
 }
 
-// 4 bytes (the unaligned fallback): .ca is the only form for sizes below 16.
+// 8 bytes (.ca: the only form for sizes below 16).
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(shared_addr(dst)), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+}
+
+// 4 bytes (the unaligned fallback).
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, u32 src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_addr(dst)), "l"(src),
                  "r"(src_bytes)
@@ -54,6 +61,11 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, u32 src_bytes,
                                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     kemu_cp_async(dst, src, 16, src_bytes, file, line);
+}
+
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src, u32 src_bytes,
+                                           const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    kemu_cp_async(dst, src, 8, src_bytes, file, line);
 }
 
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, u32 src_bytes,

@@ -113,22 +113,27 @@ __device__ __forceinline__ void load_tile(float* S, const float* X, u64 ld, bool
 // An outer-major operand's fragment for 4 consecutive k (kc0 .. kc0 + 3),
 // f[i][q] = element (outer(i), kc0 + q): one 128-bit load per row (or
 // column), so its 4 k come at once and cost 32 registers.
-template <int PITCH, class Outer>
-__device__ __forceinline__ void frag_outer_major(float (&f)[8][4], const float* S, int kc0, Outer outer) {
+// ROWS: the operand is A (outer = the thread's rows), else B (its columns).
+// (Plain templates, not lambdas: NVRTC 12.2's PTX for lambdas here differed
+// from run to run, which ci/ptx --check cannot allow.)
+template <int PITCH, bool ROWS, class T>
+__device__ __forceinline__ void frag_outer_major(float (&f)[8][4], const float* S, int kc0, const T& tl) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        const float4 v = *reinterpret_cast<const float4*>(S + outer(i) * PITCH + kc0);
+        const int o = ROWS ? tl.row(i) : tl.col(i);
+        const float4 v = *reinterpret_cast<const float4*>(S + o * PITCH + kc0);
         f[i][0] = v.x; f[i][1] = v.y; f[i][2] = v.z; f[i][3] = v.w;
     }
 }
 // A k-major operand's fragment for one k: f[i] = element (outer(i), kk),
 // two 128-bit loads (outer(0..3) and outer(4..7) are runs of 4), loaded
 // one k at a time to keep only 8 registers live.
-template <int PITCH, class Outer>
-__device__ __forceinline__ void frag_k_major(float (&f)[8], const float* S, int kk, Outer outer) {
+template <int PITCH, bool ROWS, class T>
+__device__ __forceinline__ void frag_k_major(float (&f)[8], const float* S, int kk, const T& tl) {
 #pragma unroll
     for (int g = 0; g < 2; ++g) {
-        const float4 v = *reinterpret_cast<const float4*>(S + kk * PITCH + outer(g * 4));
+        const int o = ROWS ? tl.row(g * 4) : tl.col(g * 4);
+        const float4 v = *reinterpret_cast<const float4*>(S + kk * PITCH + o);
         f[g * 4 + 0] = v.x; f[g * 4 + 1] = v.y; f[g * 4 + 2] = v.z; f[g * 4 + 3] = v.w;
     }
 }
@@ -148,13 +153,11 @@ struct Tile {
 
     // acc += the product of one BK-deep stage (Sa, Sb), k in increasing order.
     __forceinline__ void multiply_stage(float (&acc)[8][8], const float* Sa, const float* Sb) const {
-        const auto r = [this](int i) { return row(i); };
-        const auto c = [this](int j) { return col(j); };
 #pragma unroll
         for (int kc0 = 0; kc0 < V2_BK; kc0 += 4) {
             float ac[8][4], bc[8][4];
-            if (AKC) frag_outer_major<V2_BK + V2_PAD>(ac, Sa, kc0, r);
-            if (BKC) frag_outer_major<V2_BK + V2_PAD>(bc, Sb, kc0, c);
+            if (AKC) frag_outer_major<V2_BK + V2_PAD, true>(ac, Sa, kc0, *this);
+            if (BKC) frag_outer_major<V2_BK + V2_PAD, false>(bc, Sb, kc0, *this);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 float a[8], b[8];
@@ -162,13 +165,13 @@ struct Tile {
 #pragma unroll
                     for (int i = 0; i < 8; ++i) a[i] = ac[i][q];
                 } else {
-                    frag_k_major<V2_BM + V2_PAD>(a, Sa, kc0 + q, r);
+                    frag_k_major<V2_BM + V2_PAD, true>(a, Sa, kc0 + q, *this);
                 }
                 if (BKC) {
 #pragma unroll
                     for (int j = 0; j < 8; ++j) b[j] = bc[j][q];
                 } else {
-                    frag_k_major<V2_BN + V2_PAD>(b, Sb, kc0 + q, c);
+                    frag_k_major<V2_BN + V2_PAD, false>(b, Sb, kc0 + q, *this);
                 }
 #pragma unroll
                 for (int i = 0; i < 8; ++i)
@@ -178,6 +181,24 @@ struct Tile {
         }
     }
 };
+
+// Starts (and commits as one group) the copies of step (item, kt) into the
+// stage at As / Bs, then advances (item, kt) to the next step.
+template <bool AKC, bool BKC>
+__device__ __forceinline__ void fetch_step(float* As, float* Bs, const Gemm& p, const float* A, const float* B,
+                                           u64& item, u64& kt, u64 kt0, u64 kt1, u64 m0, u64 n0, int t) {
+    const float* Ai = A + item * p.stride_a;
+    const float* Bi = B + item * p.stride_b;
+    const bool va = ((u64)Ai & 15) == 0 && (p.lda & 3) == 0;
+    const bool vb = ((u64)Bi & 15) == 0 && (p.ldb & 3) == 0;
+    load_tile<AKC>(As, Ai, p.lda, va, m0, p.m, kt * V2_BK, p.k, t);
+    load_tile<BKC>(Bs, Bi, p.ldb, vb, n0, p.n, kt * V2_BK, p.k, t);
+    cp_async_commit();
+    if (++kt == kt1) {
+        kt = kt0;
+        ++item;
+    }
+}
 
 // acc = sum over the steps of items [item0, item0 + items) x k tiles
 // [kt0, kt1) (item-major) of op(A) * op(B) for the block tile at (m0, n0),
@@ -195,25 +216,13 @@ __device__ __forceinline__ void mainloop(float (&acc)[8][8], const Tile<AKC, BKC
     if (steps == 0) return;
     // The step being fetched: batch item `item`, k tile `kt`.
     u64 item = item0, kt = kt0;
-    auto fetch = [&](int stage) {
-        const float* Ai = A + item * p.stride_a;
-        const float* Bi = B + item * p.stride_b;
-        const bool va = ((u64)Ai & 15) == 0 && (p.lda & 3) == 0;
-        const bool vb = ((u64)Bi & 15) == 0 && (p.ldb & 3) == 0;
-        load_tile<AKC>(As + stage * V2_STAGE_FLOATS, Ai, p.lda, va, m0, p.m, kt * V2_BK, p.k, tl.t);
-        load_tile<BKC>(Bs + stage * V2_STAGE_FLOATS, Bi, p.ldb, vb, n0, p.n, kt * V2_BK, p.k, tl.t);
-        cp_async_commit();
-        if (++kt == kt1) {
-            kt = kt0;
-            ++item;
-        }
-    };
-    fetch(0);
+    fetch_step<AKC, BKC>(As, Bs, p, A, B, item, kt, kt0, kt1, m0, n0, tl.t);
     for (u64 s = 0; s < steps; ++s) {
         const int stage = (int)(s & 1);
         if (s + 1 < steps) {
             // Stage s^1 was last read in step s - 1, which ended with a barrier.
-            fetch(stage ^ 1);
+            fetch_step<AKC, BKC>(As + (stage ^ 1) * V2_STAGE_FLOATS, Bs + (stage ^ 1) * V2_STAGE_FLOATS, p, A, B,
+                                 item, kt, kt0, kt1, m0, n0, tl.t);
             cp_async_wait<1>();  // step s's group is complete; s + 1 may still be in flight
         } else {
             cp_async_wait<0>();
@@ -344,13 +353,21 @@ __device__ __forceinline__ void splitk_body(const Gemm& p, const float* A, const
     const u64 pairs = p.batch * splits;
     for (u64 z = blockIdx.z; z < pairs; z += gridDim.z) {
         const u64 item = z / splits, s = z % splits;
-        const u64 kt0 = min(s * chunk_tiles, ktiles), kt1 = min(kt0 + chunk_tiles, ktiles);
+        // The split as a product of its own: k range [kb, kb + q.k), its
+        // operands advanced to kb (a multiple of 16, so 16-byte alignment is
+        // kept wherever the whole operand has it).
+        const u64 kb = min(s * chunk_tiles, ktiles) * V2_BK;
+        Gemm q = p;
+        q.k = min(kb + chunk_tiles * V2_BK, p.k) - kb;
+        const float* As_ = A + item * p.stride_a + (AKC ? kb : kb * p.lda);
+        const float* Bs_ = B + item * p.stride_b + (BKC ? kb : kb * p.ldb);
+        const u64 qtiles = (q.k + V2_BK - 1) / V2_BK;
         float* slab = P + z * p.m * p.n;
         for (u64 tm = blockIdx.y; tm < tiles_m; tm += gridDim.y) {
             for (u64 tn = blockIdx.x; tn < tiles_n; tn += gridDim.x) {
                 const u64 m0 = tm * V2_BM, n0 = tn * V2_BN;
                 float acc[8][8];
-                mainloop<AKC, BKC>(acc, tl, As, Bs, p, A, B, item, 1, kt0, kt1, m0, n0);
+                mainloop<AKC, BKC>(acc, tl, As, Bs, q, As_, Bs_, 0, 1, 0, qtiles, m0, n0);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
                     const u64 row = m0 + tl.row(i);

@@ -292,22 +292,24 @@ fn misaligned_views() {
             let c0 = vec![POISON; lc];
             let mut want = c0.clone();
             cpu::gemm(&p, &a[off..], &b[off..], &mut want, Epilogue::default()).unwrap();
-            let (da, db, mut dc) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &c0));
-            gg::gemm(
-                &gpu,
-                &p,
-                &da.slice(off..off + la),
-                &db.slice(off..off + lb),
-                &mut dc.slice_mut(..lc),
-                DeviceEpilogue::default(),
-            )
-            .unwrap();
-            assert_close(
-                &format!("gemm offset {off} extra {extra} ta={ta} tb={tb}"),
-                &host(&gpu, &dc, lc),
-                &to_f64(&want),
-                tol(40),
-            );
+            for kernel in std::iter::once(None).chain(GemmKernel::ALL.map(Some)) {
+                let (da, db, mut dc) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &c0));
+                let (va, vb) = (da.slice(off..off + la), db.slice(off..off + lb));
+                let mut vc = dc.slice_mut(..lc);
+                match kernel {
+                    None => gg::gemm(&gpu, &p, &va, &vb, &mut vc, DeviceEpilogue::default()),
+                    Some(k) => {
+                        gg::gemm_with(&gpu, k, &p, &va, &vb, &mut vc, DeviceEpilogue::default())
+                    }
+                }
+                .unwrap();
+                assert_close(
+                    &format!("gemm offset {off} extra {extra} ta={ta} tb={tb} {kernel:?}"),
+                    &host(&gpu, &dc, lc),
+                    &to_f64(&want),
+                    tol(40),
+                );
+            }
         }
     }
 }
@@ -617,4 +619,78 @@ fn errors() {
         None,
     );
     assert_err_mentions(r, "gemm_backward", &["dA", "24", "23"]);
+}
+
+/// Split-K (v2) on the shapes it is for: few output tiles, long k (the
+/// dense layer after a flatten, 128x128x8192, shrunk to k = 2048 for the
+/// emulated device), a k that is not a multiple of the split or of the
+/// 16-deep stage, a bias and an activation, and a misaligned view. Its
+/// ranges are added in a different order than the CPU's k loop, so the two
+/// differ by rounding alone, bounded by k * eps * sum |a||b| <= k * 6e-8 * k
+/// for values in [-1, 1]: within TOL_PER_TERM * k. Two runs: the same bits.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn split_k_long_k() {
+    let gpu = gpu();
+    if !GemmKernel::V2SplitK.runs_on(gpu.info()) {
+        return;
+    }
+    for (m, n, k, off) in [(128, 128, 2048, 0), (100, 60, 1000 + 13, 1), (1, 7, 517, 0)] {
+        let p = Gemm::new(m, n, k).scale(0.5, 1.0);
+        assert!(gg::split_k_parts_forced(&p) > 1, "{p:?} must split");
+        let a = data(11, m * k + off, -1.0, 1.0);
+        let b = data(12, k * n + off, -1.0, 1.0);
+        let c0 = data(13, m * n, -1.0, 1.0);
+        let bias = data(14, n, -1.0, 1.0);
+        let mut want = c0.clone();
+        let act = Activation::TANH;
+        cpu::gemm(
+            &p,
+            &a[off..],
+            &b[off..],
+            &mut want,
+            Epilogue {
+                bias: Bias::PerCol(&bias),
+                activation: act,
+            },
+        )
+        .unwrap();
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let (da, db, mut dc, dbias) = (
+                dev(&gpu, &a),
+                dev(&gpu, &b),
+                dev(&gpu, &c0),
+                dev(&gpu, &bias),
+            );
+            let bv = dbias.slice(..n);
+            gg::gemm_with(
+                &gpu,
+                GemmKernel::V2SplitK,
+                &p,
+                &da.slice(off..off + m * k),
+                &db.slice(off..off + k * n),
+                &mut dc.slice_mut(..m * n),
+                DeviceEpilogue {
+                    bias: Bias::PerCol(&bv),
+                    activation: act,
+                },
+            )
+            .unwrap();
+            runs.push(host(&gpu, &dc, m * n));
+        }
+        assert_close(
+            &format!("split-K {m}x{n}x{k} offset {off}"),
+            &runs[0],
+            &to_f64(&want),
+            tol(k),
+        );
+        assert!(
+            runs[0]
+                .iter()
+                .zip(&runs[1])
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "split-K {m}x{n}x{k}: two runs differ"
+        );
+    }
 }

@@ -735,11 +735,15 @@ fn conv_layer(c: &mut Criterion, env: &Env, base_id: &str, p: &Conv2d) {
     let mut y: CudaSlice<f32> = gpu.zeros(p.y_len()).expect("alloc");
     let mut dx: CudaSlice<f32> = gpu.zeros(p.x_len()).expect("alloc");
     let mut dw: CudaSlice<f32> = gpu.zeros(p.w_len()).expect("alloc");
+    // One workspace for every layer, grown to the largest one needs; each
+    // call gets exactly its `workspace_len`, as the training backend does.
+    let need = conv::cuda::workspace_len(p).max(1);
     let mut ws_cell = env.conv_ws.borrow_mut();
-    let ws = ws_cell.get_or_insert_with(|| {
-        gpu.zeros(conv::cuda::WORKSPACE_FLOATS)
-            .expect("conv workspace")
-    });
+    if ws_cell.as_ref().is_none_or(|w| w.len() < need) {
+        *ws_cell = None;
+        *ws_cell = Some(gpu.zeros(need).expect("conv workspace"));
+    }
+    let ws = ws_cell.as_mut().expect("allocated above");
     let plan = env.dnn.as_ref().map(|d| d.plan(gpu, p));
     let mut plan = match plan {
         Some(Ok(pl)) => Some(pl),
@@ -763,7 +767,7 @@ fn conv_layer(c: &mut Criterion, env: &Env, base_id: &str, p: &Conv2d) {
                 None,
                 Activation::LINEAR,
                 &mut y.slice_mut(..),
-                Some(&mut ws.slice_mut(..)),
+                &mut ws.slice_mut(..need),
             )
             .expect("kestrel conv forward")
         };
@@ -793,7 +797,7 @@ fn conv_layer(c: &mut Criterion, env: &Env, base_id: &str, p: &Conv2d) {
                 &dy.slice(..),
                 &w.slice(..),
                 &mut dx.slice_mut(..),
-                Some(&mut ws.slice_mut(..)),
+                &mut ws.slice_mut(..need),
             )
             .expect("kestrel conv backward_data")
         };
@@ -823,7 +827,7 @@ fn conv_layer(c: &mut Criterion, env: &Env, base_id: &str, p: &Conv2d) {
                 &x.slice(..),
                 &dy.slice(..),
                 &mut dw.slice_mut(..),
-                Some(&mut ws.slice_mut(..)),
+                &mut ws.slice_mut(..need),
             )
             .expect("kestrel conv backward_filter")
         };

@@ -199,6 +199,8 @@ fn conv_check(gpu: &CudaBackend, stream: &Arc<CudaStream>, rng: &mut Rng) -> Res
         stream.clone_htod(&bias)?,
     );
     let mut dy = stream.clone_htod(&vec![f32::NAN; p.y_len()])?;
+    // The framework owns the workspace too: kestrel says how big it must be.
+    let mut ws = stream.alloc_zeros::<f32>(conv::cuda::workspace_len(&p))?;
     conv::cuda::forward(
         gpu,
         &p,
@@ -207,7 +209,7 @@ fn conv_check(gpu: &CudaBackend, stream: &Arc<CudaStream>, rng: &mut Rng) -> Res
         Some(&dbias.as_view()),
         act,
         &mut dy.as_view_mut(),
-        None, // kestrel allocates its column workspace on the stream
+        &mut ws.as_view_mut(),
     )?;
     let got = stream.clone_dtoh(&dy)?;
     Ok(compare("conv y", &got, &want, per_term(p.col_rows()))?)

@@ -49,9 +49,10 @@ fn host(gpu: &CudaBackend, d: &CudaSlice<f32>, len: usize) -> Vec<f32> {
 /// Which workspace a pass gets.
 #[derive(Clone, Copy, Debug)]
 enum Ws {
-    /// None: the wrapper allocates (one chunk for these small shapes).
+    /// `cuda::workspace_len`: one chunk for these small shapes.
     Default,
-    /// Room for this many images' columns plus a remainder (chunks).
+    /// dW's partials reserve and room for this many images' columns plus a
+    /// remainder (chunks).
     Images(usize, usize),
 }
 
@@ -90,17 +91,17 @@ fn check_all_with(
         db_.slice(..p.k),
         ddy.slice(..dy.len()),
     );
-    let mut wsbuf = match ws {
-        Ws::Default => None,
-        Ws::Images(i, extra) => Some(dev(
-            gpu,
-            &vec![POISON; i * cuda::col_floats_per_image(p) + extra],
-        )),
+    let ws_len = match ws {
+        Ws::Default => cuda::workspace_len(p),
+        Ws::Images(i, extra) => {
+            cuda::partials_reserve(p) + i * cuda::col_floats_per_image(p) + extra
+        }
     };
-    let ws_len = wsbuf.as_ref().map_or(0, |b| b.len() - 1);
+    // Poisoned: the passes must write what they read of it.
+    let mut wsbuf = dev(gpu, &vec![POISON; ws_len]);
     macro_rules! ws {
         () => {
-            wsbuf.as_mut().map(|b| b.slice_mut(..ws_len)).as_mut()
+            &mut wsbuf.slice_mut(..ws_len)
         };
     }
 
@@ -323,18 +324,17 @@ fn empty_batch() {
     let p = Conv2d::new([0, 3, 8, 8], 4, [3, 3], [1, 1], Padding::Same).unwrap();
     let (x, w) = (dev(&gpu, &[]), dev(&gpu, &data(1, p.w_len(), -1.0, 1.0)));
     let mut dw = dev(&gpu, &vec![POISON; p.w_len()]);
-    cuda::backward_filter(
+    cuda::backward_filter_alloc(
         &gpu,
         &p,
         &x.slice(..0),
         &x.slice(..0),
         &mut dw.slice_mut(..p.w_len()),
-        None,
     )
     .unwrap();
     assert!(host(&gpu, &dw, p.w_len()).iter().all(|&v| v == 0.0));
     let mut y = dev(&gpu, &[]);
-    cuda::forward(
+    cuda::forward_alloc(
         &gpu,
         &p,
         &x.slice(..0),
@@ -342,7 +342,6 @@ fn empty_batch() {
         None,
         Activation::RELU,
         &mut y.slice_mut(..0),
-        None,
     )
     .unwrap();
 }
@@ -362,23 +361,21 @@ fn deterministic() {
     let (dx_, ddy, dw_) = (dev(&gpu, &x), dev(&gpu, &dy), dev(&gpu, &w));
     let run = || {
         let mut dw = dev(&gpu, &vec![POISON; p.w_len()]);
-        cuda::backward_filter(
+        cuda::backward_filter_alloc(
             &gpu,
             &p,
             &dx_.slice(..p.x_len()),
             &ddy.slice(..p.y_len()),
             &mut dw.slice_mut(..p.w_len()),
-            None,
         )
         .unwrap();
         let mut dx = dev(&gpu, &vec![POISON; p.x_len()]);
-        cuda::backward_data(
+        cuda::backward_data_alloc(
             &gpu,
             &p,
             &ddy.slice(..p.y_len()),
             &dw_.slice(..p.w_len()),
             &mut dx.slice_mut(..p.x_len()),
-            None,
         )
         .unwrap();
         (host(&gpu, &dw, p.w_len()), host(&gpu, &dx, p.x_len()))
@@ -399,7 +396,7 @@ fn errors() {
     let x = dev(&gpu, &vec![0.0; p.x_len()]);
     let w = dev(&gpu, &vec![0.0; p.w_len()]);
     let mut y = dev(&gpu, &vec![0.0; p.y_len()]);
-    let r = cuda::forward(
+    let r = cuda::forward_alloc(
         &gpu,
         &p,
         &x.slice(..p.x_len() - 1),
@@ -407,7 +404,6 @@ fn errors() {
         None,
         Activation::LINEAR,
         &mut y.slice_mut(..p.y_len()),
-        None,
     );
     assert_err_mentions(r, "conv2d.forward", &["x [N*C*H*W]", "384", "383"]);
     let mut ws = dev(&gpu, &[0.0; 10]);
@@ -419,27 +415,26 @@ fn errors() {
         None,
         Activation::LINEAR,
         &mut y.slice_mut(..p.y_len()),
-        Some(&mut ws.slice_mut(..10)),
+        &mut ws.slice_mut(..10),
     );
-    assert_err_mentions(r, "conv2d.forward", &["workspace", "1728", "10"]);
+    // 216 = dW's partials (2 images x 4 x 27), 1728 = one image's columns.
+    assert_err_mentions(r, "conv2d.forward", &["workspace", "1944", "216", "1728", "10"]);
     let mut dw = dev(&gpu, &vec![0.0; p.w_len()]);
-    let r = cuda::backward_filter(
+    let r = cuda::backward_filter_alloc(
         &gpu,
         &p,
         &x.slice(..p.x_len()),
         &y.slice(..p.y_len() - 2),
         &mut dw.slice_mut(..p.w_len()),
-        None,
     );
     assert_err_mentions(r, "conv2d.backward_filter", &["dy", "512", "510"]);
     let mut dx = dev(&gpu, &vec![0.0; p.x_len()]);
-    let r = cuda::backward_data(
+    let r = cuda::backward_data_alloc(
         &gpu,
         &p,
         &y.slice(..p.y_len()),
         &w.slice(..p.w_len() - 1),
         &mut dx.slice_mut(..p.x_len()),
-        None,
     );
     assert_err_mentions(r, "conv2d.backward_data", &["w [K*C*R*S]", "108", "107"]);
 }

@@ -483,12 +483,17 @@ proptest! {
         let (d_a, d_b, d_c) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &dc));
         let terms_a = n * if share.0 { batch } else { 1 };
         let terms_b = m * if share.1 { batch } else { 1 };
+        // The caller's workspace, poisoned: the partial sums must write
+        // what they read.
+        let lw = gg::backward_workspace_len(&p);
+        let mut ws = dev(&gpu, &vec![POISON; lw]);
         for kernel in GemmKernel::ALL {
             let mut ga = dev(&gpu, &vec![POISON; la]);
             let mut gb = dev(&gpu, &vec![POISON; lb]);
             gg::gemm_backward_with(
                 &gpu, kernel, &p, &d_a.slice(..la), &d_b.slice(..lb), &d_c.slice(..lc),
                 Some(&mut ga.slice_mut(..la)), Some(&mut gb.slice_mut(..lb)),
+                (lw > 0).then(|| ws.slice_mut(..lw)).as_mut(),
             ).unwrap();
             let r = check_close("dA", &host(&gpu, &ga, la), &wa, tol(terms_a * 2));
             prop_assert!(r.is_ok(), "{:?} {:?}: {}", kernel, p, r.unwrap_err());
@@ -513,8 +518,11 @@ fn backward_shared_deterministic_and_empty() {
         data(13, lc, -1.0, 1.0),
     );
     let (d_a, d_b, d_c) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &dc));
+    let lw = gg::backward_workspace_len(&p);
+    assert!(lw >= 20 * 40 * 2, "dA (20 x 40) over 100 items is split");
     let run = || {
         let mut ga = dev(&gpu, &vec![POISON; la]);
+        let mut ws = dev(&gpu, &vec![POISON; lw]);
         gg::gemm_backward(
             &gpu,
             &p,
@@ -523,6 +531,7 @@ fn backward_shared_deterministic_and_empty() {
             &d_c.slice(..lc),
             Some(&mut ga.slice_mut(..la)),
             None,
+            Some(&mut ws.slice_mut(..lw)),
         )
         .unwrap();
         host(&gpu, &ga, la)
@@ -540,7 +549,7 @@ fn backward_shared_deterministic_and_empty() {
     let mut p0 = p;
     p0.batch = 0;
     let mut ga = dev(&gpu, &vec![POISON; la]);
-    gg::gemm_backward(
+    gg::gemm_backward_alloc(
         &gpu,
         &p0,
         &d_a.slice(..la),
@@ -609,7 +618,7 @@ fn errors() {
     );
     assert_err_mentions(r, "gemm", &["lda", "5", "6"]);
     let mut ga = dev(&gpu, &[0.0; 23]);
-    let r = gg::gemm_backward(
+    let r = gg::gemm_backward_alloc(
         &gpu,
         &p,
         &a.slice(..24),
@@ -619,6 +628,30 @@ fn errors() {
         None,
     );
     assert_err_mentions(r, "gemm_backward", &["dA", "24", "23"]);
+    // A shared A over 50 items splits dA's sum: the partials need a
+    // workspace, and a missing or short one is an error naming its size.
+    let mut q = p.batched(50);
+    q.stride_a = 0;
+    let need = gg::backward_workspace_len(&q);
+    assert!(need > 0);
+    let (_, lb, lc) = lens(&q);
+    let (bq, cq) = (dev(&gpu, &vec![0.0; lb]), dev(&gpu, &vec![0.0; lc]));
+    let mut ga = dev(&gpu, &[0.0; 24]);
+    let mut ws = dev(&gpu, &vec![0.0; need]);
+    for short in [None, Some(need - 1)] {
+        let r = gg::gemm_backward(
+            &gpu,
+            &q,
+            &a.slice(..24),
+            &bq.slice(..lb),
+            &cq.slice(..lc),
+            Some(&mut ga.slice_mut(..24)),
+            None,
+            short.map(|l| ws.slice_mut(..l)).as_mut(),
+        );
+        let have = short.unwrap_or(0).to_string();
+        assert_err_mentions(r, "gemm_backward", &["workspace", &need.to_string(), &have]);
+    }
 }
 
 /// Split-K (v2) on the shapes it is for: few output tiles, long k (the

@@ -13,9 +13,9 @@
 //!   binary accuracy) is kept on the host beside the slot and applied when
 //!   the values are read, with the same division the host wrappers do.
 //! - Scratch that would be allocated on every call is cached here: the
-//!   convolution's column workspace (grown to the largest a layer needs,
-//!   sliced to exactly the size an uncached call would allocate, so the
-//!   chunking and thus dW's summation order depend on the shape alone) and
+//!   convolution's workspace (grown to the largest a layer needs, sliced to
+//!   exactly `conv::cuda::workspace_len`, so the chunking and thus dW's
+//!   summation order depend on the shape alone) and
 //!   the host staging buffer of the batch gather.
 //! - The ops' own scratch ([`batchnorm::cuda::BatchNormScratch`] & co.) is
 //!   created here once and grown (never shrunk) to the largest parameters
@@ -196,30 +196,26 @@ impl GpuBackend {
             .map_err(|e| self.gpu.error("cuMemcpyDtoH", e))
     }
 
-    /// Runs `f` with a column workspace of exactly the size an uncached
-    /// call would allocate for `p` (see the module docs).
+    /// Runs `f` with the cached convolution workspace sliced to exactly
+    /// [`conv::cuda::workspace_len`] for `p` (see the module docs), grown
+    /// first if it is too small.
     fn with_conv_ws<R>(
         &self,
         p: &Conv2d,
-        f: impl FnOnce(Option<&mut CudaViewMut<'_, f32>>) -> Result<R>,
+        f: impl FnOnce(&mut CudaViewMut<'_, f32>) -> Result<R>,
     ) -> Result<R> {
-        let need = conv::cuda::images_per_chunk(p, conv::cuda::WORKSPACE_FLOATS)
-            * conv::cuda::col_floats_per_image(p);
-        if p.n == 0 || need == 0 {
-            // Nothing to compute (the wrappers return before using it).
-            return f(None);
-        }
+        let need = conv::cuda::workspace_len(p).max(1);
         let mut guard = lock(&self.conv_ws);
         if guard.as_ref().is_none_or(|ws| ws.len() < need) {
             *guard = None; // free the smaller one first
-            // SAFETY: the conv passes write the columns of a chunk (im2col or
-            // a beta = 0 GEMM) before anything reads them.
+            // SAFETY: the conv passes write what they read of the workspace
+            // first (im2col or a beta = 0 GEMM; beta = 0 partial products).
             let ws = unsafe { self.gpu.stream().alloc::<f32>(need) }
                 .map_err(|e| self.gpu.error("cuMemAlloc (conv2d workspace)", e))?;
             *guard = Some(ws);
         }
         let ws = guard.as_mut().expect("allocated above");
-        f(Some(&mut ws.slice_mut(..need)))
+        f(&mut ws.slice_mut(..need))
     }
 
     /// Runs `f` with the cached batch-norm scratch, grown first if it is

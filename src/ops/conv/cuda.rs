@@ -15,13 +15,17 @@
 //!   the images of a chunk taken inside the GEMM in image order (see
 //!   `gemm::cuda`), chunks added in order with `beta = 1`.
 //!
-//! Scratch: the column matrix of a chunk. A whole batch's can be huge (batch
-//! 128, 128 channels, 32x32, 3x3: 600 MB), so the batch goes through in
-//! chunks of as many images as fit in the workspace: either the caller's
-//! (`workspace: Some(..)`, at least `C*R*S*OH*OW` floats, one image's
-//! columns) or, with `None`, one allocated per call of at most
-//! [`WORKSPACE_FLOATS`]. dW's summation order depends only on the shape and
-//! the chunk size (the workspace's length), so it is the same run to run.
+//! Scratch comes from the caller: one `workspace` for all three passes, at
+//! least [`min_workspace_len`] floats; [`workspace_len`] is the size that
+//! runs a whole batch at once (up to a 256 MiB cap). Its front holds dW's
+//! partial products ([`partials_reserve`], set aside by every pass so that
+//! all three chunk alike), the rest the column matrix of a chunk. A whole
+//! batch's columns can be huge (batch 128, 128 channels, 32x32, 3x3: 600
+//! MB), so the batch goes through in chunks of as many images as fit. dW's
+//! summation order depends only on the shape and the chunk size (the
+//! workspace's length), so it is the same run to run. Nothing in these
+//! passes allocates; the `*_alloc` forms allocate a [`workspace_len`]
+//! workspace per call, for callers that keep none.
 //!
 //! The algorithms are data, as the GEMM's kernel versions are: [`ConvAlgo`]
 //! names them (today one, [`ConvAlgo::Im2colGemm`], the passes above),
@@ -37,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::ops::activation::Activation;
 use crate::ops::gemm::Bias;
 use crate::ops::gemm::Gemm;
-use crate::ops::gemm::cuda::{DeviceEpilogue, gemm, launch, summed};
+use crate::ops::gemm::cuda::{DeviceEpilogue, gemm, launch, summed, summed_workspace_bound};
 
 // SAFETY: `Conv2d` is `#[repr(C)]` with only usize (u64) fields: plain old
 // data, mirrored as `struct Conv2d` in kernels/conv.cu (same size asserted).
@@ -102,9 +106,8 @@ fn check_runs_on(gpu: &CudaBackend, algo: ConvAlgo) -> Result<()> {
     gpu.require_capability(algo.name(), algo.name(), algo.min_compute_capability())
 }
 
-/// The most scratch floats a call allocates for its column matrices when the
-/// caller gives no workspace: 256 MiB. The chunk is as many images as fit
-/// (at least one, whatever its size).
+/// The most floats [`workspace_len`] gives the column matrices: 256 MiB.
+/// A chunk is as many images as fit (at least one, whatever its size).
 pub const WORKSPACE_FLOATS: usize = 1 << 26;
 
 /// Floats of the column matrix of one image: `C*R*S*OH*OW`.
@@ -112,10 +115,29 @@ pub fn col_floats_per_image(p: &Conv2d) -> usize {
     p.col_rows() * p.out_h * p.out_w
 }
 
-/// Images per chunk for a workspace of `workspace_floats` (at least 1, at
+/// Floats at the front of every workspace for dW's partial products (the
+/// most any chunk of `p`'s batch needs; 0 when dW is never split).
+pub fn partials_reserve(p: &Conv2d) -> usize {
+    summed_workspace_bound(p.k, p.col_rows(), p.n)
+}
+
+/// The smallest workspace the passes accept for `p`: the partials' reserve
+/// and one image's columns.
+pub fn min_workspace_len(p: &Conv2d) -> usize {
+    partials_reserve(p) + col_floats_per_image(p)
+}
+
+/// The workspace the `*_alloc` forms allocate (and a caller that keeps one
+/// per layer should): the reserve and as many images' columns as fit in
+/// [`WORKSPACE_FLOATS`], the whole batch when they do.
+pub fn workspace_len(p: &Conv2d) -> usize {
+    partials_reserve(p) + images_per_chunk(p, WORKSPACE_FLOATS) * col_floats_per_image(p)
+}
+
+/// Images per chunk for `column_floats` floats of columns (at least 1, at
 /// most `n`).
-pub fn images_per_chunk(p: &Conv2d, workspace_floats: usize) -> usize {
-    (workspace_floats / col_floats_per_image(p).max(1)).clamp(1, p.n.max(1))
+pub fn images_per_chunk(p: &Conv2d, column_floats: usize) -> usize {
+    (column_floats / col_floats_per_image(p).max(1)).clamp(1, p.n.max(1))
 }
 
 /// Fills `col` (`[C*R*S, N*OH*OW]`) from `x` (`[N, C, H, W]`), like
@@ -197,38 +219,43 @@ unsafe fn col2im_unchecked(
     gpu.launched("conv_col2im", r)
 }
 
-/// Runs `body(workspace, chunk)` with a column workspace of at least
-/// `chunk` images: the caller's, or a fresh one bounded by [`WORKSPACE_FLOATS`].
+/// Checks `workspace` and runs `body(partials, columns, chunk)` on its two
+/// parts (see the module docs).
 fn with_workspace(
-    gpu: &CudaBackend,
     op: &'static str,
     p: &Conv2d,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
-    mut body: impl FnMut(&mut CudaViewMut<'_, f32>, usize) -> Result<()>,
+    workspace: &mut CudaViewMut<'_, f32>,
+    mut body: impl FnMut(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>, usize) -> Result<()>,
 ) -> Result<()> {
-    let per_image = col_floats_per_image(p);
-    match workspace {
-        Some(ws) => {
-            if ws.len() < per_image {
-                return Err(Error::shape(
-                    op,
-                    "workspace length",
-                    format!("at least C*R*S*OH*OW = {per_image} (one image's columns)"),
-                    ws.len(),
-                ));
-            }
-            let chunk = images_per_chunk(p, ws.len());
-            body(ws, chunk)
-        }
-        None => {
-            let chunk = images_per_chunk(p, WORKSPACE_FLOATS);
-            // SAFETY: every pass writes the columns of a chunk (im2col or a
-            // beta = 0 GEMM) before anything reads them.
-            let mut ws = unsafe { gpu.stream().alloc::<f32>(chunk * per_image) }
-                .map_err(|e| gpu.error("cuMemAlloc (conv2d workspace)", e))?;
-            body(&mut ws.as_view_mut(), chunk)
-        }
+    let need = min_workspace_len(p);
+    if workspace.len() < need {
+        return Err(Error::shape(
+            op,
+            "workspace length",
+            format!(
+                "at least min_workspace_len = {need} floats ({} for dW's partials + {} for one image's columns)",
+                partials_reserve(p),
+                col_floats_per_image(p)
+            ),
+            workspace.len(),
+        ));
     }
+    let (mut partials, mut columns) = workspace.split_at_mut(partials_reserve(p));
+    let chunk = images_per_chunk(p, columns.len());
+    body(&mut partials, &mut columns, chunk)
+}
+
+/// Runs `f` with a fresh [`workspace_len`] workspace: the `*_alloc` forms.
+fn with_fresh_workspace(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    f: impl FnOnce(&mut CudaViewMut<'_, f32>) -> Result<()>,
+) -> Result<()> {
+    // SAFETY: every pass writes what it reads of the workspace first (im2col
+    // or a beta = 0 GEMM for the columns, beta = 0 partial products).
+    let mut ws = unsafe { gpu.stream().alloc::<f32>(workspace_len(p).max(1)) }
+        .map_err(|e| gpu.error("cuMemAlloc (conv2d workspace)", e))?;
+    f(&mut ws.as_view_mut())
 }
 
 /// `y = act(conv(x, w) + bias)` on the device, like `cpu::forward`: `x`
@@ -243,7 +270,7 @@ pub fn forward(
     bias: Option<&CudaView<'_, f32>>,
     activation: Activation,
     y: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     forward_with(
         gpu,
@@ -269,7 +296,7 @@ pub fn forward_with(
     bias: Option<&CudaView<'_, f32>>,
     activation: Activation,
     y: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     check_runs_on(gpu, algo)?;
     match algo {
@@ -287,7 +314,7 @@ fn forward_im2col(
     bias: Option<&CudaView<'_, f32>>,
     activation: Activation,
     y: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "conv2d.forward";
     p.check_forward(x.len(), w.len(), bias.map(|b| b.len()), y.len())?;
@@ -296,7 +323,7 @@ fn forward_im2col(
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
     let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
-    with_workspace(gpu, OP, p, workspace, |ws, chunk| {
+    with_workspace(OP, p, workspace, |_, ws, chunk| {
         for n0 in (0..p.n).step_by(chunk) {
             let q = p.with_batch(chunk.min(p.n - n0));
             let cols = q.col_cols();
@@ -342,7 +369,7 @@ pub fn backward_data(
     dy: &CudaView<'_, f32>,
     w: &CudaView<'_, f32>,
     dx: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     backward_data_with(gpu, select(p, gpu.info()), p, dy, w, dx, workspace)
 }
@@ -356,7 +383,7 @@ pub fn backward_data_with(
     dy: &CudaView<'_, f32>,
     w: &CudaView<'_, f32>,
     dx: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     check_runs_on(gpu, algo)?;
     match algo {
@@ -372,7 +399,7 @@ fn backward_data_im2col(
     dy: &CudaView<'_, f32>,
     w: &CudaView<'_, f32>,
     dx: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "conv2d.backward_data";
     p.check_backward_data(dy.len(), w.len(), dx.len())?;
@@ -381,7 +408,7 @@ fn backward_data_im2col(
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
     let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
-    with_workspace(gpu, OP, p, workspace, |ws, chunk| {
+    with_workspace(OP, p, workspace, |_, ws, chunk| {
         for n0 in (0..p.n).step_by(chunk) {
             let q = p.with_batch(chunk.min(p.n - n0));
             let cols = q.col_cols();
@@ -443,7 +470,7 @@ pub fn backward_filter(
     x: &CudaView<'_, f32>,
     dy: &CudaView<'_, f32>,
     dw: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     backward_filter_with(gpu, select(p, gpu.info()), p, x, dy, dw, workspace)
 }
@@ -457,7 +484,7 @@ pub fn backward_filter_with(
     x: &CudaView<'_, f32>,
     dy: &CudaView<'_, f32>,
     dw: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     check_runs_on(gpu, algo)?;
     match algo {
@@ -473,7 +500,7 @@ fn backward_filter_im2col(
     x: &CudaView<'_, f32>,
     dy: &CudaView<'_, f32>,
     dw: &mut CudaViewMut<'_, f32>,
-    workspace: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "conv2d.backward_filter";
     p.check_backward_filter(x.len(), dy.len(), dw.len())?;
@@ -485,7 +512,7 @@ fn backward_filter_im2col(
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
     let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
-    with_workspace(gpu, OP, p, workspace, |ws, chunk| {
+    with_workspace(OP, p, workspace, |partials, ws, chunk| {
         for n0 in (0..p.n).step_by(chunk) {
             let q = p.with_batch(chunk.min(p.n - n0));
             let cols = q.col_cols();
@@ -516,10 +543,47 @@ fn backward_filter_im2col(
             // item i of B (stored CRS x OHW, row stride cols) is the column
             // block at i*OHW, last element (CRS-1)*cols + (n-1)*OHW + OHW - 1
             // < col.len(); C is dw (K x CRS dense, w_len elements).
-            unsafe { summed(gpu, None, &g, &dyq, &col.as_view(), dw)? };
+            unsafe { summed(gpu, OP, None, &g, &dyq, &col.as_view(), dw, Some(partials))? };
         }
         Ok(())
     })
+}
+
+/// [`forward`] with a workspace it allocates (and frees) itself: the
+/// convenience form, which allocates on every call.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_alloc(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    bias: Option<&CudaView<'_, f32>>,
+    activation: Activation,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    with_fresh_workspace(gpu, p, |ws| forward(gpu, p, x, w, bias, activation, y, ws))
+}
+
+/// [`backward_data`] with a workspace it allocates itself (per call).
+pub fn backward_data_alloc(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    dy: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    dx: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    with_fresh_workspace(gpu, p, |ws| backward_data(gpu, p, dy, w, dx, ws))
+}
+
+/// [`backward_filter`] with a workspace it allocates itself (per call).
+pub fn backward_filter_alloc(
+    gpu: &CudaBackend,
+    p: &Conv2d,
+    x: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    dw: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    with_fresh_workspace(gpu, p, |ws| backward_filter(gpu, p, x, dy, dw, ws))
 }
 
 #[cfg(test)]

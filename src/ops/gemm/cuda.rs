@@ -22,13 +22,15 @@
 //! leave the device mostly idle (few output tiles), the batch is split into
 //! a number of groups that depends only on the shape, each writing a partial
 //! product, and a second kernel adds the partials in group order: no
-//! atomics, so results are bit-identical run to run.
+//! atomics, so results are bit-identical run to run. The partials live in a
+//! workspace from the caller ([`backward_workspace_len`] floats for
+//! [`gemm_backward`]); only the `_alloc` form allocates.
 
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{Bias, Epilogue, Gemm, GradGemm, Operand};
 use crate::cuda::{CudaBackend, DeviceInfo, GEMM, GEMM_V2, KernelModule};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 // SAFETY: `Gemm` is `#[repr(C)]` with only u64 (usize), f32 and bool fields:
 // plain old data, mirrored field for field as `struct Gemm` in
@@ -420,22 +422,80 @@ unsafe fn launch_split_k(
     gpu.launched(REDUCE, r)
 }
 
+/// How a summed GEMM over `batch` items splits into partial products for an
+/// `m x n` output: `(group, parts)`, `parts` slices of `group` items each
+/// (the last may be shorter). One part when the output alone has enough
+/// tiles, when `k == 0`, or for fewer than two items. Depends on the shape
+/// alone, never on the device, so the summation order is fixed.
+fn split_plan(m: usize, n: usize, k: usize, batch: usize) -> (usize, usize) {
+    let tiles = m.div_ceil(64) * n.div_ceil(64);
+    let parts = if tiles * 2 >= SPLIT_TARGET_BLOCKS || k == 0 || batch == 0 {
+        1
+    } else {
+        (SPLIT_TARGET_BLOCKS / tiles).clamp(1, batch)
+    };
+    let group = batch.max(1).div_ceil(parts);
+    (group, batch.max(1).div_ceil(group))
+}
+
+/// Floats of the partial products a summed GEMM for `p` needs (0 when it runs
+/// as one part): `parts * m * n`, see [`split_plan`].
+fn summed_workspace_len(p: &Gemm) -> usize {
+    match split_plan(p.m, p.n, p.k, p.batch) {
+        (_, 1) => 0,
+        (_, parts) => parts * p.m * p.n,
+    }
+}
+
+/// The most floats [`summed_workspace_len`] asks for an `m x n` output over
+/// any batch of at most `max_batch` items (for a caller, like conv's filter
+/// gradient, that sums a batch in chunks whose size it learns later): the
+/// parts never exceed `min(SPLIT_TARGET_BLOCKS / tiles, batch)`.
+pub(crate) fn summed_workspace_bound(m: usize, n: usize, max_batch: usize) -> usize {
+    let tiles = (m.div_ceil(64) * n.div_ceil(64)).max(1);
+    if tiles * 2 >= SPLIT_TARGET_BLOCKS {
+        return 0;
+    }
+    match (SPLIT_TARGET_BLOCKS / tiles).min(max_batch) {
+        0 | 1 => 0,
+        parts => parts * m * n,
+    }
+}
+
+/// Floats of the workspace [`gemm_backward`] needs for `p`: the partial
+/// products of a shared operand's gradient (`stride_a == 0` or `stride_b ==
+/// 0` over a batch), the larger of dA's and dB's since they run one after
+/// the other; 0 when no gradient is split, and then `workspace` may be
+/// `None`. Depends on the shape alone.
+pub fn backward_workspace_len(p: &Gemm) -> usize {
+    [p.grad_a(), p.grad_b()]
+        .iter()
+        .filter(|g| g.sum_over_batch)
+        .map(|g| summed_workspace_len(&g.q))
+        .max()
+        .unwrap_or(0)
+}
+
 /// `C = beta * C + sum over the batch items of alpha * op(A_i) * op(B_i)`,
 /// the items taken in order (`p.stride_c` is ignored: every item adds into
 /// the one `C`). `beta == 0` does not read `C`. With no items, `C` becomes
 /// `beta * C` (0 for `beta == 0`).
 ///
-/// `kernel` as for [`launch`].
+/// `kernel` as for [`launch`]. `workspace` holds the partial products when
+/// the batch is split (at least [`summed_workspace_len`] floats; checked).
 ///
 /// # Safety
 /// As for [`launch`], with one `m x n` matrix `C` (row stride `ldc`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn summed(
     gpu: &CudaBackend,
+    op: &'static str,
     kernel: Option<GemmKernel>,
     p: &Gemm,
     a: &CudaView<'_, f32>,
     b: &CudaView<'_, f32>,
     c: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     if p.m == 0 || p.n == 0 {
         return Ok(());
@@ -451,25 +511,26 @@ pub(crate) unsafe fn summed(
         // SAFETY: batch 1, k = 0: only C (inside `c`, the caller's promise) is touched.
         return unsafe { launch(gpu, kernel, &q, DeviceEpilogue::default(), a, b, c, 1) };
     }
-    let tiles = p.m.div_ceil(64) * p.n.div_ceil(64);
-    let parts = if tiles * 2 >= SPLIT_TARGET_BLOCKS || p.k == 0 {
-        1
-    } else {
-        (SPLIT_TARGET_BLOCKS / tiles).clamp(1, p.batch)
-    };
-    let group = p.batch.div_ceil(parts);
-    let parts = p.batch.div_ceil(group);
+    let (group, parts) = split_plan(p.m, p.n, p.k, p.batch);
     if parts == 1 {
         // SAFETY: one slice writes the one C; operands per the caller.
         return unsafe { launch(gpu, kernel, p, DeviceEpilogue::default(), a, b, c, p.batch) };
     }
     // Each group writes its partial product into its own dense m x n slab.
     let slab = p.m * p.n;
-    // SAFETY: every element of the scratch is written by the partial
-    // products below (beta = 0, each slice covers all of its m x n) before
-    // gemm_sum_partials reads it.
-    let mut scratch = unsafe { gpu.stream().alloc::<f32>(parts * slab) }
-        .map_err(|e| gpu.error("cuMemAlloc (gemm partial sums)", e))?;
+    let need = parts * slab;
+    let scratch = match workspace {
+        Some(ws) if ws.len() >= need => ws,
+        other => {
+            return Err(Error::shape(
+                op,
+                "workspace length",
+                format!("at least {need} floats ({parts} partial products of {} x {})", p.m, p.n),
+                other.map_or(0, |w| w.len()),
+            ));
+        }
+    };
+    let mut scratch = scratch.slice_mut(..need);
     let q = Gemm {
         ldc: p.n,
         stride_c: slab,
@@ -477,19 +538,10 @@ pub(crate) unsafe fn summed(
         ..*p
     };
     // SAFETY: slice z writes slab z of `scratch` (parts slabs of m x n);
-    // operands per the caller.
-    unsafe {
-        launch(
-            gpu,
-            kernel,
-            &q,
-            DeviceEpilogue::default(),
-            a,
-            b,
-            &mut scratch.as_view_mut(),
-            group,
-        )?
-    };
+    // operands per the caller. Every element of the slabs is written (beta
+    // = 0, each slice covers all of its m x n) before gemm_sum_partials
+    // reads it.
+    unsafe { launch(gpu, kernel, &q, DeviceEpilogue::default(), a, b, &mut scratch, group)? };
     let f = gpu.function(&GEMM, "gemm_sum_partials")?;
     let cfg = gpu.elementwise_config(slab);
     let (rows, cols, ldc, parts) = (p.m as u64, p.n as u64, p.ldc as u64, parts as u64);
@@ -502,7 +554,7 @@ pub(crate) unsafe fn summed(
             .arg(&rows)
             .arg(&cols)
             .arg(&ldc)
-            .arg(&scratch)
+            .arg(&mut scratch)
             .arg(&parts)
             .arg(&p.beta)
             .launch(cfg)
@@ -521,6 +573,12 @@ pub(crate) unsafe fn summed(
 /// The epilogue's bias and activation are not part of this: apply their
 /// backward to `dC` first. Each of its products runs the version [`select`]
 /// picks for it.
+///
+/// `workspace`: at least [`backward_workspace_len`] floats, the partial
+/// products of a shared operand's gradient (`None` where that is 0); its
+/// contents on entry do not matter. Nothing is allocated; nothing waits for
+/// the device. [`gemm_backward_alloc`] allocates the workspace itself.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_backward(
     gpu: &CudaBackend,
     p: &Gemm,
@@ -529,8 +587,9 @@ pub fn gemm_backward(
     dc: &CudaView<'_, f32>,
     da: Option<&mut CudaViewMut<'_, f32>>,
     db: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
-    backward(gpu, None, p, a, b, dc, da, db)
+    backward(gpu, None, p, a, b, dc, da, db, workspace)
 }
 
 /// [`gemm_backward`] with every product on the version `kernel`.
@@ -544,8 +603,32 @@ pub fn gemm_backward_with(
     dc: &CudaView<'_, f32>,
     da: Option<&mut CudaViewMut<'_, f32>>,
     db: Option<&mut CudaViewMut<'_, f32>>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
-    backward(gpu, Some(kernel), p, a, b, dc, da, db)
+    backward(gpu, Some(kernel), p, a, b, dc, da, db, workspace)
+}
+
+/// [`gemm_backward`] with a workspace it allocates (and frees) itself: the
+/// convenience form, which allocates on every call that splits a sum.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_backward_alloc(
+    gpu: &CudaBackend,
+    p: &Gemm,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    dc: &CudaView<'_, f32>,
+    da: Option<&mut CudaViewMut<'_, f32>>,
+    db: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    let need = backward_workspace_len(p);
+    if need == 0 {
+        return gemm_backward(gpu, p, a, b, dc, da, db, None);
+    }
+    // SAFETY: `summed` writes every float of the partial slabs before
+    // reading any (see there).
+    let mut ws = unsafe { gpu.stream().alloc::<f32>(need) }
+        .map_err(|e| gpu.error("cuMemAlloc (gemm_backward workspace)", e))?;
+    gemm_backward(gpu, p, a, b, dc, da, db, Some(&mut ws.as_view_mut()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -558,6 +641,7 @@ fn backward(
     dc: &CudaView<'_, f32>,
     da: Option<&mut CudaViewMut<'_, f32>>,
     db: Option<&mut CudaViewMut<'_, f32>>,
+    mut workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     const OP: &str = "gemm_backward";
     p.check_backward(
@@ -568,6 +652,16 @@ fn backward(
         da.as_ref().map(|d| d.len()),
         db.as_ref().map(|d| d.len()),
     )?;
+    let need = backward_workspace_len(p);
+    let have = workspace.as_ref().map_or(0, |w| w.len());
+    if have < need {
+        return Err(Error::shape(
+            OP,
+            "workspace length",
+            format!("at least backward_workspace_len = {need} floats"),
+            have,
+        ));
+    }
     if let Some(k) = kernel {
         check_runs_on(gpu, k)?;
     }
@@ -582,18 +676,18 @@ fn backward(
         // them, and writes dA in A's layout, which the check placed inside
         // a.len() == da.len(); distinct batch items of dA do not overlap
         // (checked).
-        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), da)? };
+        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), da, workspace.as_deref_mut())? };
     }
     if let Some(db) = db {
         let g = p.grad_b();
         // SAFETY: as for dA, with the roles of A and B exchanged.
-        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), db)? };
+        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), db, workspace.as_deref_mut())? };
     }
     Ok(())
 }
 
 /// Runs one gradient plan into `out`; a shared operand's plan sums over the
-/// batch (see `summed` for the fixed order).
+/// batch (see `summed` for the fixed order) with `workspace`'s partials.
 ///
 /// # Safety
 /// The plan's product must address `x`, `y` and `out` in bounds.
@@ -604,6 +698,7 @@ unsafe fn run_grad(
     x: &CudaView<'_, f32>,
     y: &CudaView<'_, f32>,
     out: &mut CudaViewMut<'_, f32>,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     let q = g.q;
     if !g.sum_over_batch {
@@ -625,7 +720,7 @@ unsafe fn run_grad(
         }
     }
     // SAFETY: per the caller (and the fit check for an empty batch).
-    unsafe { summed(gpu, kernel, &q, x, y, out) }
+    unsafe { summed(gpu, "gemm_backward", kernel, &q, x, y, out, workspace) }
 }
 
 #[cfg(test)]
@@ -678,6 +773,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The split the partial-sum path had before its workspace came from the
+    /// caller, and the bound conv reserves for any chunk of a batch.
+    #[test]
+    fn split_plan_is_the_old_rule_and_bounded() {
+        for (m, n) in [(1usize, 1usize), (20, 30), (64, 64), (100, 300), (128, 1152), (700, 900)] {
+            for k in [0usize, 1, 9] {
+                for batch in [1usize, 2, 3, 7, 31, 100, 1000] {
+                    let tiles = m.div_ceil(64) * n.div_ceil(64);
+                    let old = if tiles * 2 >= SPLIT_TARGET_BLOCKS || k == 0 {
+                        1
+                    } else {
+                        (SPLIT_TARGET_BLOCKS / tiles).clamp(1, batch)
+                    };
+                    let old_group = batch.div_ceil(old);
+                    let plan = split_plan(m, n, k, batch);
+                    assert_eq!(plan, (old_group, batch.div_ceil(old_group)), "{m}x{n}x{k} b{batch}");
+                    let p = Gemm::new(m, n, k).batched(batch);
+                    let need = summed_workspace_len(&p);
+                    assert_eq!(need == 0, plan.1 == 1);
+                    for max_batch in [batch, batch + 1, 2 * batch + 5] {
+                        assert!(need <= summed_workspace_bound(m, n, max_batch), "{p:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn backward_workspace_only_for_shared_operands() {
+        let mut p = Gemm::new(20, 30, 40).batched(100);
+        assert_eq!(backward_workspace_len(&p), 0, "no operand shared");
+        p.stride_a = 0;
+        assert!(backward_workspace_len(&p) >= 20 * 40 * 2, "dA is 20 x 40, split");
+        p.batch = 1;
+        assert_eq!(backward_workspace_len(&p), 0, "one item: no split");
     }
 
     #[test]

@@ -49,6 +49,33 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src, u32 src_b
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
+// One 128-bit shared-memory load of base[off .. off + 4) (base in shared
+// memory, the address 16-byte aligned). Written as an instruction rather than a float4 dereference: NVRTC
+// 12.2 splits a float4 load into four scalar loads and lets its load/store
+// vectorizer merge them again, and that pass chose between one v4 and v4 + v2
+// differently from one compile to the next (even within one process), which
+// ci/ptx --check cannot allow. An asm load leaves it nothing to merge.
+// volatile: it must stay between the barriers that order it (it has no
+// "memory" clobber, so it does not pin unrelated memory accesses).
+// The offset is added to the 32-bit shared-window address of the base, which
+// LLVM computes once per base.
+__device__ __forceinline__ float4 lds128(const float* base, u32 off) {
+    const u32 addr = shared_addr(base) + off * 4u;
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr));
+    return v;
+}
+
+// The 64-bit form (base[off .. off + 2), 8-byte aligned).
+__device__ __forceinline__ float2 lds64(const float* base, u32 off) {
+    const u32 addr = shared_addr(base) + off * 4u;
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+    return v;
+}
+
 // N is an immediate in the instruction, hence the template.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -74,6 +101,14 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src, u32 src_b
 }
 
 __device__ __forceinline__ void cp_async_commit() { kemu_cp_async_commit(); }
+
+// A plain 16-byte read (blocks' shared memory is host memory here).
+__device__ __forceinline__ float4 lds128(const float* base, u32 off) {
+    return *reinterpret_cast<const float4*>(base + off);
+}
+__device__ __forceinline__ float2 lds64(const float* base, u32 off) {
+    return *reinterpret_cast<const float2*>(base + off);
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {

@@ -9,7 +9,8 @@
 //   registers and a shared-memory store per element);
 // - the 256 threads form 8 warps of 64 x 32 outputs each (2 x 4 warps over
 //   the 128 x 128 block tile), each lane 8 x 8; a warp's fragment reads from
-//   shared memory are 128-bit and conflict-free in both operand layouts;
+//   shared memory are explicit 64/128-bit loads, conflict-free in both
+//   operand layouts;
 // - split-K (gemm_v2_splitk + gemm_v2_splitk_reduce) for products with few
 //   output tiles and a long k: each split writes its raw partial sum into its
 //   own slab, and the reduction adds the slabs in split order before the
@@ -110,19 +111,21 @@ __device__ __forceinline__ void load_tile(float* S, const float* X, u64 ld, bool
     }
 }
 
-// An outer-major operand's fragment for 4 consecutive k (kc0 .. kc0 + 3),
-// f[i][q] = element (outer(i), kc0 + q): one 128-bit load per row (or
-// column), so its 4 k come at once and cost 32 registers.
+// An outer-major operand's fragment for 2 consecutive k (kc0, kc0 + 1),
+// f[i][q] = element (outer(i), kc0 + q): one 64-bit load per row (or
+// column), 16 registers. (4 k per 128-bit load would halve the load count
+// but hold 32 registers per operand, 64 with both operands outer-major,
+// which pushed ptxas to 255 registers and spills.)
 // ROWS: the operand is A (outer = the thread's rows), else B (its columns).
 // (Plain templates, not lambdas: NVRTC 12.2's PTX for lambdas here differed
 // from run to run, which ci/ptx --check cannot allow.)
 template <int PITCH, bool ROWS, class T>
-__device__ __forceinline__ void frag_outer_major(float (&f)[8][4], const float* S, int kc0, const T& tl) {
+__device__ __forceinline__ void frag_outer_major(float (&f)[8][2], const float* S, int kc0, const T& tl) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const int o = ROWS ? tl.row(i) : tl.col(i);
-        const float4 v = *reinterpret_cast<const float4*>(S + o * PITCH + kc0);
-        f[i][0] = v.x; f[i][1] = v.y; f[i][2] = v.z; f[i][3] = v.w;
+        const float2 v = lds64(S, (u32)(o * PITCH + kc0));
+        f[i][0] = v.x; f[i][1] = v.y;
     }
 }
 // A k-major operand's fragment for one k: f[i] = element (outer(i), kk),
@@ -133,14 +136,14 @@ __device__ __forceinline__ void frag_k_major(float (&f)[8], const float* S, int 
 #pragma unroll
     for (int g = 0; g < 2; ++g) {
         const int o = ROWS ? tl.row(g * 4) : tl.col(g * 4);
-        const float4 v = *reinterpret_cast<const float4*>(S + kk * PITCH + o);
+        const float4 v = lds128(S, (u32)(kk * PITCH + o));
         f[g * 4 + 0] = v.x; f[g * 4 + 1] = v.y; f[g * 4 + 2] = v.z; f[g * 4 + 3] = v.w;
     }
 }
 
 // Where a thread's 8 x 8 accumulators sit in the block tile, and the product
-// of one shared-memory stage (eight 128-bit shared loads per operand per 4 k
-// in either layout).
+// of one shared-memory stage (per 2 k and operand: eight 64-bit shared loads
+// outer-major, four 128-bit loads k-major).
 template <bool AKC, bool BKC>
 struct Tile {
     // (Members are device functions by -default-device; `__device__` would
@@ -153,13 +156,16 @@ struct Tile {
 
     // acc += the product of one BK-deep stage (Sa, Sb), k in increasing order.
     __forceinline__ void multiply_stage(float (&acc)[8][8], const float* Sa, const float* Sb) const {
-#pragma unroll
-        for (int kc0 = 0; kc0 < V2_BK; kc0 += 4) {
-            float ac[8][4], bc[8][4];
+        // Rolled: fully unrolled (16 k), ptxas hoisted the fragment loads
+        // of later k ahead and ran out of registers (255 and spills); one
+        // iteration (2 k, 128 FMAs) bounds what it can hoist.
+#pragma unroll 1
+        for (int kc0 = 0; kc0 < V2_BK; kc0 += 2) {
+            float ac[8][2], bc[8][2];
             if (AKC) frag_outer_major<V2_BK + V2_PAD, true>(ac, Sa, kc0, *this);
             if (BKC) frag_outer_major<V2_BK + V2_PAD, false>(bc, Sb, kc0, *this);
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
+            for (int q = 0; q < 2; ++q) {
                 float a[8], b[8];
                 if (AKC) {
 #pragma unroll

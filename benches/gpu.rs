@@ -648,17 +648,42 @@ fn gemm_version_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm, kernel: Op
     let mut out: CudaSlice<f32> = env.gpu.zeros(p.m * p.n).expect("alloc");
     let mut out_base: CudaSlice<f32> = env.gpu.zeros(p.m * p.n).expect("alloc");
     let gpu = &env.gpu;
-    let kernel = kernel.unwrap_or_else(|| gemm::cuda::select(&p, gpu.info()));
+    // The default row runs what training runs: gemm_ws with the workspace
+    // GpuBackend keeps (split-K where the selector splits); a forced
+    // version gets exactly its workspace_len.
+    let ws_len = match kernel {
+        None => gemm::cuda::select_workspace_len(&p),
+        Some(k) => gemm::cuda::workspace_len(&p, k),
+    };
+    let mut ws: CudaSlice<f32> = env.gpu.zeros(ws_len.max(1)).expect("alloc");
+    let forced = kernel;
+    let kernel = match kernel {
+        Some(k) => k,
+        None => gemm::cuda::select_ws(&p, gpu.info(), ws_len),
+    };
     let mut ours = |_i: u64| {
-        gemm::cuda::gemm_with(
-            gpu,
-            kernel,
-            &p,
-            &a.slice(..),
-            &b.slice(..),
-            &mut out.slice_mut(..),
-            DeviceEpilogue::default(),
-        )
+        let mut w = ws.slice_mut(..ws_len);
+        match forced {
+            None => gemm::cuda::gemm_ws(
+                gpu,
+                &p,
+                &a.slice(..),
+                &b.slice(..),
+                &mut out.slice_mut(..),
+                DeviceEpilogue::default(),
+                &mut w,
+            ),
+            Some(k) => gemm::cuda::gemm_with(
+                gpu,
+                k,
+                &p,
+                &a.slice(..),
+                &b.slice(..),
+                &mut out.slice_mut(..),
+                DeviceEpilogue::default(),
+                (ws_len > 0).then_some(&mut w),
+            ),
+        }
         .expect("kestrel gemm")
     };
     let note = format!("FP32, {}", kernel.name());

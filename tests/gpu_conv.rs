@@ -418,7 +418,11 @@ fn errors() {
         &mut ws.slice_mut(..10),
     );
     // 216 = dW's partials (2 images x 4 x 27), 1728 = one image's columns.
-    assert_err_mentions(r, "conv2d.forward", &["workspace", "1944", "216", "1728", "10"]);
+    assert_err_mentions(
+        r,
+        "conv2d.forward",
+        &["workspace", "1944", "216", "1728", "10"],
+    );
     let mut dw = dev(&gpu, &vec![0.0; p.w_len()]);
     let r = cuda::backward_filter_alloc(
         &gpu,

@@ -12,7 +12,14 @@
 //! [`select`] picks one per launch by shape and compute capability, which
 //! is what [`gemm`] and [`gemm_backward`] run; [`gemm_with`] and
 //! [`gemm_backward_with`] run a version of the caller's choosing (tests
-//! cover every version, the bench times each one). The batch runs through the grid's z
+//! cover every version, the bench times each one).
+//!
+//! Split-K needs scratch for its partial slabs, and no launch path here
+//! allocates: [`gemm`] (and [`select`]) never split `k`; [`gemm_ws`] takes a
+//! workspace and lets [`select_ws`] pick split-K where the shape calls for it
+//! and the workspace holds [`select_workspace_len`] floats; [`gemm_with`]
+//! takes an optional workspace for the version it is given
+//! ([`workspace_len`] floats, 0 for every version but split-K). The batch runs through the grid's z
 //! dimension in one launch. The epilogue (alpha, beta, bias, activation) is
 //! fused into the write-back.
 //!
@@ -82,10 +89,12 @@ pub enum GemmKernel {
     /// written into its own slab, the slabs added in range order and the
     /// epilogue applied by the reduction. Forced through [`gemm_with`], it
     /// splits any product with at least two stages of `k`
-    /// ([`split_k_parts_forced`]); [`select`] picks it only for few output
-    /// tiles and a long `k` ([`split_k_parts`]). A batch summed in groups
-    /// (the gradient of a shared operand) is already split by its groups and
-    /// runs on [`GemmKernel::V2`].
+    /// ([`split_k_parts_forced`]) into a workspace of [`workspace_len`]
+    /// floats; [`select_ws`] picks it only for few output tiles and a long
+    /// `k` ([`split_k_parts`]) and a workspace of [`select_workspace_len`]
+    /// floats. A product with nothing to split, and every product of
+    /// [`gemm_backward_with`] (whose workspace holds the partial sums over
+    /// a batch, not split-K's slabs), runs on [`GemmKernel::V2`].
     V2SplitK,
 }
 
@@ -137,14 +146,59 @@ impl GemmKernel {
 }
 
 /// The version [`gemm`] runs for `p` on `info`'s device:
-/// - on sm_80 and newer, v2 split-K when the product has few 128x128 output
-///   tiles and a long `k` ([`split_k_parts`] > 1);
+/// Never split-K, which needs a workspace (see [`select_ws`]):
 /// - 128x128 tiles (v2 on sm_80+, else v1) when `m` and `n` are at least 128
 ///   and there are at least as many such tiles (over the batch) as
 ///   multiprocessors;
 /// - else v1's 64x64 tiles.
 pub fn select(p: &Gemm, info: &DeviceInfo) -> GemmKernel {
     select_grouped(p, 1, info)
+}
+
+/// [`select`] for a launch with a workspace of `workspace` floats
+/// ([`gemm_ws`]): v2 split-K on sm_80 and newer when the product has few
+/// 128x128 output tiles and a long `k` ([`split_k_parts`] > 1) and the
+/// workspace holds its slabs ([`select_workspace_len`]); else what
+/// [`select`] picks. With a workspace of at least [`select_workspace_len`]
+/// floats the choice, and with it every bit of the result, depends on the
+/// shape and the device's compute capability alone.
+pub fn select_ws(p: &Gemm, info: &DeviceInfo, workspace: usize) -> GemmKernel {
+    let need = select_workspace_len(p);
+    if need > 0 && need <= workspace && GemmKernel::V2SplitK.runs_on(info) {
+        return GemmKernel::V2SplitK;
+    }
+    select(p, info)
+}
+
+/// Floats of workspace with which [`gemm_ws`] splits `p`'s `k` (on sm_80
+/// and newer): `batch * split_k_parts(p) * m * n`, 0 when [`split_k_parts`]
+/// does not split it (then no workspace is needed). At most 256 slabs of
+/// one 128x128 tile each, 16 MiB. Depends on the shape alone.
+pub fn select_workspace_len(p: &Gemm) -> usize {
+    split_k_workspace_len(p, split_k_parts(p))
+}
+
+/// Floats of workspace [`gemm_with`] needs to run `p` on `kernel`: the
+/// partial slabs of [`GemmKernel::V2SplitK`] (`batch * parts * m * n` for
+/// [`split_k_parts_forced`] parts; 0 when `k` has a single stage, which runs
+/// unsplit), 0 for every other version.
+pub fn workspace_len(p: &Gemm, kernel: GemmKernel) -> usize {
+    match kernel {
+        GemmKernel::V2SplitK => split_k_workspace_len(p, split_k_parts_forced(p)),
+        GemmKernel::Tiled64 | GemmKernel::Tiled128 | GemmKernel::V2 => 0,
+    }
+}
+
+/// `batch * parts * m * n` (saturating: a product that large fails its
+/// length checks anyway), 0 for `parts <= 1` or an empty product.
+fn split_k_workspace_len(p: &Gemm, parts: usize) -> usize {
+    if parts <= 1 || p.m == 0 || p.n == 0 || p.batch == 0 {
+        return 0;
+    }
+    p.batch
+        .saturating_mul(parts)
+        .saturating_mul(p.m)
+        .saturating_mul(p.n)
 }
 
 /// How many `k` ranges [`select`]'s split-K cuts `p` into (1: no split): a
@@ -194,9 +248,6 @@ fn split_k_plan(k: usize, want: usize) -> (usize, usize) {
 fn select_grouped(p: &Gemm, group: usize, info: &DeviceInfo) -> GemmKernel {
     let slices = p.batch.div_ceil(group.clamp(1, p.batch.max(1)));
     let v2 = GemmKernel::V2.runs_on(info);
-    if v2 && group <= 1 && split_k_parts(p) > 1 {
-        return GemmKernel::V2SplitK;
-    }
     // Large tiles only when there are enough of them to fill the device.
     let big_tiles = p.m.div_ceil(128) * p.n.div_ceil(128) * slices;
     if p.m >= 128 && p.n >= 128 && big_tiles >= info.multiprocessors as usize {
@@ -216,7 +267,8 @@ fn select_grouped(p: &Gemm, group: usize, info: &DeviceInfo) -> GemmKernel {
 /// `act(beta * C + bias)`; elements of `c` outside the `m x n` matrices (the
 /// gaps when `ldc > n`) are untouched.
 ///
-/// Runs the version [`select`] picks: `gemm_with(gpu, select(p, gpu.info()), ..)`.
+/// Runs the version [`select`] picks (never split-K, so no workspace):
+/// `gemm_with(gpu, select(p, gpu.info()), .., None)`. Nothing is allocated.
 pub fn gemm(
     gpu: &CudaBackend,
     p: &Gemm,
@@ -225,11 +277,43 @@ pub fn gemm(
     c: &mut CudaViewMut<'_, f32>,
     epi: DeviceEpilogue,
 ) -> Result<()> {
-    gemm_with(gpu, select(p, gpu.info()), p, a, b, c, epi)
+    gemm_with(gpu, select(p, gpu.info()), p, a, b, c, epi, None)
+}
+
+/// [`gemm`] with a workspace: runs the version [`select_ws`] picks for
+/// `workspace.len()` floats, which is v2 split-K for few output tiles and a
+/// long `k` when the workspace holds [`select_workspace_len`] floats. Its
+/// contents on entry do not matter. Nothing is allocated.
+pub fn gemm_ws(
+    gpu: &CudaBackend,
+    p: &Gemm,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    c: &mut CudaViewMut<'_, f32>,
+    epi: DeviceEpilogue,
+    workspace: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let kernel = select_ws(p, gpu.info(), workspace.len());
+    // The selector's split (split_k_parts), not the forced one.
+    gemm_checked(
+        gpu,
+        kernel,
+        split_k_parts(p),
+        p,
+        a,
+        b,
+        c,
+        epi,
+        Some(workspace),
+    )
 }
 
 /// [`gemm`] with the version `kernel`, whatever the shape (an error, before
 /// any launch, on a device older than its minimum compute capability).
+/// `workspace`: at least [`workspace_len`]`(p, kernel)` floats (`None` where
+/// that is 0; an error naming the size otherwise), contents on entry
+/// irrelevant. Nothing is allocated.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_with(
     gpu: &CudaBackend,
     kernel: GemmKernel,
@@ -238,14 +322,63 @@ pub fn gemm_with(
     b: &CudaView<'_, f32>,
     c: &mut CudaViewMut<'_, f32>,
     epi: DeviceEpilogue,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    gemm_checked(
+        gpu,
+        kernel,
+        split_k_parts_forced(p),
+        p,
+        a,
+        b,
+        c,
+        epi,
+        workspace,
+    )
+}
+
+/// [`gemm_with`] with split-K (if `kernel` is it) cut into `parts` ranges.
+#[allow(clippy::too_many_arguments)]
+fn gemm_checked(
+    gpu: &CudaBackend,
+    kernel: GemmKernel,
+    parts: usize,
+    p: &Gemm,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    c: &mut CudaViewMut<'_, f32>,
+    epi: DeviceEpilogue,
+    workspace: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     const OP: &str = "gemm";
     p.check(OP, a.len(), b.len(), c.len(), epi.bias.map(|v| v.len()))?;
     check_runs_on(gpu, kernel)?;
-    // SAFETY: `check` proved that every batch item's A, B and C (with their
-    // leading dimensions) lie inside `a`, `b` and `c`, that C's items do not
-    // overlap, and the bias has m (or n) elements.
-    unsafe { launch(gpu, Some(kernel), p, epi, a, b, c, 1) }
+    let need = match kernel {
+        GemmKernel::V2SplitK => split_k_workspace_len(p, parts),
+        _ => 0,
+    };
+    if need == 0 {
+        // SAFETY: `check` proved that every batch item's A, B and C (with
+        // their leading dimensions) lie inside `a`, `b` and `c`, that C's
+        // items do not overlap, and the bias has m (or n) elements. (Split-K
+        // with nothing to split runs as plain v2 there.)
+        return unsafe { launch(gpu, Some(kernel), p, epi, a, b, c, 1) };
+    }
+    let have = workspace.as_ref().map_or(0, |w| w.len());
+    let Some(ws) = workspace.filter(|_| have >= need) else {
+        return Err(Error::shape(
+            OP,
+            "workspace length",
+            format!(
+                "at least {need} floats for {} (workspace_len)",
+                kernel.name()
+            ),
+            have,
+        ));
+    };
+    let (parts, per) = split_k_plan(p.k, parts);
+    // SAFETY: as above, and `ws` holds the batch * parts slabs of m x n.
+    unsafe { launch_split_k(gpu, p, epi, a, b, c, parts, per, &mut ws.slice_mut(..need)) }
 }
 
 /// An error naming the kernel when the device is older than it needs.
@@ -282,21 +415,10 @@ pub(crate) unsafe fn launch(
     }
     let group = group.clamp(1, p.batch);
     let slices = p.batch.div_ceil(group);
-    let forced = kernel.is_some();
     let mut kernel = kernel.unwrap_or_else(|| select_grouped(p, group, gpu.info()));
     if kernel == GemmKernel::V2SplitK {
-        // Chosen by `select` (group 1 only) or forced: split what can be.
-        let parts = match (group, forced) {
-            (1, true) => split_k_parts_forced(p),
-            (1, false) => split_k_parts(p),
-            _ => 1,
-        };
-        if parts > 1 {
-            let (parts, per) = split_k_plan(p.k, parts);
-            // SAFETY: per the caller.
-            return unsafe { launch_split_k(gpu, p, epi, a, b, c, parts, per) };
-        }
-        // Nothing to split (one stage of k, or a summed group): plain v2.
+        // This path has no workspace for split-K's slabs (gemm_checked
+        // splits before it gets here): plain v2, the same bits as v1.
         kernel = GemmKernel::V2;
     }
     let (name, tile) = (kernel.name(), kernel.tile());
@@ -343,7 +465,9 @@ pub(crate) unsafe fn launch(
 /// (every range non-empty, `parts >= 2`), one partial slab of `m x n` raw
 /// sums per (batch item, range), then the reduction that adds each item's
 /// slabs in range order and applies alpha, beta, the bias and the
-/// activation.
+/// activation. The slabs live in `scratch` (`batch * parts * m * n`
+/// floats); every element is written by `gemm_v2_splitk` (each (item,
+/// range) pair covers all of its m x n slab) before the reduction reads it.
 ///
 /// # Safety
 /// As for [`launch`] with group 1.
@@ -357,16 +481,21 @@ unsafe fn launch_split_k(
     c: &mut CudaViewMut<'_, f32>,
     parts: usize,
     per: usize,
+    scratch: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     const OP: &str = "gemm (split-K)";
     let slab = p.m * p.n;
     let pairs = crate::error::checked_product(OP, "batch * parts", &[p.batch, parts])?;
     let len = crate::error::checked_product(OP, "partial slabs", &[pairs, slab])?;
-    // SAFETY: every element of the scratch is written by gemm_v2_splitk
-    // (each (item, range) pair covers all of its m x n slab) before the
-    // reduction reads it.
-    let mut scratch = unsafe { gpu.stream().alloc::<f32>(len) }
-        .map_err(|e| gpu.error("cuMemAlloc (gemm split-K partial sums)", e))?;
+    if scratch.len() < len {
+        // The callers size it; a short one is a bug here, not a panic.
+        return Err(Error::shape(
+            OP,
+            "workspace length",
+            format!("at least {len} floats"),
+            scratch.len(),
+        ));
+    }
     let kernel = GemmKernel::V2SplitK;
     let f = gpu.function(kernel.module(), kernel.name())?;
     let cfg = LaunchConfig {
@@ -387,7 +516,7 @@ unsafe fn launch_split_k(
             .arg(p)
             .arg(a)
             .arg(b)
-            .arg(&mut scratch)
+            .arg(&mut *scratch)
             .arg(&parts)
             .arg(&per)
             .launch(cfg)
@@ -406,7 +535,7 @@ unsafe fn launch_split_k(
         .arg(&act_kind)
         .arg(&act_alpha)
         .arg(&bias_kind)
-        .arg(&scratch)
+        .arg(&mut *scratch)
         .arg(&parts)
         .arg(c);
     match epi.bias.vector() {
@@ -525,7 +654,10 @@ pub(crate) unsafe fn summed(
             return Err(Error::shape(
                 op,
                 "workspace length",
-                format!("at least {need} floats ({parts} partial products of {} x {})", p.m, p.n),
+                format!(
+                    "at least {need} floats ({parts} partial products of {} x {})",
+                    p.m, p.n
+                ),
                 other.map_or(0, |w| w.len()),
             ));
         }
@@ -541,7 +673,18 @@ pub(crate) unsafe fn summed(
     // operands per the caller. Every element of the slabs is written (beta
     // = 0, each slice covers all of its m x n) before gemm_sum_partials
     // reads it.
-    unsafe { launch(gpu, kernel, &q, DeviceEpilogue::default(), a, b, &mut scratch, group)? };
+    unsafe {
+        launch(
+            gpu,
+            kernel,
+            &q,
+            DeviceEpilogue::default(),
+            a,
+            b,
+            &mut scratch,
+            group,
+        )?
+    };
     let f = gpu.function(&GEMM, "gemm_sum_partials")?;
     let cfg = gpu.elementwise_config(slab);
     let (rows, cols, ldc, parts) = (p.m as u64, p.n as u64, p.ldc as u64, parts as u64);
@@ -676,12 +819,32 @@ fn backward(
         // them, and writes dA in A's layout, which the check placed inside
         // a.len() == da.len(); distinct batch items of dA do not overlap
         // (checked).
-        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), da, workspace.as_deref_mut())? };
+        unsafe {
+            run_grad(
+                gpu,
+                kernel,
+                &g,
+                pick(g.x),
+                pick(g.y),
+                da,
+                workspace.as_deref_mut(),
+            )?
+        };
     }
     if let Some(db) = db {
         let g = p.grad_b();
         // SAFETY: as for dA, with the roles of A and B exchanged.
-        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), db, workspace.as_deref_mut())? };
+        unsafe {
+            run_grad(
+                gpu,
+                kernel,
+                &g,
+                pick(g.x),
+                pick(g.y),
+                db,
+                workspace.as_deref_mut(),
+            )?
+        };
     }
     Ok(())
 }
@@ -779,7 +942,14 @@ mod tests {
     /// caller, and the bound conv reserves for any chunk of a batch.
     #[test]
     fn split_plan_is_the_old_rule_and_bounded() {
-        for (m, n) in [(1usize, 1usize), (20, 30), (64, 64), (100, 300), (128, 1152), (700, 900)] {
+        for (m, n) in [
+            (1usize, 1usize),
+            (20, 30),
+            (64, 64),
+            (100, 300),
+            (128, 1152),
+            (700, 900),
+        ] {
             for k in [0usize, 1, 9] {
                 for batch in [1usize, 2, 3, 7, 31, 100, 1000] {
                     let tiles = m.div_ceil(64) * n.div_ceil(64);
@@ -790,7 +960,11 @@ mod tests {
                     };
                     let old_group = batch.div_ceil(old);
                     let plan = split_plan(m, n, k, batch);
-                    assert_eq!(plan, (old_group, batch.div_ceil(old_group)), "{m}x{n}x{k} b{batch}");
+                    assert_eq!(
+                        plan,
+                        (old_group, batch.div_ceil(old_group)),
+                        "{m}x{n}x{k} b{batch}"
+                    );
                     let p = Gemm::new(m, n, k).batched(batch);
                     let need = summed_workspace_len(&p);
                     assert_eq!(need == 0, plan.1 == 1);
@@ -807,7 +981,10 @@ mod tests {
         let mut p = Gemm::new(20, 30, 40).batched(100);
         assert_eq!(backward_workspace_len(&p), 0, "no operand shared");
         p.stride_a = 0;
-        assert!(backward_workspace_len(&p) >= 20 * 40 * 2, "dA is 20 x 40, split");
+        assert!(
+            backward_workspace_len(&p) >= 20 * 40 * 2,
+            "dA is 20 x 40, split"
+        );
         p.batch = 1;
         assert_eq!(backward_workspace_len(&p), 0, "one item: no split");
     }
@@ -818,19 +995,37 @@ mod tests {
         // The dense layer after a flatten: one 128x128 tile, k = 8192.
         let dense = Gemm::new(128, 128, 8192);
         assert_eq!(split_k_parts(&dense), 32);
-        assert_eq!(select(&dense, &h100), GemmKernel::V2SplitK);
+        let need = select_workspace_len(&dense);
+        assert_eq!(need, 32 * 128 * 128);
+        assert_eq!(select_ws(&dense, &h100, need), GemmKernel::V2SplitK);
+        // Without the whole workspace (or any): never split-K.
+        assert_eq!(select(&dense, &h100), GemmKernel::Tiled64);
+        assert_eq!(select_ws(&dense, &h100, need - 1), GemmKernel::Tiled64);
         // Not before sm_80, not for a short k, not for many tiles.
-        assert_eq!(select(&dense, &device(132, (7, 0))), GemmKernel::Tiled64);
+        assert_eq!(
+            select_ws(&dense, &device(132, (7, 0)), need),
+            GemmKernel::Tiled64
+        );
         assert_eq!(split_k_parts(&Gemm::new(128, 128, 511)), 1);
+        assert_eq!(select_workspace_len(&Gemm::new(128, 128, 511)), 0);
         assert_eq!(split_k_parts(&Gemm::new(4096, 4096, 4096)), 1);
-        assert_eq!(select(&Gemm::new(4096, 4096, 4096), &h100), GemmKernel::V2);
+        let big = Gemm::new(4096, 4096, 4096);
+        assert_eq!(select_ws(&big, &h100, usize::MAX), GemmKernel::V2);
         // A summed group is split by its groups, never by k.
         assert_ne!(select_grouped(&dense, 2, &h100), GemmKernel::V2SplitK);
         // Depends on the shape alone: the same on every device that runs v2.
         let a100 = device(108, (8, 0));
         for k in [512, 1000, 8192, 100_000] {
             let p = Gemm::new(100, 60, k);
-            assert_eq!(select(&p, &a100), select(&p, &h100), "k {k}");
+            let ws = select_workspace_len(&p);
+            assert_eq!(select_ws(&p, &a100, ws), select_ws(&p, &h100, ws), "k {k}");
+        }
+        // select never picks a version that needs a workspace.
+        for (m, n, k, batch) in [(128, 128, 8192, 1), (1, 1, 100_000, 3), (64, 4096, 4096, 2)] {
+            let p = Gemm::new(m, n, k).batched(batch);
+            for info in [&h100, &a100] {
+                assert_eq!(workspace_len(&p, select(&p, info)), 0, "{p:?}");
+            }
         }
     }
 
@@ -857,6 +1052,16 @@ mod tests {
         assert_eq!(split_k_parts_forced(&Gemm::new(300, 300, 16)), 1);
         assert!(split_k_parts_forced(&Gemm::new(300, 300, 17)) == 2);
         assert!(split_k_parts_forced(&Gemm::new(4096, 4096, 4096)) >= 2);
+        // Its workspace: one m x n slab per (item, range); none unsplit.
+        let p = Gemm::new(300, 200, 17).batched(3);
+        assert_eq!(workspace_len(&p, GemmKernel::V2SplitK), 3 * 2 * 300 * 200);
+        assert_eq!(
+            workspace_len(&Gemm::new(300, 300, 16), GemmKernel::V2SplitK),
+            0
+        );
+        for k in [GemmKernel::Tiled64, GemmKernel::Tiled128, GemmKernel::V2] {
+            assert_eq!(workspace_len(&p, k), 0, "{k:?}");
+        }
     }
 
     #[test]

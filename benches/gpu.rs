@@ -4,10 +4,14 @@
 //!   elu-cnn at batch 32 and 128 (each conv layer as one im2col GEMM over
 //!   the batch, and each dense layer: forward and both backward shapes),
 //!   beside cuBLAS `sgemm` with `CUBLAS_DEFAULT_MATH` (FP32 FMA, no TF32).
-//!   Each shape runs the kernel version `gemm::cuda::select` picks (id as
-//!   is); with `KESTREL_BENCH_GEMM_VERSIONS=1`, also one row per version
-//!   (`GemmKernel::ALL`) forced through `gemm_with`, id `<shape>.<kernel>`
-//!   (e.g. `square.1024.gemm_128x128`).
+//!   Each shape runs what training runs: `gemm::cuda::gemm_ws` with a
+//!   workspace of `select_workspace_len` floats, i.e. the version
+//!   `select_ws` picks, split-K included (id as is); with
+//!   `KESTREL_BENCH_GEMM_VERSIONS=1`, also one row per version
+//!   (`GemmKernel::ALL`: v1 64x64, v1 128x128, v2, v2 split-K) forced
+//!   through `gemm_with` with its `workspace_len`, id `<shape>.<kernel>`
+//!   (e.g. `square.4096.gemm_v2_splitk`). The mlp's dense layers are
+//!   included (batch 32).
 //! - `gpu_conv`: forward, backward data and backward filter of every conv
 //!   layer of keras-cnn and elu-cnn at batch 32 and 128, beside cuDNN with
 //!   `CUDNN_FMA_MATH` (no TF32) and the algorithm `cudnnFind*` measures

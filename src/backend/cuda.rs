@@ -109,8 +109,9 @@ pub struct GpuBackend {
     gpu: Arc<CudaBackend>,
     /// The convolution's column workspace (grown, never shrunk).
     conv_ws: Mutex<Option<CudaSlice<f32>>>,
-    /// The GEMM's split-K partial slabs (grown, never shrunk).
-    gemm_ws: Mutex<Option<CudaSlice<f32>>>,
+    /// The GEMM's split-K partial slabs (grown, never shrunk; boxed, so
+    /// that `AnyBackend`'s GPU variant stays small).
+    gemm_ws: Mutex<Option<Box<CudaSlice<f32>>>>,
     /// The batch-norm scratch (grown, never shrunk; boxed, as it is large).
     bn_scratch: Mutex<Option<Box<BatchNormScratch>>>,
     /// The bias gradient's scratch (grown, never shrunk).
@@ -420,7 +421,7 @@ impl Backend for GpuBackend {
             // reduction reads them.
             let ws = unsafe { self.gpu.stream().alloc::<f32>(need) }
                 .map_err(|e| self.gpu.error("cuMemAlloc (gemm split-K workspace)", e))?;
-            *guard = Some(ws);
+            *guard = Some(Box::new(ws));
         }
         let ws = guard.as_mut().expect("allocated above");
         gemm::cuda::gemm_ws(

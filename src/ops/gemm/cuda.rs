@@ -834,17 +834,7 @@ fn backward(
     if let Some(db) = db {
         let g = p.grad_b();
         // SAFETY: as for dA, with the roles of A and B exchanged.
-        unsafe {
-            run_grad(
-                gpu,
-                kernel,
-                &g,
-                pick(g.x),
-                pick(g.y),
-                db,
-                workspace.as_deref_mut(),
-            )?
-        };
+        unsafe { run_grad(gpu, kernel, &g, pick(g.x), pick(g.y), db, workspace)? };
     }
     Ok(())
 }

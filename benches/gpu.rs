@@ -4,10 +4,14 @@
 //!   elu-cnn at batch 32 and 128 (each conv layer as one im2col GEMM over
 //!   the batch, and each dense layer: forward and both backward shapes),
 //!   beside cuBLAS `sgemm` with `CUBLAS_DEFAULT_MATH` (FP32 FMA, no TF32).
-//!   Each shape runs the kernel version `gemm::cuda::select` picks (id as
-//!   is); with `KESTREL_BENCH_GEMM_VERSIONS=1`, also one row per version
-//!   (`GemmKernel::ALL`) forced through `gemm_with`, id `<shape>.<kernel>`
-//!   (e.g. `square.1024.gemm_128x128`).
+//!   Each shape runs what training runs: `gemm::cuda::gemm_ws` with a
+//!   workspace of `select_workspace_len` floats, i.e. the version
+//!   `select_ws` picks, split-K included (id as is); with
+//!   `KESTREL_BENCH_GEMM_VERSIONS=1`, also one row per version
+//!   (`GemmKernel::ALL`: v1 64x64, v1 128x128, v2, v2 split-K) forced
+//!   through `gemm_with` with its `workspace_len`, id `<shape>.<kernel>`
+//!   (e.g. `square.4096.gemm_v2_splitk`). The mlp's dense layers are
+//!   included (batch 32).
 //! - `gpu_conv`: forward, backward data and backward filter of every conv
 //!   layer of keras-cnn and elu-cnn at batch 32 and 128, beside cuDNN with
 //!   `CUDNN_FMA_MATH` (no TF32) and the algorithm `cudnnFind*` measures
@@ -659,17 +663,42 @@ fn gemm_version_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm, kernel: Op
     let mut out: CudaSlice<f32> = env.gpu.zeros(p.m * p.n).expect("alloc");
     let mut out_base: CudaSlice<f32> = env.gpu.zeros(p.m * p.n).expect("alloc");
     let gpu = &env.gpu;
-    let kernel = kernel.unwrap_or_else(|| gemm::cuda::select(&p, gpu.info()));
+    // The default row runs what training runs: gemm_ws with the workspace
+    // GpuBackend keeps (split-K where the selector splits); a forced
+    // version gets exactly its workspace_len.
+    let ws_len = match kernel {
+        None => gemm::cuda::select_workspace_len(&p),
+        Some(k) => gemm::cuda::workspace_len(&p, k),
+    };
+    let mut ws: CudaSlice<f32> = env.gpu.zeros(ws_len.max(1)).expect("alloc");
+    let forced = kernel;
+    let kernel = match kernel {
+        Some(k) => k,
+        None => gemm::cuda::select_ws(&p, gpu.info(), ws_len),
+    };
     let mut ours = |_i: u64| {
-        gemm::cuda::gemm_with(
-            gpu,
-            kernel,
-            &p,
-            &a.slice(..),
-            &b.slice(..),
-            &mut out.slice_mut(..),
-            DeviceEpilogue::default(),
-        )
+        let mut w = ws.slice_mut(..ws_len);
+        match forced {
+            None => gemm::cuda::gemm_ws(
+                gpu,
+                &p,
+                &a.slice(..),
+                &b.slice(..),
+                &mut out.slice_mut(..),
+                DeviceEpilogue::default(),
+                &mut w,
+            ),
+            Some(k) => gemm::cuda::gemm_with(
+                gpu,
+                k,
+                &p,
+                &a.slice(..),
+                &b.slice(..),
+                &mut out.slice_mut(..),
+                DeviceEpilogue::default(),
+                (ws_len > 0).then_some(&mut w),
+            ),
+        }
         .expect("kestrel gemm")
     };
     // A TF32 version is named as such and timed beside cuBLAS in TF32 mode

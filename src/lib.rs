@@ -26,21 +26,26 @@
 //!    layers call, on host tensors ([`backend::CpuBackend`]) or device
 //!    buffers ([`backend::GpuBackend`]), the bias an [`ops::gemm::Bias`] of
 //!    the backend's buffer type;
-//! 2. `src/backend/cuda.rs` ([`backend::GpuBackend`]): one line of glue, the
+//! 2. `src/backend/cuda.rs` ([`backend::GpuBackend`]): glue, the
 //!    [`backend::cuda::GpuBuf`]s and the bias mapped to cudarc views
 //!    (`bias.map(GpuBuf::view)`: the same [`ops::gemm::Bias`], no second
-//!    type);
-//! 3. `src/ops/gemm/cuda.rs`: [`ops::gemm::cuda::gemm`] = [`ops::gemm::cuda::gemm_with`]
-//!    on the version [`ops::gemm::cuda::select`] picks (a
-//!    [`ops::gemm::cuda::GemmKernel`]: `Tiled64`, `Tiled128`, and the
-//!    opt-in TF32 `Tf32MmaSync` that only [`ops::gemm::cuda::select_with`]
-//!    with [`ops::gemm::Precision::Tf32`] picks, each knowing its kernel
-//!    name, precision and minimum compute capability); the checks are the
+//!    type), and the cached split-K workspace (grown, sliced to
+//!    [`ops::gemm::cuda::select_workspace_len`]);
+//! 3. `src/ops/gemm/cuda.rs`: [`ops::gemm::cuda::gemm_ws`] (with the split-K
+//!    workspace the backend keeps; [`ops::gemm::cuda::gemm`] without one) =
+//!    [`ops::gemm::cuda::gemm_with`] on the version
+//!    [`ops::gemm::cuda::select_ws`] picks (a
+//!    [`ops::gemm::cuda::GemmKernel`]: `Tiled64`, `Tiled128`, `V2`,
+//!    `V2SplitK`, and the opt-in TF32 `Tf32MmaSync` that only
+//!    [`ops::gemm::cuda::select_with`] with [`ops::gemm::Precision::Tf32`]
+//!    picks, each knowing its kernel name, precision, minimum compute
+//!    capability and [`ops::gemm::cuda::workspace_len`]); the checks are the
 //!    CPU reference's ([`ops::gemm::Gemm::check`], shared with
 //!    [`ops::gemm::cpu::gemm`]), then the grid, the `#[repr(C)]` parameters
 //!    and the bias's [`ops::gemm::Bias::kernel_kind`], on a
 //!    [`cuda::CudaBackend`]'s stream;
-//! 4. the kernel, `gemm_64x64` or `gemm_128x128` of `kernels/gemm.cu`, from
+//! 4. the kernel (`gemm_64x64` / `gemm_128x128` of `kernels/gemm.cu`, or
+//!    `gemm_v2_128x128` / `gemm_v2_splitk` of `kernels/gemm_v2.cu`), from
 //!    the PTX module that [`cuda::CudaBackend::function`] loads once per
 //!    context.
 //!

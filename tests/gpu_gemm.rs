@@ -210,10 +210,38 @@ fn run_both_with(
     );
     match kernel {
         None => gg::gemm(gpu, p, &va, &vb, &mut vc, epi),
-        Some(k) => gg::gemm_with(gpu, k, p, &va, &vb, &mut vc, epi),
+        Some(k) => with_workspace(gpu, k, p, &va, &vb, &mut vc, epi),
     }
     .expect("gpu gemm");
     (host(gpu, &dc, c0.len()), want)
+}
+
+/// `gemm_with` on `kernel` with a workspace of exactly `workspace_len` floats
+/// (`None` where that is 0).
+fn with_workspace(
+    gpu: &CudaBackend,
+    kernel: GemmKernel,
+    p: &Gemm,
+    a: &cudarc::driver::CudaView<'_, f32>,
+    b: &cudarc::driver::CudaView<'_, f32>,
+    c: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    epi: DeviceEpilogue,
+) -> kestrel::error::Result<()> {
+    let need = gg::workspace_len(p, kernel);
+    if need == 0 {
+        return gg::gemm_with(gpu, kernel, p, a, b, c, epi, None);
+    }
+    let mut ws = dev(gpu, &vec![POISON; need]);
+    gg::gemm_with(
+        gpu,
+        kernel,
+        p,
+        a,
+        b,
+        c,
+        epi,
+        Some(&mut ws.slice_mut(..need)),
+    )
 }
 
 fn activation(i: u8) -> Activation {
@@ -373,7 +401,7 @@ fn misaligned_views() {
                 let epi = DeviceEpilogue::default();
                 match kernel {
                     None => gg::gemm(&gpu, &p, &va, &vb, &mut vc, epi),
-                    Some(k) => gg::gemm_with(&gpu, k, &p, &va, &vb, &mut vc, epi),
+                    Some(k) => with_workspace(&gpu, k, &p, &va, &vb, &mut vc, epi),
                 }
                 .unwrap();
                 let what = format!("gemm offset {off} extra {extra} ta={ta} tb={tb} {kernel:?}");
@@ -809,4 +837,192 @@ fn errors() {
         let have = short.unwrap_or(0).to_string();
         assert_err_mentions(r, "gemm_backward", &["workspace", &need.to_string(), &have]);
     }
+}
+
+/// Split-K (v2) on the shapes it is for: few output tiles, long k (the
+/// dense layer after a flatten, 128x128x8192, shrunk to k = 2048 for the
+/// emulated device), a k that is not a multiple of the split or of the
+/// 16-deep stage, a bias and an activation, and a misaligned view. Its
+/// ranges are added in a different order than the CPU's k loop, so the two
+/// differ by rounding alone, bounded by k * eps * sum |a||b| <= k * 6e-8 * k
+/// for values in [-1, 1]: within TOL_PER_TERM * k. Two runs: the same bits.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn split_k_long_k() {
+    let gpu = gpu();
+    if !GemmKernel::V2SplitK.runs_on(gpu.info()) {
+        return;
+    }
+    for (m, n, k, off) in [(128, 128, 2048, 0), (100, 60, 1000 + 13, 1), (1, 7, 517, 0)] {
+        let p = Gemm::new(m, n, k).scale(0.5, 1.0);
+        assert!(gg::split_k_parts_forced(&p) > 1, "{p:?} must split");
+        let a = data(11, m * k + off, -1.0, 1.0);
+        let b = data(12, k * n + off, -1.0, 1.0);
+        let c0 = data(13, m * n, -1.0, 1.0);
+        let bias = data(14, n, -1.0, 1.0);
+        let mut want = c0.clone();
+        let act = Activation::TANH;
+        cpu::gemm(
+            &p,
+            &a[off..],
+            &b[off..],
+            &mut want,
+            Epilogue {
+                bias: Bias::PerCol(&bias),
+                activation: act,
+            },
+        )
+        .unwrap();
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let (da, db, mut dc, dbias) = (
+                dev(&gpu, &a),
+                dev(&gpu, &b),
+                dev(&gpu, &c0),
+                dev(&gpu, &bias),
+            );
+            let bv = dbias.slice(..n);
+            with_workspace(
+                &gpu,
+                GemmKernel::V2SplitK,
+                &p,
+                &da.slice(off..off + m * k),
+                &db.slice(off..off + k * n),
+                &mut dc.slice_mut(..m * n),
+                DeviceEpilogue {
+                    bias: Bias::PerCol(&bv),
+                    activation: act,
+                },
+            )
+            .unwrap();
+            runs.push(host(&gpu, &dc, m * n));
+        }
+        assert_close(
+            &format!("split-K {m}x{n}x{k} offset {off}"),
+            &runs[0],
+            &to_f64(&want),
+            tol(k),
+        );
+        assert!(
+            runs[0]
+                .iter()
+                .zip(&runs[1])
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "split-K {m}x{n}x{k}: two runs differ"
+        );
+    }
+}
+
+/// Split-K's workspace comes from the caller: `gemm_with` with less than
+/// `workspace_len` is an error naming the size (before any launch: C keeps
+/// its contents); `gemm` never splits; `gemm_ws` splits the long-k dense
+/// shape only with `select_workspace_len` floats, and with fewer gives
+/// `gemm`'s bits exactly (v1 and v2 sum alike). With it: the CPU's result
+/// within the split-K rounding bound of `split_k_long_k`, the same bits on
+/// a rerun.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn split_k_workspace_from_the_caller() {
+    let gpu = gpu();
+    let (m, n, k) = (64, 48, 1024);
+    let p = Gemm::new(m, n, k);
+    let a = data(21, m * k, -1.0, 1.0);
+    let b = data(22, k * n, -1.0, 1.0);
+    let c0 = vec![POISON; m * n];
+    let mut want = c0.clone();
+    cpu::gemm(&p, &a, &b, &mut want, Epilogue::default()).unwrap();
+    let (da, db) = (dev(&gpu, &a), dev(&gpu, &b));
+    let (va, vb) = (da.slice(..m * k), db.slice(..k * n));
+    assert_eq!(gg::workspace_len(&p, gg::select(&p, gpu.info())), 0);
+    if !GemmKernel::V2SplitK.runs_on(gpu.info()) {
+        return;
+    }
+    let need = gg::workspace_len(&p, GemmKernel::V2SplitK);
+    assert!(need >= 2 * m * n, "split-K must need slabs: {need}");
+    let mut dc = dev(&gpu, &c0);
+    let mut small = dev(&gpu, &vec![0.0; need - 1]);
+    let r = gg::gemm_with(
+        &gpu,
+        GemmKernel::V2SplitK,
+        &p,
+        &va,
+        &vb,
+        &mut dc.slice_mut(..m * n),
+        DeviceEpilogue::default(),
+        Some(&mut small.slice_mut(..need - 1)),
+    );
+    assert_err_mentions(
+        r,
+        "gemm",
+        &[
+            "workspace length",
+            &format!("at least {need}"),
+            &format!("{}", need - 1),
+        ],
+    );
+    let r = gg::gemm_with(
+        &gpu,
+        GemmKernel::V2SplitK,
+        &p,
+        &va,
+        &vb,
+        &mut dc.slice_mut(..m * n),
+        DeviceEpilogue::default(),
+        None,
+    );
+    assert_err_mentions(
+        r,
+        "gemm",
+        &["workspace length", &format!("at least {need}")],
+    );
+    assert!(
+        host(&gpu, &dc, m * n)
+            .iter()
+            .all(|v| v.to_bits() == POISON.to_bits()),
+        "C written by a refused launch"
+    );
+
+    let auto = gg::select_workspace_len(&p);
+    assert!(auto > 0, "{p:?}: the selector must split it");
+    assert_eq!(gg::select_ws(&p, gpu.info(), auto), GemmKernel::V2SplitK);
+    let run = |ws_len: usize| {
+        let mut dc = dev(&gpu, &c0);
+        let mut ws = dev(&gpu, &vec![POISON; ws_len.max(1)]);
+        gg::gemm_ws(
+            &gpu,
+            &p,
+            &va,
+            &vb,
+            &mut dc.slice_mut(..m * n),
+            DeviceEpilogue::default(),
+            &mut ws.slice_mut(..ws_len),
+        )
+        .unwrap();
+        host(&gpu, &dc, m * n)
+    };
+    let mut plain = dev(&gpu, &c0);
+    gg::gemm(
+        &gpu,
+        &p,
+        &va,
+        &vb,
+        &mut plain.slice_mut(..m * n),
+        DeviceEpilogue::default(),
+    )
+    .unwrap();
+    let plain = host(&gpu, &plain, m * n);
+    let short = run(auto - 1);
+    assert!(
+        plain
+            .iter()
+            .zip(&short)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "gemm_ws without the whole workspace must be gemm"
+    );
+    let (s1, s2) = (run(auto), run(auto));
+    assert_close("gemm_ws split-K", &s1, &to_f64(&want), tol(k));
+    assert!(
+        s1.iter().zip(&s2).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "gemm_ws split-K: two runs differ"
+    );
 }

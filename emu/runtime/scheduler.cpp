@@ -25,6 +25,7 @@
 #include <sstream>
 #include <thread>
 
+#include "async_copy.h"
 #include "runtime.h"
 
 #if defined(KEMU_MEMCHECK)
@@ -63,6 +64,7 @@ struct Thread {
     ctx::fiber fiber;  // resumes this thread
     ctx::fiber sink;   // resumes the scheduler (held while running)
     bool started = false;
+    AsyncCopies async;  // its cp.async copies not yet completed
 };
 
 // Fiber stacks, reused across blocks and launches on one OS thread: mmap'd
@@ -441,6 +443,7 @@ void run_block(Launch& L, uint64_t linear) {
         t.started = false;
         t.file = nullptr;
         t.line = 0;
+        t.async.reset();
     }
     poison_shared(L);
 
@@ -720,4 +723,56 @@ KEMU_API void kemu_trap(const char* what, const char* file, int line) {
     block_fail(*t->block, ERR_ASSERT, std::string(what) + " at " + where(file, line) + " in thread " + tid_string(*t));
     t->state = State::Barrier;
     for (;;) park(t);
+}
+
+// ---- cp.async (kernels/async_copy.cuh; semantics in async_copy.h) ------------
+
+namespace {
+// Fails the block with `msg` at the call site; the thread never resumes.
+[[noreturn]] void async_fail(Thread* t, const char* what, const char* file, int line, const std::string& msg) {
+    block_fail(*t->block, ERR_LAUNCH_FAILED,
+               std::string(what) + " at " + where(file, line) + " in thread " + tid_string(*t) + ": " + msg);
+    t->state = State::Barrier;
+    for (;;) park(t);
+}
+}  // namespace
+
+KEMU_API void kemu_cp_async_issue(void* dst, const void* src, unsigned cp_size, unsigned src_size, const char* file,
+                                  int line) {
+    Thread* t = g_current;
+    const char* what = "cp.async";
+    std::ostringstream e;
+    if (cp_size != 4 && cp_size != 8 && cp_size != 16) {
+        e << "cp-size " << cp_size << " (must be 4, 8 or 16)";
+        async_fail(t, what, file, line, e.str());
+    }
+    if (src_size > cp_size) {
+        e << "src-size " << src_size << " exceeds cp-size " << cp_size;
+        async_fail(t, what, file, line, e.str());
+    }
+    if ((uintptr_t)dst % cp_size != 0 || (uintptr_t)src % cp_size != 0) {
+        e << "addresses not aligned to cp-size " << cp_size << " (dst " << dst << ", src " << src << ")";
+        async_fail(t, what, file, line, e.str());
+    }
+    unsigned char* base;
+    size_t size;
+    tls_block(t->block->launch->fn->module->emu, &base, &size);
+    const auto* d = static_cast<unsigned char*>(dst);
+    if (!base || d < base || d + cp_size > base + size) {
+        e << "destination " << dst << " is not in the block's shared memory";
+        async_fail(t, what, file, line, e.str());
+    }
+    if (src_size > 0 && !mem_valid((uint64_t)(uintptr_t)src, src_size)) {
+        e << "source " << src << " (" << src_size << " bytes) is not inside one live device allocation";
+        async_fail(t, what, file, line, e.str());
+    }
+    t->async.issue({static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), cp_size, src_size});
+}
+
+KEMU_API void kemu_cp_async_commit(void) { g_current->async.commit(); }
+
+KEMU_API void kemu_cp_async_wait(int n, const char* file, int line) {
+    Thread* t = g_current;
+    if (n < 0) async_fail(t, "cp.async.wait_group", file, line, "a negative group count");
+    t->async.wait((unsigned)n);
 }

@@ -4,6 +4,9 @@
 // kernel file, but into a module of its own that only the self-test loads;
 // never compiled to PTX (the self-test declares their entries itself).
 
+// cp.async as the kernels reach it (path relative to this file).
+#include "../../kernels/async_copy.cuh"
+
 // A barrier some threads reach at one line and others at another.
 extern "C" __global__ void kemu_test_divergent_barrier(int* out) {
     if (threadIdx.x < 16) {
@@ -176,4 +179,85 @@ extern "C" __global__ void kemu_test_mma_divergent(float* out) {
         mma_m16n8k8_tf32(c, a, b, c);
     }
     out[threadIdx.x] = c[0];
+}
+
+// ---- cp.async (kernels/async_copy.cuh) -------------------------------------
+
+// Copies of 16, 8 and 4 bytes, a 16-byte copy with src-size 8 (zero-filled
+// tail) and one with src-size 0 (all zeros), then wait_group 0.
+extern "C" __global__ void kemu_test_cp_async_sizes(const float* src, float* out) {
+    __shared__ __align__(16) float s[16];
+    if (threadIdx.x == 0) {
+        cp_async_16(&s[0], src, 16);
+        cp_async_8(&s[4], src + 4, 8);
+        cp_async_4(&s[6], src + 6, 4);
+        cp_async_4(&s[7], src + 7, 4);
+        cp_async_16(&s[8], src + 8, 8);
+        cp_async_16(&s[12], src, 0);
+        cp_async_commit();
+        cp_async_wait<0>();
+        for (int i = 0; i < 16; ++i) out[i] = s[i];
+    }
+}
+
+// Two committed groups: wait_group 1 completes the older only, wait_group 0
+// both; a copy issued after the last commit belongs to no group, so
+// wait_group 0 leaves it pending until it is committed and waited for.
+extern "C" __global__ void kemu_test_cp_async_groups(const float* src, float* out) {
+    __shared__ __align__(16) float s[12];
+    if (threadIdx.x == 0) {
+        cp_async_16(&s[0], src, 16);
+        cp_async_commit();
+        cp_async_16(&s[4], src + 4, 16);
+        cp_async_commit();
+        cp_async_wait<1>();
+        for (int i = 0; i < 8; ++i) out[i] = s[i];  // s[4..8] not yet
+        cp_async_wait<0>();
+        for (int i = 0; i < 8; ++i) out[8 + i] = s[i];
+        cp_async_16(&s[8], src + 8, 16);
+        cp_async_wait<0>();
+        for (int i = 0; i < 4; ++i) out[16 + i] = s[8 + i];  // uncommitted: not yet
+        cp_async_commit();
+        cp_async_wait<0>();
+        for (int i = 0; i < 4; ++i) out[20 + i] = s[8 + i];
+    }
+}
+
+// Each thread copies 16 bytes into shared memory and the block reads the
+// tile back after a barrier: with `wait` set, after its wait_group 0 (the
+// right way); without, the reads come before any wait, which the emulator
+// must show as stale data (the copy lands only at the wait).
+extern "C" __global__ void kemu_test_cp_async_wait(const float* src, float* out, int wait) {
+    __shared__ __align__(16) float s[32 * 4];
+    const int t = threadIdx.x;
+    cp_async_16(&s[t * 4], src + t * 4, 16);
+    cp_async_commit();
+    if (wait) cp_async_wait<0>();
+    __syncthreads();
+    for (int i = 0; i < 4; ++i) out[t * 4 + i] = s[(31 - t) * 4 + i];
+}
+
+// A 16-byte copy to a shared address that is only 4-byte aligned.
+extern "C" __global__ void kemu_test_cp_async_misaligned(const float* src, float* out) {
+    __shared__ __align__(16) float s[8];
+    cp_async_16(&s[1], src, 16);
+    cp_async_commit();
+    cp_async_wait<0>();
+    out[threadIdx.x] = s[1];
+}
+
+// A cp.async whose destination is global memory, not shared.
+extern "C" __global__ void kemu_test_cp_async_not_shared(const float* src, float* out) {
+    cp_async_4(out + threadIdx.x, src, 4);
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
+// A cp.async reading one float past the end of a 16-float source.
+extern "C" __global__ void kemu_test_cp_async_oob(const float* src, float* out) {
+    __shared__ __align__(16) float s[4];
+    cp_async_4(&s[0], src + 16, 4);
+    cp_async_commit();
+    cp_async_wait<0>();
+    out[threadIdx.x] = s[0];
 }

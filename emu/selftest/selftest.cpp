@@ -110,6 +110,10 @@ std::string all_entries() {
     s += entry("kemu_test_scale_add", {P, ".f32", ".u64"});
     s += entry("kemu_test_tf32_round", {P, P, ".u32"});
     s += entry("kemu_test_mma_tf32", {P, P, P, P, ".u32"});
+    for (const char* n : {"kemu_test_cp_async_sizes", "kemu_test_cp_async_groups", "kemu_test_cp_async_misaligned",
+                          "kemu_test_cp_async_not_shared", "kemu_test_cp_async_oob"})
+        s += entry(n, {P, P});
+    s += entry("kemu_test_cp_async_wait", {P, P, ".u32"});
     s += ".shared .align 4 .b8 big_smem[40960];\n";
     s += entry("kemu_test_big_shared", {P}, ".maxntid 64, 1, 1", "\tmov.u64 %rd1, big_smem;\n");
     return s;
@@ -429,6 +433,61 @@ int main() {
         bool rev = true;
         for (int t = 0; t < 128; ++t) rev = rev && d[t] == (float)(127 - t);
         check(rev, "dynamic shared memory is one array shared by the block");
+    }
+
+    // ---- cp.async ------------------------------------------------------------------
+    {
+        std::vector<float> src(128);
+        for (int i = 0; i < 128; ++i) src[i] = 1.0f + (float)i;
+        Buf sd(128 * 4), o(128 * 4);
+        cuMemcpyHtoD_v2(sd.p, src.data(), 128 * 4);
+        const auto is_poison = [](float v) {
+            unsigned b;
+            memcpy(&b, &v, 4);
+            return b == 0xffffffffu;
+        };
+        check(launch(fn("kemu_test_cp_async_sizes"), 1, 32, {&sd.p, &o.p}) == 0, "the cp.async sizes kernel runs");
+        std::vector<float> g = o.get<float>();
+        bool copied = true, tail = true;
+        for (int i = 0; i < 10; ++i) copied = copied && g[i] == src[i];
+        for (int i = 10; i < 16; ++i) tail = tail && g[i] == 0.0f;
+        check(copied, "cp.async of 16, 8 and 4 bytes copies after wait_group 0");
+        check(tail, "cp.async src-size below cp-size zero-fills the rest (src-size 8 of 16, and 0)");
+
+        check(launch(fn("kemu_test_cp_async_groups"), 1, 32, {&sd.p, &o.p}) == 0, "the cp.async groups kernel runs");
+        g = o.get<float>();
+        bool older = true, newer = true, both = true, loose = true, later = true;
+        for (int i = 0; i < 4; ++i) older = older && g[i] == src[i];
+        for (int i = 4; i < 8; ++i) newer = newer && is_poison(g[i]);
+        for (int i = 0; i < 8; ++i) both = both && g[8 + i] == src[i];
+        for (int i = 0; i < 4; ++i) loose = loose && is_poison(g[16 + i]);
+        for (int i = 0; i < 4; ++i) later = later && g[20 + i] == src[8 + i];
+        check(older && newer, "cp.async.wait_group 1 completes all but the most recent group");
+        check(both, "cp.async.wait_group 0 completes every committed group");
+        check(loose && later, "a copy after the last commit_group is in no group until committed");
+
+        int wait = 1;
+        check(launch(fn("kemu_test_cp_async_wait"), 1, 32, {&sd.p, &o.p, &wait}) == 0, "cp.async, wait, barrier, read");
+        g = o.get<float>();
+        bool right = true;
+        for (int t = 0; t < 32; ++t)
+            for (int i = 0; i < 4; ++i) right = right && g[t * 4 + i] == src[(31 - t) * 4 + i];
+        check(right, "with its wait the block reads every thread's copy");
+        wait = 0;
+        check(launch(fn("kemu_test_cp_async_wait"), 1, 32, {&sd.p, &o.p, &wait}) == 0, "the same without the wait runs");
+        g = o.get<float>();
+        bool stale = true;
+        for (float v : g) stale = stale && is_poison(v);
+        check(stale, "a missing cp.async.wait_group is caught: the reads see stale (NaN pattern) data");
+
+        expect_error(launch(fn("kemu_test_cp_async_misaligned"), 1, 1, {&sd.p, &o.p}), 719, "not aligned to cp-size",
+                     "a 16-byte cp.async to a 4-byte aligned address is refused");
+        expect_error(launch(fn("kemu_test_cp_async_not_shared"), 1, 1, {&sd.p, &o.p}), 719,
+                     "not in the block's shared memory", "a cp.async to global memory is refused");
+        Buf small(16 * 4);
+        const int rc = launch(fn("kemu_test_cp_async_oob"), 1, 1, {&small.p, &o.p});
+        if (memcheck) expect_error(rc, 700, "AddressSanitizer", "a cp.async source past its allocation (memcheck)");
+        else expect_error(rc, 719, "not inside one live device allocation", "a cp.async source past its allocation");
     }
 
     // ---- memcheck ------------------------------------------------------------------

@@ -15,7 +15,10 @@
 //! - Scratch that would be allocated on every call is cached here: the
 //!   convolution's workspace (grown to the largest a layer needs, sliced to
 //!   exactly `conv::cuda::workspace_len`, so the chunking and thus dW's
-//!   summation order depend on the shape alone) and
+//!   summation order depend on the shape alone), the GEMM's split-K
+//!   workspace (grown likewise, sliced to exactly
+//!   `gemm::cuda::select_workspace_len`, so that split-K is chosen by the
+//!   shape alone: a long-k dense layer splits on every run or on none) and
 //!   the host staging buffer of the batch gather.
 //! - The ops' own scratch ([`batchnorm::cuda::BatchNormScratch`] & co.) is
 //!   created here once and grown (never shrunk) to the largest parameters
@@ -106,6 +109,9 @@ pub struct GpuBackend {
     gpu: Arc<CudaBackend>,
     /// The convolution's column workspace (grown, never shrunk).
     conv_ws: Mutex<Option<CudaSlice<f32>>>,
+    /// The GEMM's split-K partial slabs (grown, never shrunk; boxed, so
+    /// that `AnyBackend`'s GPU variant stays small).
+    gemm_ws: Mutex<Option<Box<CudaSlice<f32>>>>,
     /// The batch-norm scratch (grown, never shrunk; boxed, as it is large).
     bn_scratch: Mutex<Option<Box<BatchNormScratch>>>,
     /// The bias gradient's scratch (grown, never shrunk).
@@ -143,6 +149,7 @@ impl GpuBackend {
         GpuBackend {
             gpu,
             conv_ws: Mutex::new(None),
+            gemm_ws: Mutex::new(None),
             bn_scratch: Mutex::new(None),
             bias_scratch: Mutex::new(None),
             loss_scratch: Mutex::new(None),
@@ -403,7 +410,29 @@ impl Backend for GpuBackend {
             bias: view.as_ref(),
             activation: act,
         };
-        gemm::cuda::gemm(&self.gpu, p, &a.view(), &b.view(), &mut c.view_mut(), epi)
+        let need = gemm::cuda::select_workspace_len(p);
+        if need == 0 {
+            return gemm::cuda::gemm(&self.gpu, p, &a.view(), &b.view(), &mut c.view_mut(), epi);
+        }
+        let mut guard = lock(&self.gemm_ws);
+        if guard.as_ref().is_none_or(|ws| ws.len() < need) {
+            *guard = None; // free the smaller one first
+            // SAFETY: split-K writes every float of its slabs before the
+            // reduction reads them.
+            let ws = unsafe { self.gpu.stream().alloc::<f32>(need) }
+                .map_err(|e| self.gpu.error("cuMemAlloc (gemm split-K workspace)", e))?;
+            *guard = Some(Box::new(ws));
+        }
+        let ws = guard.as_mut().expect("allocated above");
+        gemm::cuda::gemm_ws(
+            &self.gpu,
+            p,
+            &a.view(),
+            &b.view(),
+            &mut c.view_mut(),
+            epi,
+            &mut ws.slice_mut(..need),
+        )
     }
 
     fn conv_forward(

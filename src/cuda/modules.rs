@@ -85,6 +85,7 @@ modules! {
     CONV => "conv",
     GEMM => "gemm",
     GEMM_TF32 => "gemm_tf32",
+    GEMM_V2 => "gemm_v2",
 }
 
 #[cfg(test)]
@@ -114,10 +115,13 @@ mod tests {
             let digits: String = line.chars().take_while(char::is_ascii_digit).collect();
             let v: i32 = digits.parse().unwrap();
             assert_eq!(m.min_compute_capability, (v / 10, v % 10), "{}", m.name);
-            // Every kernel file targets the default compute_70 or newer.
+            // The default compute_70, or newer where a file declares it.
             assert!(m.min_compute_capability >= (7, 0), "{}", m.name);
         }
-        // The tensor-core GEMM needs sm_80 (mma.sync with .tf32 operands).
+        // The tensor-core GEMM needs sm_80 (mma.sync with .tf32 operands),
+        // and so does cp.async (kernels/async_copy.cuh).
         assert_eq!(GEMM_TF32.min_compute_capability, (8, 0));
+        assert_eq!(GEMM_V2.min_compute_capability, (8, 0));
+        assert_eq!(GEMM.min_compute_capability, (7, 0));
     }
 }

@@ -92,6 +92,9 @@ unsigned long long kemu_warp_op(int op, unsigned mask, unsigned long long value,
                                 int line);
 unsigned kemu_activemask(void);
 [[noreturn]] void kemu_trap(const char* what, const char* file, int line);
+void kemu_cp_async_issue(void* dst, const void* src, unsigned cp_size, unsigned src_size, const char* file, int line);
+void kemu_cp_async_commit(void);
+void kemu_cp_async_wait(int n, const char* file, int line);
 }
 
 #define threadIdx (kemu_self()->thread_idx)
@@ -320,4 +323,16 @@ static inline double __int2double_rn(int x) { return (double)x; }
 template <class T>
 static inline T __ldg(const T* p) {
     return *p;
+}
+
+// cp.async (kernels/async_copy.cuh): the runtime records the copy and
+// performs it at the cp.async.wait_group that completes its group
+// (emu/runtime/async_copy.h). The source bytes are touched here, at the
+// issuing line, so that memcheck reports an out-of-bounds source where the
+// copy was issued rather than at the wait.
+static inline void kemu_cp_async(void* dst, const void* src, unsigned cp_size, unsigned src_size, const char* file,
+                                 int line) {
+    unsigned char probe[16];
+    if (src_size > 0 && src_size <= sizeof probe) std::memcpy(probe, src, src_size);
+    kemu_cp_async_issue(dst, src, cp_size, src_size, file, line);
 }

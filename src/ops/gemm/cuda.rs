@@ -289,7 +289,7 @@ pub fn split_k_parts(p: &Gemm) -> usize {
 }
 
 /// The `k` ranges of [`GemmKernel::V2SplitK`] forced through [`gemm_with`]:
-/// as many as fill [`SPLIT_TARGET_BLOCKS`] blocks, at least 2, at most 64,
+/// as many as fill the 256 blocks split-K aims for (`SPLIT_TARGET_BLOCKS`), at least 2, at most 64,
 /// whatever the depth (1 only when `k` is a single 16-deep stage or less).
 pub fn split_k_parts_forced(p: &Gemm) -> usize {
     let tiles = (p.m.div_ceil(128) * p.n.div_ceil(128) * p.batch).max(1);

@@ -6,7 +6,7 @@
 //! thread count, and accurate for `m` in the millions. Within a chunk, a
 //! dense input (`spatial == 1`) sums each channel in sample order; a
 //! spatial one sums each contiguous run into [`LANES`] interleaved f64
-//! lanes (see [`channel_sums`]), one rayon task per channel, and gives the
+//! lanes (`ops::lanes`, see [`channel_sums`]), one rayon task per channel, and gives the
 //! same bits at every [`Isa`] level.
 
 use rayon::prelude::*;
@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::BatchNorm;
 use crate::cpu_isa::Isa;
 use crate::error::Result;
+use crate::ops::lanes::{LANES, add_lanes, fold};
 
 /// Samples per partial sum.
 const CHUNK: usize = 4096;
@@ -33,32 +34,11 @@ fn runs(p: &BatchNorm, ch: usize, j0: usize, j1: usize, mut f: impl FnMut(usize,
     }
 }
 
-/// f64 partial sums per chunk: element `t` of a contiguous run goes to lane
-/// `t % LANES`. Independent lanes are what lets the additions run as
-/// vectors (a single f64 accumulator is one 4-cycle dependency chain per
-/// element); 32 lanes are 4 `zmm` / 8 `ymm` registers, enough to hide the
-/// add latency at every level.
-const LANES: usize = 32;
-
-/// `acc[t % LANES] += f(xs[t])` for every `t`, in index order per lane.
-#[inline(always)]
-fn add_lanes(acc: &mut [f64; LANES], xs: &[f32], f: impl Fn(f32) -> f64) {
-    let mut blocks = xs.chunks_exact(LANES);
-    for b in &mut blocks {
-        for l in 0..LANES {
-            acc[l] += f(b[l]);
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(blocks.remainder()) {
-        *a += f(v);
-    }
-}
-
 /// `sums[k] = sum over the samples of channel ch of the K terms` that
 /// `add` accumulates for each run `(start, len)` of the channel's elements.
 /// The order, fixed by the shape alone (any thread count, any ISA level):
 /// samples are cut into chunks of [`CHUNK`]; within a chunk each run adds
-/// into [`LANES`] lanes ([`add_lanes`]); a chunk's lanes are added in lane
+/// into `LANES` lanes (`ops::lanes`); a chunk's lanes are added in lane
 /// order, and the chunk sums in chunk order.
 #[inline(always)]
 fn channel_sums<const K: usize>(
@@ -74,7 +54,7 @@ fn channel_sums<const K: usize>(
         let mut acc = [[0.0f64; LANES]; K];
         runs(p, ch, j0, j1, |start, len| add(&mut acc, start, len));
         for (t, a) in total.iter_mut().zip(&acc) {
-            *t += a.iter().fold(0.0f64, |s, &v| s + v);
+            *t += fold(a);
         }
         j0 = j1;
     }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::BatchNorm;
 use crate::cpu_isa::Isa;
 use crate::error::Result;
-use crate::ops::lanes::{LANES, add_lanes, fold};
+use crate::ops::lanes::{LANES, Term, add_run, fold};
 
 /// Samples per partial sum.
 const CHUNK: usize = 4096;
@@ -34,25 +34,23 @@ fn runs(p: &BatchNorm, ch: usize, j0: usize, j1: usize, mut f: impl FnMut(usize,
     }
 }
 
-/// `sums[k] = sum over the samples of channel ch of the K terms` that
-/// `add` accumulates for each run `(start, len)` of the channel's elements.
-/// The order, fixed by the shape alone (any thread count, any ISA level):
-/// samples are cut into chunks of [`CHUNK`]; within a chunk each run adds
-/// into `LANES` lanes (`ops::lanes`); a chunk's lanes are added in lane
-/// order, and the chunk sums in chunk order.
-#[inline(always)]
-fn channel_sums<const K: usize>(
-    p: &BatchNorm,
-    ch: usize,
-    mut add: impl FnMut(&mut [[f64; LANES]; K], usize, usize),
-) -> [f64; K] {
+/// `[sum of term's first value, sum of its second]` over the samples of
+/// channel `ch` (`dy` is read only by [`Term::DyXhat`]). The order, fixed
+/// by the shape alone (any thread count, any ISA level): samples are cut
+/// into chunks of [`CHUNK`]; within a chunk each contiguous run adds into
+/// `LANES` interleaved lanes (`ops::lanes`); a chunk's lanes are added in
+/// lane order, and the chunk sums in chunk order.
+fn channel_sums(isa: Isa, p: &BatchNorm, ch: usize, term: Term, x: &[f32], dy: &[f32]) -> [f64; 2] {
     let m = p.sample_size();
-    let mut total = [0.0f64; K];
+    let mut total = [0.0f64; 2];
     let mut j0 = 0;
     while j0 < m {
         let j1 = (j0 + CHUNK).min(m);
-        let mut acc = [[0.0f64; LANES]; K];
-        runs(p, ch, j0, j1, |start, len| add(&mut acc, start, len));
+        let mut acc = [[0.0f64; LANES]; 2];
+        runs(p, ch, j0, j1, |st, len| {
+            let d = if dy.is_empty() { dy } else { &dy[st..st + len] };
+            add_run(isa, term, &mut acc, &x[st..st + len], d)
+        });
         for (t, a) in total.iter_mut().zip(&acc) {
             *t += fold(a);
         }
@@ -76,6 +74,7 @@ struct ChannelStats {
 /// the old per-pass sweeps over all channels went to memory each time.
 #[inline(always)]
 fn forward_channel_body(
+    isa: Isa,
     p: &BatchNorm,
     ch: usize,
     x: &[f32],
@@ -84,18 +83,11 @@ fn forward_channel_body(
     ys: &mut [&mut [f32]],
 ) -> ChannelStats {
     let m = p.sample_size() as f64;
-    let [sum] = channel_sums::<1>(p, ch, |acc, st, len| {
-        add_lanes(&mut acc[0], &x[st..st + len], |v| v as f64)
-    });
+    let [sum, _] = channel_sums(isa, p, ch, Term::Sum, x, &[]);
     let mean64 = sum / m;
     // Two-pass variance: the sum of squared deviations from the f64 mean,
     // free of the cancellation that E[x^2] - E[x]^2 suffers.
-    let [sq] = channel_sums::<1>(p, ch, |acc, st, len| {
-        add_lanes(&mut acc[0], &x[st..st + len], |v| {
-            let d = v as f64 - mean64;
-            d * d
-        })
-    });
+    let [sq, _] = channel_sums(isa, p, ch, Term::SqDev(mean64), x, &[]);
     let var = sq / m;
     let (mean, istd) = (mean64 as f32, inv_std(var, p.epsilon));
     let s = p.spatial;
@@ -117,6 +109,7 @@ fn forward_channel_body(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_channel_body(
+    isa: Isa,
     p: &BatchNorm,
     ch: usize,
     x: &[f32],
@@ -127,23 +120,8 @@ fn backward_channel_body(
     dxs: &mut [&mut [f32]],
 ) -> (f64, f64) {
     let m = p.sample_size() as f64;
-    let [sum_dy, sum_dy_xhat] = channel_sums::<2>(p, ch, |acc, st, len| {
-        let (xr, dr) = (&x[st..st + len], &dy[st..st + len]);
-        let [a0, a1] = acc;
-        let mut xb = xr.chunks_exact(LANES);
-        let mut db = dr.chunks_exact(LANES);
-        for (xs, ds) in (&mut xb).zip(&mut db) {
-            for l in 0..LANES {
-                a0[l] += ds[l] as f64;
-                // x_hat exactly as the forward computed it.
-                a1[l] += ds[l] as f64 * ((xs[l] - mean) * istd) as f64;
-            }
-        }
-        for (l, (&xv, &dv)) in xb.remainder().iter().zip(db.remainder()).enumerate() {
-            a0[l] += dv as f64;
-            a1[l] += dv as f64 * ((xv - mean) * istd) as f64;
-        }
-    });
+    let term = Term::DyXhat { mean, inv_std: istd };
+    let [sum_dy, sum_dy_xhat] = channel_sums(isa, p, ch, term, x, dy);
     let coef = gamma * istd;
     let (mdy, mdyx) = ((sum_dy / m) as f32, (sum_dy_xhat / m) as f32);
     let s = p.spatial;
@@ -157,13 +135,16 @@ fn backward_channel_body(
 }
 
 /// [`forward_channel_body`] and [`backward_channel_body`] built for each
-/// ISA level. The bodies are plain Rust whose vectors LLVM picks for the
-/// level's features; they multiply and add separately (Rust never fuses
-/// them into FMAs on its own), so every level gives the same bits.
+/// ISA level: the sums go through `ops::lanes::add_run` (explicit vectors
+/// per level, the same bits at each), and the element-wise loops are plain
+/// Rust whose vectors LLVM picks for the level's features; they multiply
+/// and add separately (Rust never fuses them into FMAs on its own), so
+/// every level gives the same bits.
 macro_rules! channel_kernels {
     ($fwd:ident, $bwd:ident $(, $feat:literal)?) => {
         $(#[cfg(target_arch = "x86_64")] #[target_feature(enable = $feat)])?
         fn $fwd(
+            isa: Isa,
             p: &BatchNorm,
             ch: usize,
             x: &[f32],
@@ -171,12 +152,13 @@ macro_rules! channel_kernels {
             beta: f32,
             ys: &mut [&mut [f32]],
         ) -> ChannelStats {
-            forward_channel_body(p, ch, x, gamma, beta, ys)
+            forward_channel_body(isa, p, ch, x, gamma, beta, ys)
         }
 
         $(#[cfg(target_arch = "x86_64")] #[target_feature(enable = $feat)])?
         #[allow(clippy::too_many_arguments)]
         fn $bwd(
+            isa: Isa,
             p: &BatchNorm,
             ch: usize,
             x: &[f32],
@@ -186,7 +168,7 @@ macro_rules! channel_kernels {
             istd: f32,
             dxs: &mut [&mut [f32]],
         ) -> (f64, f64) {
-            backward_channel_body(p, ch, x, dy, gamma, mean, istd, dxs)
+            backward_channel_body(isa, p, ch, x, dy, gamma, mean, istd, dxs)
         }
     };
 }
@@ -213,11 +195,11 @@ fn forward_channel(
         // SAFETY: `isa` comes from `Isa::current`, which never exceeds
         // `Isa::detected`, so the CPU has the features these enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { forward_channel_avx512(p, ch, x, gamma, beta, ys) },
+        Isa::Avx512 => unsafe { forward_channel_avx512(isa, p, ch, x, gamma, beta, ys) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { forward_channel_avx2(p, ch, x, gamma, beta, ys) },
-        _ => forward_channel_portable(p, ch, x, gamma, beta, ys),
+        Isa::Avx2 => unsafe { forward_channel_avx2(isa, p, ch, x, gamma, beta, ys) },
+        _ => forward_channel_portable(isa, p, ch, x, gamma, beta, ys),
     }
 }
 
@@ -238,11 +220,11 @@ fn backward_channel(
         // SAFETY: `isa` comes from `Isa::current`, which never exceeds
         // `Isa::detected`, so the CPU has the features these enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { backward_channel_avx512(p, ch, x, dy, gamma, mean, istd, dxs) },
+        Isa::Avx512 => unsafe { backward_channel_avx512(isa, p, ch, x, dy, gamma, mean, istd, dxs) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { backward_channel_avx2(p, ch, x, dy, gamma, mean, istd, dxs) },
-        _ => backward_channel_portable(p, ch, x, dy, gamma, mean, istd, dxs),
+        Isa::Avx2 => unsafe { backward_channel_avx2(isa, p, ch, x, dy, gamma, mean, istd, dxs) },
+        _ => backward_channel_portable(isa, p, ch, x, dy, gamma, mean, istd, dxs),
     }
 }
 

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use super::{BiasShape, REDUCE_CHUNK};
 use crate::cpu_isa::Isa;
 use crate::error::Result;
-use crate::ops::lanes::{LANES, add_lanes, fold};
+use crate::ops::lanes::{LANES, Term, add_run, fold};
 
 /// `y[i, ch, s] = x[i, ch, s] + b[ch]`, out of place; `y` is fully overwritten.
 pub fn add(p: &BiasShape, x: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
@@ -87,9 +87,9 @@ pub fn backward(p: &BiasShape, dy: &[f32], db: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// One chunk's per-channel sums (see [`backward`] for the order).
-#[inline(always)]
-fn chunk_sums_body(c: usize, sp: usize, chunk: &[f32]) -> Vec<f64> {
+/// One chunk's per-channel sums at level `isa` (see [`backward`] for the
+/// order; `ops::lanes::add_run` gives the same bits at every level).
+fn chunk_sums(isa: Isa, c: usize, sp: usize, chunk: &[f32]) -> Vec<f64> {
     if sp == 1 {
         // Dense: rows of `c`, one accumulator per column, in row order.
         let mut acc = vec![0.0f64; c];
@@ -100,40 +100,13 @@ fn chunk_sums_body(c: usize, sp: usize, chunk: &[f32]) -> Vec<f64> {
         }
         return acc;
     }
-    let mut acc = vec![[0.0f64; LANES]; c];
+    let mut acc = vec![[[0.0f64; LANES]; 2]; c];
     for sample in chunk.chunks(c * sp) {
         for (a, run) in acc.iter_mut().zip(sample.chunks(sp)) {
-            add_lanes(a, run, |v| v as f64);
+            add_run(isa, Term::Sum, a, run, &[]);
         }
     }
-    acc.iter().map(fold).collect()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn chunk_sums_avx512(c: usize, sp: usize, chunk: &[f32]) -> Vec<f64> {
-    chunk_sums_body(c, sp, chunk)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn chunk_sums_avx2(c: usize, sp: usize, chunk: &[f32]) -> Vec<f64> {
-    chunk_sums_body(c, sp, chunk)
-}
-
-/// [`chunk_sums_body`] built for level `isa` (plain adds, so the same bits
-/// at every level).
-fn chunk_sums(isa: Isa, c: usize, sp: usize, chunk: &[f32]) -> Vec<f64> {
-    match isa {
-        // SAFETY: `isa` comes from `Isa::current`, which never exceeds
-        // `Isa::detected`, so the CPU has the features these enable.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { chunk_sums_avx512(c, sp, chunk) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { chunk_sums_avx2(c, sp, chunk) },
-        _ => chunk_sums_body(c, sp, chunk),
-    }
+    acc.iter().map(|a| fold(&a[0])).collect()
 }
 
 /// `sum of f(x[i])` in f64, deterministic: chunks of [`REDUCE_CHUNK`]

@@ -54,25 +54,63 @@ fn main() {
     // (name, bytes a perfect kernel moves, the op)
     type Op<'a> = Box<dyn FnMut() + 'a>;
     let mut ops: Vec<(&str, usize, Op)> = Vec::new();
-    ops.push(("bn.fwd", 8 * len, Box::new(|| {
-        bn::forward_training(&p, &x, &gamma, &beta, &mut y, &mut mean, &mut inv, &mut rm, &mut rv).unwrap()
-    })));
-    ops.push(("bn.bwd", 12 * len, Box::new(|| {
-        bn::backward(&p, &x, &dy, &gamma, &mean_b, &inv_b, &mut dx_b, &mut dg, &mut db_b).unwrap()
-    })));
-    ops.push(("bias.bwd", 4 * len, Box::new(|| bias::backward(&bs, &dy, &mut db).unwrap())));
-    ops.push(("bias.add_inplace", 8 * len, Box::new(|| bias::add_inplace(&bs, &mut dx_c, &gamma).unwrap())));
+    ops.push((
+        "bn.fwd",
+        8 * len,
+        Box::new(|| {
+            bn::forward_training(
+                &p, &x, &gamma, &beta, &mut y, &mut mean, &mut inv, &mut rm, &mut rv,
+            )
+            .unwrap()
+        }),
+    ));
+    ops.push((
+        "bn.bwd",
+        12 * len,
+        Box::new(|| {
+            bn::backward(
+                &p, &x, &dy, &gamma, &mean_b, &inv_b, &mut dx_b, &mut dg, &mut db_b,
+            )
+            .unwrap()
+        }),
+    ));
+    ops.push((
+        "bias.bwd",
+        4 * len,
+        Box::new(|| bias::backward(&bs, &dy, &mut db).unwrap()),
+    ));
+    ops.push((
+        "bias.add_inplace",
+        8 * len,
+        Box::new(|| bias::add_inplace(&bs, &mut dx_c, &gamma).unwrap()),
+    ));
     for (name, a) in [("relu", Activation::RELU), ("elu", Activation::elu(1.0))] {
         let (xr, yr, dyr) = (&x, &yk, &dy);
         let mut out = vec![0.0f32; len];
         let mut g = dy.clone();
-        let fwd: &'static str = if name == "relu" { "relu.fwd" } else { "elu.fwd" };
-        let bwd: &'static str = if name == "relu" { "relu.bwd_from_output" } else { "elu.bwd_from_output" };
-        ops.push((fwd, 8 * len, Box::new(move || act::forward(a, xr, &mut out).unwrap())));
-        ops.push((bwd, 12 * len, Box::new(move || {
-            g.copy_from_slice(dyr);
-            act::backward_from_output(a, yr, &mut g).unwrap()
-        })));
+        let fwd: &'static str = if name == "relu" {
+            "relu.fwd"
+        } else {
+            "elu.fwd"
+        };
+        let bwd: &'static str = if name == "relu" {
+            "relu.bwd_from_output"
+        } else {
+            "elu.bwd_from_output"
+        };
+        ops.push((
+            fwd,
+            8 * len,
+            Box::new(move || act::forward(a, xr, &mut out).unwrap()),
+        ));
+        ops.push((
+            bwd,
+            12 * len,
+            Box::new(move || {
+                g.copy_from_slice(dyr);
+                act::backward_from_output(a, yr, &mut g).unwrap()
+            }),
+        ));
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
     let mut copies: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];

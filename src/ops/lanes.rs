@@ -88,6 +88,9 @@ pub(crate) fn add_run(
     }
 }
 
+// The loops index register arrays and memory offsets by the same `q`:
+// clearer than zipped iterators over both.
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;

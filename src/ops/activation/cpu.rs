@@ -100,11 +100,12 @@ pub fn backward(act: Activation, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32
         .zip(x.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|((dxc, xc), (yc, dyc))| {
-            by_kind!(act, |a| for (((o, &xv), &yv), &dv) in
-                dxc.iter_mut().zip(xc).zip(yc).zip(dyc)
-            {
-                *o = a.grad(xv, yv, dv);
-            })
+            by_kind!(
+                act,
+                |a| for (((o, &xv), &yv), &dv) in dxc.iter_mut().zip(xc).zip(yc).zip(dyc) {
+                    *o = a.grad(xv, yv, dv);
+                }
+            )
         });
     Ok(())
 }
@@ -118,9 +119,12 @@ pub fn backward_inplace(act: Activation, x: &[f32], y: &[f32], g: &mut [f32]) ->
         .zip(x.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK))
         .for_each(|((gc, xc), yc)| {
-            by_kind!(act, |a| for ((gv, &xv), &yv) in gc.iter_mut().zip(xc).zip(yc) {
-                *gv = a.grad(xv, yv, *gv);
-            })
+            by_kind!(
+                act,
+                |a| for ((gv, &xv), &yv) in gc.iter_mut().zip(xc).zip(yc) {
+                    *gv = a.grad(xv, yv, *gv);
+                }
+            )
         });
     Ok(())
 }

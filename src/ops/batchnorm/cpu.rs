@@ -120,7 +120,10 @@ fn backward_channel_body(
     dxs: &mut [&mut [f32]],
 ) -> (f64, f64) {
     let m = p.sample_size() as f64;
-    let term = Term::DyXhat { mean, inv_std: istd };
+    let term = Term::DyXhat {
+        mean,
+        inv_std: istd,
+    };
     let [sum_dy, sum_dy_xhat] = channel_sums(isa, p, ch, term, x, dy);
     let coef = gamma * istd;
     let (mdy, mdyx) = ((sum_dy / m) as f32, (sum_dy_xhat / m) as f32);
@@ -220,7 +223,9 @@ fn backward_channel(
         // SAFETY: `isa` comes from `Isa::current`, which never exceeds
         // `Isa::detected`, so the CPU has the features these enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { backward_channel_avx512(isa, p, ch, x, dy, gamma, mean, istd, dxs) },
+        Isa::Avx512 => unsafe {
+            backward_channel_avx512(isa, p, ch, x, dy, gamma, mean, istd, dxs)
+        },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { backward_channel_avx2(isa, p, ch, x, dy, gamma, mean, istd, dxs) },

@@ -5,8 +5,8 @@
 //! each summed in f64, then combined in chunk order: the same bits on any
 //! thread count, and accurate for `m` in the millions. Within a chunk, a
 //! dense input (`spatial == 1`) sums each channel in sample order; a
-//! spatial one sums each contiguous run into [`LANES`] interleaved f64
-//! lanes (`ops::lanes`, see [`channel_sums`]), one rayon task per channel, and gives the
+//! spatial one sums each contiguous run into 32 interleaved f64
+//! lanes (`ops::lanes`), one rayon task per channel, and gives the
 //! same bits at every [`Isa`] level.
 
 use rayon::prelude::*;

@@ -14,7 +14,7 @@
 //!   fastest (as PyTorch's `cudnn.benchmark = True`). Where cuDNN does not
 //!   load, the PyTorch script (`benches/pytorch_baseline.py`) is the
 //!   baseline.
-//! - `gpu_pool`, `gpu_batchnorm`, `gpu_dropout`, `gpu_softmax_ce`,
+//! - `gpu_pool`, `gpu_batchnorm`, `gpu_bias`, `gpu_dropout`, `gpu_softmax_ce`,
 //!   `gpu_optim`: the memory-bound kernels at the seed sizes and at >= 256
 //!   MB, beside a device-to-device copy (`cuMemcpyDtoDAsync`) of the same
 //!   bytes (half read, half written), the bandwidth ceiling.
@@ -39,7 +39,7 @@
 //! regex, applied before a pair is set up). The whole suite is about 230
 //! pairs, several minutes; to stay within a 10-minute limit per command,
 //! run it in three parts: `gpu_gemm`, `gpu_conv`, and
-//! `'gpu_(pool|batchnorm|dropout|softmax_ce|optim)'` (each appends to the
+//! `'gpu_(pool|batchnorm|bias|dropout|softmax_ce|optim)'` (each appends to the
 //! same JSON-lines file).
 //! cuBLAS/cuDNN are found on the loader path; failing that, the bench looks
 //! in `$KESTREL_BENCH_LIB_DIRS` (colon-separated), the toolkit's folders and
@@ -72,8 +72,10 @@ use common::{
     optimizers, unix_time, write_jsonl,
 };
 use kestrel::cuda::CudaBackend;
+use kestrel::cuda::KernelVersion;
 use kestrel::ops::activation::Activation;
 use kestrel::ops::batchnorm::{self, BatchNorm, VarianceMode};
+use kestrel::ops::bias;
 use kestrel::ops::conv::{self, Conv2d, Padding};
 use kestrel::ops::dropout::{self, Dropout};
 use kestrel::ops::gemm::cuda::{DeviceEpilogue, GemmKernel};
@@ -596,6 +598,15 @@ fn open_blas(gpu: &CudaBackend) -> Result<CudaBlas, String> {
     Ok(blas)
 }
 
+/// Sets the handle's math mode (DEFAULT_MATH: FP32 sgemm; TF32_TENSOR_OP_MATH:
+/// sgemm on TF32 tensor cores).
+fn set_math(blas: &CudaBlas, mode: blas_sys::cublasMath_t) {
+    // SAFETY: a valid handle; the mode only changes how later calls compute.
+    unsafe { blas_sys::cublasSetMathMode(*blas.handle(), mode) }
+        .result()
+        .expect("cublasSetMathMode");
+}
+
 /// cuBLAS sgemm computing kestrel's row-major `p` (one batch item) on the
 /// column-major library: `C^T = op(B)^T op(A)^T`.
 fn cublas_sgemm(
@@ -661,11 +672,23 @@ fn gemm_version_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm, kernel: Op
         )
         .expect("kestrel gemm")
     };
-    let note = format!("FP32, {}", kernel.name());
+    // A TF32 version is named as such and timed beside cuBLAS in TF32 mode
+    // (the issue's ratio is against cuBLAS TF32); f32 versions beside
+    // cuBLAS FP32.
+    let tf32 = kernel.precision() == gemm::Precision::Tf32;
+    let note = format!("{}, {}", if tf32 { "TF32" } else { "FP32" }, kernel.name());
     let note = note.as_str();
     match &env.blas {
         Some(blas) => {
-            let mut base = |_i: u64| cublas_sgemm(blas, &p, &a, &b, &mut out_base);
+            let mut base = |_i: u64| {
+                if tf32 {
+                    set_math(blas, blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH);
+                }
+                cublas_sgemm(blas, &p, &a, &b, &mut out_base);
+                if tf32 {
+                    set_math(blas, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH);
+                }
+            };
             env.pair(
                 c,
                 "gpu_gemm",
@@ -920,9 +943,32 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
         ("keras-cnn.conv1-out.b32", 32, 32, 32 * 32, true),
         ("keras-cnn.conv1-out.b128", 128, 32, 32 * 32, true),
         ("large.256x64x64x64", 256, 64, 64 * 64, true),
+        // The dense layout at n = c = 4096 (64 MB per pass over x) and 8192
+        // (256 MB, the issue's size for the bandwidth target):
+        // one row per version (v1 ChannelBlocks, v2 Columns), so the
+        // issue-13 comparison is one filter away.
+        ("dense.4096x4096", 4096, 4096, 1, false),
+        ("dense.8192x8192", 8192, 8192, 1, false),
     ];
-    for (name, n, ch, spatial, is_conv) in cases {
-        let (fid, bid) = (format!("{name}.fwd"), format!("{name}.bwd"));
+    let runs = cases
+        .into_iter()
+        .flat_map(|(name, n, ch, spatial, is_conv)| {
+            let versions: Vec<Option<batchnorm::cuda::BatchNormKernel>> =
+                if name.starts_with("dense.") {
+                    batchnorm::cuda::BatchNormKernel::ALL
+                        .iter()
+                        .map(|&k| Some(k))
+                        .collect()
+                } else {
+                    vec![None]
+                };
+            versions
+                .into_iter()
+                .map(move |k| (name, n, ch, spatial, is_conv, k))
+        });
+    for (name, n, ch, spatial, is_conv, kernel) in runs {
+        let tag = kernel.map_or(String::new(), |k| format!(".{}", k.name()));
+        let (fid, bid) = (format!("{name}{tag}.fwd"), format!("{name}{tag}.bwd"));
         if !env.wanted("gpu_batchnorm", &fid) && !env.wanted("gpu_batchnorm", &bid) {
             continue;
         }
@@ -945,10 +991,13 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
         let mut dg: CudaSlice<f32> = gpu.zeros(ch).unwrap();
         let mut db: CudaSlice<f32> = gpu.zeros(ch).unwrap();
         let mut scratch = batchnorm::cuda::BatchNormScratch::new(gpu, &p).unwrap();
+        // The plain entry points' version unless the row names one.
+        let kernel = kernel.unwrap_or_else(|| batchnorm::cuda::select(&p, gpu.info()));
         if env.wanted("gpu_batchnorm", &fid) {
             let mut ours = |i: u64| {
-                batchnorm::cuda::forward_training(
+                batchnorm::cuda::forward_training_with(
                     gpu,
+                    kernel,
                     &p,
                     &x.view(i),
                     &gamma.slice(..),
@@ -966,8 +1015,9 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
         }
         if env.wanted("gpu_batchnorm", &bid) {
             let mut ours = |i: u64| {
-                batchnorm::cuda::backward(
+                batchnorm::cuda::backward_with(
                     gpu,
+                    kernel,
                     &p,
                     &x.view(i),
                     &dy.view(i),
@@ -982,6 +1032,50 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
                 .expect("batchnorm backward")
             };
             env.pair_bandwidth(c, "gpu_batchnorm", &bid, bwd_bytes, copies, "", &mut ours);
+        }
+    }
+}
+
+/// The bias gradient (a per-channel sum) per version where both run: the
+/// dense layout at the mlp sizes and at n = c = 4096 and 8192 (64 and 256
+/// MB read), and a
+/// conv shape on the one version that runs it.
+fn bias_grads(c: &mut Criterion, env: &Env) {
+    let cases = [
+        ("mlp.b784.b32", 32, 784, 1),
+        ("dense.4096x4096", 4096, 4096, 1),
+        ("dense.8192x8192", 8192, 8192, 1),
+        ("keras-cnn.conv1-out.b32", 32, 32, 32 * 32),
+    ];
+    for (name, n, ch, spatial) in cases {
+        let p = bias::BiasShape::new(n, ch, spatial).unwrap();
+        for &kernel in bias::cuda::BiasKernel::ALL
+            .iter()
+            .filter(|k| k.supports(&p))
+        {
+            let id = format!("{name}.{}.bwd", kernel.name());
+            if !env.wanted("gpu_bias", &id) {
+                continue;
+            }
+            let gpu = &env.gpu;
+            let len = p.len();
+            let bytes = 4 * (len + ch);
+            let copies = env.copies(bytes);
+            let dy = env.rot_data(1, len, copies);
+            let mut db: CudaSlice<f32> = gpu.zeros(ch).unwrap();
+            let mut scratch = bias::cuda::BiasScratch::for_backward(gpu, &p).unwrap();
+            let mut ours = |i: u64| {
+                bias::cuda::backward_with(
+                    gpu,
+                    kernel,
+                    &p,
+                    &dy.view(i),
+                    &mut db.slice_mut(..),
+                    &mut scratch,
+                )
+                .expect("bias backward")
+            };
+            env.pair_bandwidth(c, "gpu_bias", &id, bytes, copies, "", &mut ours);
         }
     }
 }
@@ -1557,6 +1651,7 @@ fn main() {
     convs(&mut c, &env);
     pools(&mut c, &env);
     batchnorms(&mut c, &env);
+    bias_grads(&mut c, &env);
     dropouts(&mut c, &env);
     softmax_ce(&mut c, &env);
     optimizer_steps(&mut c, &env);

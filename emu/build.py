@@ -208,10 +208,11 @@ def build(mode: str, out: pathlib.Path, kernels: pathlib.Path):
     write_if_changed(st_tu, module_source(rules))
     st_so, st_bin = st_dir / "librules.so", out / "kemu-selftest"
     st_src = EMU / "selftest" / "selftest.cpp"
-    key = stamp([rules, st_tu, st_src, *headers], flags)
+    # rules.cu includes kernels/mma.cuh (the tensor-core wrappers it tests).
+    key = stamp([rules, st_tu, st_src, *cuh, *headers], flags + [inc])
     st_stamp = st_dir / ".stamp"
     if not (st_so.exists() and st_bin.exists() and st_stamp.exists() and st_stamp.read_text() == key):
-        run(["g++", *flags, "-include", "kemu/simt.h", "-I", "emu/selftest", "-shared", "-o", str(st_so),
+        run(["g++", *flags, "-include", "kemu/simt.h", "-I", "emu/selftest", "-I", inc, "-shared", "-o", str(st_so),
              str(st_tu), "-L", str(out), "-l:libcuda.so.1", "-Wl,-rpath,$ORIGIN/.."])
         run(["g++", *flags, "-o", str(st_bin), str(st_src), "-L", str(out), "-l:libcuda.so.1",
              "-Wl,-rpath,$ORIGIN"])

@@ -72,24 +72,33 @@ extern "C" __global__ void bn_mean(BatchNorm p, const double* __restrict__ parti
 // 1 / sqrt(var + eps) (f64, rounded once), and the running statistics in
 // f32 with v = (float)(var * factor); factor is BatchNorm::variance_factor()
 // computed on the host in f64.
+// The per-channel tail of the training statistics, shared by both partial
+// layouts: var is the f64 biased variance.
+__device__ __forceinline__ void bn_finalize_channel(const BatchNorm& p, u64 ch, double var,
+                                                    const double* __restrict__ mean64, double factor,
+                                                    float* __restrict__ save_mean, float* __restrict__ save_inv_std,
+                                                    float* __restrict__ running_mean,
+                                                    float* __restrict__ running_var) {
+    const float mom = p.momentum, keep = 1.0f - p.momentum;
+    const float mean = (float)mean64[ch];
+    save_mean[ch] = mean;
+    save_inv_std[ch] = (float)(1.0 / sqrt(var + (double)p.epsilon));
+    const float v = (float)(var * factor);
+    // Written as two rounded products and a sum, like the CPU (no fma),
+    // so the running statistics match it bit for bit.
+    running_mean[ch] = __fadd_rn(__fmul_rn(running_mean[ch], mom), __fmul_rn(mean, keep));
+    running_var[ch] = __fadd_rn(__fmul_rn(running_var[ch], mom), __fmul_rn(v, keep));
+}
+
 extern "C" __global__ void bn_finalize_training(BatchNorm p, const double* __restrict__ partial, u64 chunks,
                                                 const double* __restrict__ mean64, double factor,
                                                 float* __restrict__ save_mean, float* __restrict__ save_inv_std,
                                                 float* __restrict__ running_mean, float* __restrict__ running_var) {
     const double m = (double)(p.n * p.spatial);
-    const float mom = p.momentum, keep = 1.0f - p.momentum;
     GRID_STRIDE(ch, p.c) {
         double s = 0.0;
         for (u64 k = 0; k < chunks; ++k) s += partial[ch * chunks + k];
-        const double var = s / m;
-        const float mean = (float)mean64[ch];
-        save_mean[ch] = mean;
-        save_inv_std[ch] = (float)(1.0 / sqrt(var + (double)p.epsilon));
-        const float v = (float)(var * factor);
-        // Written as two rounded products and a sum, like the CPU (no fma),
-        // so the running statistics match it bit for bit.
-        running_mean[ch] = __fadd_rn(__fmul_rn(running_mean[ch], mom), __fmul_rn(mean, keep));
-        running_var[ch] = __fadd_rn(__fmul_rn(running_var[ch], mom), __fmul_rn(v, keep));
+        bn_finalize_channel(p, ch, s / m, mean64, factor, save_mean, save_inv_std, running_mean, running_var);
     }
 }
 
@@ -142,6 +151,18 @@ extern "C" __global__ void bn_backward_partials(BatchNorm p, const float* __rest
     }
 }
 
+// The per-channel tail of the backward sums, shared by both partial layouts.
+__device__ __forceinline__ void bn_backward_channel(const BatchNorm& p, u64 ch, double a, double b, double m,
+                                                    const float* __restrict__ gamma,
+                                                    const float* __restrict__ save_inv_std, float* __restrict__ dgamma,
+                                                    float* __restrict__ dbeta, float* __restrict__ coefs) {
+    dbeta[ch] = (float)a;
+    dgamma[ch] = (float)b;
+    coefs[ch] = __fmul_rn(gamma[ch], save_inv_std[ch]);
+    coefs[p.c + ch] = (float)(a / m);
+    coefs[2 * p.c + ch] = (float)(b / m);
+}
+
 // Backward stage 2: dbeta, dgamma, and the per-channel coefficients of dx
 // (coef = gamma * inv_std, mean_dy, mean_dy_xhat), in the scratch `coefs`
 // laid out [3, c].
@@ -157,11 +178,7 @@ extern "C" __global__ void bn_backward_finalize(BatchNorm p, const double* __res
             a += partial_dy[ch * chunks + k];
             b += partial_dy_xhat[ch * chunks + k];
         }
-        dbeta[ch] = (float)a;
-        dgamma[ch] = (float)b;
-        coefs[ch] = __fmul_rn(gamma[ch], save_inv_std[ch]);
-        coefs[p.c + ch] = (float)(a / m);
-        coefs[2 * p.c + ch] = (float)(b / m);
+        bn_backward_channel(p, ch, a, b, m, gamma, save_inv_std, dgamma, dbeta, coefs);
     }
 }
 
@@ -173,5 +190,87 @@ extern "C" __global__ void bn_backward_dx(BatchNorm p, const float* __restrict__
         const u64 ch = bn_channel_of(p, i);
         const float xh = (x[i] - save_mean[ch]) * save_inv_std[ch];
         dx[i] = coefs[ch] * ((dy[i] - coefs[p.c + ch]) - xh * coefs[2 * p.c + ch]);
+    }
+}
+
+// ===== Columns: the dense layout (spatial == 1, x is [n, c] row-major),
+// ===== one thread per channel reading whole rows (see COL_CHUNK_LOOP in
+// ===== common.cuh). Partials are [chunks, c] with chunks = ceil(n /
+// ===== COL_ROWS); each is the f64 sum over its rows in row order. The host
+// ===== runs these only for spatial == 1.
+
+// mode 0: partial = sum x; mode 1: partial = sum (x - mean64[ch])^2.
+extern "C" __global__ void bn_col_stat_partials(BatchNorm p, const float* __restrict__ x,
+                                                const double* __restrict__ mean64, u32 mode,
+                                                double* __restrict__ partial, u64 chunks) {
+    COL_CHUNK_LOOP(chunks, p.c) {
+        const u64 r0 = k * COL_ROWS, r1 = col_chunk_end(k, p.n);
+        const double mu = mode ? mean64[col] : 0.0;
+        double acc = 0.0;
+        for (u64 r = r0; r < r1; ++r) {
+            const double v = (double)x[r * p.c + col];
+            if (mode) {
+                const double d = v - mu;
+                acc += d * d;
+            } else {
+                acc += v;
+            }
+        }
+        partial[k * p.c + col] = acc;
+    }
+}
+
+extern "C" __global__ void bn_col_mean(BatchNorm p, const double* __restrict__ partial, u64 chunks,
+                                       double* __restrict__ mean64) {
+    const double m = (double)p.n;
+    GRID_STRIDE(ch, p.c) { mean64[ch] = col_partials_sum(partial, chunks, p.c, ch) / m; }
+}
+
+extern "C" __global__ void bn_col_finalize_training(BatchNorm p, const double* __restrict__ partial, u64 chunks,
+                                                    const double* __restrict__ mean64, double factor,
+                                                    float* __restrict__ save_mean, float* __restrict__ save_inv_std,
+                                                    float* __restrict__ running_mean,
+                                                    float* __restrict__ running_var) {
+    const double m = (double)p.n;
+    GRID_STRIDE(ch, p.c) {
+        const double var = col_partials_sum(partial, chunks, p.c, ch) / m;
+        bn_finalize_channel(p, ch, var, mean64, factor, save_mean, save_inv_std, running_mean, running_var);
+    }
+}
+
+// Backward stage 1: per row chunk, sum dy and sum dy * x_hat (x_hat in f32
+// as the forward computed it, the product in f64).
+extern "C" __global__ void bn_col_backward_partials(BatchNorm p, const float* __restrict__ x,
+                                                    const float* __restrict__ dy, const float* __restrict__ save_mean,
+                                                    const float* __restrict__ save_inv_std,
+                                                    double* __restrict__ partial_dy,
+                                                    double* __restrict__ partial_dy_xhat, u64 chunks) {
+    COL_CHUNK_LOOP(chunks, p.c) {
+        const u64 r0 = k * COL_ROWS, r1 = col_chunk_end(k, p.n);
+        const float mu = save_mean[col], is = save_inv_std[col];
+        double a = 0.0, b = 0.0;
+        for (u64 r = r0; r < r1; ++r) {
+            const u64 i = r * p.c + col;
+            const double g = (double)dy[i];
+            const float xh = __fmul_rn(__fsub_rn(x[i], mu), is);
+            a += g;
+            b += g * (double)xh;
+        }
+        partial_dy[k * p.c + col] = a;
+        partial_dy_xhat[k * p.c + col] = b;
+    }
+}
+
+extern "C" __global__ void bn_col_backward_finalize(BatchNorm p, const double* __restrict__ partial_dy,
+                                                    const double* __restrict__ partial_dy_xhat, u64 chunks,
+                                                    const float* __restrict__ gamma,
+                                                    const float* __restrict__ save_inv_std,
+                                                    float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                                    float* __restrict__ coefs) {
+    const double m = (double)p.n;
+    GRID_STRIDE(ch, p.c) {
+        const double a = col_partials_sum(partial_dy, chunks, p.c, ch);
+        const double b = col_partials_sum(partial_dy_xhat, chunks, p.c, ch);
+        bn_backward_channel(p, ch, a, b, m, gamma, save_inv_std, dgamma, dbeta, coefs);
     }
 }

@@ -63,6 +63,26 @@ extern "C" __global__ void bias_grad_finalize(BiasShape p, const double* __restr
     }
 }
 
+// Columns version of db for the dense layout (spatial == 1, dy is [n, c]
+// row-major; the host runs it only then): partial[k * c + ch] = sum of dy
+// over rows [k * COL_ROWS, (k+1) * COL_ROWS) of column ch in row order, one
+// thread per column, so each warp reads whole row segments (coalesced).
+extern "C" __global__ void bias_grad_col_partials(BiasShape p, const float* __restrict__ dy,
+                                                  double* __restrict__ partial, u64 chunks) {
+    COL_CHUNK_LOOP(chunks, p.c) {
+        const u64 r0 = k * COL_ROWS, r1 = col_chunk_end(k, p.n);
+        double acc = 0.0;
+        for (u64 r = r0; r < r1; ++r) acc += (double)dy[r * p.c + col];
+        partial[k * p.c + col] = acc;
+    }
+}
+
+// db[ch] = the column partials of ch added in chunk order, rounded once.
+extern "C" __global__ void bias_grad_col_finalize(BiasShape p, const double* __restrict__ partial, u64 chunks,
+                                                  float* __restrict__ db) {
+    GRID_STRIDE(ch, p.c) { db[ch] = (float)col_partials_sum(partial, chunks, p.c, ch); }
+}
+
 // Stage 1 of sum / sum of squares: partial[k] = sum over the contiguous
 // chunk k of REDUCE_CHUNK elements of x (or x^2, squared in f64).
 #define REDUCE_CHUNK 8192ull

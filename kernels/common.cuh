@@ -99,3 +99,38 @@ __device__ __forceinline__ u64 channel_sample_index(u64 c, u64 spatial, u64 ch, 
 // batchnorm statistics): 16 per thread, a fixed function of the shape.
 #define CHANNEL_CHUNK 4096ull
 // ===== end gpu_elem block
+
+// ===== column reductions (dense layout, [rows, cols] row-major): one
+// ===== thread per column, so a warp reads 32 consecutive floats of a row
+// ===== (coalesced), over a fixed chunk of COL_ROWS rows in row order; the
+// ===== per-chunk partials are laid out [chunks, cols] (coalesced writes)
+// ===== and combined in chunk order. Every sum is a fixed function of the
+// ===== shape: bit-identical run to run.
+
+// Rows per partial: 64 keeps the f64 partials at 1/32 of an f32 input's
+// bytes per pass while giving n = c = 4096 enough blocks (1,024) to fill a
+// GPU.
+#define COL_ROWS 64ull
+// Threads (columns) per block of the column kernels.
+#define COL_THREADS 256
+
+// Sum over chunks k, in order, of partial[k * cols + col].
+__device__ __forceinline__ double col_partials_sum(const double* __restrict__ partial, u64 chunks, u64 cols, u64 col) {
+    double s = 0.0;
+    for (u64 k = 0; k < chunks; ++k) s += partial[k * cols + col];
+    return s;
+}
+
+// The loops of a column stage 1: block y strides over row chunks, the
+// threads of the x blocks over columns (no barrier inside, so the loops may
+// diverge freely). The body sees `k` and `col`.
+#define COL_CHUNK_LOOP(chunks, cols)                                   \
+    for (u64 k = blockIdx.y; k < (chunks); k += gridDim.y)              \
+        for (u64 col = (u64)blockIdx.x * blockDim.x + threadIdx.x; col < (cols); \
+             col += (u64)gridDim.x * blockDim.x)
+
+// One past the last row of chunk k.
+__device__ __forceinline__ u64 col_chunk_end(u64 k, u64 rows) {
+    return (k + 1) * COL_ROWS < rows ? (k + 1) * COL_ROWS : rows;
+}
+// ===== end column reductions

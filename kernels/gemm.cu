@@ -14,20 +14,7 @@
 // Every element of C is a sum over k in increasing order (then over the
 // batch items of a summed group, in order), one fma at a time: the tile
 // shape does not change the result, so both instantiations agree bit for bit.
-#include "common.cuh"
-
-// Mirrors kestrel::ops::gemm::Gemm (#[repr(C)]; usize = u64, bool = 1 byte).
-struct Gemm {
-    u64 m, n, k;
-    u64 lda, ldb, ldc;
-    u64 batch, stride_a, stride_b, stride_c;
-    float alpha, beta;
-    bool trans_a, trans_b;
-};
-static_assert(sizeof(Gemm) == 96, "Gemm must match the Rust struct");
-
-// Mirrors kestrel::ops::gemm::cuda::BIAS_* (how the epilogue's bias is indexed).
-enum BiasKind : u32 { BIAS_NONE = 0, BIAS_PER_ROW = 1, BIAS_PER_COL = 2 };
+#include "gemm_params.cuh"
 
 #define GEMM_THREADS 256
 // Shared-memory row padding (floats): keeps rows 16-byte aligned for float4

@@ -32,8 +32,10 @@
 //!    type);
 //! 3. `src/ops/gemm/cuda.rs`: [`ops::gemm::cuda::gemm`] = [`ops::gemm::cuda::gemm_with`]
 //!    on the version [`ops::gemm::cuda::select`] picks (a
-//!    [`ops::gemm::cuda::GemmKernel`]: `Tiled64`, `Tiled128`, each knowing
-//!    its kernel name and minimum compute capability); the checks are the
+//!    [`ops::gemm::cuda::GemmKernel`]: `Tiled64`, `Tiled128`, and the
+//!    opt-in TF32 `Tf32MmaSync` that only [`ops::gemm::cuda::select_with`]
+//!    with [`ops::gemm::Precision::Tf32`] picks, each knowing its kernel
+//!    name, precision and minimum compute capability); the checks are the
 //!    CPU reference's ([`ops::gemm::Gemm::check`], shared with
 //!    [`ops::gemm::cpu::gemm`]), then the grid, the `#[repr(C)]` parameters
 //!    and the bias's [`ops::gemm::Bias::kernel_kind`], on a

@@ -2,6 +2,7 @@
 mod common;
 
 use common::*;
+use kestrel::cuda::KernelVersion;
 use kestrel::ops::bias::{BiasShape, cpu, cuda};
 use proptest::prelude::*;
 
@@ -18,6 +19,13 @@ const SUM_TOL: Tol = Tol::new(1e-9, 1e-12);
 fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
     prop_oneof![
         (dim(200), dim(300), Just(1usize)),
+        // Dense layers as they come: more than one column block, an odd
+        // count; batches around the 64-row chunks and prime.
+        (
+            proptest::sample::select(&[1usize, 2, 63, 64, 65, 131, 257][..]),
+            1000usize..1300,
+            Just(1usize),
+        ),
         // Empty batches are tested in nan_propagates_and_empty_batch_zeroes_db
         // (the driver rejects zero-byte allocations).
         (1usize..5, dim(33), dim(1100)),
@@ -51,13 +59,21 @@ proptest! {
         let mut db = vec![0.0; c];
         cpu::backward(&p, &x, &mut db).unwrap();
         let mut dbd = poisoned(&gpu, c);
-        cuda::backward_alloc(&gpu, &p, &xd.as_view(), &mut dbd.as_view_mut()).unwrap();
+        let mut scratch = cuda::BiasScratch::for_backward(&gpu, &p).unwrap();
+        let r = cuda::backward_with(&gpu, kernel, &p, &xd.as_view(), &mut dbd.as_view_mut(), &mut scratch);
+        if !kernel.supports(&p) {
+            // Refused before any launch, by name.
+            let e = r.expect_err("an unsupported version must be refused").to_string();
+            prop_assert!(e.contains(kernel.name()) && e.contains("spatial"), "{}", e);
+            return Ok(());
+        }
+        r.unwrap();
         let got = gpu.download(&dbd).unwrap();
         let r = check_close("bias.backward", &got, &to_f64(&db), GRAD_TOL);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
         // Determinism: a second run gives the same bits.
         let mut again = poisoned(&gpu, c);
-        cuda::backward_alloc(&gpu, &p, &xd.as_view(), &mut again.as_view_mut()).unwrap();
+        cuda::backward_with(&gpu, kernel, &p, &xd.as_view(), &mut again.as_view_mut(), &mut scratch).unwrap();
         let again = gpu.download(&again).unwrap();
         prop_assert!(got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "bias.backward not deterministic");
     }
@@ -197,5 +213,43 @@ fn too_small_scratch_is_refused() {
         cuda::sum_squares_host(&gpu, &x.as_view(), &mut s),
         "bias.sum_squares",
         &["scratch partial sums", "at least 6"],
+    );
+}
+
+/// The column gradient on a dense shape with a prime batch and an odd
+/// feature count: the same bits on every run (scratch left dirty by the
+/// other version in between), within the gradient's tolerance of
+/// `ChannelBlocks`, and what `select` picks there.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn columns_are_deterministic() {
+    let gpu = gpu();
+    let p = BiasShape::dense(257, 1031).unwrap();
+    assert_eq!(cuda::select(&p, gpu.info()), cuda::BiasKernel::Columns);
+    let dy = gpu.upload(&data(5, p.len(), -1.0, 1.0)).unwrap();
+    let mut scratch = cuda::BiasScratch::for_backward(&gpu, &p).unwrap();
+    let mut run = |k| {
+        let mut db = poisoned(&gpu, p.c);
+        cuda::backward_with(
+            &gpu,
+            k,
+            &p,
+            &dy.as_view(),
+            &mut db.as_view_mut(),
+            &mut scratch,
+        )
+        .unwrap();
+        gpu.download(&db).unwrap()
+    };
+    let first = run(cuda::BiasKernel::Columns);
+    let other = run(cuda::BiasKernel::ChannelBlocks);
+    let again = run(cuda::BiasKernel::Columns);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first), bits(&again));
+    assert_close(
+        "columns vs channel blocks",
+        &first,
+        &to_f64(&other),
+        GRAD_TOL,
     );
 }

@@ -3,10 +3,12 @@
 //! definition: every transpose pair, odd/prime sizes off every tile edge and
 //! larger than several tiles, leading dimensions with gaps that must stay
 //! untouched, batches with shared operands, beta = 0 with NaN in C, k = 0,
-//! each epilogue, determinism and argument errors. The property tests and
-//! the tile-edge test run every kernel version (`GemmKernel::ALL`, forced
-//! with `gemm_with` / `gemm_backward_with`) whatever the shape; the others
-//! run the version `select` picks.
+//! each epilogue, determinism and argument errors. The property tests, the
+//! tile-edge, misalignment and k = 0 tests run every kernel version
+//! (`GemmKernel::ALL`, forced with `gemm_with` / `gemm_backward_with`)
+//! whatever the shape, each held to its precision's tolerance (f32: `tol`;
+//! the opt-in TF32 version: `check_version`'s TF32 bound); the others run
+//! the version `select` picks (always f32).
 //!
 //! Every test needs a CUDA device and is ignored otherwise:
 //! `cargo test --release --test gpu_gemm -- --ignored`.
@@ -18,7 +20,7 @@ use cudarc::driver::CudaSlice;
 use kestrel::cuda::CudaBackend;
 use kestrel::ops::activation::{Activation, ActivationKind};
 use kestrel::ops::gemm::cuda::{self as gg, DeviceEpilogue, GemmKernel};
-use kestrel::ops::gemm::{Bias, Epilogue, Gemm, cpu};
+use kestrel::ops::gemm::{Bias, Epilogue, Gemm, Precision, cpu};
 use proptest::prelude::*;
 
 /// Each element is a sum of `terms` products of values in [-1, 1], computed
@@ -31,6 +33,76 @@ const TOL_PER_TERM: f64 = 1e-6;
 
 fn tol(terms: usize) -> Tol {
     Tol::new(TOL_PER_TERM * terms.max(1) as f64, 1e-5)
+}
+
+/// TF32's unit roundoff: 10 stored mantissa bits (11 with the implicit
+/// one), operands rounded to nearest by cvt.rna, so each is within
+/// `2^-11` of its f32 value, relatively.
+const TF32_U: f64 = 1.0 / 2048.0;
+/// f32's unit roundoff, 2^-24.
+const F32_U: f64 = 1.0 / 16_777_216.0;
+
+/// The bound, per unit of `sum_i |alpha * a_i * b_i|` of an element, on how
+/// far a TF32 version may be from the f32 CPU reference for sums of `terms`
+/// products: each product of two rounded operands is off by at most
+/// `(1 + u)^2 - 1 = 2u + u^2` of its magnitude (u = 2^-11); the device sums
+/// in f32 in an order the hardware does not specify, and the reference in
+/// f32 in its own, each off by at most about `terms * 2^-24` of the sum of
+/// magnitudes. (About 1e-3 for short sums: a misplaced or missing term of
+/// the data's size, ~0.1 to 1, is still far outside it.) The epilogue after
+/// the product (beta, bias, activations: none steeper than slope 1) adds
+/// only f32 roundings, which `tol` covers.
+fn tf32_rel(terms: usize) -> f64 {
+    2.0 * TF32_U + TF32_U * TF32_U + 2.0 * terms.max(1) as f64 * F32_U
+}
+
+/// Checks a result of `kernel` (`None`: [`gg::select`]'s choice, always f32)
+/// against the reference `want`: f32 versions within `tol(terms)`; TF32
+/// versions, element by element, within
+/// `tol(terms).abs + tol(terms).rel * |want| + tf32_rel(terms) * mag`, where
+/// `mag` is the element's `sum_i |alpha * a_i * b_i|` (see [`magnitudes`]).
+fn check_version(
+    what: &str,
+    kernel: Option<GemmKernel>,
+    got: &[f32],
+    want: &[f64],
+    mag: &[f64],
+    terms: usize,
+) -> Result<(), String> {
+    let base = tol(terms);
+    match kernel.map(GemmKernel::precision) {
+        None | Some(Precision::F32) => check_close(what, got, want, base),
+        Some(Precision::Tf32) => {
+            if got.len() != want.len() || mag.len() != want.len() {
+                return Err(format!(
+                    "{what}: lengths {} / {} / {}",
+                    got.len(),
+                    want.len(),
+                    mag.len()
+                ));
+            }
+            for i in 0..want.len() {
+                let t = Tol::new(base.abs + tf32_rel(terms) * mag[i], base.rel);
+                check_close(what, &got[i..=i], &want[i..=i], t)
+                    .map_err(|e| format!("(tf32, element {i}, sum |ab| {}) {e}", mag[i]))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `sum_i |alpha * a_i * b_i|` for every element of C (0 in C's gaps), as
+/// the CPU computes `|alpha| * |op(A)| * |op(B)|`.
+fn magnitudes(p: &Gemm, a: &[f32], b: &[f32], lc: usize) -> Vec<f64> {
+    let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let q = Gemm {
+        alpha: p.alpha.abs(),
+        beta: 0.0,
+        ..*p
+    };
+    let mut c = vec![0.0f32; lc];
+    cpu::gemm(&q, &abs(a), &abs(b), &mut c, Epilogue::default()).expect("cpu gemm (magnitudes)");
+    to_f64(&c)
 }
 
 /// Elements a batch of `rows x cols` matrices (row stride `ld`, batch
@@ -217,10 +289,11 @@ proptest! {
         }
         let sel = [BiasSel::None, BiasSel::Row, BiasSel::Col][bias_sel as usize];
         let bias = rng.vec(match sel { BiasSel::Col => n, _ => m }, -1.0, 1.0);
+        let mag = magnitudes(&p, &a, &b, lc);
         for kernel in GemmKernel::ALL {
             let (got, want) =
                 run_both_with(&gpu, Some(kernel), &p, &a, &b, &c0, &bias, sel, activation(act));
-            let r = check_close("gemm C", &got, &to_f64(&want), tol(k));
+            let r = check_version("gemm C", Some(kernel), &got, &to_f64(&want), &mag, k);
             prop_assert!(r.is_ok(), "{:?} {:?}: {}", kernel, p, r.unwrap_err());
         }
     }
@@ -250,6 +323,7 @@ fn tile_edges_every_transpose() {
             let a = data(1, m * k, -1.0, 1.0);
             let b = data(2, k * n, -1.0, 1.0);
             let c0 = vec![POISON; m * n];
+            let mag = magnitudes(&p, &a, &b, m * n);
             let versions = GemmKernel::ALL.map(Some);
             for kernel in std::iter::once(None).chain(versions) {
                 let (got, want) = run_both_with(
@@ -263,12 +337,10 @@ fn tile_edges_every_transpose() {
                     BiasSel::None,
                     Activation::LINEAR,
                 );
-                assert_close(
-                    &format!("gemm {m}x{n}x{k} ta={ta} tb={tb} {kernel:?}"),
-                    &got,
-                    &to_f64(&want),
-                    tol(k),
-                );
+                let what = format!("gemm {m}x{n}x{k} ta={ta} tb={tb} {kernel:?}");
+                if let Err(e) = check_version(&what, kernel, &got, &to_f64(&want), &mag, k) {
+                    panic!("{e}");
+                }
             }
         }
     }
@@ -292,22 +364,24 @@ fn misaligned_views() {
             let c0 = vec![POISON; lc];
             let mut want = c0.clone();
             cpu::gemm(&p, &a[off..], &b[off..], &mut want, Epilogue::default()).unwrap();
-            let (da, db, mut dc) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &c0));
-            gg::gemm(
-                &gpu,
-                &p,
-                &da.slice(off..off + la),
-                &db.slice(off..off + lb),
-                &mut dc.slice_mut(..lc),
-                DeviceEpilogue::default(),
-            )
-            .unwrap();
-            assert_close(
-                &format!("gemm offset {off} extra {extra} ta={ta} tb={tb}"),
-                &host(&gpu, &dc, lc),
-                &to_f64(&want),
-                tol(40),
-            );
+            let mag = magnitudes(&p, &a[off..], &b[off..], lc);
+            let (da, db) = (dev(&gpu, &a), dev(&gpu, &b));
+            for kernel in std::iter::once(None).chain(GemmKernel::ALL.map(Some)) {
+                let mut dc = dev(&gpu, &c0);
+                let (va, vb) = (da.slice(off..off + la), db.slice(off..off + lb));
+                let mut vc = dc.slice_mut(..lc);
+                let epi = DeviceEpilogue::default();
+                match kernel {
+                    None => gg::gemm(&gpu, &p, &va, &vb, &mut vc, epi),
+                    Some(k) => gg::gemm_with(&gpu, k, &p, &va, &vb, &mut vc, epi),
+                }
+                .unwrap();
+                let what = format!("gemm offset {off} extra {extra} ta={ta} tb={tb} {kernel:?}");
+                let got = host(&gpu, &dc, lc);
+                if let Err(e) = check_version(&what, kernel, &got, &to_f64(&want), &mag, 40) {
+                    panic!("{e}");
+                }
+            }
         }
     }
 }
@@ -334,26 +408,30 @@ fn k_zero() {
             data(5, 70, -1.0, 1.0)
         };
         let bias = data(6, 7, -1.0, 1.0);
-        let (got, want) = run_both(
-            &gpu,
-            &p,
-            &[],
-            &[],
-            &c0,
-            &bias,
-            BiasSel::Col,
-            Activation::RELU,
-        );
-        assert_close(
-            &format!("gemm k = 0, alpha {alpha}, beta {beta}"),
-            &got,
-            &to_f64(&want),
-            tol(1),
-        );
-        assert!(
-            got.iter().all(|v| v.is_finite()),
-            "NaN leaked from C or alpha (alpha {alpha}, beta {beta})"
-        );
+        for kernel in std::iter::once(None).chain(GemmKernel::ALL.map(Some)) {
+            let (got, want) = run_both_with(
+                &gpu,
+                kernel,
+                &p,
+                &[],
+                &[],
+                &c0,
+                &bias,
+                BiasSel::Col,
+                Activation::RELU,
+            );
+            // No product term, so every version is within f32's tolerance.
+            assert_close(
+                &format!("gemm k = 0, alpha {alpha}, beta {beta}, {kernel:?}"),
+                &got,
+                &to_f64(&want),
+                tol(1),
+            );
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "NaN leaked from C or alpha (alpha {alpha}, beta {beta}, {kernel:?})"
+            );
+        }
     }
 }
 
@@ -401,6 +479,83 @@ fn deterministic() {
             .all(|(x, y)| x.to_bits() == y.to_bits()),
         "two runs differ"
     );
+    // The TF32 version is deterministic too (no atomics, a fixed order).
+    let tf32 = Some(GemmKernel::Tf32MmaSync);
+    let args = (&p, &a[..], &b[..], &c0[..]);
+    let run = || {
+        run_both_with(
+            &gpu,
+            tf32,
+            args.0,
+            args.1,
+            args.2,
+            args.3,
+            &[],
+            BiasSel::None,
+            Activation::TANH,
+        )
+        .0
+    };
+    let (first, second) = (run(), run());
+    let mag = magnitudes(&p, &a, &b, lc);
+    if let Err(e) = check_version("gemm batch tf32", tf32, &first, &to_f64(&want), &mag, 300) {
+        panic!("{e}");
+    }
+    assert!(
+        first
+            .iter()
+            .zip(&second)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "two TF32 runs differ"
+    );
+}
+
+/// The TF32 version really rounds its operands to TF32 (round to nearest,
+/// ties away from zero), and the f32 versions do not: with B all ones and
+/// k = 64, rows of A holding 1 + 2^-13 (below half a TF32 ulp: rounds to 1)
+/// sum to exactly 64 in TF32 and 64 + 2^-7 in f32; rows holding 1 + 2^-11
+/// (a tie: rounds away, to 1 + 2^-10) to exactly 64 + 2^-4 in TF32 and
+/// 64 + 2^-5 in f32. Every one of these sums is exact in f32, whatever the
+/// accumulation order.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn tf32_rounds_its_operands() {
+    let gpu = gpu();
+    let (m, n, k) = (32usize, 24usize, 64usize);
+    let p = Gemm::new(m, n, k);
+    let row_value = |i: usize| {
+        if i.is_multiple_of(2) {
+            1.0 + 2f32.powi(-13)
+        } else {
+            1.0 + 2f32.powi(-11)
+        }
+    };
+    let a: Vec<f32> = (0..m * k).map(|e| row_value(e / k)).collect();
+    let b = vec![1.0f32; k * n];
+    let c0 = vec![POISON; m * n];
+    for kernel in GemmKernel::ALL {
+        let (got, _) = run_both_with(
+            &gpu,
+            Some(kernel),
+            &p,
+            &a,
+            &b,
+            &c0,
+            &[],
+            BiasSel::None,
+            Activation::LINEAR,
+        );
+        for (e, &v) in got.iter().enumerate() {
+            let i = e / n;
+            let want = match (kernel.precision(), i % 2) {
+                (Precision::Tf32, 0) => 64.0,
+                (Precision::Tf32, _) => 64.0 + 2f32.powi(-4),
+                (Precision::F32, 0) => 64.0 + 2f32.powi(-7),
+                (Precision::F32, _) => 64.0 + 2f32.powi(-5),
+            };
+            assert_eq!(v, want, "{kernel:?} ({}) C[{i}, {}]", kernel.name(), e % n);
+        }
+    }
 }
 
 /// f64 gradients of `L = sum(dC * alpha * op(A) op(B))` per batch item, in
@@ -479,6 +634,10 @@ proptest! {
         mark(&mut wa, p.stride_a, ar, ac, p.lda);
         mark(&mut wb, p.stride_b, br, bc, p.ldb);
         let (d_a, d_b, d_c) = (dev(&gpu, &a), dev(&gpu, &b), dev(&gpu, &dc));
+        // sum |alpha * x_i * y_i| per gradient element, for the TF32 bound.
+        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+        let p_abs = Gemm { alpha: p.alpha.abs(), ..p };
+        let (mag_a, mag_b) = backward_ref(&p_abs, &abs(&a), &abs(&b), &abs(&dc), la, lb);
         let terms_a = n * if share.0 { batch } else { 1 };
         let terms_b = m * if share.1 { batch } else { 1 };
         // The caller's workspace, poisoned: the partial sums must write
@@ -493,9 +652,9 @@ proptest! {
                 Some(&mut ga.slice_mut(..la)), Some(&mut gb.slice_mut(..lb)),
                 (lw > 0).then(|| ws.slice_mut(..lw)).as_mut(),
             ).unwrap();
-            let r = check_close("dA", &host(&gpu, &ga, la), &wa, tol(terms_a * 2));
+            let r = check_version("dA", Some(kernel), &host(&gpu, &ga, la), &wa, &mag_a, terms_a * 2);
             prop_assert!(r.is_ok(), "{:?} {:?}: {}", kernel, p, r.unwrap_err());
-            let r = check_close("dB", &host(&gpu, &gb, lb), &wb, tol(terms_b * 2));
+            let r = check_version("dB", Some(kernel), &host(&gpu, &gb, lb), &wb, &mag_b, terms_b * 2);
             prop_assert!(r.is_ok(), "{:?} {:?}: {}", kernel, p, r.unwrap_err());
         }
     }

@@ -5,6 +5,15 @@
 // kernel fault at the next synchronization). Calls the emulator does not
 // implement are exported by stubs.cpp (generated) and return
 // CUDA_ERROR_NOT_SUPPORTED.
+//
+// Stream capture (cuStreamBeginCapture_v2 .. cuStreamEndCapture) records
+// the work enqueued on the capturing stream instead of running it: kernel
+// launches (with their parameter bytes copied at capture time, as CUDA
+// does), memsets, device-to-device copies, copies from page-locked host
+// memory (read or written when the graph runs, as a graph's memcpy node
+// does) and event records. A graph is a list of those nodes in stream
+// order; cuGraphLaunch runs them in that order. What CUDA forbids during a
+// capture fails the call and invalidates the capture (see capture_fail).
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -97,13 +106,52 @@ struct Context {
     int device = 0;
     int refs = 0;
 };
-struct Stream {
-    Context* ctx;
-};
 struct Event {
     std::chrono::steady_clock::time_point t{};
     bool recorded = false;
     bool timing = true;
+    // The capture sequence that last recorded it (0: none), so that a wait
+    // inside a capture can tell an event of its own sequence from one
+    // recorded outside it.
+    uint64_t capture_id = 0;
+};
+
+// One unit of captured work.
+struct Node {
+    enum Kind { Kernel, Copy, Memset, EventRecord } kind = Kernel;
+    std::string what;  // for messages: the call or kernel that made it
+    // Kernel
+    Function* f = nullptr;
+    LaunchShape shape{};
+    std::vector<std::vector<unsigned char>> params;
+    // Copy (memmove of `bytes`; host sides are page-locked allocations)
+    uint64_t dst = 0, src = 0;
+    size_t bytes = 0;
+    // Memset: `count` elements of `elem` bytes (1, 2, 4) set to `value`
+    unsigned value = 0, elem = 1;
+    size_t count = 0;
+    // EventRecord
+    Event* event = nullptr;
+};
+struct Graph {
+    std::vector<Node> nodes;
+};
+struct GraphExec {
+    std::vector<Node> nodes;
+};
+
+// CUstreamCaptureStatus and CUstreamCaptureMode.
+enum CaptureStatus { CAPTURE_NONE = 0, CAPTURE_ACTIVE = 1, CAPTURE_INVALIDATED = 2 };
+enum CaptureMode { MODE_GLOBAL = 0, MODE_THREAD_LOCAL = 1, MODE_RELAXED = 2 };
+
+struct Stream {
+    Context* ctx;
+    int capture = CAPTURE_NONE;
+    int mode = MODE_GLOBAL;
+    std::thread::id thread;   // the thread that began the capture
+    uint64_t capture_id = 0;  // this capture sequence's id (unique, from 1)
+    Graph* graph = nullptr;   // the nodes recorded so far
+    std::string invalidated_by;
 };
 
 Context g_primary;
@@ -183,6 +231,7 @@ static const char* error_name(int e) {
         case 201: return "CUDA_ERROR_INVALID_CONTEXT";
         case 218: return "CUDA_ERROR_INVALID_PTX";
         case 400: return "CUDA_ERROR_INVALID_HANDLE";
+        case 401: return "CUDA_ERROR_ILLEGAL_STATE";
         case 500: return "CUDA_ERROR_NOT_FOUND";
         case 600: return "CUDA_ERROR_NOT_READY";
         case 700: return "CUDA_ERROR_ILLEGAL_ADDRESS";
@@ -190,6 +239,11 @@ static const char* error_name(int e) {
         case 710: return "CUDA_ERROR_ASSERT";
         case 719: return "CUDA_ERROR_LAUNCH_FAILED";
         case 801: return "CUDA_ERROR_NOT_SUPPORTED";
+        case 900: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+        case 901: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
+        case 903: return "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED";
+        case 905: return "CUDA_ERROR_STREAM_CAPTURE_ISOLATION";
+        case 908: return "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD";
     }
     return nullptr;
 }
@@ -206,6 +260,7 @@ static const char* error_text(int e) {
         case 201: return "invalid device context";
         case 218: return "a PTX JIT compilation failed";
         case 400: return "invalid resource handle";
+        case 401: return "the operation cannot be performed in the present state";
         case 500: return "named symbol not found";
         case 600: return "device not ready";
         case 700: return "an illegal memory access was encountered";
@@ -213,6 +268,11 @@ static const char* error_text(int e) {
         case 710: return "device-side assert triggered";
         case 719: return "unspecified launch failure";
         case 801: return "operation not supported";
+        case 900: return "operation not permitted when stream is capturing";
+        case 901: return "operation failed due to a previous error during capture";
+        case 903: return "capture was not initiated in this stream";
+        case 905: return "operation would make the legacy stream depend on a capturing blocking stream";
+        case 908: return "attempt to terminate a thread-local capture sequence from another thread";
     }
     return nullptr;
 }
@@ -366,7 +426,7 @@ KEMU_API int cuCtxGetDevice(int* dev) {
     return OK;
 }
 
-KEMU_API int cuCtxSynchronize(void) { return t_current ? OK : fail(ERR_INVALID_CONTEXT, "cuCtxSynchronize: no current context"); }
+KEMU_API int cuCtxSynchronize(void);
 
 KEMU_API int cuCtxGetStreamPriorityRange(int* least, int* greatest) {
     if (least) *least = 0;
@@ -391,6 +451,92 @@ KEMU_API int cuCtxGetApiVersion(void*, unsigned* v) {
     return OK;
 }
 
+// ---- stream capture: state and rules -----------------------------------------------------
+
+namespace {
+
+std::mutex g_capture_m;                // guards every Stream's capture fields and the sets below
+std::vector<Stream*> g_capturing;      // streams with a capture sequence in progress
+std::vector<Graph*> g_graphs;          // live graphs (cuStreamEndCapture .. cuGraphDestroy)
+std::vector<GraphExec*> g_execs;       // live executable graphs
+std::vector<std::pair<uintptr_t, size_t>> g_pinned;  // page-locked host allocations
+uint64_t g_next_capture_id = 1;
+
+template <class T>
+bool contains(const std::vector<T>& v, const T& x) {
+    return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+// Whether [p, p + bytes) lies inside one page-locked host allocation: the
+// only host memory a captured copy may touch (CUDA refuses pageable memory
+// in a capture, since the copy runs when the graph does, not now).
+bool pinned(const void* p, size_t bytes) {
+    std::lock_guard<std::mutex> g(g_capture_m);
+    const uintptr_t a = (uintptr_t)p;
+    for (auto& r : g_pinned)
+        if (a >= r.first && a + bytes <= r.first + r.second) return true;
+    return false;
+}
+
+Stream* as_stream(void* s) { return (uintptr_t)s > 2 ? static_cast<Stream*>(s) : nullptr; }
+
+// The stream if it has a capture sequence in progress (active or
+// invalidated), else null.
+Stream* capturing(void* s) {
+    Stream* st = as_stream(s);
+    if (!st) return nullptr;
+    std::lock_guard<std::mutex> g(g_capture_m);
+    return st->capture != CAPTURE_NONE ? st : nullptr;
+}
+
+// An illegal operation during a capture: CUDA fails the call and
+// invalidates the capture sequence (cuStreamEndCapture then returns no
+// graph and CUDA_ERROR_STREAM_CAPTURE_INVALIDATED).
+Result capture_fail(Stream* st, Result code, const std::string& msg) {
+    {
+        std::lock_guard<std::mutex> g(g_capture_m);
+        if (st->capture == CAPTURE_ACTIVE) {
+            st->capture = CAPTURE_INVALIDATED;
+            st->invalidated_by = msg;
+        }
+    }
+    return fail(code, msg + " (the capture sequence is invalidated)");
+}
+
+// Records `n` into `st`'s capture, or fails when the sequence is already
+// invalidated.
+Result capture_node(Stream* st, Node&& n) {
+    std::lock_guard<std::mutex> g(g_capture_m);
+    if (st->capture == CAPTURE_INVALIDATED)
+        return fail(ERR_STREAM_CAPTURE_INVALIDATED,
+                    n.what + ": the capture sequence on this stream was invalidated by: " + st->invalidated_by);
+    st->graph->nodes.push_back(std::move(n));
+    return OK;
+}
+
+// A "potentially unsafe" call (synchronous allocation, free, copy, memset,
+// context synchronization): CUDA refuses it while any global-mode capture
+// is in progress, or a thread-local one begun by this thread, and
+// invalidates those captures; relaxed captures allow it.
+Result unsafe_call(const char* call) {
+    std::vector<Stream*> hit;
+    {
+        std::lock_guard<std::mutex> g(g_capture_m);
+        for (Stream* st : g_capturing)
+            if (st->mode == MODE_GLOBAL || (st->mode == MODE_THREAD_LOCAL && st->thread == std::this_thread::get_id()))
+                hit.push_back(st);
+    }
+    if (hit.empty()) return OK;
+    for (Stream* st : hit) capture_fail(st, ERR_STREAM_CAPTURE_UNSUPPORTED, std::string(call) + " during a stream capture");
+    return fail(ERR_STREAM_CAPTURE_UNSUPPORTED,
+                std::string(call) + ": not permitted while a stream is capturing (global or this thread's "
+                                    "thread-local mode); the capture sequence is invalidated");
+}
+
+Result run_node(const Node& n);
+
+}  // namespace
+
 // ---- streams and events ---------------------------------------------------------------
 
 static Result check_stream(const char* call, void* s) {
@@ -402,20 +548,100 @@ static Result check_stream(const char* call, void* s) {
 KEMU_API int cuStreamCreate(void** s, unsigned) {
     if (!s) return ERR_INVALID_VALUE;
     if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuStreamCreate: no current context");
-    *s = new Stream{t_current};
+    auto* st = new Stream;
+    st->ctx = t_current;
+    *s = st;
     return OK;
 }
 KEMU_API int cuStreamCreateWithPriority(void** s, unsigned flags, int) { return cuStreamCreate(s, flags); }
 KEMU_API int cuStreamDestroy_v2(void* s) {
-    if ((uintptr_t)s > 2) delete static_cast<Stream*>(s);
+    if (Stream* st = as_stream(s)) {
+        std::lock_guard<std::mutex> g(g_capture_m);
+        // A capture left open dies with its stream.
+        g_capturing.erase(std::remove(g_capturing.begin(), g_capturing.end(), st), g_capturing.end());
+        delete st->graph;
+        delete st;
+    }
     return OK;
 }
-KEMU_API int cuStreamSynchronize(void* s) { return check_stream("cuStreamSynchronize", s); }
-KEMU_API int cuStreamQuery(void* s) { return check_stream("cuStreamQuery", s); }
-KEMU_API int cuStreamWaitEvent(void* s, void*, unsigned) { return check_stream("cuStreamWaitEvent", s); }
-KEMU_API int cuStreamIsCapturing(void*, int* status) {
+// Waiting for a capturing stream would wait for work that has not run.
+KEMU_API int cuStreamSynchronize(void* s) {
+    if (Stream* st = capturing(s))
+        return capture_fail(st, ERR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize on a capturing stream");
+    return check_stream("cuStreamSynchronize", s);
+}
+KEMU_API int cuStreamQuery(void* s) {
+    if (Stream* st = capturing(s))
+        return capture_fail(st, ERR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamQuery on a capturing stream");
+    return check_stream("cuStreamQuery", s);
+}
+KEMU_API int cuStreamWaitEvent(void* s, void* e, unsigned) {
+    if (Stream* st = capturing(s)) {
+        // Inside a capture a wait is a dependency on a node of the same
+        // sequence; one on an event recorded outside it would join the
+        // graph to work that is not in it.
+        auto* ev = static_cast<Event*>(e);
+        if (!ev) return ERR_INVALID_HANDLE;
+        if (ev->capture_id != st->capture_id)
+            return capture_fail(st, ERR_STREAM_CAPTURE_ISOLATION,
+                                "cuStreamWaitEvent: the event was not recorded in this capture sequence");
+        return OK;  // stream order already follows the record
+    }
+    return check_stream("cuStreamWaitEvent", s);
+}
+
+KEMU_API int cuStreamBeginCapture_v2(void* s, int mode) {
+    if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuStreamBeginCapture: no current context");
+    if ((uintptr_t)s <= 1) return fail(ERR_INVALID_VALUE, "cuStreamBeginCapture: the legacy stream cannot be captured");
+    if ((uintptr_t)s == 2)
+        return fail(ERR_NOT_SUPPORTED, "cuStreamBeginCapture: capturing the per-thread default stream is not emulated");
+    if (mode < MODE_GLOBAL || mode > MODE_RELAXED)
+        return fail(ERR_INVALID_VALUE, "cuStreamBeginCapture: unknown capture mode " + std::to_string(mode));
+    Stream* st = static_cast<Stream*>(s);
+    std::lock_guard<std::mutex> g(g_capture_m);
+    if (st->capture != CAPTURE_NONE)
+        return fail(ERR_ILLEGAL_STATE, "cuStreamBeginCapture: the stream is already capturing");
+    st->capture = CAPTURE_ACTIVE;
+    st->mode = mode;
+    st->thread = std::this_thread::get_id();
+    st->capture_id = g_next_capture_id++;
+    st->graph = new Graph;
+    st->invalidated_by.clear();
+    g_capturing.push_back(st);
+    return OK;
+}
+
+KEMU_API int cuStreamEndCapture(void* s, void** graph) {
+    if (!graph) return ERR_INVALID_VALUE;
+    *graph = nullptr;
+    Stream* st = as_stream(s);
+    std::lock_guard<std::mutex> g(g_capture_m);
+    if (!st || st->capture == CAPTURE_NONE)
+        return fail(ERR_ILLEGAL_STATE, "cuStreamEndCapture: the stream is not capturing");
+    if (st->mode != MODE_RELAXED && st->thread != std::this_thread::get_id())
+        return fail(ERR_STREAM_CAPTURE_WRONG_THREAD,
+                    "cuStreamEndCapture: a global or thread-local capture must end on the thread that began it");
+    g_capturing.erase(std::remove(g_capturing.begin(), g_capturing.end(), st), g_capturing.end());
+    const bool invalid = st->capture == CAPTURE_INVALIDATED;
+    st->capture = CAPTURE_NONE;
+    st->capture_id = 0;
+    Graph* gr = st->graph;
+    st->graph = nullptr;
+    if (invalid) {
+        delete gr;
+        return fail(ERR_STREAM_CAPTURE_INVALIDATED,
+                    "cuStreamEndCapture: the capture was invalidated by: " + st->invalidated_by);
+    }
+    g_graphs.push_back(gr);
+    *graph = gr;
+    return OK;
+}
+
+KEMU_API int cuStreamIsCapturing(void* s, int* status) {
     if (!status) return ERR_INVALID_VALUE;
-    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+    Stream* st = as_stream(s);
+    std::lock_guard<std::mutex> g(g_capture_m);
+    *status = st ? st->capture : CAPTURE_NONE;
     return OK;
 }
 
@@ -430,11 +656,21 @@ KEMU_API int cuEventDestroy_v2(void* e) {
     delete static_cast<Event*>(e);
     return OK;
 }
-KEMU_API int cuEventRecord(void* e, void*) {
+KEMU_API int cuEventRecord(void* e, void* s) {
     if (!e) return ERR_INVALID_HANDLE;
     auto* ev = static_cast<Event*>(e);
+    if (Stream* st = capturing(s)) {
+        Node n;
+        n.kind = Node::EventRecord;
+        n.what = "cuEventRecord";
+        n.event = ev;
+        if (Result r = capture_node(st, std::move(n))) return r;
+        ev->capture_id = st->capture_id;
+        return OK;
+    }
     ev->t = std::chrono::steady_clock::now();
     ev->recorded = true;
+    ev->capture_id = 0;
     return OK;
 }
 KEMU_API int cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
@@ -454,20 +690,98 @@ KEMU_API int cuEventElapsedTime_v2(float* ms, void* start, void* end) { return c
 
 // ---- memory ----------------------------------------------------------------------------
 
-KEMU_API int cuMemAlloc_v2(uint64_t* p, size_t bytes) {
+namespace {
+Result do_alloc(uint64_t* p, size_t bytes) {
     if (!p) return ERR_INVALID_VALUE;
     if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuMemAlloc: no current context");
     Result r;
     *p = mem_alloc(bytes, &r);
     return r;
 }
+Result do_copy(const char* call, uint64_t dst, bool dst_dev, uint64_t src, bool src_dev, size_t bytes) {
+    if (dst_dev)
+        if (Result r = check_range((std::string(call) + " (destination)").c_str(), dst, bytes)) return r;
+    if (src_dev)
+        if (Result r = check_range((std::string(call) + " (source)").c_str(), src, bytes)) return r;
+    if (bytes) memmove((void*)dst, (const void*)src, bytes);
+    return OK;
+}
+Result do_memset(const char* call, uint64_t dst, unsigned v, unsigned elem, size_t n) {
+    if (dst % elem)
+        return fail(ERR_INVALID_VALUE, std::string(call) + ": destination not " + std::to_string(elem) + "-byte aligned");
+    if (Result r = check_range(call, dst, n * elem)) return r;
+    if (elem == 1 && n) memset((void*)dst, (int)v, n);
+    if (elem == 2)
+        for (size_t i = 0; i < n; ++i) ((unsigned short*)dst)[i] = (unsigned short)v;
+    if (elem == 4)
+        for (size_t i = 0; i < n; ++i) ((unsigned*)dst)[i] = v;
+    return OK;
+}
+
+// An async copy on `s`: recorded when `s` captures (its host side, if any,
+// must be page-locked), else run now.
+Result copy_on(const char* call, void* s, uint64_t dst, bool dst_dev, uint64_t src, bool src_dev, size_t bytes) {
+    if (Result r = check_stream(call, s)) return r;
+    Stream* st = capturing(s);
+    if (!st) return do_copy(call, dst, dst_dev, src, src_dev, bytes);
+    if ((!dst_dev && !pinned((const void*)dst, bytes)) || (!src_dev && !pinned((const void*)src, bytes)))
+        return capture_fail(st, ERR_STREAM_CAPTURE_UNSUPPORTED,
+                            std::string(call) + ": a copy from or to pageable host memory during a stream capture "
+                                                "(only page-locked memory can be copied when the graph runs)");
+    if (dst_dev)
+        if (Result r = check_range((std::string(call) + " (destination)").c_str(), dst, bytes)) return r;
+    if (src_dev)
+        if (Result r = check_range((std::string(call) + " (source)").c_str(), src, bytes)) return r;
+    Node n;
+    n.kind = Node::Copy;
+    n.what = call;
+    n.dst = dst;
+    n.src = src;
+    n.bytes = bytes;
+    return capture_node(st, std::move(n));
+}
+
+Result memset_on(const char* call, void* s, uint64_t dst, unsigned v, unsigned elem, size_t count) {
+    if (Result r = check_stream(call, s)) return r;
+    Stream* st = capturing(s);
+    if (!st) return do_memset(call, dst, v, elem, count);
+    if (dst % elem)
+        return fail(ERR_INVALID_VALUE, std::string(call) + ": destination not " + std::to_string(elem) + "-byte aligned");
+    if (Result r = check_range(call, dst, count * elem)) return r;
+    Node n;
+    n.kind = Node::Memset;
+    n.what = call;
+    n.dst = dst;
+    n.value = v;
+    n.elem = elem;
+    n.count = count;
+    return capture_node(st, std::move(n));
+}
+}  // namespace
+
+KEMU_API int cuMemAlloc_v2(uint64_t* p, size_t bytes) {
+    if (Result r = unsafe_call("cuMemAlloc")) return r;
+    return do_alloc(p, bytes);
+}
+// Stream-ordered allocation inside a capture would be a graph memory node,
+// which the emulator does not model: refused, so that a captured region
+// that allocates is found here.
 KEMU_API int cuMemAllocAsync(uint64_t* p, size_t bytes, void* s) {
     if (Result r = check_stream("cuMemAllocAsync", s)) return r;
-    return cuMemAlloc_v2(p, bytes);
+    if (Stream* st = capturing(s))
+        return capture_fail(st, ERR_NOT_SUPPORTED,
+                            "cuMemAllocAsync during a stream capture (graph memory nodes are not emulated)");
+    return do_alloc(p, bytes);
 }
-KEMU_API int cuMemFree_v2(uint64_t p) { return mem_free(p); }
+KEMU_API int cuMemFree_v2(uint64_t p) {
+    if (Result r = unsafe_call("cuMemFree")) return r;
+    return mem_free(p);
+}
 KEMU_API int cuMemFreeAsync(uint64_t p, void* s) {
     if (Result r = check_stream("cuMemFreeAsync", s)) return r;
+    if (Stream* st = capturing(s))
+        return capture_fail(st, ERR_NOT_SUPPORTED,
+                            "cuMemFreeAsync during a stream capture (graph memory nodes are not emulated)");
     return mem_free(p);
 }
 KEMU_API int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
@@ -476,84 +790,81 @@ KEMU_API int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return OK;
 }
 
-// Page-locked host memory is ordinary host memory here.
+// Page-locked host memory is ordinary host memory here; its ranges are
+// remembered, because only they may be copied inside a capture.
 KEMU_API int cuMemAllocHost_v2(void** p, size_t bytes) {
     if (!p) return ERR_INVALID_VALUE;
     *p = malloc(bytes ? bytes : 1);
-    return *p ? OK : ERR_OUT_OF_MEMORY;
+    if (!*p) return ERR_OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> g(g_capture_m);
+    g_pinned.emplace_back((uintptr_t)*p, bytes ? bytes : 1);
+    return OK;
 }
 KEMU_API int cuMemHostAlloc(void** p, size_t bytes, unsigned) { return cuMemAllocHost_v2(p, bytes); }
 KEMU_API int cuMemFreeHost(void* p) {
+    {
+        std::lock_guard<std::mutex> g(g_capture_m);
+        g_pinned.erase(std::remove_if(g_pinned.begin(), g_pinned.end(),
+                                      [p](const std::pair<uintptr_t, size_t>& r) { return r.first == (uintptr_t)p; }),
+                       g_pinned.end());
+    }
     free(p);
     return OK;
 }
 
 KEMU_API int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
-    if (Result r = check_range("cuMemcpyHtoD", dst, bytes)) return r;
-    if (bytes) memcpy((void*)dst, src, bytes);
-    return OK;
+    if (Result r = unsafe_call("cuMemcpyHtoD")) return r;
+    return do_copy("cuMemcpyHtoD", dst, true, (uint64_t)src, false, bytes);
 }
 KEMU_API int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) {
-    if (Result r = check_range("cuMemcpyDtoH", src, bytes)) return r;
-    if (bytes) memcpy(dst, (const void*)src, bytes);
-    return OK;
+    if (Result r = unsafe_call("cuMemcpyDtoH")) return r;
+    return do_copy("cuMemcpyDtoH", (uint64_t)dst, false, src, true, bytes);
 }
 KEMU_API int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t bytes) {
-    if (Result r = check_range("cuMemcpyDtoD (destination)", dst, bytes)) return r;
-    if (Result r = check_range("cuMemcpyDtoD (source)", src, bytes)) return r;
-    if (bytes) memmove((void*)dst, (const void*)src, bytes);
-    return OK;
+    if (Result r = unsafe_call("cuMemcpyDtoD")) return r;
+    return do_copy("cuMemcpyDtoD", dst, true, src, true, bytes);
 }
 KEMU_API int cuMemcpy(uint64_t dst, uint64_t src, size_t bytes) {
+    if (Result r = unsafe_call("cuMemcpy")) return r;
     // Unified addressing: either side may be host or device memory.
-    if (bytes) memmove((void*)dst, (const void*)src, bytes);
-    return OK;
+    return do_copy("cuMemcpy", dst, false, src, false, bytes);
 }
 KEMU_API int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t bytes, void* s) {
-    if (Result r = check_stream("cuMemcpyHtoDAsync", s)) return r;
-    return cuMemcpyHtoD_v2(dst, src, bytes);
+    return copy_on("cuMemcpyHtoDAsync", s, dst, true, (uint64_t)src, false, bytes);
 }
 KEMU_API int cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t bytes, void* s) {
-    if (Result r = check_stream("cuMemcpyDtoHAsync", s)) return r;
-    return cuMemcpyDtoH_v2(dst, src, bytes);
+    return copy_on("cuMemcpyDtoHAsync", s, (uint64_t)dst, false, src, true, bytes);
 }
 KEMU_API int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void* s) {
-    if (Result r = check_stream("cuMemcpyDtoDAsync", s)) return r;
-    return cuMemcpyDtoD_v2(dst, src, bytes);
+    return copy_on("cuMemcpyDtoDAsync", s, dst, true, src, true, bytes);
 }
 KEMU_API int cuMemcpyAsync(uint64_t dst, uint64_t src, size_t bytes, void* s) {
-    if (Result r = check_stream("cuMemcpyAsync", s)) return r;
-    return cuMemcpy(dst, src, bytes);
+    // Either side may be host memory; inside a capture both must then be
+    // device or page-locked memory.
+    const bool dd = mem_valid(dst, bytes ? bytes : 1), sd = mem_valid(src, bytes ? bytes : 1);
+    return copy_on("cuMemcpyAsync", s, dst, dd, src, sd, bytes);
 }
 
 KEMU_API int cuMemsetD8_v2(uint64_t dst, unsigned char v, size_t n) {
-    if (Result r = check_range("cuMemsetD8", dst, n)) return r;
-    if (n) memset((void*)dst, v, n);
-    return OK;
+    if (Result r = unsafe_call("cuMemsetD8")) return r;
+    return do_memset("cuMemsetD8", dst, v, 1, n);
 }
 KEMU_API int cuMemsetD8Async(uint64_t dst, unsigned char v, size_t n, void* s) {
-    if (Result r = check_stream("cuMemsetD8Async", s)) return r;
-    return cuMemsetD8_v2(dst, v, n);
+    return memset_on("cuMemsetD8Async", s, dst, v, 1, n);
 }
 KEMU_API int cuMemsetD16_v2(uint64_t dst, unsigned short v, size_t n) {
-    if (dst % 2) return fail(ERR_INVALID_VALUE, "cuMemsetD16: destination not 2-byte aligned");
-    if (Result r = check_range("cuMemsetD16", dst, n * 2)) return r;
-    for (size_t i = 0; i < n; ++i) ((unsigned short*)dst)[i] = v;
-    return OK;
+    if (Result r = unsafe_call("cuMemsetD16")) return r;
+    return do_memset("cuMemsetD16", dst, v, 2, n);
 }
 KEMU_API int cuMemsetD32_v2(uint64_t dst, unsigned v, size_t n) {
-    if (dst % 4) return fail(ERR_INVALID_VALUE, "cuMemsetD32: destination not 4-byte aligned");
-    if (Result r = check_range("cuMemsetD32", dst, n * 4)) return r;
-    for (size_t i = 0; i < n; ++i) ((unsigned*)dst)[i] = v;
-    return OK;
+    if (Result r = unsafe_call("cuMemsetD32")) return r;
+    return do_memset("cuMemsetD32", dst, v, 4, n);
 }
 KEMU_API int cuMemsetD16Async(uint64_t dst, unsigned short v, size_t n, void* s) {
-    if (Result r = check_stream("cuMemsetD16Async", s)) return r;
-    return cuMemsetD16_v2(dst, v, n);
+    return memset_on("cuMemsetD16Async", s, dst, v, 2, n);
 }
 KEMU_API int cuMemsetD32Async(uint64_t dst, unsigned v, size_t n, void* s) {
-    if (Result r = check_stream("cuMemsetD32Async", s)) return r;
-    return cuMemsetD32_v2(dst, v, n);
+    return memset_on("cuMemsetD32Async", s, dst, v, 4, n);
 }
 
 // ---- modules and functions ------------------------------------------------------------------
@@ -680,7 +991,135 @@ KEMU_API int cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, uns
             return fail(ERR_INVALID_VALUE, e.str());
         }
     LaunchShape s{{gx, gy, gz}, {bx, by, bz}, shared};
+    if (Stream* st = capturing(stream)) {
+        // CUDA copies the parameter values when the launch is captured, so
+        // the caller's argument storage may change or die afterwards.
+        Node n;
+        n.kind = Node::Kernel;
+        n.what = "kernel " + f->name;
+        n.f = f;
+        n.shape = s;
+        for (unsigned i = 0; i < f->entry->param_count; ++i) {
+            const auto* b = static_cast<const unsigned char*>(params[i]);
+            n.params.emplace_back(b, b + f->params[i].size);
+        }
+        return capture_node(st, std::move(n));
+    }
     return launch(f, s, params);
+}
+
+KEMU_API int cuCtxSynchronize(void) {
+    if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuCtxSynchronize: no current context");
+    return unsafe_call("cuCtxSynchronize");
+}
+
+// ---- graphs --------------------------------------------------------------------------------------
+
+namespace {
+Result run_node(const Node& n) {
+    switch (n.kind) {
+        case Node::Kernel: {
+            std::vector<void*> args;
+            for (const auto& p : n.params) args.push_back((void*)p.data());
+            return launch(n.f, n.shape, args.data());
+        }
+        case Node::Copy:
+            // Ranges were checked at capture; a device allocation freed since
+            // is caught here.
+            if (mem_valid(n.dst, 1) && !mem_valid(n.dst, n.bytes ? n.bytes : 1))
+                return fail(ERR_INVALID_VALUE, "cuGraphLaunch: " + n.what + ": destination no longer allocated");
+            if (n.bytes) memmove((void*)n.dst, (const void*)n.src, n.bytes);
+            return OK;
+        case Node::Memset: return do_memset(n.what.c_str(), n.dst, n.value, n.elem, n.count);
+        case Node::EventRecord:
+            n.event->t = std::chrono::steady_clock::now();
+            n.event->recorded = true;
+            return OK;
+    }
+    return OK;
+}
+}  // namespace
+
+// Flags: AUTO_FREE_ON_LAUNCH (1; nothing to free here: no graph memory
+// nodes), UPLOAD (2), DEVICE_LAUNCH (4, not emulated), USE_NODE_PRIORITY (8).
+KEMU_API int cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long flags) {
+    if (!exec) return ERR_INVALID_VALUE;
+    std::lock_guard<std::mutex> g(g_capture_m);
+    auto* gr = static_cast<Graph*>(graph);
+    if (!contains(g_graphs, gr)) return fail(ERR_INVALID_VALUE, "cuGraphInstantiateWithFlags: not a live graph");
+    if (flags & ~15ull)
+        return fail(ERR_INVALID_VALUE, "cuGraphInstantiateWithFlags: unknown flags " + std::to_string(flags));
+    if ((flags & 4) && (flags & 1))
+        return fail(ERR_INVALID_VALUE, "cuGraphInstantiateWithFlags: DEVICE_LAUNCH cannot be combined with AUTO_FREE_ON_LAUNCH");
+    if (flags & 4) return fail(ERR_NOT_SUPPORTED, "cuGraphInstantiateWithFlags: device-launched graphs are not emulated");
+    auto* ex = new GraphExec{gr->nodes};
+    g_execs.push_back(ex);
+    *exec = ex;
+    return OK;
+}
+
+// Runs the nodes in their stream order. Launched into a capturing stream,
+// the graph's nodes join that capture (a child graph, flattened).
+KEMU_API int cuGraphLaunch(void* exec, void* s) {
+    auto* ex = static_cast<GraphExec*>(exec);
+    {
+        std::lock_guard<std::mutex> g(g_capture_m);
+        if (!contains(g_execs, ex)) return fail(ERR_INVALID_VALUE, "cuGraphLaunch: not a live executable graph");
+    }
+    if (Result r = check_stream("cuGraphLaunch", s)) return r;
+    if (Stream* st = capturing(s)) {
+        for (const Node& n : ex->nodes) {
+            Node c = n;
+            if (Result r = capture_node(st, std::move(c))) return r;
+        }
+        return OK;
+    }
+    for (size_t i = 0; i < ex->nodes.size(); ++i) {
+        const Node& n = ex->nodes[i];
+        if (Result r = run_node(n)) {
+            std::string prev = last_detail(r) ? last_detail(r) : "";
+            return fail(r, "cuGraphLaunch: node " + std::to_string(i) + " (" + n.what + ") failed: " + prev);
+        }
+    }
+    return OK;
+}
+
+KEMU_API int cuGraphUpload(void* exec, void* s) {
+    {
+        std::lock_guard<std::mutex> g(g_capture_m);
+        if (!contains(g_execs, static_cast<GraphExec*>(exec)))
+            return fail(ERR_INVALID_VALUE, "cuGraphUpload: not a live executable graph");
+    }
+    return check_stream("cuGraphUpload", s);
+}
+
+KEMU_API int cuGraphExecDestroy(void* exec) {
+    auto* ex = static_cast<GraphExec*>(exec);
+    std::lock_guard<std::mutex> g(g_capture_m);
+    if (!contains(g_execs, ex)) return fail(ERR_INVALID_VALUE, "cuGraphExecDestroy: not a live executable graph");
+    g_execs.erase(std::find(g_execs.begin(), g_execs.end(), ex));
+    delete ex;
+    return OK;
+}
+
+KEMU_API int cuGraphDestroy(void* graph) {
+    auto* gr = static_cast<Graph*>(graph);
+    std::lock_guard<std::mutex> g(g_capture_m);
+    if (!contains(g_graphs, gr)) return fail(ERR_INVALID_VALUE, "cuGraphDestroy: not a live graph");
+    g_graphs.erase(std::find(g_graphs.begin(), g_graphs.end(), gr));
+    delete gr;
+    return OK;
+}
+
+// The number of nodes of a graph (cuGraphGetNodes with a null node array).
+KEMU_API int cuGraphGetNodes(void* graph, void** nodes, size_t* count) {
+    if (!count) return ERR_INVALID_VALUE;
+    auto* gr = static_cast<Graph*>(graph);
+    std::lock_guard<std::mutex> g(g_capture_m);
+    if (!contains(g_graphs, gr)) return fail(ERR_INVALID_VALUE, "cuGraphGetNodes: not a live graph");
+    if (nodes) return fail(ERR_NOT_SUPPORTED, "cuGraphGetNodes: node handles are not emulated (pass null to count)");
+    *count = gr->nodes.size();
+    return OK;
 }
 
 // The emulator's own entry points (not CUDA's): whether this driver is the

@@ -51,6 +51,10 @@ struct Thread {
     unsigned mask = 0;
     unsigned long long value = 0, result = 0;
     int arg = 0, width = 32;
+    // A WARP_COLLECTIVE's function, its instruction's name and this lane's record.
+    CollectiveFn collective = nullptr;
+    const char* collective_name = nullptr;
+    void* data = nullptr;
     Block* block = nullptr;
     ctx::stack_context stack{};  // the fiber's stack (for AddressSanitizer)
     void* fake_stack = nullptr;
@@ -190,6 +194,10 @@ const char* op_name(int op) {
     return "warp operation";
 }
 
+const char* op_name(const Thread& t) {
+    return t.op == WARP_COLLECTIVE && t.collective_name ? t.collective_name : op_name(t.op);
+}
+
 // The block fails; the running fiber (if any) parks until it is unwound.
 void block_fail(Block& b, Result code, const std::string& msg) {
     if (!b.aborting) {
@@ -238,7 +246,7 @@ bool resolve_warps(Block& b) {
                 if (!(mask >> k & 1u)) continue;
                 std::ostringstream e;
                 if (k >= lanes) {
-                    e << op_name(lead.op) << " at " << where(lead.file, lead.line) << " (thread " << tid_string(lead)
+                    e << op_name(lead) << " at " << where(lead.file, lead.line) << " (thread " << tid_string(lead)
                       << ") names lane " << k << " of warp " << w << " in mask 0x" << std::hex << mask << std::dec
                       << ", but the block has only " << lanes << " threads in that warp";
                     block_fail(b, ERR_LAUNCH_FAILED, e.str());
@@ -246,7 +254,7 @@ bool resolve_warps(Block& b) {
                 }
                 Thread& o = ts[base + k];
                 if (o.state == State::Exited) {
-                    e << op_name(lead.op) << " at " << where(lead.file, lead.line) << " with mask 0x" << std::hex
+                    e << op_name(lead) << " at " << where(lead.file, lead.line) << " with mask 0x" << std::hex
                       << mask << std::dec << ": lane " << k << " (thread " << tid_string(o)
                       << ") has exited and will never reach it (lane " << l << ", thread " << tid_string(lead)
                       << ", waits)";
@@ -254,24 +262,41 @@ bool resolve_warps(Block& b) {
                     break;
                 }
                 if (o.state == State::Barrier) {
-                    e << op_name(lead.op) << " at " << where(lead.file, lead.line) << " with mask 0x" << std::hex
+                    e << op_name(lead) << " at " << where(lead.file, lead.line) << " with mask 0x" << std::hex
                       << mask << std::dec << " waits for lane " << k << " (thread " << tid_string(o)
                       << "), which waits at __syncthreads at " << where(o.file, o.line) << ": a deadlock on a GPU";
                     block_fail(b, ERR_LAUNCH_FAILED, e.str());
                     break;
                 }
                 if (o.op != lead.op || o.mask != mask || o.file != lead.file || o.line != lead.line ||
-                    o.width != lead.width) {
+                    o.width != lead.width || o.collective != lead.collective) {
                     e << "divergent warp operations in warp " << w << ": lane " << l << " (thread "
-                      << tid_string(lead) << ") waits at " << op_name(lead.op) << " at "
+                      << tid_string(lead) << ") waits at " << op_name(lead) << " at "
                       << where(lead.file, lead.line) << " with mask 0x" << std::hex << mask << ", lane " << std::dec
-                      << k << " (thread " << tid_string(o) << ") at " << op_name(o.op) << " at "
+                      << k << " (thread " << tid_string(o) << ") at " << op_name(o) << " at "
                       << where(o.file, o.line) << " with mask 0x" << std::hex << o.mask;
                     block_fail(b, ERR_LAUNCH_FAILED, e.str());
                     break;
                 }
             }
             if (b.aborting) break;
+            if (lead.op == WARP_COLLECTIVE) {
+                // Everyone is here: the instruction runs once, over every
+                // lane's record (each lane's operands live on its parked
+                // fiber's stack until it resumes).
+                void* lanes[32] = {};
+                for (unsigned k = 0; k < 32; ++k)
+                    if (mask >> k & 1u) lanes[k] = ts[base + k].data;
+                if (const char* err = lead.collective(lanes, mask)) {
+                    block_fail(b, ERR_LAUNCH_FAILED,
+                               std::string(op_name(lead)) + " at " + where(lead.file, lead.line) + ": " + err);
+                    break;
+                }
+                for (unsigned k = 0; k < 32; ++k)
+                    if (mask >> k & 1u) ts[base + k].state = State::Runnable;
+                progress = true;
+                continue;
+            }
             // Everyone is here: compute each lane's result (PTX shfl.sync /
             // vote.sync semantics).
             unsigned ballot = 0;
@@ -290,7 +315,7 @@ bool resolve_warps(Block& b) {
                     default: {
                         if (!pow2) {
                             block_fail(b, ERR_LAUNCH_FAILED,
-                                       std::string(op_name(lead.op)) + " at " + where(lead.file, lead.line) +
+                                       std::string(op_name(lead)) + " at " + where(lead.file, lead.line) +
                                            ": width " + std::to_string(width) + " is not a power of two in [1, 32]");
                             break;
                         }
@@ -323,7 +348,7 @@ bool resolve_warps(Block& b) {
                         if (!in_range) j = lane;
                         if (!(mask >> j & 1u)) {
                             std::ostringstream e;
-                            e << op_name(lead.op) << " at " << where(lead.file, lead.line) << ": lane " << k
+                            e << op_name(lead) << " at " << where(lead.file, lead.line) << ": lane " << k
                               << " reads lane " << j << ", which is outside the mask 0x" << std::hex << mask
                               << " (the value is undefined on a GPU)";
                             block_fail(b, ERR_LAUNCH_FAILED, e.str());
@@ -641,6 +666,9 @@ KEMU_API unsigned long long kemu_warp_op(int op, unsigned mask, unsigned long lo
     }
     t->state = State::Warp;
     t->op = op;
+    t->collective = nullptr;
+    t->collective_name = nullptr;
+    t->data = nullptr;
     t->mask = mask;
     t->value = value;
     t->arg = arg;
@@ -649,6 +677,31 @@ KEMU_API unsigned long long kemu_warp_op(int op, unsigned mask, unsigned long lo
     t->line = line;
     park(t);
     return t->result;
+}
+
+KEMU_API void kemu_warp_collective(CollectiveFn fn, const char* name, unsigned mask, void* data, const char* file,
+                                   int line) {
+    Thread* t = g_current;
+    if (!(mask >> t->lane & 1u)) {
+        std::ostringstream e;
+        e << name << " at " << where(file, line) << ": thread " << tid_string(*t) << " (lane " << t->lane
+          << ") is not in its own mask 0x" << std::hex << mask;
+        block_fail(*t->block, ERR_LAUNCH_FAILED, e.str());
+        t->state = State::Warp;
+        park(t);
+    }
+    t->state = State::Warp;
+    t->op = WARP_COLLECTIVE;
+    t->collective = fn;
+    t->collective_name = name;
+    t->data = data;
+    t->mask = mask;
+    t->value = 0;
+    t->arg = 0;
+    t->width = 32;
+    t->file = file;
+    t->line = line;
+    park(t);
 }
 
 KEMU_API unsigned kemu_activemask(void) {

@@ -112,3 +112,68 @@ extern "C" __global__ void kemu_test_dynamic_shared(float* out) {
     __syncthreads();
     out[threadIdx.x] = dyn[blockDim.x - 1 - threadIdx.x];
 }
+
+// x[i] = x[i] * 2 + a: the order of two launches shows in the result (the
+// graph checks replay captured launches in stream order, with the
+// parameter values of capture time).
+extern "C" __global__ void kemu_test_scale_add(float* x, float a, unsigned long long n) {
+    const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = x[i] * 2.0f + a;
+}
+
+// ---- tensor cores (kernels/mma.cuh over emu/include/kemu/tensor_core.h) ----
+#include "mma.cuh"
+
+// cvt.rna.tf32.f32 of n values.
+extern "C" __global__ void kemu_test_tf32_round(const float* x, unsigned* out, unsigned n) {
+    if (threadIdx.x < n) out[threadIdx.x] = tf32_round(x[threadIdx.x]);
+}
+
+// One mma.m16n8k8 per warp on that warp's A (16 x 8), B (8 x 8) and C
+// (16 x 8), all row-major and dense (128, 64 and 128 floats per warp);
+// writes D like C. The fragments are gathered here from the PTX ISA's
+// layout tables (written out again, not taken from the emulator), so the
+// check against a plain matrix product tests the emulator's layout too.
+// `raw`: pass the operands' f32 bits unrounded (the emulator truncates them).
+extern "C" __global__ void kemu_test_mma_tf32(const float* A, const float* B, const float* C, float* D, unsigned raw) {
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    A += warp * 128;
+    B += warp * 64;
+    C += warp * 128;
+    D += warp * 128;
+    const unsigned g = lane >> 2, t = lane % 4;
+    // a0: row g, col t; a1: row g+8, col t; a2: row g, col t+4; a3: row g+8, col t+4.
+    const float av[4] = {A[g * 8 + t], A[(g + 8) * 8 + t], A[g * 8 + t + 4], A[(g + 8) * 8 + t + 4]};
+    // b0: row t, col g; b1: row t+4, col g.
+    const float bv[2] = {B[t * 8 + g], B[(t + 4) * 8 + g]};
+    // ci: row g (i < 2) or g+8, col 2t + (i & 1).
+    float c[4], d[4];
+    for (int i = 0; i < 4; ++i) c[i] = C[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)];
+    u32 a[4], b[2];
+    for (int i = 0; i < 4; ++i) a[i] = raw ? __float_as_uint(av[i]) : tf32_round(av[i]);
+    for (int i = 0; i < 2; ++i) b[i] = raw ? __float_as_uint(bv[i]) : tf32_round(bv[i]);
+    mma_m16n8k8_tf32(d, a, b, c);
+    for (int i = 0; i < 4; ++i) D[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)] = d[i];
+}
+
+// An mma reached by half a warp (the other half exits): a GPU's
+// mma.sync.aligned needs all 32 lanes.
+extern "C" __global__ void kemu_test_mma_half_warp(float* out) {
+    if (threadIdx.x >= 16) return;
+    const u32 a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+    float c[4] = {0, 0, 0, 0};
+    mma_m16n8k8_tf32(c, a, b, c);
+    out[threadIdx.x] = c[0];
+}
+
+// The two halves of a warp at two different mma instructions (divergence).
+extern "C" __global__ void kemu_test_mma_divergent(float* out) {
+    const u32 a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+    float c[4] = {0, 0, 0, 0};
+    if (threadIdx.x < 16) {
+        mma_m16n8k8_tf32(c, a, b, c);
+    } else {
+        mma_m16n8k8_tf32(c, a, b, c);
+    }
+    out[threadIdx.x] = c[0];
+}

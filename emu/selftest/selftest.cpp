@@ -9,6 +9,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -30,6 +33,28 @@ int cuMemcpyDtoH_v2(void*, uint64_t, size_t);
 int cuMemsetD8_v2(uint64_t, unsigned char, size_t);
 int cuGetErrorString(int, const char**);
 int cuGraphCreate(void**, unsigned);
+int cuStreamCreate(void**, unsigned);
+int cuStreamDestroy_v2(void*);
+int cuStreamSynchronize(void*);
+int cuStreamWaitEvent(void*, void*, unsigned);
+int cuStreamBeginCapture_v2(void*, int);
+int cuStreamEndCapture(void*, void**);
+int cuStreamIsCapturing(void*, int*);
+int cuEventCreate(void**, unsigned);
+int cuEventRecord(void*, void*);
+int cuEventDestroy_v2(void*);
+int cuMemcpyHtoDAsync_v2(uint64_t, const void*, size_t, void*);
+int cuMemcpyDtoDAsync_v2(uint64_t, uint64_t, size_t, void*);
+int cuMemsetD32Async(uint64_t, unsigned, size_t, void*);
+int cuMemAllocAsync(uint64_t*, size_t, void*);
+int cuMemAllocHost_v2(void**, size_t);
+int cuMemFreeHost(void*);
+int cuGraphInstantiateWithFlags(void**, void*, unsigned long long);
+int cuGraphLaunch(void*, void*);
+int cuGraphUpload(void*, void*);
+int cuGraphExecDestroy(void*);
+int cuGraphDestroy(void*);
+int cuGraphGetNodes(void*, void**, size_t*);
 }
 
 namespace {
@@ -77,11 +102,14 @@ std::string all_entries() {
     for (const char* n : {"kemu_test_divergent_barrier", "kemu_test_barrier_after_return",
                           "kemu_test_half_warp_shuffle", "kemu_test_not_in_mask", "kemu_test_warp_vs_barrier",
                           "kemu_test_shared_poison", "kemu_test_race", "kemu_test_no_race",
-                          "kemu_test_dynamic_shared"})
+                          "kemu_test_dynamic_shared", "kemu_test_mma_half_warp", "kemu_test_mma_divergent"})
         s += entry(n, {P});
     s += entry("kemu_test_shuffles", {P, P});
     s += entry("kemu_test_atomics", {P, P});
     s += entry("kemu_test_oob", {P, ".u64"});
+    s += entry("kemu_test_scale_add", {P, ".f32", ".u64"});
+    s += entry("kemu_test_tf32_round", {P, P, ".u32"});
+    s += entry("kemu_test_mma_tf32", {P, P, P, P, ".u32"});
     s += ".shared .align 4 .b8 big_smem[40960];\n";
     s += entry("kemu_test_big_shared", {P}, ".maxntid 64, 1, 1", "\tmov.u64 %rd1, big_smem;\n");
     return s;
@@ -123,6 +151,30 @@ int ref_shfl(int op, const int* v, int lane, int arg, int width) {
     }
     return v[src];
 }
+
+// TF32 round-to-nearest, ties away from zero, written with frexp/ldexp
+// rather than the emulator's bit arithmetic: the significand in [0.5, 1)
+// scaled to 11 bits (1 implicit + 10 stored), rounded half away, scaled
+// back. Subnormal f32 inputs keep the absolute quantum of the smallest
+// normal binade (2^-126 * 2^-10 = 2^-136), as a bit-level rounding of the
+// subnormal's 23-bit field does; results past the largest finite TF32 value
+// are infinite.
+double tf32_ref(float x) {
+    if (std::isnan(x) || std::isinf(x) || x == 0.0f) return x;
+    int e = 0;
+    std::frexp((double)x, &e);
+    const int q = std::max(e - 11, -136);  // exponent of the last kept bit
+    const double scaled = std::ldexp((double)x, -q);
+    const double r = std::copysign(std::floor(std::fabs(scaled) + 0.5), scaled);
+    const double v = std::ldexp(r, q);
+    return std::fabs(v) > (double)FLT_MAX ? std::copysign(INFINITY, v) : v;
+}
+
+uint32_t lcg(uint64_t& s) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return (uint32_t)(s >> 33);
+}
+float uniform(uint64_t& s) { return (float)((double)lcg(s) / 2147483648.0 * 2.0 - 1.0); }
 
 }  // namespace
 
@@ -221,6 +273,96 @@ int main() {
         check(half, "a shuffle over a 16-lane mask");
     }
 
+    // ---- tensor cores --------------------------------------------------------------
+    {
+        // cvt.rna.tf32.f32: ties (1 + 2^-11 sits halfway between two TF32
+        // values) go away from zero, the largest finite f32 rounds to
+        // infinity, subnormals round on their own quantum, NaN stays NaN.
+        std::vector<float> x = {1.0f, 1.0f + 0x1p-11f, -(1.0f + 0x1p-11f), 1.0f + 0x1p-11f + 0x1p-23f,
+                                1.0f + 0x1p-12f, 1.0f + 3 * 0x1p-11f, 3.14159265f, -2.71828182f, FLT_MAX,
+                                -FLT_MAX, 0x1.ffep-1f, 1e-40f, -3e-39f, 0x1p-149f, 0.0f, -0.0f, INFINITY,
+                                -INFINITY, NAN, 65504.3f};
+        uint64_t seed = 12345;
+        while (x.size() < 64) x.push_back(uniform(seed) * std::ldexp(1.0f, (int)(lcg(seed) % 60) - 30));
+        const unsigned n = (unsigned)x.size();
+        Buf dx(n * 4), dr(n * 4);
+        cuMemcpyHtoD_v2(dx.p, x.data(), n * 4);
+        check(launch(fn("kemu_test_tf32_round"), 1, 64, {&dx.p, &dr.p, (void*)&n}) == 0, "the tf32_round kernel runs");
+        std::vector<unsigned> r = dr.get<unsigned>();
+        int bad = -1;
+        for (unsigned i = 0; i < n && bad < 0; ++i) {
+            float got;
+            memcpy(&got, &r[i], 4);
+            const double want = tf32_ref(x[i]);
+            const bool same = std::isnan(want) ? std::isnan(got) : (double)got == want && std::signbit(got) == std::signbit(want);
+            if (!same || (r[i] & 0x1fffu) != 0) bad = (int)i;
+        }
+        check(bad < 0, "cvt.rna.tf32.f32 (ties away, overflow, subnormals, inf, NaN) against a frexp reference" +
+                           (bad < 0 ? std::string() : ": value " + std::to_string(bad) + " differs"));
+
+        // mma.m16n8k8: two warps, each its own A, B, C (random, in [-1, 1],
+        // scaled by powers of two so that the exponents differ), against
+        // D = A * B + C in f64 of the TF32-rounded operands. The emulator
+        // sums exact products in f64 and rounds once to f32, so each element
+        // must be within half an f32 ulp of the reference, |D - ref| <=
+        // 2^-24 * |ref| (plus 2^-50 * sum |a b| + |c| for the f64 sum's own
+        // rounding): a wrong fragment position is an error of a whole term.
+        const int warps = 2;
+        std::vector<float> A(warps * 128), B(warps * 64), C(warps * 128);
+        for (float& v : A) v = uniform(seed) * std::ldexp(1.0f, (int)(lcg(seed) % 5) - 2);
+        for (float& v : B) v = uniform(seed);
+        for (float& v : C) v = uniform(seed);
+        Buf da(A.size() * 4), db(B.size() * 4), dcc(C.size() * 4), dd(C.size() * 4);
+        cuMemcpyHtoD_v2(da.p, A.data(), A.size() * 4);
+        cuMemcpyHtoD_v2(db.p, B.data(), B.size() * 4);
+        cuMemcpyHtoD_v2(dcc.p, C.data(), C.size() * 4);
+        for (unsigned raw = 0; raw < 2; ++raw) {
+            const int rc = launch(fn("kemu_test_mma_tf32"), 1, 32 * warps, {&da.p, &db.p, &dcc.p, &dd.p, (void*)&raw});
+            std::vector<float> D = dd.get<float>();
+            std::string worst;
+            for (int w = 0; w < warps && worst.empty(); ++w)
+                for (int i = 0; i < 16 && worst.empty(); ++i)
+                    for (int j = 0; j < 8 && worst.empty(); ++j) {
+                        double ref = C[w * 128 + i * 8 + j], mag = std::fabs(ref);
+                        for (int k = 0; k < 8; ++k) {
+                            float av = A[w * 128 + i * 8 + k], bv = B[w * 64 + k * 8 + j];
+                            // raw: the operands' low 13 bits ignored (truncation).
+                            double ta, tb;
+                            if (raw) {
+                                uint32_t ua, ub;
+                                memcpy(&ua, &av, 4);
+                                memcpy(&ub, &bv, 4);
+                                ua &= 0xffffe000u;
+                                ub &= 0xffffe000u;
+                                float fa, fb;
+                                memcpy(&fa, &ua, 4);
+                                memcpy(&fb, &ub, 4);
+                                ta = fa, tb = fb;
+                            } else {
+                                ta = tf32_ref(av), tb = tf32_ref(bv);
+                            }
+                            ref += ta * tb;
+                            mag += std::fabs(ta * tb);
+                        }
+                        const double got = D[w * 128 + i * 8 + j];
+                        if (!(std::fabs(got - ref) <= 0x1p-24 * std::fabs(ref) + 0x1p-50 * mag))
+                            worst = "warp " + std::to_string(w) + " D(" + std::to_string(i) + "," + std::to_string(j) +
+                                    ") = " + std::to_string(got) + ", want " + std::to_string(ref);
+                    }
+            check(rc == 0 && worst.empty(),
+                  std::string("mma.m16n8k8 tf32, 2 warps, ") +
+                      (raw ? "unrounded operands (truncated to 19 bits)" : "operands rounded by cvt.rna") +
+                      ", against an f64 product of the TF32 inputs" + (worst.empty() ? "" : ": " + worst));
+        }
+        Buf o(64 * 4);
+        expect_error(launch(fn("kemu_test_mma_half_warp"), 1, 32, {&o.p}), 719, "has exited",
+                     "an mma.sync reached by half a warp is refused");
+        expect_error(launch(fn("kemu_test_mma_divergent"), 1, 32, {&o.p}), 719, "divergent warp operations",
+                     "an mma.sync at two call sites in one warp (divergence) is refused");
+        expect_error(launch(fn("kemu_test_mma_tf32"), 1, 16, {&da.p, &db.p, &dcc.p, &dd.p, (void*)&o.p}), 719,
+                     "only 16 threads", "an mma.sync in a block of 16 threads (a partial warp) is refused");
+    }
+
     // ---- memory ----------------------------------------------------------------
     {
         uint64_t p = 0;
@@ -296,6 +438,117 @@ int main() {
         const int rc = launch(fn("kemu_test_oob"), 1, 32, {&p.p, &n});
         if (memcheck) expect_error(rc, 700, "AddressSanitizer", "a write one past an allocation");
         else check(rc == 0, "a write one past an allocation is not seen without memcheck (expected)");
+    }
+
+    // ---- stream capture and graphs --------------------------------------------------
+    {
+        void* st = nullptr;
+        check(cuStreamCreate(&st, 1) == 0, "a stream for the capture checks");
+        void* sa = fn("kemu_test_scale_add");
+        const unsigned long long n = 8;
+        Buf x(n * 4), y(n * 4);
+        auto floats = [](Buf& b) { return b.get<float>(); };
+        int status = -1;
+        auto cap_launch = [&](float a) {
+            return cuLaunchKernel(sa, 1, 1, 1, 32, 1, 1, 0, st, std::vector<void*>{&x.p, &a, (void*)&n}.data(),
+                                  nullptr);
+        };
+        // Relaxed mode, so that the synchronous reads below may look at the
+        // buffers during the capture.
+        check(cuStreamBeginCapture_v2(st, 2) == 0 && cuStreamIsCapturing(st, &status) == 0 && status == 1,
+              "capture begins; the stream reports CU_STREAM_CAPTURE_STATUS_ACTIVE");
+        // memset x = 1.0, x = 2x + 3, x = 2x + 5, y = x: run they would give
+        // x = y = 15; captured, nothing happens until the graph runs.
+        float a = 3.0f;
+        const bool recorded = cuMemsetD32Async(x.p, 0x3f800000u, n, st) == 0 &&
+                              cuLaunchKernel(sa, 1, 1, 1, 32, 1, 1, 0, st,
+                                             std::vector<void*>{&x.p, &a, (void*)&n}.data(), nullptr) == 0;
+        a = 100.0f;  // the capture copied the parameter: this must not matter
+        check(recorded && cap_launch(5.0f) == 0 && cuMemcpyDtoDAsync_v2(y.p, x.p, n * 4, st) == 0,
+              "a memset, two launches and a device copy are recorded");
+        check(floats(x)[0] == 0.0f && floats(y)[0] == 0.0f, "captured work does not run at capture");
+        void* g = nullptr;
+        void* ex = nullptr;
+        size_t nodes = 0;
+        check(cuStreamEndCapture(st, &g) == 0 && g && cuStreamIsCapturing(st, &status) == 0 && status == 0,
+              "capture ends with a graph; the stream is no longer capturing");
+        check(cuGraphGetNodes(g, nullptr, &nodes) == 0 && nodes == 4, "the graph holds the 4 nodes in order");
+        expect_error(cuGraphInstantiateWithFlags(&ex, g, 1 | 4), 1, "DEVICE_LAUNCH",
+                     "AUTO_FREE_ON_LAUNCH | DEVICE_LAUNCH is an invalid instantiation");
+        check(cuGraphInstantiateWithFlags(&ex, g, 0) == 0 && cuGraphUpload(ex, st) == 0 && cuGraphLaunch(ex, st) == 0,
+              "instantiate, upload, launch");
+        bool first = true;
+        for (float v : floats(x)) first = first && v == 15.0f;
+        for (float v : floats(y)) first = first && v == 15.0f;
+        check(first, "the replay runs the nodes in stream order with the captured parameters (x = y = 15)");
+        cuMemsetD8_v2(x.p, 0, n * 4);
+        check(cuGraphLaunch(ex, st) == 0 && floats(x)[3] == 15.0f && floats(y)[7] == 15.0f,
+              "a second replay gives the same result (the memset node resets x)");
+        check(cuGraphExecDestroy(ex) == 0 && cuGraphDestroy(g) == 0, "destroy the executable graph and the graph");
+        expect_error(cuGraphDestroy(g), 1, "not a live graph", "a graph destroyed twice");
+        expect_error(cuGraphLaunch(ex, st), 1, "not a live executable graph", "launching a destroyed graph");
+
+        // Illegal operations fail and invalidate the capture.
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuStreamSynchronize(st), 900, "cuStreamSynchronize", "synchronizing a capturing stream");
+        check(cuStreamIsCapturing(st, &status) == 0 && status == 2, "... invalidates the capture (status INVALIDATED)");
+        expect_error(cap_launch(1.0f), 901, "invalidated", "a launch into an invalidated capture");
+        g = (void*)1;
+        expect_error(cuStreamEndCapture(st, &g), 901, "invalidated", "ending an invalidated capture");
+        check(g == nullptr && cuStreamIsCapturing(st, &status) == 0 && status == 0,
+              "... gives no graph and ends the capture");
+
+        std::vector<float> host(n, 7.0f);
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuMemcpyHtoDAsync_v2(x.p, host.data(), n * 4, st), 900, "pageable",
+                     "a copy from pageable host memory during a capture");
+        cuStreamEndCapture(st, &g);
+        void* pin = nullptr;
+        cuMemAllocHost_v2(&pin, n * 4);
+        memcpy(pin, host.data(), n * 4);
+        cuStreamBeginCapture_v2(st, 0);
+        check(cuMemcpyHtoDAsync_v2(x.p, pin, n * 4, st) == 0 && cuStreamEndCapture(st, &g) == 0 &&
+                  cuGraphInstantiateWithFlags(&ex, g, 0) == 0,
+              "a copy from page-locked memory is captured");
+        static_cast<float*>(pin)[0] = 9.0f;
+        check(cuGraphLaunch(ex, st) == 0 && floats(x)[0] == 9.0f && floats(x)[1] == 7.0f,
+              "... and reads the host memory when the graph runs, not at capture");
+        cuGraphExecDestroy(ex);
+        cuGraphDestroy(g);
+        cuMemFreeHost(pin);
+
+        uint64_t p = 0;
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuMemAlloc_v2(&p, 64), 900, "cuMemAlloc", "cuMemAlloc during a global-mode capture");
+        expect_error(cuStreamEndCapture(st, &g), 901, "cuMemAlloc", "... invalidates it");
+        cuStreamBeginCapture_v2(st, 2);
+        check(cuMemAlloc_v2(&p, 64) == 0 && cuMemFree_v2(p) == 0 && cuStreamEndCapture(st, &g) == 0 && g,
+              "cuMemAlloc and cuMemFree during a relaxed capture are allowed");
+        cuGraphDestroy(g);
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuMemAllocAsync(&p, 64, st), 801, "graph memory nodes", "a stream-ordered allocation in a capture");
+        cuStreamEndCapture(st, &g);
+
+        void* ev = nullptr;
+        cuEventCreate(&ev, 2);
+        cuEventRecord(ev, st);
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuStreamWaitEvent(st, ev, 0), 905, "not recorded in this capture",
+                     "waiting on an event recorded outside the capture");
+        cuStreamEndCapture(st, &g);
+        cuStreamBeginCapture_v2(st, 0);
+        check(cuEventRecord(ev, st) == 0 && cuStreamWaitEvent(st, ev, 0) == 0 && cuStreamEndCapture(st, &g) == 0,
+              "waiting on an event recorded in the same capture");
+        cuGraphDestroy(g);
+        cuEventDestroy_v2(ev);
+
+        expect_error(cuStreamEndCapture(st, &g), 401, "not capturing", "ending a capture that never began");
+        cuStreamBeginCapture_v2(st, 0);
+        expect_error(cuStreamBeginCapture_v2(st, 0), 401, "already capturing", "beginning a capture twice");
+        cuStreamEndCapture(st, &g);
+        cuGraphDestroy(g);
+        expect_error(cuStreamBeginCapture_v2(nullptr, 0), 1, "legacy stream", "capturing the legacy stream");
+        cuStreamDestroy_v2(st);
     }
 
     printf("%d passed, %d failed\n", passed, failed);

@@ -8,9 +8,11 @@
 //! The PTX comes from `kernels/*.cu` through `ci/ptx` and is embedded here
 //! with `include_str!`, so users need no compiler either.
 
+mod graph;
 mod modules;
 mod versions;
 
+pub use graph::CapturedGraph;
 pub use modules::*;
 pub use versions::KernelVersion;
 

@@ -84,6 +84,7 @@ modules! {
     OPTIM => "optim",
     CONV => "conv",
     GEMM => "gemm",
+    GEMM_TF32 => "gemm_tf32",
 }
 
 #[cfg(test)]
@@ -113,8 +114,10 @@ mod tests {
             let digits: String = line.chars().take_while(char::is_ascii_digit).collect();
             let v: i32 = digits.parse().unwrap();
             assert_eq!(m.min_compute_capability, (v / 10, v % 10), "{}", m.name);
-            // Today every kernel file targets the default compute_70.
+            // Every kernel file targets the default compute_70 or newer.
             assert!(m.min_compute_capability >= (7, 0), "{}", m.name);
         }
+        // The tensor-core GEMM needs sm_80 (mma.sync with .tf32 operands).
+        assert_eq!(GEMM_TF32.min_compute_capability, (8, 0));
     }
 }

@@ -19,6 +19,8 @@
 //   an explicit fmaf fuses, and the __f*_rn intrinsics round like a GPU.
 //   Transcendentals come from glibc, not from CUDA's libdevice: the emulator
 //   does not prove their rounding.
+// - Tensor-core instructions (kemu/tensor_core.h) are what kernels/mma.cuh's
+//   host branches call: warp-collective, through the scheduler.
 #pragma once
 
 #ifdef __CUDA_ARCH__
@@ -32,6 +34,7 @@
 #include <type_traits>
 
 #include "kemu/thread_view.h"
+#include "kemu/tensor_core.h"
 
 #define KESTREL_EMULATED_DEVICE 1
 

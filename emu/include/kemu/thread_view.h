@@ -17,5 +17,22 @@ struct ThreadView {
     uint3 block_dim;
     uint3 grid_dim;
 };
-enum WarpOp : int { WARP_SYNC = 0, SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, VOTE_BALLOT, VOTE_ANY, VOTE_ALL };
+enum WarpOp : int {
+    WARP_SYNC = 0,
+    SHFL_IDX,
+    SHFL_UP,
+    SHFL_DOWN,
+    SHFL_XOR,
+    VOTE_BALLOT,
+    VOTE_ANY,
+    VOTE_ALL,
+    // A warp-collective instruction (tensor-core mma): every lane of the mask
+    // hands the scheduler a pointer to its operands; once all are there, the
+    // instruction's function runs once over the 32 lanes' records.
+    WARP_COLLECTIVE,
+};
+// The function of a WARP_COLLECTIVE: lanes[k] is lane k's record (nullptr
+// for a lane outside the mask). Returns nullptr, or what is wrong (the
+// launch then fails with it).
+typedef const char* (*CollectiveFn)(void* const* lanes, unsigned mask);
 }  // namespace kemu

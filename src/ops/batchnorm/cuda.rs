@@ -13,10 +13,21 @@
 //! `y` and `dx` are f32 expressions that the compiler may contract into
 //! fused multiply-adds, so they agree within a few f32 ulps.
 //!
+//! The dense layout (`spatial == 1`, `x` is `[n, c]` row-major) has its
+//! own version, [`BatchNormKernel::Columns`]: there a channel's samples lie
+//! `c` floats apart, so a block per channel uses one float of each 32-byte
+//! sector it fetches. Instead one thread per channel walks 64-row chunks
+//! in row order (a warp reads 128 consecutive bytes of a row), writes one
+//! f64 partial per (chunk, channel) laid out `[chunks, c]`, and the second
+//! stage adds a channel's partials in chunk order: the same determinism,
+//! coalesced. [`select`] picks it for every dense shape.
+//!
 //! Scratch comes from the caller: a [`BatchNormScratch`] (two f64 buffers
 //! of `c * chunks` partial sums, `c` f64 means and `3 * c` f32 backward
 //! coefficients, [`BatchNormScratch::bytes`] in all, where
-//! `chunks = ceil(n * spatial / 4096)`), allocated once by
+//! `chunks = ceil(n * spatial / 4096)` for `ChannelBlocks` and
+//! `ceil(n / 64)` for `Columns`; [`BatchNormScratch::lens`] covers every
+//! version that runs the shape), allocated once by
 //! [`BatchNormScratch::new`] and checked to be large enough on every call;
 //! the launch paths allocate nothing. The `*_alloc` forms allocate a fresh
 //! scratch per call, for one-off use.
@@ -29,18 +40,102 @@ use crate::error::{Error, Result};
 
 crate::kernel_versions! {
     /// The versions of this family's kernels, as data (see
-    /// [`KernelVersion`]): today one.
+    /// [`KernelVersion`]).
     pub enum BatchNormKernel {
         /// Per-channel partial sums over fixed chunks, combined in order (`kernels/batchnorm.cu`).
         ChannelBlocks => "batchnorm_channel_blocks", crate::cuda::BATCHNORM,
+        /// The dense layout only (`spatial == 1`): one thread per channel
+        /// reading whole rows, f64 partials over 64-row chunks combined in
+        /// order (`bn_col_*` in `kernels/batchnorm.cu`).
+        Columns => "batchnorm_columns", crate::cuda::BATCHNORM,
+    }
+}
+
+impl BatchNormKernel {
+    /// Whether this version runs `p`: [`BatchNormKernel::Columns`] only
+    /// the dense layout (`spatial == 1`), the others every shape.
+    pub fn supports(self, p: &BatchNorm) -> bool {
+        match self {
+            BatchNormKernel::ChannelBlocks => true,
+            BatchNormKernel::Columns => p.spatial == 1,
+        }
+    }
+
+    /// An [`Error::Invalid`] naming the version when it does not run `p`.
+    fn check_supports(self, op: &'static str, p: &BatchNorm) -> Result<()> {
+        if self.supports(p) {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            op,
+            "kernel",
+            format!(
+                "version {} needs the dense layout (spatial 1), got spatial {}",
+                self.name(),
+                p.spatial
+            ),
+        ))
+    }
+
+    /// Stage-1 partial sums per buffer for `p`.
+    fn chunks(self, p: &BatchNorm) -> usize {
+        match self {
+            BatchNormKernel::ChannelBlocks => p.sample_size().div_ceil(CHANNEL_CHUNK),
+            BatchNormKernel::Columns => p.n.div_ceil(COL_ROWS),
+        }
+    }
+
+    /// Stage 1's launch shape.
+    fn partials_config(self, p: &BatchNorm, chunks: usize) -> LaunchConfig {
+        match self {
+            BatchNormKernel::ChannelBlocks => partials_config(p, chunks),
+            BatchNormKernel::Columns => LaunchConfig {
+                grid_dim: (
+                    p.c.div_ceil(COL_THREADS as usize).clamp(1, MAX_GRID) as u32,
+                    chunks.clamp(1, MAX_GRID) as u32,
+                    1,
+                ),
+                block_dim: (COL_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        }
+    }
+
+    /// The kernel names of the reduction stages: statistics partials, mean,
+    /// training finalize, backward partials, backward finalize (the same
+    /// parameters in both versions; only the partials' layout differs).
+    fn stages(self) -> [&'static str; 5] {
+        match self {
+            BatchNormKernel::ChannelBlocks => [
+                "bn_stat_partials",
+                "bn_mean",
+                "bn_finalize_training",
+                "bn_backward_partials",
+                "bn_backward_finalize",
+            ],
+            BatchNormKernel::Columns => [
+                "bn_col_stat_partials",
+                "bn_col_mean",
+                "bn_col_finalize_training",
+                "bn_col_backward_partials",
+                "bn_col_backward_finalize",
+            ],
+        }
     }
 }
 
 /// The version the plain entry points run for `p` on `info`'s
-/// device; the `*_with` forms run the one a caller names. Today there is
-/// one version, so it is always [`BatchNormKernel::ChannelBlocks`].
-pub fn select(_p: &BatchNorm, _info: &DeviceInfo) -> BatchNormKernel {
-    BatchNormKernel::ChannelBlocks
+/// device; the `*_with` forms run the one a caller names. The dense layout
+/// (`spatial == 1`) gets [`BatchNormKernel::Columns`]: there
+/// `ChannelBlocks`' blocks read samples `c` floats apart, one useful float
+/// per 32-byte sector. Every other shape gets
+/// [`BatchNormKernel::ChannelBlocks`], whose samples are contiguous runs.
+pub fn select(p: &BatchNorm, _info: &DeviceInfo) -> BatchNormKernel {
+    if p.spatial == 1 {
+        BatchNormKernel::Columns
+    } else {
+        BatchNormKernel::ChannelBlocks
+    }
 }
 
 // SAFETY: `#[repr(C)]`, three usizes, a bool, two f32s and a
@@ -55,10 +150,10 @@ const CHANNEL_CHUNK: usize = 4096;
 const REDUCE_THREADS: u32 = 256;
 /// Grid dimensions beyond this stride (the kernels loop over the rest).
 const MAX_GRID: usize = 65535;
-
-fn chunks_of(p: &BatchNorm) -> usize {
-    p.sample_size().div_ceil(CHANNEL_CHUNK)
-}
+/// Rows per partial of the column kernels (`COL_ROWS` in common.cuh).
+const COL_ROWS: usize = 64;
+/// Threads (channels) per block of the column kernels (`COL_THREADS`).
+const COL_THREADS: u32 = 256;
 
 /// Element counts of a [`BatchNormScratch`]'s buffers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,10 +216,23 @@ impl std::fmt::Debug for BatchNormScratch {
 }
 
 impl BatchNormScratch {
-    /// The element counts that `p` needs.
+    /// The element counts that `p` needs on any version that runs it (so
+    /// a scratch from [`BatchNormScratch::new`] serves the `*_with` forms
+    /// too): the largest of [`BatchNormScratch::lens_with`] over them.
     pub fn lens(p: &BatchNorm) -> BatchNormScratchLens {
+        BatchNormKernel::ALL
+            .iter()
+            .filter(|k| k.supports(p))
+            .map(|&k| Self::lens_with(k, p))
+            .fold(BatchNormScratchLens::default(), BatchNormScratchLens::max)
+    }
+
+    /// The element counts that `p` needs on `kernel`: `c * chunks` partials
+    /// with `chunks = ceil(n * spatial / 4096)` for `ChannelBlocks` and
+    /// `ceil(n / 64)` for `Columns`.
+    pub fn lens_with(kernel: BatchNormKernel, p: &BatchNorm) -> BatchNormScratchLens {
         BatchNormScratchLens {
-            partials: p.c.saturating_mul(chunks_of(p)),
+            partials: p.c.saturating_mul(kernel.chunks(p)),
             mean64: p.c,
             coefs: p.c.saturating_mul(3),
         }
@@ -165,9 +273,29 @@ impl BatchNormScratch {
         self.capacity().covers(&Self::lens(p))
     }
 
-    /// An [`Error::Shape`] naming the first buffer too small for `p`.
+    /// An [`Error::Shape`] naming the first buffer too small for `p` on
+    /// any version that runs it.
     pub fn check(&self, op: &'static str, p: &BatchNorm) -> Result<()> {
-        let (have, need) = (self.capacity(), Self::lens(p));
+        self.check_lens(op, p, Self::lens(p))
+    }
+
+    /// The same for `p` on `kernel`.
+    pub fn check_with(
+        &self,
+        op: &'static str,
+        kernel: BatchNormKernel,
+        p: &BatchNorm,
+    ) -> Result<()> {
+        self.check_lens(op, p, Self::lens_with(kernel, p))
+    }
+
+    fn check_lens(
+        &self,
+        op: &'static str,
+        p: &BatchNorm,
+        need: BatchNormScratchLens,
+    ) -> Result<()> {
+        let have = self.capacity();
         for (what, got, want) in [
             (
                 "scratch partial sums (f64, c x chunks)",
@@ -265,19 +393,22 @@ pub fn forward_training_with(
             ("running_var", running_var.len()),
         ],
     )?;
-    scratch.check("batchnorm.forward_training", p)?;
-    let chunks = chunks_of(p);
+    kernel.check_supports("batchnorm.forward_training", p)?;
+    scratch.check_with("batchnorm.forward_training", kernel, p)?;
+    let chunks = kernel.chunks(p);
     let chunks64 = chunks as u64;
+    let [stat_k, mean_k, finalize_k, _, _] = kernel.stages();
     let BatchNormScratch {
         partial_a: partial,
         mean64,
         ..
     } = scratch;
-    let stat = gpu.function(kernel.module(), "bn_stat_partials")?;
-    let cfg = partials_config(p, chunks);
-    // SAFETY (both passes): x holds n*c*spatial elements (checked); block
-    // (k, ch) reads samples of channel ch below n*spatial and mean64[ch],
-    // and writes partial[ch * chunks + k] < c * chunks, its length.
+    let stat = gpu.function(kernel.module(), stat_k)?;
+    let cfg = kernel.partials_config(p, chunks);
+    // SAFETY (both passes): x holds n*c*spatial elements (checked); the
+    // partial for (chunk k, channel ch) reads samples of channel ch below
+    // n*spatial and mean64[ch], and writes one element below c * chunks,
+    // the length checked for this version.
     let r = unsafe {
         gpu.stream()
             .launch_builder(&stat)
@@ -289,8 +420,8 @@ pub fn forward_training_with(
             .arg(&chunks64)
             .launch(cfg)
     };
-    gpu.launched("bn_stat_partials", r)?;
-    let f = gpu.function(kernel.module(), "bn_mean")?;
+    gpu.launched(stat_k, r)?;
+    let f = gpu.function(kernel.module(), mean_k)?;
     // SAFETY: reads partial below c * chunks, writes mean64 below c.
     let r = unsafe {
         gpu.stream()
@@ -301,7 +432,7 @@ pub fn forward_training_with(
             .arg(&mut *mean64)
             .launch(gpu.elementwise_config(p.c))
     };
-    gpu.launched("bn_mean", r)?;
+    gpu.launched(mean_k, r)?;
     // SAFETY: as the first pass.
     let r = unsafe {
         gpu.stream()
@@ -314,9 +445,9 @@ pub fn forward_training_with(
             .arg(&chunks64)
             .launch(cfg)
     };
-    gpu.launched("bn_stat_partials", r)?;
+    gpu.launched(stat_k, r)?;
     let factor = p.variance_factor();
-    let f = gpu.function(kernel.module(), "bn_finalize_training")?;
+    let f = gpu.function(kernel.module(), finalize_k)?;
     // SAFETY: reads partial below c * chunks and mean64 below c; the four
     // per-channel outputs hold c elements each (checked).
     let r = unsafe {
@@ -333,7 +464,7 @@ pub fn forward_training_with(
             .arg(running_var)
             .launch(gpu.elementwise_config(p.c))
     };
-    gpu.launched("bn_finalize_training", r)?;
+    gpu.launched(finalize_k, r)?;
     apply(
         gpu,
         p,
@@ -432,7 +563,8 @@ pub fn forward_inference_with(
             ("running_var", running_var.len()),
         ],
     )?;
-    scratch.check("batchnorm.forward_inference", p)?;
+    kernel.check_supports("batchnorm.forward_inference", p)?;
+    scratch.check_with("batchnorm.forward_inference", kernel, p)?;
     let inv_std = &mut scratch.coefs;
     let f = gpu.function(kernel.module(), "bn_inference_inv_std")?;
     // SAFETY: reads running_var below c (checked), writes inv_std below c.
@@ -509,18 +641,21 @@ pub fn backward_with(
             ("dbeta", dbeta.len()),
         ],
     )?;
-    let chunks = chunks_of(p);
+    kernel.check_supports("batchnorm.backward", p)?;
+    scratch.check_with("batchnorm.backward", kernel, p)?;
+    let chunks = kernel.chunks(p);
     let chunks64 = chunks as u64;
-    scratch.check("batchnorm.backward", p)?;
+    let [_, _, _, partials_k, finalize_k] = kernel.stages();
     let BatchNormScratch {
         partial_a: part_dy,
         partial_b: part_dy_xhat,
         coefs,
         ..
     } = scratch;
-    let f = gpu.function(kernel.module(), "bn_backward_partials")?;
+    let f = gpu.function(kernel.module(), partials_k)?;
     // SAFETY: x, dy hold n*c*spatial elements, save_* hold c (checked);
-    // block (k, ch) writes element ch * chunks + k of both partial buffers.
+    // the partial for (chunk k, channel ch) writes one element below
+    // c * chunks of both partial buffers.
     let r = unsafe {
         gpu.stream()
             .launch_builder(&f)
@@ -532,10 +667,10 @@ pub fn backward_with(
             .arg(&mut *part_dy)
             .arg(&mut *part_dy_xhat)
             .arg(&chunks64)
-            .launch(partials_config(p, chunks))
+            .launch(kernel.partials_config(p, chunks))
     };
-    gpu.launched("bn_backward_partials", r)?;
-    let f = gpu.function(kernel.module(), "bn_backward_finalize")?;
+    gpu.launched(partials_k, r)?;
+    let f = gpu.function(kernel.module(), finalize_k)?;
     // SAFETY: reads the partials below c * chunks and gamma, save_inv_std
     // below c; writes dgamma, dbeta below c (checked) and coefs below 3c.
     let r = unsafe {
@@ -552,7 +687,7 @@ pub fn backward_with(
             .arg(&mut *coefs)
             .launch(gpu.elementwise_config(p.c))
     };
-    gpu.launched("bn_backward_finalize", r)?;
+    gpu.launched(finalize_k, r)?;
     let f = gpu.function(kernel.module(), "bn_backward_dx")?;
     let len = p.len() as u64;
     // SAFETY: x, dy, dx hold n*c*spatial elements; element i reads channel

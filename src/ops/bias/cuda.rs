@@ -10,6 +10,11 @@
 //! differs from the CPU's, so GPU and CPU agree to f64 rounding (far below
 //! the final f32 rounding), not bit for bit.
 //!
+//! The dense layout (`spatial == 1`) has its own gradient version,
+//! [`BiasKernel::Columns`]: one thread per channel over 64-row chunks in
+//! row order (coalesced rows instead of one useful float per 32-byte
+//! sector), partials `[chunks, c]` added in chunk order.
+//!
 //! Scratch comes from the caller: a [`BiasScratch`] holds the f64 partial
 //! sums (`c * ceil(n * spatial / 4096)` for the gradient,
 //! [`BiasScratch::backward_len`]; `ceil(len / 8192)` for the sums,
@@ -27,18 +32,64 @@ use crate::error::{Error, Result, check_len};
 
 crate::kernel_versions! {
     /// The versions of this family's kernels, as data (see
-    /// [`KernelVersion`]): today one.
+    /// [`KernelVersion`]).
     pub enum BiasKernel {
         /// Elementwise add; gradient and sums as fixed-chunk f64 partials combined in order (`kernels/bias.cu`).
         ChannelBlocks => "bias_channel_blocks", crate::cuda::BIAS,
+        /// The dense layout only (`spatial == 1`): the gradient with one
+        /// thread per channel reading whole rows, f64 partials over 64-row
+        /// chunks combined in order (`bias_grad_col_*`); add and the sums
+        /// are `ChannelBlocks`' (already coalesced).
+        Columns => "bias_columns", crate::cuda::BIAS,
+    }
+}
+
+impl BiasKernel {
+    /// Whether this version runs `p`: [`BiasKernel::Columns`] only the
+    /// dense layout (`spatial == 1`; an empty shape too), the others every
+    /// shape.
+    pub fn supports(self, p: &BiasShape) -> bool {
+        match self {
+            BiasKernel::ChannelBlocks => true,
+            BiasKernel::Columns => p.spatial == 1 || p.is_empty(),
+        }
+    }
+
+    fn check_supports(self, op: &'static str, p: &BiasShape) -> Result<()> {
+        if self.supports(p) {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            op,
+            "kernel",
+            format!(
+                "version {} needs the dense layout (spatial 1), got spatial {}",
+                self.name(),
+                p.spatial
+            ),
+        ))
+    }
+
+    /// Stage-1 partials per channel of the gradient.
+    fn grad_chunks(self, p: &BiasShape) -> usize {
+        match self {
+            BiasKernel::ChannelBlocks => p.n.saturating_mul(p.spatial).div_ceil(CHANNEL_CHUNK),
+            BiasKernel::Columns => p.n.div_ceil(COL_ROWS),
+        }
     }
 }
 
 /// The version the plain entry points run for `p` on `info`'s
-/// device; the `*_with` forms run the one a caller names. Today there is
-/// one version, so it is always [`BiasKernel::ChannelBlocks`].
-pub fn select(_p: &BiasShape, _info: &DeviceInfo) -> BiasKernel {
-    BiasKernel::ChannelBlocks
+/// device; the `*_with` forms run the one a caller names. The dense layout
+/// (`spatial == 1`) gets [`BiasKernel::Columns`], whose gradient reads
+/// rows coalesced (`ChannelBlocks`' blocks read a channel's samples `c`
+/// floats apart there); every other shape [`BiasKernel::ChannelBlocks`].
+pub fn select(p: &BiasShape, _info: &DeviceInfo) -> BiasKernel {
+    if p.spatial == 1 {
+        BiasKernel::Columns
+    } else {
+        BiasKernel::ChannelBlocks
+    }
 }
 
 // SAFETY: `#[repr(C)]`, three usizes: plain old data, mirrored as `struct
@@ -54,6 +105,10 @@ const REDUCE_CHUNK: usize = 8192;
 const REDUCE_THREADS: u32 = 256;
 /// Grid dimensions beyond this stride (the kernels loop over the rest).
 const MAX_GRID: usize = 65535;
+/// Rows per partial of the column gradient (`COL_ROWS` in common.cuh).
+const COL_ROWS: usize = 64;
+/// Threads (channels) per block of the column gradient (`COL_THREADS`).
+const COL_THREADS: u32 = 256;
 
 fn reduce_config(x_blocks: usize, y_blocks: usize) -> LaunchConfig {
     LaunchConfig {
@@ -85,10 +140,23 @@ impl std::fmt::Debug for BiasScratch {
 }
 
 impl BiasScratch {
-    /// The f64 partial sums [`backward`] needs for `p` (at least 1).
+    /// The f64 partial sums [`backward`] needs for `p` (at least 1) on
+    /// any version that runs it (so the scratch also serves
+    /// [`backward_with`]): the largest [`BiasScratch::backward_len_with`].
     pub fn backward_len(p: &BiasShape) -> usize {
-        p.c.saturating_mul(p.n.saturating_mul(p.spatial).div_ceil(CHANNEL_CHUNK))
-            .max(1)
+        BiasKernel::ALL
+            .iter()
+            .filter(|k| k.supports(p))
+            .map(|&k| Self::backward_len_with(k, p))
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// The f64 partial sums [`backward_with`] needs for `p` on `kernel`:
+    /// `c * ceil(n * spatial / 4096)` for `ChannelBlocks`, `c * ceil(n /
+    /// 64)` for `Columns` (at least 1).
+    pub fn backward_len_with(kernel: BiasKernel, p: &BiasShape) -> usize {
+        p.c.saturating_mul(kernel.grad_chunks(p)).max(1)
     }
 
     /// The f64 partial sums [`sum`] and [`sum_squares`] need for `len`
@@ -259,19 +327,44 @@ pub fn backward_with(
     const OP: &str = "bias.backward";
     p.check_x(OP, "dy", dy.len())?;
     p.check_b(OP, "db", db.len())?;
+    kernel.check_supports(OP, p)?;
     if p.c == 0 {
         return Ok(());
     }
-    scratch.check(OP, &format!("{p:?}"), BiasScratch::backward_len(p))?;
-    let m = p.n * p.spatial;
-    let chunks = m.div_ceil(CHANNEL_CHUNK);
+    scratch.check(
+        OP,
+        &format!("{p:?}"),
+        BiasScratch::backward_len_with(kernel, p),
+    )?;
+    let chunks = kernel.grad_chunks(p);
     let partial = &mut scratch.partial;
     let chunks64 = chunks as u64;
+    let (partials_k, finalize_k, cfg) = match kernel {
+        BiasKernel::ChannelBlocks => (
+            "bias_grad_partials",
+            "bias_grad_finalize",
+            reduce_config(chunks, p.c),
+        ),
+        BiasKernel::Columns => (
+            "bias_grad_col_partials",
+            "bias_grad_col_finalize",
+            LaunchConfig {
+                grid_dim: (
+                    p.c.div_ceil(COL_THREADS as usize).clamp(1, MAX_GRID) as u32,
+                    chunks.clamp(1, MAX_GRID) as u32,
+                    1,
+                ),
+                block_dim: (COL_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        ),
+    };
     if chunks > 0 {
-        let f = gpu.function(kernel.module(), "bias_grad_partials")?;
-        // SAFETY: dy holds n*c*spatial elements (checked); block (k, ch)
-        // reads samples of channel ch below n*spatial and writes
-        // partial[ch * chunks + k] < c * chunks, the buffer's length.
+        let f = gpu.function(kernel.module(), partials_k)?;
+        // SAFETY: dy holds n*c*spatial elements (checked); the partial for
+        // (chunk k, channel ch) reads samples of channel ch below
+        // n*spatial and writes one element below c * chunks, the length
+        // checked for this version.
         let r = unsafe {
             gpu.stream()
                 .launch_builder(&f)
@@ -279,11 +372,11 @@ pub fn backward_with(
                 .arg(dy)
                 .arg(&mut *partial)
                 .arg(&chunks64)
-                .launch(reduce_config(chunks, p.c))
+                .launch(cfg)
         };
-        gpu.launched("bias_grad_partials", r)?;
+        gpu.launched(partials_k, r)?;
     }
-    let f = gpu.function(kernel.module(), "bias_grad_finalize")?;
+    let f = gpu.function(kernel.module(), finalize_k)?;
     // SAFETY: reads partial below c * chunks, writes db below c (checked).
     let r = unsafe {
         gpu.stream()
@@ -294,7 +387,7 @@ pub fn backward_with(
             .arg(db)
             .launch(gpu.elementwise_config(p.c))
     };
-    gpu.launched("bias_grad_finalize", r)
+    gpu.launched(finalize_k, r)
 }
 
 fn reduce(

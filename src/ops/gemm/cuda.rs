@@ -1,12 +1,15 @@
 //! CUDA GEMM: launch wrappers for `kernels/gemm.cu`, mirroring `cpu.rs`.
 //!
-//! One tiled kernel in two tile shapes, the versions of [`GemmKernel`]
-//! (64x64 and 128x128 output tiles); both sum every element over `k` in
-//! increasing order, so the choice never changes a result. [`select`] picks
-//! one per launch (128x128 for large products, 64x64 for small ones), which
-//! is what [`gemm`] and [`gemm_backward`] run; [`gemm_with`] and
-//! [`gemm_backward_with`] run a version of the caller's choosing (tests
-//! cover every version, the bench times each one). The batch runs through the grid's z
+//! The versions of [`GemmKernel`]: one f32 tiled kernel in two tile shapes
+//! (64x64 and 128x128 output tiles), which both sum every element over `k`
+//! in increasing order, so the choice between them never changes a result;
+//! and an opt-in TF32 tensor-core kernel (`kernels/gemm_tf32.cu`, sm_80+,
+//! [`Precision::Tf32`]), whose results differ from f32 by TF32's rounding.
+//! [`select`] picks an f32 version per launch (128x128 for large products,
+//! 64x64 for small ones) and never a TF32 one; that is what [`gemm`] and
+//! [`gemm_backward`] run. [`select_with`] takes the caller's [`Precision`];
+//! [`gemm_with`] and [`gemm_backward_with`] run a version of the caller's
+//! choosing (tests cover every version, the bench times each one). The batch runs through the grid's z
 //! dimension in one launch. The epilogue (alpha, beta, bias, activation) is
 //! fused into the write-back.
 //!
@@ -22,8 +25,8 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{Bias, Epilogue, Gemm, GradGemm, Operand};
-use crate::cuda::{CudaBackend, DeviceInfo, GEMM, KernelModule};
+use super::{Bias, Epilogue, Gemm, GradGemm, Operand, Precision};
+use crate::cuda::{CudaBackend, DeviceInfo, GEMM, GEMM_TF32, KernelModule};
 use crate::error::{Error, Result};
 
 // SAFETY: `Gemm` is `#[repr(C)]` with only u64 (usize), f32 and bool fields:
@@ -53,17 +56,36 @@ pub enum GemmKernel {
     /// `gemm_128x128`: 128x128 output tiles, 8x8 per thread; for products
     /// with enough tiles to fill the device.
     Tiled128,
+    /// `gemm_tf32_128x128`: TF32 tensor cores (`mma.sync.m16n8k8`), 128x128
+    /// output tiles, 64x32 per warp; sm_80 and newer. [`Precision::Tf32`]:
+    /// opt-in only, never chosen by [`select`].
+    Tf32MmaSync,
 }
 
 impl GemmKernel {
-    /// Every version, oldest first.
-    pub const ALL: [GemmKernel; 2] = [GemmKernel::Tiled64, GemmKernel::Tiled128];
+    /// Every version, oldest first (whatever their [`GemmKernel::precision`]:
+    /// check a TF32 version's results with a TF32 tolerance).
+    pub const ALL: [GemmKernel; 3] = [
+        GemmKernel::Tiled64,
+        GemmKernel::Tiled128,
+        GemmKernel::Tf32MmaSync,
+    ];
 
     /// The kernel's entry point in [`GemmKernel::module`].
     pub const fn name(self) -> &'static str {
         match self {
             GemmKernel::Tiled64 => "gemm_64x64",
             GemmKernel::Tiled128 => "gemm_128x128",
+            GemmKernel::Tf32MmaSync => "gemm_tf32_128x128",
+        }
+    }
+
+    /// The arithmetic of its products (its name contains `tf32` exactly
+    /// when this is [`Precision::Tf32`]).
+    pub const fn precision(self) -> Precision {
+        match self {
+            GemmKernel::Tiled64 | GemmKernel::Tiled128 => Precision::F32,
+            GemmKernel::Tf32MmaSync => Precision::Tf32,
         }
     }
 
@@ -71,13 +93,16 @@ impl GemmKernel {
     pub const fn tile(self) -> usize {
         match self {
             GemmKernel::Tiled64 => 64,
-            GemmKernel::Tiled128 => 128,
+            GemmKernel::Tiled128 | GemmKernel::Tf32MmaSync => 128,
         }
     }
 
     /// The PTX module holding the kernel.
     pub fn module(self) -> &'static KernelModule {
-        &GEMM
+        match self {
+            GemmKernel::Tiled64 | GemmKernel::Tiled128 => &GEMM,
+            GemmKernel::Tf32MmaSync => &GEMM_TF32,
+        }
     }
 
     /// The oldest device that runs it: its module's
@@ -102,20 +127,37 @@ impl crate::cuda::KernelVersion for GemmKernel {
     }
 
     fn modules(self) -> &'static [&'static KernelModule] {
-        std::slice::from_ref(match self {
-            GemmKernel::Tiled64 | GemmKernel::Tiled128 => &GEMM_MODULE,
-        })
+        match self {
+            GemmKernel::Tiled64 | GemmKernel::Tiled128 => std::slice::from_ref(&GEMM_MODULE),
+            GemmKernel::Tf32MmaSync => &GEMM_TF32_MODULES,
+        }
     }
 }
 
 /// [`GemmKernel::modules`]' slice for the versions in `kernels/gemm.cu`.
 static GEMM_MODULE: &KernelModule = &GEMM;
+/// The TF32 version's: its kernel in `kernels/gemm_tf32.cu`, and
+/// `gemm_sum_partials` of `kernels/gemm.cu` for split batch sums.
+static GEMM_TF32_MODULES: [&KernelModule; 2] = [&GEMM_TF32, &GEMM];
 
 /// The version [`gemm`] runs for `p` on `info`'s device: 128x128 tiles when
 /// `m` and `n` are at least 128 and there are at least as many such tiles
 /// (over the batch) as multiprocessors, else 64x64.
 pub fn select(p: &Gemm, info: &DeviceInfo) -> GemmKernel {
     select_grouped(p, 1, info)
+}
+
+/// The version for `p` on `info`'s device in the arithmetic `precision`
+/// allows: [`select`]'s f32 choice for [`Precision::F32`]; for
+/// [`Precision::Tf32`] the TF32 tensor-core version where the device has
+/// one (sm_80 and newer), else [`select`]'s f32 choice (more precise than
+/// asked, never less). The returned version's [`GemmKernel::precision`] and
+/// name say which arithmetic ran.
+pub fn select_with(p: &Gemm, info: &DeviceInfo, precision: Precision) -> GemmKernel {
+    match precision {
+        Precision::Tf32 if GemmKernel::Tf32MmaSync.runs_on(info) => GemmKernel::Tf32MmaSync,
+        _ => select(p, info),
+    }
 }
 
 /// [`select`] for a launch whose batch runs in groups of `group` items (one
@@ -667,16 +709,53 @@ mod tests {
 
     #[test]
     fn versions_know_name_tile_and_capability() {
-        assert_eq!(GemmKernel::ALL.len(), 2);
+        assert_eq!(GemmKernel::ALL.len(), 3);
         for k in GemmKernel::ALL {
-            assert!(GEMM.ptx.contains(&format!(".entry {}(", k.name())), "{k:?}");
+            let module = k.module();
+            assert!(
+                module.ptx.contains(&format!(".entry {}(", k.name())),
+                "{k:?}"
+            );
             assert!(k.name().ends_with(&format!("{0}x{0}", k.tile())));
-            assert_eq!(k.min_compute_capability(), GEMM.min_compute_capability);
+            assert_eq!(k.min_compute_capability(), module.min_compute_capability);
             assert!(k.runs_on(&device(4, k.min_compute_capability())));
             assert!(!k.runs_on(&device(4, (6, 1))));
+            // A TF32 version says so in its name, so every result names it.
+            assert_eq!(
+                k.name().contains("tf32"),
+                k.precision() == Precision::Tf32,
+                "{k:?}"
+            );
         }
+        assert_eq!(GemmKernel::Tf32MmaSync.min_compute_capability(), (8, 0));
+        assert!(!GemmKernel::Tf32MmaSync.runs_on(&device(4, (7, 5))));
         // Too old for the big tiles: select never picks them.
         let old = device(1, (6, 1));
         assert_eq!(select(&Gemm::new(4096, 4096, 8), &old), GemmKernel::Tiled64);
+    }
+
+    /// TF32 is opt-in: `select` never returns it, whatever the shape and
+    /// device; `select_with` returns it only for `Precision::Tf32` on sm_80+,
+    /// and otherwise falls back to the f32 choice.
+    #[test]
+    fn tf32_only_when_asked_for() {
+        for cc in [(6, 1), (7, 0), (8, 0), (8, 6), (9, 0)] {
+            for sms in [1, 132] {
+                let info = device(sms, cc);
+                for (m, n, k) in [(1, 1, 1), (128, 128, 8), (4096, 4096, 4096), (300, 7, 5000)] {
+                    let p = Gemm::new(m, n, k);
+                    let f32_choice = select(&p, &info);
+                    assert_eq!(f32_choice.precision(), Precision::F32, "{p:?} {cc:?}");
+                    assert_eq!(select_with(&p, &info, Precision::F32), f32_choice);
+                    assert_eq!(select_with(&p, &info, Precision::default()), f32_choice);
+                    let tf32 = select_with(&p, &info, Precision::Tf32);
+                    if cc >= (8, 0) {
+                        assert_eq!(tf32, GemmKernel::Tf32MmaSync);
+                    } else {
+                        assert_eq!(tf32, f32_choice);
+                    }
+                }
+            }
+        }
     }
 }

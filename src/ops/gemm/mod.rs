@@ -22,6 +22,34 @@ pub mod cuda;
 use crate::error::{Error, Result, checked_product};
 use crate::ops::activation::Activation;
 
+/// The arithmetic a GEMM's products may use. [`Precision::F32`] is the
+/// default everywhere; a faster mode is used only when a caller asks for it
+/// by name, and every result it produces names it (the kernel version's
+/// name says `tf32`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// f32 operands and products, accumulation in f32 (the CPU reference's
+    /// arithmetic).
+    #[default]
+    F32,
+    /// Tensor-core TF32: each operand rounded to 10 mantissa bits (round to
+    /// nearest, ties away from zero; unit roundoff 2^-11), products
+    /// accumulated in f32. Each product is off by up to about 2^-10 of its
+    /// magnitude, so results differ from [`Precision::F32`] by up to about
+    /// `2^-10 * sum |a_i * b_i|` per element. Opt-in only (sm_80 and newer).
+    Tf32,
+}
+
+impl Precision {
+    /// A short name for reports: `"f32"` or `"tf32"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+        }
+    }
+}
+
 /// The sizes and scalars of one (batched) GEMM. Mirrored in the kernels.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,0 +1,63 @@
+//! Captured launch sequences (CUDA graphs): a run of `ops::*::cuda` calls
+//! recorded once through cudarc's stream capture and replayed with one
+//! `cuGraphLaunch`, which saves the per-launch driver overhead that bounds
+//! short training steps.
+//!
+//! A graph replays the recorded launches with the arguments they had at
+//! capture: the same buffers, the same by-value parameters. So whatever
+//! changes between replays must live in device memory the graph reads (a
+//! batch uploaded into a fixed buffer before the replay, for instance), and
+//! nothing inside the captured closure may allocate, free, copy from
+//! pageable host memory or synchronize: CUDA refuses those during a capture
+//! (the closure's error, or the invalidated capture, comes back as an
+//! [`Error::Cuda`]).
+
+use cudarc::driver::CudaGraph;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+
+use super::CudaBackend;
+use crate::error::{Error, Result};
+
+/// A recorded launch sequence on one [`CudaBackend`]'s stream; replay it
+/// with [`CudaBackend::replay`].
+pub struct CapturedGraph {
+    graph: CudaGraph,
+}
+
+impl std::fmt::Debug for CapturedGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapturedGraph").finish_non_exhaustive()
+    }
+}
+
+impl CudaBackend {
+    /// Records what `f` enqueues on this handle's stream, without running
+    /// it, into a graph. Thread-local capture mode: a "potentially unsafe"
+    /// driver call from this thread during the capture (a synchronous
+    /// allocation or copy) fails and invalidates it, so a closure that
+    /// allocates is found here rather than replayed wrongly. When `f`
+    /// fails, the capture is ended and discarded and `f`'s error returned.
+    pub fn capture(&self, f: impl FnOnce(&CudaBackend) -> Result<()>) -> Result<CapturedGraph> {
+        let stream = self.stream();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| self.error("cuStreamBeginCapture", e))?;
+        let r = f(self);
+        // End the capture whatever `f` did, so the stream is usable again.
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        r?;
+        match ended.map_err(|e| self.error("cuStreamEndCapture", e))? {
+            Some(graph) => Ok(CapturedGraph { graph }),
+            None => Err(self.error(
+                "cuStreamEndCapture",
+                Error::invalid("capture", "graph", "the capture recorded no graph"),
+            )),
+        }
+    }
+
+    /// Enqueues one replay of `g` on this handle's stream (returns without
+    /// waiting, like the launches it replays).
+    pub fn replay(&self, g: &CapturedGraph) -> Result<()> {
+        g.graph.launch().map_err(|e| self.error("cuGraphLaunch", e))
+    }
+}

@@ -1,5 +1,7 @@
-//! CPU GEMM throughput: kestrel's blocked GEMM beside the `matrixmultiply`
-//! crate's sgemm on the same shapes.
+//! CPU GEMM throughput: kestrel's blocked GEMM (the micro-kernel
+//! [`cpu::gemm`] picks for this CPU, plus the AVX2 6x16 one beside it when
+//! that is not the one picked) beside the `matrixmultiply` crate's sgemm on
+//! the same shapes.
 //!
 //! Throughput is set with `Throughput::Elements(flops)`: one "element" is
 //! one floating-point operation (2 per multiply-add), so criterion's
@@ -13,6 +15,8 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kestrel::cpu_isa::Isa;
+use kestrel::ops::gemm::cpu::Kernel;
 use kestrel::ops::gemm::{Epilogue, Gemm, cpu};
 
 fn data(seed: u64, len: usize) -> Vec<f32> {
@@ -49,6 +53,15 @@ fn bench_shape(c: &mut Criterion, group: &str, m: usize, n: usize, k: usize) {
     g.bench_function(BenchmarkId::new("kestrel", &id), |bench| {
         bench.iter(|| cpu::gemm(&p, &a, &b, &mut out, Epilogue::default()).unwrap())
     });
+    // The previous micro-kernel (AVX2 6x16), where the CPU picks a higher
+    // one: the row that shows what the AVX-512 8x32 kernel gains.
+    if Isa::current() > Isa::Avx2 && Isa::detected() >= Isa::Avx2 {
+        g.bench_function(BenchmarkId::new("kestrel-avx2", &id), |bench| {
+            bench.iter(|| {
+                cpu::gemm_with(Kernel::Avx2, &p, &a, &b, &mut out, Epilogue::default()).unwrap()
+            })
+        });
+    }
     g.bench_function(BenchmarkId::new("matrixmultiply", &id), |bench| {
         bench.iter(|| {
             // SAFETY: the pointers cover m x k, k x n and m x n row-major

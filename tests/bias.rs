@@ -244,3 +244,30 @@ fn errors_name_op_and_sizes() {
         &["shape"],
     );
 }
+
+/// Every instruction-set level this CPU runs (`cpu_isa`) gives the
+/// portable level's bits for the bias gradient (conv runs of 1031, not a
+/// multiple of the 32 lanes, and a dense shape), each also within the f64
+/// definition's tolerance.
+#[test]
+fn every_isa_level_gives_the_same_bits() {
+    use kestrel::cpu_isa::{Isa, with_isa};
+    for p in [
+        BiasShape::conv(37, 5, 1031).unwrap(),
+        BiasShape::dense(301, 79).unwrap(),
+    ] {
+        let dy = data(8, p.len(), -1.0, 1.0);
+        let run = || {
+            let mut db = vec![f32::NAN; p.c];
+            cpu::backward(&p, &dy, &mut db).unwrap();
+            db
+        };
+        let base = with_isa(Isa::Portable, run).unwrap();
+        assert_close("portable db", &base, &db_ref(&p, &dy), SUM_TOL);
+        for isa in Isa::available() {
+            let got = with_isa(isa, run).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&base), "{isa}: {p:?}");
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod bias;
 pub mod conv;
 pub mod dropout;
 pub mod gemm;
+mod lanes;
 pub mod loss;
 pub mod optim;
 pub mod pool;

@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::{Activation, Softmax};
+use super::{Activation, ActivationKind, Softmax};
 use crate::error::Result;
 
 /// Elements per rayon task: large enough that scheduling costs nothing
@@ -18,6 +18,44 @@ const CHUNK: usize = 1 << 14;
 /// softmaxes (10 classes) do not spawn a task per row.
 const SOFTMAX_MIN_TASK: usize = 1 << 12;
 
+/// Expands `$body` once per activation kind with `$a` an [`Activation`] of
+/// that constant kind, so that the per-element `match` in
+/// [`Activation::apply`] / [`Activation::grad`] folds away and each loop
+/// compiles to branch-free vector selects; with the kind unknown inside the
+/// loop LLVM kept the branches (about 3.5 ns per element for relu's
+/// backward on random signs). The same function per element: same bits.
+macro_rules! by_kind {
+    ($act:expr, |$a:ident| $body:expr) => {{
+        let act: Activation = $act;
+        match act.kind {
+            ActivationKind::Linear => {
+                let $a = Activation::LINEAR;
+                $body
+            }
+            ActivationKind::Relu => {
+                let $a = Activation::RELU;
+                $body
+            }
+            ActivationKind::Elu => {
+                let $a = Activation::elu(act.alpha);
+                $body
+            }
+            ActivationKind::LeakyRelu => {
+                let $a = Activation::leaky_relu(act.alpha);
+                $body
+            }
+            ActivationKind::Tanh => {
+                let $a = Activation::TANH;
+                $body
+            }
+            ActivationKind::Sigmoid => {
+                let $a = Activation::SIGMOID;
+                $body
+            }
+        }
+    }};
+}
+
 /// `y = f(x)` element-wise; `y` is fully overwritten.
 pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
     const OP: &str = "activation.forward";
@@ -25,9 +63,9 @@ pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
-            for (yv, &xv) in yc.iter_mut().zip(xc) {
-                *yv = act.apply(xv);
-            }
+            by_kind!(act, |a| for (yv, &xv) in yc.iter_mut().zip(xc) {
+                *yv = a.apply(xv);
+            })
         });
     Ok(())
 }
@@ -37,9 +75,9 @@ pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
 pub fn forward_inplace(act: Activation, x: &mut [f32]) -> Result<()> {
     act.check("activation.forward_inplace")?;
     x.par_chunks_mut(CHUNK).for_each(|c| {
-        for v in c {
-            *v = act.apply(*v);
-        }
+        by_kind!(act, |a| for v in c.iter_mut() {
+            *v = a.apply(*v);
+        })
     });
     Ok(())
 }
@@ -62,9 +100,12 @@ pub fn backward(act: Activation, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32
         .zip(x.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|((dxc, xc), (yc, dyc))| {
-            for i in 0..dxc.len() {
-                dxc[i] = act.grad(xc[i], yc[i], dyc[i]);
-            }
+            by_kind!(
+                act,
+                |a| for (((o, &xv), &yv), &dv) in dxc.iter_mut().zip(xc).zip(yc).zip(dyc) {
+                    *o = a.grad(xv, yv, dv);
+                }
+            )
         });
     Ok(())
 }
@@ -78,9 +119,12 @@ pub fn backward_inplace(act: Activation, x: &[f32], y: &[f32], g: &mut [f32]) ->
         .zip(x.par_chunks(CHUNK))
         .zip(y.par_chunks(CHUNK))
         .for_each(|((gc, xc), yc)| {
-            for i in 0..gc.len() {
-                gc[i] = act.grad(xc[i], yc[i], gc[i]);
-            }
+            by_kind!(
+                act,
+                |a| for ((gv, &xv), &yv) in gc.iter_mut().zip(xc).zip(yc) {
+                    *gv = a.grad(xv, yv, *gv);
+                }
+            )
         });
     Ok(())
 }
@@ -96,11 +140,11 @@ pub fn backward_from_output(act: Activation, y: &[f32], g: &mut [f32]) -> Result
     g.par_chunks_mut(CHUNK)
         .zip(y.par_chunks(CHUNK))
         .for_each(|(gc, yc)| {
-            for i in 0..gc.len() {
-                // y stands in for x: only its sign and NaN-ness are read
-                // for the piecewise kinds.
-                gc[i] = act.grad(yc[i], yc[i], gc[i]);
-            }
+            // y stands in for x: only its sign and NaN-ness are read for
+            // the piecewise kinds.
+            by_kind!(act, |a| for (gv, &yv) in gc.iter_mut().zip(yc) {
+                *gv = a.grad(yv, yv, *gv);
+            })
         });
     Ok(())
 }

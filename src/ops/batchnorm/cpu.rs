@@ -2,13 +2,19 @@
 //! docs of [`super`].
 //!
 //! Per-channel reductions are split into fixed chunks of `CHUNK` samples,
-//! each summed in f64 in sample order, then combined in chunk order: the
-//! same bits on any thread count, and accurate for `m` in the millions.
+//! each summed in f64, then combined in chunk order: the same bits on any
+//! thread count, and accurate for `m` in the millions. Within a chunk, a
+//! dense input (`spatial == 1`) sums each channel in sample order; a
+//! spatial one sums each contiguous run into 32 interleaved f64
+//! lanes (`ops::lanes`), one rayon task per channel, and gives the
+//! same bits at every [`Isa`] level.
 
 use rayon::prelude::*;
 
 use super::BatchNorm;
+use crate::cpu_isa::Isa;
 use crate::error::Result;
+use crate::ops::lanes::{LANES, Term, add_run, fold};
 
 /// Samples per partial sum.
 const CHUNK: usize = 4096;
@@ -16,7 +22,7 @@ const CHUNK: usize = 4096;
 /// Calls `f(start, len)` for each contiguous run of element indices holding
 /// samples `j0..j1` of channel `ch` (sample `j` is image `j / spatial`,
 /// position `j % spatial`).
-#[inline]
+#[inline(always)]
 fn runs(p: &BatchNorm, ch: usize, j0: usize, j1: usize, mut f: impl FnMut(usize, usize)) {
     let s = p.spatial;
     let mut j = j0;
@@ -28,40 +34,228 @@ fn runs(p: &BatchNorm, ch: usize, j0: usize, j1: usize, mut f: impl FnMut(usize,
     }
 }
 
-/// `sum over the samples of channel ch of term(ch, element index)`, for
-/// every channel, deterministically (see the module docs).
+/// `[sum of term's first value, sum of its second]` over the samples of
+/// channel `ch` (`dy` is read only by [`Term::DyXhat`]). The order, fixed
+/// by the shape alone (any thread count, any ISA level): samples are cut
+/// into chunks of [`CHUNK`]; within a chunk each contiguous run adds into
+/// `LANES` interleaved lanes (`ops::lanes`); a chunk's lanes are added in
+/// lane order, and the chunk sums in chunk order.
+fn channel_sums(isa: Isa, p: &BatchNorm, ch: usize, term: Term, x: &[f32], dy: &[f32]) -> [f64; 2] {
+    let m = p.sample_size();
+    let mut total = [0.0f64; 2];
+    let mut j0 = 0;
+    while j0 < m {
+        let j1 = (j0 + CHUNK).min(m);
+        let mut acc = [[0.0f64; LANES]; 2];
+        runs(p, ch, j0, j1, |st, len| {
+            let d = if dy.is_empty() { dy } else { &dy[st..st + len] };
+            add_run(isa, term, &mut acc, &x[st..st + len], d)
+        });
+        for (t, a) in total.iter_mut().zip(&acc) {
+            *t += fold(a);
+        }
+        j0 = j1;
+    }
+    total
+}
+
+/// Per-channel statistics of the training forward: `(mean, inv_std)` as
+/// saved (f32) and the biased variance in f64.
+struct ChannelStats {
+    mean: f32,
+    inv_std: f32,
+    var: f64,
+}
+
+/// The training forward of one channel of a spatial input: mean, two-pass
+/// variance, then `y` for each of the channel's runs `ys` (one per image,
+/// in image order). The work of one channel stays in cache between its
+/// three passes (128 KiB for keras-cnn's conv1 output at batch 32), where
+/// the old per-pass sweeps over all channels went to memory each time.
+#[inline(always)]
+fn forward_channel_body(
+    isa: Isa,
+    p: &BatchNorm,
+    ch: usize,
+    x: &[f32],
+    gamma: f32,
+    beta: f32,
+    ys: &mut [&mut [f32]],
+) -> ChannelStats {
+    let m = p.sample_size() as f64;
+    let [sum, _] = channel_sums(isa, p, ch, Term::Sum, x, &[]);
+    let mean64 = sum / m;
+    // Two-pass variance: the sum of squared deviations from the f64 mean,
+    // free of the cancellation that E[x^2] - E[x]^2 suffers.
+    let [sq, _] = channel_sums(isa, p, ch, Term::SqDev(mean64), x, &[]);
+    let var = sq / m;
+    let (mean, istd) = (mean64 as f32, inv_std(var, p.epsilon));
+    let s = p.spatial;
+    for (img, yr) in ys.iter_mut().enumerate() {
+        let xr = &x[(img * p.c + ch) * s..][..s];
+        for (yv, &xv) in yr.iter_mut().zip(xr) {
+            *yv = gamma * ((xv - mean) * istd) + beta;
+        }
+    }
+    ChannelStats {
+        mean,
+        inv_std: istd,
+        var,
+    }
+}
+
+/// The backward of one channel of a spatial input: `dbeta`, `dgamma` (as
+/// f64 sums, in one pass over `x` and `dy`), then `dx` for each run.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_channel_body(
+    isa: Isa,
+    p: &BatchNorm,
+    ch: usize,
+    x: &[f32],
+    dy: &[f32],
+    gamma: f32,
+    mean: f32,
+    istd: f32,
+    dxs: &mut [&mut [f32]],
+) -> (f64, f64) {
+    let m = p.sample_size() as f64;
+    let term = Term::DyXhat {
+        mean,
+        inv_std: istd,
+    };
+    let [sum_dy, sum_dy_xhat] = channel_sums(isa, p, ch, term, x, dy);
+    let coef = gamma * istd;
+    let (mdy, mdyx) = ((sum_dy / m) as f32, (sum_dy_xhat / m) as f32);
+    let s = p.spatial;
+    for (img, dxr) in dxs.iter_mut().enumerate() {
+        let base = (img * p.c + ch) * s;
+        for ((o, &xv), &dv) in dxr.iter_mut().zip(&x[base..][..s]).zip(&dy[base..][..s]) {
+            *o = coef * ((dv - mdy) - ((xv - mean) * istd) * mdyx);
+        }
+    }
+    (sum_dy, sum_dy_xhat)
+}
+
+/// [`forward_channel_body`] and [`backward_channel_body`] built for each
+/// ISA level: the sums go through `ops::lanes::add_run` (explicit vectors
+/// per level, the same bits at each), and the element-wise loops are plain
+/// Rust whose vectors LLVM picks for the level's features; they multiply
+/// and add separately (Rust never fuses them into FMAs on its own), so
+/// every level gives the same bits.
+macro_rules! channel_kernels {
+    ($fwd:ident, $bwd:ident $(, $feat:literal)?) => {
+        $(#[cfg(target_arch = "x86_64")] #[target_feature(enable = $feat)])?
+        fn $fwd(
+            isa: Isa,
+            p: &BatchNorm,
+            ch: usize,
+            x: &[f32],
+            gamma: f32,
+            beta: f32,
+            ys: &mut [&mut [f32]],
+        ) -> ChannelStats {
+            forward_channel_body(isa, p, ch, x, gamma, beta, ys)
+        }
+
+        $(#[cfg(target_arch = "x86_64")] #[target_feature(enable = $feat)])?
+        #[allow(clippy::too_many_arguments)]
+        fn $bwd(
+            isa: Isa,
+            p: &BatchNorm,
+            ch: usize,
+            x: &[f32],
+            dy: &[f32],
+            gamma: f32,
+            mean: f32,
+            istd: f32,
+            dxs: &mut [&mut [f32]],
+        ) -> (f64, f64) {
+            backward_channel_body(isa, p, ch, x, dy, gamma, mean, istd, dxs)
+        }
+    };
+}
+
+channel_kernels!(forward_channel_portable, backward_channel_portable);
+channel_kernels!(forward_channel_avx2, backward_channel_avx2, "avx2,fma");
+channel_kernels!(
+    forward_channel_avx512,
+    backward_channel_avx512,
+    "avx512f,avx2,fma"
+);
+
+/// The forward of channel `ch` at level `isa`.
+fn forward_channel(
+    isa: Isa,
+    p: &BatchNorm,
+    ch: usize,
+    x: &[f32],
+    gamma: f32,
+    beta: f32,
+    ys: &mut [&mut [f32]],
+) -> ChannelStats {
+    match isa {
+        // SAFETY: `isa` comes from `Isa::current`, which never exceeds
+        // `Isa::detected`, so the CPU has the features these enable.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { forward_channel_avx512(isa, p, ch, x, gamma, beta, ys) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { forward_channel_avx2(isa, p, ch, x, gamma, beta, ys) },
+        _ => forward_channel_portable(isa, p, ch, x, gamma, beta, ys),
+    }
+}
+
+/// The backward of channel `ch` at level `isa`.
+#[allow(clippy::too_many_arguments)]
+fn backward_channel(
+    isa: Isa,
+    p: &BatchNorm,
+    ch: usize,
+    x: &[f32],
+    dy: &[f32],
+    gamma: f32,
+    mean: f32,
+    istd: f32,
+    dxs: &mut [&mut [f32]],
+) -> (f64, f64) {
+    match isa {
+        // SAFETY: `isa` comes from `Isa::current`, which never exceeds
+        // `Isa::detected`, so the CPU has the features these enable.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            backward_channel_avx512(isa, p, ch, x, dy, gamma, mean, istd, dxs)
+        },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { backward_channel_avx2(isa, p, ch, x, dy, gamma, mean, istd, dxs) },
+        _ => backward_channel_portable(isa, p, ch, x, dy, gamma, mean, istd, dxs),
+    }
+}
+
+/// `out` cut into its per-channel runs: entry `ch` holds channel `ch`'s
+/// `spatial` elements of every image, in image order, so that one task per
+/// channel can write them.
+fn channel_runs<'a>(p: &BatchNorm, out: &'a mut [f32]) -> Vec<Vec<&'a mut [f32]>> {
+    let mut per: Vec<Vec<&mut [f32]>> = (0..p.c).map(|_| Vec::with_capacity(p.n)).collect();
+    for (i, r) in out.chunks_mut(p.spatial).enumerate() {
+        per[i % p.c].push(r);
+    }
+    per
+}
+
+/// `sum over the samples of channel ch of term(ch, element index)` for
+/// every channel of a dense input (`[n, c]`), deterministically (see the
+/// module docs).
 fn per_channel_sum<F>(p: &BatchNorm, term: F) -> Vec<f64>
 where
     F: Fn(usize, usize) -> f64 + Sync,
 {
-    let m = p.sample_size();
-    let chunks = m.div_ceil(CHUNK);
-    if p.spatial == 1 {
-        return dense_per_channel_sum(p, chunks, term);
-    }
-    let partials: Vec<f64> = (0..p.c * chunks)
-        .into_par_iter()
-        .map(|t| {
-            let (ch, k) = (t / chunks, t % chunks);
-            let j0 = k * CHUNK;
-            let mut s = 0.0f64;
-            runs(p, ch, j0, (j0 + CHUNK).min(m), |start, len| {
-                for idx in start..start + len {
-                    s += term(ch, idx);
-                }
-            });
-            s
-        })
-        .collect();
-    partials
-        .chunks(chunks)
-        .map(|c| c.iter().fold(0.0f64, |a, &b| a + b))
-        .collect()
+    dense_per_channel_sum(p, p.sample_size().div_ceil(CHUNK), term)
 }
 
-/// [`per_channel_sum`] for dense inputs (`[n, c]`, one sample per row):
-/// the same additions in the same order (each channel's samples in order
-/// within a chunk, chunks in order), but row by row over contiguous memory,
+/// [`per_channel_sum`]: each channel's samples in order within a chunk of
+/// [`CHUNK`], chunks in order, computed row by row over contiguous memory,
 /// where one task per channel would read with a stride of `c` and drown in
 /// scheduling for the small batches of a dense layer.
 fn dense_per_channel_sum<F>(p: &BatchNorm, chunks: usize, term: F) -> Vec<f64>
@@ -140,13 +334,33 @@ pub fn forward_training(
             ("running_var", running_var.len()),
         ],
     )?;
+    let factor = p.variance_factor();
+    let (mom, keep) = (p.momentum, 1.0 - p.momentum);
+    let update_running = |ch: usize, var64: f64, rm: &mut [f32], rv: &mut [f32], sm: &[f32]| {
+        let v = (var64 * factor) as f32;
+        rm[ch] = rm[ch] * mom + sm[ch] * keep;
+        rv[ch] = rv[ch] * mom + v * keep;
+    };
+    if p.spatial > 1 {
+        let isa = Isa::current();
+        let stats: Vec<ChannelStats> = channel_runs(p, y)
+            .into_par_iter()
+            .enumerate()
+            .map(|(ch, mut ys)| forward_channel(isa, p, ch, x, gamma[ch], beta[ch], &mut ys))
+            .collect();
+        for (ch, st) in stats.iter().enumerate() {
+            save_mean[ch] = st.mean;
+            save_inv_std[ch] = st.inv_std;
+            update_running(ch, st.var, running_mean, running_var, save_mean);
+        }
+        return Ok(());
+    }
     let m = p.sample_size() as f64;
     let mean64: Vec<f64> = per_channel_sum(p, |_, i| x[i] as f64)
         .into_iter()
         .map(|s| s / m)
         .collect();
-    // Two-pass variance: the sum of squared deviations from the f64 mean,
-    // free of the cancellation that E[x^2] - E[x]^2 suffers.
+    // Two-pass variance, as in `forward_channel_body`.
     let var64: Vec<f64> = per_channel_sum(p, |ch, i| {
         let d = x[i] as f64 - mean64[ch];
         d * d
@@ -154,15 +368,10 @@ pub fn forward_training(
     .into_iter()
     .map(|s| s / m)
     .collect();
-
-    let factor = p.variance_factor();
-    let (mom, keep) = (p.momentum, 1.0 - p.momentum);
     for ch in 0..p.c {
         save_mean[ch] = mean64[ch] as f32;
         save_inv_std[ch] = inv_std(var64[ch], p.epsilon);
-        let v = (var64[ch] * factor) as f32;
-        running_mean[ch] = running_mean[ch] * mom + save_mean[ch] * keep;
-        running_var[ch] = running_var[ch] * mom + v * keep;
+        update_running(ch, var64[ch], running_mean, running_var, save_mean);
     }
     let (mean, istd) = (&*save_mean, &*save_inv_std);
     map_elements(p, y, |ch, i| {
@@ -229,6 +438,22 @@ pub fn backward(
             ("dbeta", dbeta.len()),
         ],
     )?;
+    if p.spatial > 1 {
+        let isa = Isa::current();
+        let sums: Vec<(f64, f64)> = channel_runs(p, dx)
+            .into_par_iter()
+            .enumerate()
+            .map(|(ch, mut dxs)| {
+                let (mean, istd) = (save_mean[ch], save_inv_std[ch]);
+                backward_channel(isa, p, ch, x, dy, gamma[ch], mean, istd, &mut dxs)
+            })
+            .collect();
+        for (ch, &(s_dy, s_dyx)) in sums.iter().enumerate() {
+            dbeta[ch] = s_dy as f32;
+            dgamma[ch] = s_dyx as f32;
+        }
+        return Ok(());
+    }
     // x_hat exactly as the forward computed it.
     let x_hat = |ch: usize, i: usize| (x[i] - save_mean[ch]) * save_inv_std[ch];
     let sum_dy = per_channel_sum(p, |_, i| dy[i] as f64);

@@ -3,7 +3,9 @@
 use rayon::prelude::*;
 
 use super::{BiasShape, REDUCE_CHUNK};
+use crate::cpu_isa::Isa;
 use crate::error::Result;
+use crate::ops::lanes::{LANES, Term, add_run, fold};
 
 /// `y[i, ch, s] = x[i, ch, s] + b[ch]`, out of place; `y` is fully overwritten.
 pub fn add(p: &BiasShape, x: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
@@ -49,9 +51,13 @@ pub fn add_inplace(p: &BiasShape, x: &mut [f32], b: &[f32]) -> Result<()> {
 /// The bias gradient `db[ch] = sum over i, s of dy[i, ch, s]`; `db` is
 /// overwritten (not accumulated into).
 ///
-/// The samples are cut into chunks of [`BiasShape::samples_per_chunk`]; each
-/// chunk sums its channels in f64 in index order, and the chunk sums are
-/// added in chunk order in f64, then rounded once to f32.
+/// The samples are cut into chunks of [`BiasShape::samples_per_chunk`];
+/// within a chunk each channel's contiguous run of `spatial` elements adds
+/// into 32 interleaved f64 lanes (`ops::lanes`: for dense shapes, one
+/// element per run, this is plain index order), a chunk's lanes are added
+/// in lane order, and the chunk sums in chunk order, in f64, then rounded
+/// once to f32. The order depends on the shape alone: the same bits on any
+/// thread count and at every [`Isa`] level.
 pub fn backward(p: &BiasShape, dy: &[f32], db: &mut [f32]) -> Result<()> {
     const OP: &str = "bias.backward";
     p.check_x(OP, "dy", dy.len())?;
@@ -61,21 +67,12 @@ pub fn backward(p: &BiasShape, dy: &[f32], db: &mut [f32]) -> Result<()> {
     }
     let (c, sp) = (p.c, p.spatial);
     let per_chunk = p.samples_per_chunk() * c * sp;
+    let isa = Isa::current();
     let partials: Vec<Vec<f64>> = if per_chunk == 0 {
         Vec::new()
     } else {
         dy.par_chunks(per_chunk)
-            .map(|chunk| {
-                let mut acc = vec![0.0f64; c];
-                for sample in chunk.chunks(c * sp) {
-                    for (a, ch) in acc.iter_mut().zip(sample.chunks(sp)) {
-                        for &v in ch {
-                            *a += v as f64;
-                        }
-                    }
-                }
-                acc
-            })
+            .map(|chunk| chunk_sums(isa, c, sp, chunk))
             .collect()
     };
     let mut total = vec![0.0f64; c];
@@ -88,6 +85,28 @@ pub fn backward(p: &BiasShape, dy: &[f32], db: &mut [f32]) -> Result<()> {
         *d = t as f32;
     }
     Ok(())
+}
+
+/// One chunk's per-channel sums at level `isa` (see [`backward`] for the
+/// order; `ops::lanes::add_run` gives the same bits at every level).
+fn chunk_sums(isa: Isa, c: usize, sp: usize, chunk: &[f32]) -> Vec<f64> {
+    if sp == 1 {
+        // Dense: rows of `c`, one accumulator per column, in row order.
+        let mut acc = vec![0.0f64; c];
+        for row in chunk.chunks(c) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        return acc;
+    }
+    let mut acc = vec![[[0.0f64; LANES]; 2]; c];
+    for sample in chunk.chunks(c * sp) {
+        for (a, run) in acc.iter_mut().zip(sample.chunks(sp)) {
+            add_run(isa, Term::Sum, a, run, &[]);
+        }
+    }
+    acc.iter().map(|a| fold(&a[0])).collect()
 }
 
 /// `sum of f(x[i])` in f64, deterministic: chunks of [`REDUCE_CHUNK`]

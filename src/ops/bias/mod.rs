@@ -11,8 +11,10 @@
 //!
 //! Reductions are deterministic: the input is cut into fixed-size chunks
 //! (a function of the shape only, never of the thread count), each chunk is
-//! summed in f64 in index order, and the chunk sums are combined in chunk
-//! order, in f64. Results are bit-identical on any number of threads and
+//! summed in f64 in an order fixed by the shape (index order for the sums
+//! and dense gradients; interleaved lanes per channel run for the CPU's
+//! conv-shaped gradient, see [`cpu::backward`]), and the chunk sums are
+//! combined in chunk order, in f64. Results are bit-identical on any number of threads and
 //! accurate for long sums (f64 holds the running sum of up to ~2^29 f32
 //! values without losing their precision).
 

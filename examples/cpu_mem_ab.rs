@@ -1,0 +1,139 @@
+//! Timing of the memory-bound CPU ops at keras-cnn's conv1 output size
+//! (batch 32: 32 x 32 x 32 x 32 f32, 4 MiB) beside a `memcpy` of the same
+//! bytes: every op once per round, rounds repeated, median and minimum
+//! printed in microseconds. Build it at two commits and run the binaries
+//! alternately for an A/B on a loaded machine (`docs/perf-log.md`).
+//!
+//!     RAYON_NUM_THREADS=1 cargo run --release --example cpu_mem_ab [ROUNDS]
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use kestrel::ops::activation::{Activation, cpu as act};
+use kestrel::ops::batchnorm::{BatchNorm, VarianceMode, cpu as bn};
+use kestrel::ops::bias::{BiasShape, cpu as bias};
+
+fn data(seed: u64, len: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(21);
+    let (n, c, sp) = (32, 32, 32 * 32);
+    let len = n * c * sp;
+    let x = data(1, len);
+    let dy = data(2, len);
+    let gamma = data(3, c);
+    let beta = data(4, c);
+    let mut y = vec![0.0f32; len];
+    let (mut mean, mut inv) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let (mut rm, mut rv) = (vec![0.0f32; c], vec![1.0f32; c]);
+    let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let p = BatchNorm::new(n, c, sp, true, 0.99, 1e-3, VarianceMode::Keras).unwrap();
+    let bs = BiasShape::conv(n, c, sp).unwrap();
+    bn::forward_training(
+        &p, &x, &gamma, &beta, &mut y, &mut mean, &mut inv, &mut rm, &mut rv,
+    )
+    .unwrap();
+    let yk = y.clone();
+    let (mean_b, inv_b) = (mean.clone(), inv.clone());
+    let (mut dx_b, mut db_b, mut dx_c) = (vec![0.0f32; len], vec![0.0f32; c], dy.clone());
+    let src: Vec<u8> = (0..16 * len).map(|i| i as u8).collect();
+    let mut dst = vec![0u8; 16 * len];
+    // (name, bytes a perfect kernel moves, the op)
+    type Op<'a> = Box<dyn FnMut() + 'a>;
+    let mut ops: Vec<(&str, usize, Op)> = Vec::new();
+    ops.push((
+        "bn.fwd",
+        8 * len,
+        Box::new(|| {
+            bn::forward_training(
+                &p, &x, &gamma, &beta, &mut y, &mut mean, &mut inv, &mut rm, &mut rv,
+            )
+            .unwrap()
+        }),
+    ));
+    ops.push((
+        "bn.bwd",
+        12 * len,
+        Box::new(|| {
+            bn::backward(
+                &p, &x, &dy, &gamma, &mean_b, &inv_b, &mut dx_b, &mut dg, &mut db_b,
+            )
+            .unwrap()
+        }),
+    ));
+    ops.push((
+        "bias.bwd",
+        4 * len,
+        Box::new(|| bias::backward(&bs, &dy, &mut db).unwrap()),
+    ));
+    ops.push((
+        "bias.add_inplace",
+        8 * len,
+        Box::new(|| bias::add_inplace(&bs, &mut dx_c, &gamma).unwrap()),
+    ));
+    for (name, a) in [("relu", Activation::RELU), ("elu", Activation::elu(1.0))] {
+        let (xr, yr, dyr) = (&x, &yk, &dy);
+        let mut out = vec![0.0f32; len];
+        let mut g = dy.clone();
+        let fwd: &'static str = if name == "relu" {
+            "relu.fwd"
+        } else {
+            "elu.fwd"
+        };
+        let bwd: &'static str = if name == "relu" {
+            "relu.bwd_from_output"
+        } else {
+            "elu.bwd_from_output"
+        };
+        ops.push((
+            fwd,
+            8 * len,
+            Box::new(move || act::forward(a, xr, &mut out).unwrap()),
+        ));
+        ops.push((
+            bwd,
+            12 * len,
+            Box::new(move || {
+                g.copy_from_slice(dyr);
+                act::backward_from_output(a, yr, &mut g).unwrap()
+            }),
+        ));
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
+    let mut copies: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
+    for _ in 0..rounds {
+        for (k, (_, bytes, op)) in ops.iter_mut().enumerate() {
+            let t = Instant::now();
+            op();
+            times[k].push(t.elapsed().as_secs_f64());
+            let half = *bytes / 2;
+            let t = Instant::now();
+            dst[..half].copy_from_slice(black_box(&src[..half]));
+            copies[k].push(t.elapsed().as_secs_f64());
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v[v.len() / 2] * 1e6, v[0] * 1e6)
+    };
+    println!("op median_us min_us memcpy_median_us ratio_median");
+    for (k, (name, _, _)) in ops.iter().enumerate() {
+        let (m, lo) = med(&mut times[k]);
+        let (cm, _) = med(&mut copies[k]);
+        println!("{name} {m:.1} {lo:.1} {cm:.1} {:.2}", m / cm);
+    }
+    black_box(&dst);
+}

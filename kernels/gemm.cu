@@ -15,68 +15,12 @@
 // batch items of a summed group, in order), one fma at a time: the tile
 // shape does not change the result, so both instantiations agree bit for bit.
 #include "gemm_params.cuh"
+#include "gemm_quads.cuh"
 
 #define GEMM_THREADS 256
 // Shared-memory row padding (floats): keeps rows 16-byte aligned for float4
 // reads and spreads the transposing stores of k-contiguous operands over banks.
 #define SMEM_PAD 4
-
-// Four consecutive elements of a stored operand (along its contiguous axis).
-struct Quad {
-    float v[4];
-};
-
-// An operand tile is `outer x BK` elements of op(X), where `outer` runs over
-// the rows of op(A) or the columns of op(B). As stored, the operand is either
-// k-contiguous (A not transposed, B transposed): element (o, kk) at
-// X[o * ld + kk]; or outer-contiguous (A transposed, B not): X[kk * ld + o].
-// Thread t fetches the 4 consecutive elements starting at (o, kk) along the
-// contiguous axis; BO * BK == 4 * GEMM_THREADS, so one quad per thread
-// covers the tile, and consecutive threads read consecutive addresses.
-template <int BO, int BK>
-__device__ __forceinline__ void quad_coords(bool k_contig, int t, int& o, int& kk) {
-    static_assert(BO * BK == 4 * GEMM_THREADS, "one quad per thread per tile");
-    if (k_contig) {
-        o = t / (BK / 4);
-        kk = (t % (BK / 4)) * 4;
-    } else {
-        kk = t / (BO / 4);
-        o = (t % (BO / 4)) * 4;
-    }
-}
-
-// Fetches thread t's quad of the tile at (o0, k0); elements outside the
-// `outer x kdim` operand read as 0. `vec`: X is 16-byte aligned and ld is a
-// multiple of 4, so a quad that lies fully inside is one aligned float4
-// (o0, k0 and the quad offsets are multiples of 4).
-template <int BO, int BK>
-__device__ __forceinline__ Quad fetch_quad(const float* X, u64 ld, bool k_contig, bool vec, u64 o0,
-                                           u64 outer, u64 k0, u64 kdim, int t) {
-    int o, kk;
-    quad_coords<BO, BK>(k_contig, t, o, kk);
-    const u64 go = o0 + o, gk = k0 + kk;
-    Quad q;
-    if (k_contig) {
-        const bool row_in = go < outer;
-        if (vec && row_in && gk + 3 < kdim) {
-            const float4 f = *reinterpret_cast<const float4*>(X + go * ld + gk);
-            q.v[0] = f.x; q.v[1] = f.y; q.v[2] = f.z; q.v[3] = f.w;
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) q.v[i] = (row_in && gk + i < kdim) ? X[go * ld + gk + i] : 0.0f;
-        }
-    } else {
-        const bool row_in = gk < kdim;
-        if (vec && row_in && go + 3 < outer) {
-            const float4 f = *reinterpret_cast<const float4*>(X + gk * ld + go);
-            q.v[0] = f.x; q.v[1] = f.y; q.v[2] = f.z; q.v[3] = f.w;
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) q.v[i] = (row_in && go + i < outer) ? X[gk * ld + go + i] : 0.0f;
-        }
-    }
-    return q;
-}
 
 // Stores thread t's quad into the k-major shared tile S[BK][BO + SMEM_PAD].
 template <int BO, int BK>
@@ -114,6 +58,7 @@ __device__ __forceinline__ void gemm_tiled(const Gemm& p, Activation act, u32 bi
                                            const float* __restrict__ bias, u64 group) {
     static_assert((BM / TM) * (BN / TN) == GEMM_THREADS, "one micro-tile per thread");
     static_assert(TM % 4 == 0 && TN % 4 == 0 && BK % 4 == 0, "float4 fragments");
+    static_assert(BM * BK == 4 * GEMM_THREADS && BN * BK == 4 * GEMM_THREADS, "one quad per thread per tile");
     __shared__ __align__(16) float As[BK][BM + SMEM_PAD];
     __shared__ __align__(16) float Bs[BK][BN + SMEM_PAD];
 

@@ -19,6 +19,7 @@
 // from global memory into registers while the current one is multiplied
 // (plain loads, float4 where aligned; cp.async comes with kernels/async_copy.cuh).
 #include "gemm_params.cuh"
+#include "gemm_quads.cuh"
 #include "mma.cuh"
 
 #define TF32_THREADS 256
@@ -39,58 +40,10 @@
 static_assert(TF32_BM == TF32_BN, "one quad count for both operands");
 static_assert(TF32_QUADS * 4 * TF32_THREADS == TF32_BM * TF32_BK, "the quads cover the tile");
 
-struct Quad4 {
-    float v[4];
-};
-
-// Quad q of an `outer x BK` operand tile: k-contiguous operands (A not
-// transposed, B transposed) are read along k, outer-contiguous ones along
-// outer; consecutive q are consecutive addresses either way.
-__device__ __forceinline__ void tf32_quad_coords(bool k_contig, int q, int& o, int& kk) {
-    if (k_contig) {
-        o = q / (TF32_BK / 4);
-        kk = (q % (TF32_BK / 4)) * 4;
-    } else {
-        kk = q / (TF32_BM / 4);
-        o = (q % (TF32_BM / 4)) * 4;
-    }
-}
-
-// Fetches quad q of the tile at (o0, k0); elements outside the `outer x kdim`
-// operand read as 0. `vec`: X is 16-byte aligned and ld a multiple of 4, so a
-// quad fully inside is one aligned float4.
-__device__ __forceinline__ Quad4 tf32_fetch(const float* X, u64 ld, bool k_contig, bool vec, u64 o0, u64 outer,
-                                            u64 k0, u64 kdim, int q) {
-    int o, kk;
-    tf32_quad_coords(k_contig, q, o, kk);
-    const u64 go = o0 + o, gk = k0 + kk;
-    Quad4 r;
-    if (k_contig) {
-        const bool row_in = go < outer;
-        if (vec && row_in && gk + 3 < kdim) {
-            const float4 f = *reinterpret_cast<const float4*>(X + go * ld + gk);
-            r.v[0] = f.x; r.v[1] = f.y; r.v[2] = f.z; r.v[3] = f.w;
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) r.v[i] = (row_in && gk + i < kdim) ? X[go * ld + gk + i] : 0.0f;
-        }
-    } else {
-        const bool row_in = gk < kdim;
-        if (vec && row_in && go + 3 < outer) {
-            const float4 f = *reinterpret_cast<const float4*>(X + gk * ld + go);
-            r.v[0] = f.x; r.v[1] = f.y; r.v[2] = f.z; r.v[3] = f.w;
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) r.v[i] = (row_in && go + i < outer) ? X[gk * ld + go + i] : 0.0f;
-        }
-    }
-    return r;
-}
-
 // Stores quad q, rounded to TF32, into the outer-major shared tile S[outer][k].
-__device__ __forceinline__ void tf32_store(u32 (*S)[TF32_LDS], bool k_contig, int q, const Quad4& r) {
+__device__ __forceinline__ void tf32_store(u32 (*S)[TF32_LDS], bool k_contig, int q, const Quad& r) {
     int o, kk;
-    tf32_quad_coords(k_contig, q, o, kk);
+    quad_coords<TF32_BM, TF32_BK>(k_contig, q, o, kk);
     if (k_contig) {
         uint4 w;
         w.x = tf32_round(r.v[0]);
@@ -151,12 +104,12 @@ extern "C" __global__ void __launch_bounds__(TF32_THREADS)
                 const float* Ai = A + item * p.stride_a;
                 const float* Bi = B + item * p.stride_b;
                 bool va = tf32_aligned16(Ai, p.lda), vb = tf32_aligned16(Bi, p.ldb);
-                Quad4 qa[TF32_QUADS], qb[TF32_QUADS];
+                Quad qa[TF32_QUADS], qb[TF32_QUADS];
                 if (steps > 0) {
 #pragma unroll
                     for (int i = 0; i < TF32_QUADS; ++i) {
-                        qa[i] = tf32_fetch(Ai, p.lda, a_kc, va, m0, p.m, k0, p.k, t + i * TF32_THREADS);
-                        qb[i] = tf32_fetch(Bi, p.ldb, b_kc, vb, n0, p.n, k0, p.k, t + i * TF32_THREADS);
+                        qa[i] = fetch_quad<TF32_BM, TF32_BK>(Ai, p.lda, a_kc, va, m0, p.m, k0, p.k, t + i * TF32_THREADS);
+                        qb[i] = fetch_quad<TF32_BM, TF32_BK>(Bi, p.ldb, b_kc, vb, n0, p.n, k0, p.k, t + i * TF32_THREADS);
                     }
                 }
                 for (u64 s = 0; s < steps; ++s) {
@@ -178,8 +131,8 @@ extern "C" __global__ void __launch_bounds__(TF32_THREADS)
                         }
 #pragma unroll
                         for (int i = 0; i < TF32_QUADS; ++i) {
-                            qa[i] = tf32_fetch(Ai, p.lda, a_kc, va, m0, p.m, k0, p.k, t + i * TF32_THREADS);
-                            qb[i] = tf32_fetch(Bi, p.ldb, b_kc, vb, n0, p.n, k0, p.k, t + i * TF32_THREADS);
+                            qa[i] = fetch_quad<TF32_BM, TF32_BK>(Ai, p.lda, a_kc, va, m0, p.m, k0, p.k, t + i * TF32_THREADS);
+                            qb[i] = fetch_quad<TF32_BM, TF32_BK>(Bi, p.ldb, b_kc, vb, n0, p.n, k0, p.k, t + i * TF32_THREADS);
                         }
                     }
 #pragma unroll

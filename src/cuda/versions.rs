@@ -45,9 +45,17 @@ pub trait KernelVersion: Copy + std::fmt::Debug + Eq + 'static {
     /// An error naming the version when `gpu`'s device cannot run it: the
     /// check every `*_with` entry point makes before launching.
     fn require(self, gpu: &CudaBackend) -> Result<()> {
-        gpu.require_capability(self.name(), self.name(), self.min_compute_capability())?;
-        for m in self.modules() {
-            gpu.require_module(self.name(), m)?;
+        // An architecture-specific module first: its message (one exact
+        // capability) is the true one also on an older device.
+        let mut modules: Vec<_> = self.modules().to_vec();
+        modules.sort_by_key(|m| !m.arch_specific);
+        for m in modules {
+            if !m.loads_on(gpu.info().compute_capability) {
+                if m.arch_specific {
+                    return gpu.require_module(self.name(), m);
+                }
+                return gpu.require_capability(self.name(), self.name(), m.min_compute_capability);
+            }
         }
         Ok(())
     }

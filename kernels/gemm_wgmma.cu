@@ -89,6 +89,8 @@ __device__ __forceinline__ u64 wg_desc(const u32* tile, int row0, int kk) {
 // grid-stride loop. Slice z sums batch items [z * group, min((z + 1) * group,
 // batch)) into C + z * stride_c (group == 1: the plain batched GEMM), in
 // item order, as gemm.cu does.
+// At least 2 blocks per SM (at most 128 registers): 142 without the hint, one
+// block per SM, which leaves the other's multiply unable to hide a step's loads.
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 2)
     gemm_tf32_wgmma_128x128(Gemm p, u32 act_kind, float act_alpha, u32 bias_kind, const float* __restrict__ A,
                             const float* __restrict__ B, float* __restrict__ C, const float* __restrict__ bias,
@@ -160,14 +162,17 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 2)
                             qb[i] = fetch_quad<WG_BM, WG_BK>(Bi, p.ldb, b_kc, vb, n0, p.n, k0, p.k, t + i * WG_THREADS);
                         }
                     }
+                    wgmma_fence_operands(acc);
                     wgmma_fence();
 #pragma unroll
                     for (int kk = 0; kk < WG_BK; kk += 8)
                         wgmma_m64n128k8_tf32(acc, wg_desc(As, wg * 64, kk), wg_desc(Bs, 0, kk), 1u);
                     wgmma_commit_group();
                     wgmma_wait_group<1>();
+                    wgmma_fence_operands(acc);
                 }
                 wgmma_wait_group<0>();
+                wgmma_fence_operands(acc);
                 // The next tile's first stores go to stage 0, which the other
                 // warpgroup's last multiplies may still read until its wait.
                 __syncthreads();

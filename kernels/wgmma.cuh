@@ -125,7 +125,21 @@ __device__ __forceinline__ void wgmma_m64n128k8_tf32(float (&d)[64], u64 a_desc,
         : "memory");
 }
 
+// Keeps the compiler from moving accesses to the accumulators across the
+// wgmma instructions around it: an empty asm that reads and writes each of
+// them. (The compiler sees the mma_async's outputs as final when it returns
+// and wgmma.wait_group as touching no register; ptxas knows better, but only
+// for code the compiler left in order.) Not an instruction.
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
 #else  // the emulated device: kemu_wgmma_* and kemu_fence_proxy_async (kemu/simt.h)
+
+// Nothing to pin: the emulated instructions are calls the compiler cannot
+// move accesses across (the accumulators' address escapes into them).
+__device__ __forceinline__ void wgmma_fence_operands(float (&)[64]) {}
 
 __device__ __forceinline__ void fence_proxy_async(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     kemu_fence_proxy_async(file, line);

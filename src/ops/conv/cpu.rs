@@ -1,20 +1,29 @@
-//! CPU convolution: im2col, one GEMM per chunk of images, col2im.
+//! CPU convolution: im2col, one GEMM per group of images, col2im.
 //!
 //! The column matrix of `N` images is `[C*R*S, N*OH*OW]`, row-major:
 //! row `(c*R + r)*S + s`, column `(img*OH + oy)*OW + ox` holds
 //! `x[img, c, oy*stride_h + r - pad_top, ox*stride_w + s - pad_left]` (0 in
-//! the padding). Putting every image's pixels side by side in one row makes
-//! the forward pass a single GEMM `W[K, CRS] * col[CRS, N*OH*OW]` whose `n`
-//! is the whole batch's pixel count: large even for deep layers with small
-//! feature maps, which is what keeps a GEMM efficient. The price is a
-//! transpose between `[K, N*OH*OW]` and NCHW, which costs `1/(C*R*S)` of the
-//! GEMM.
+//! the padding). [`im2col`] and [`col2im`] build and reduce it for a whole
+//! batch (the layout the GPU kernels share).
 //!
-//! On the CPU the batch goes through in chunks of [`images_per_chunk`]
-//! images, because the column matrix of a whole batch is `C*R*S` times
-//! larger than the input (batch 128, 128 channels, 32x32, 3x3: 600 MB);
-//! a chunk's scratch stays under [`SCRATCH_FLOATS`]. The chunk size depends
-//! only on the layer's shape, so results are the same on any thread count.
+//! The passes themselves go through the batch in groups of
+//! [`images_per_group`] images: just enough that the group's GEMM has a few
+//! hundred columns (one image for maps of 16x16 and up), never more than
+//! [`images_per_chunk`], whose scratch stays under [`SCRATCH_FLOATS`]. A
+//! group's column matrix is built, multiplied and reduced on one thread
+//! while it sits in that core's L2 (conv2 of keras-cnn: 1 MB per image),
+//! and groups run in parallel with single-threaded GEMMs when there are
+//! enough of them; one image's `[K, OH*OW]` result is already NCHW, so it
+//! needs no transpose. An earlier version built the column matrix of 29
+//! images at once (30 MB for that layer): im2col and the GEMM's packing
+//! each streamed it through DRAM, and the step ran at a tenth of the GEMM's
+//! speed (`docs/perf-log.md`).
+//!
+//! Determinism: every element of `y` and of the column matrix of `dx` is
+//! one GEMM chain over `C*R*S` (resp. `K`) whatever the grouping, and the
+//! GEMM's bits do not depend on its threads; `dw` sums groups in slices
+//! fixed by the shape ([`backward_filter`]). So results are bit-identical
+//! on any thread count.
 
 use std::cell::Cell;
 
@@ -27,11 +36,11 @@ use crate::ops::gemm::cpu::{gemm, gemm_serial};
 use crate::ops::gemm::{Bias, Epilogue, Gemm};
 
 /// Scratch floats (column matrix plus the `[K, n*OH*OW]` transpose buffer)
-/// one chunk of images may use: 32 MiB. Large enough that a chunk's GEMM
-/// has thousands of columns, small enough for any machine.
+/// one group of images may use at most: 32 MiB. Small enough for any
+/// machine; groups are usually far smaller ([`images_per_group`]).
 pub const SCRATCH_FLOATS: usize = 1 << 23;
 
-/// Images processed per GEMM on the CPU: as many as fit in
+/// The most images one GEMM may take on the CPU: as many as fit in
 /// [`SCRATCH_FLOATS`], at least 1, at most `n`.
 pub fn images_per_chunk(p: &Conv2d) -> usize {
     let per_image = (p.col_rows() + p.k) * p.out_h * p.out_w;
@@ -73,6 +82,10 @@ const GROUP_COLUMNS: usize = 256;
 /// same on any thread count (it fixes the summation order).
 const FILTER_SLICES: usize = 8;
 
+/// Scratch buffers above this many floats (8 MiB) are freed after use
+/// rather than kept by the thread (keras-cnn's groups need 0.1-1 MiB).
+const SCRATCH_KEEP: usize = 1 << 21;
+
 thread_local! {
     /// A thread's column matrix and output buffer for one group, reused.
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -87,7 +100,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         v.resize(len, 0.0);
     }
     let r = f(&mut v[..len]);
-    if v.len() <= SCRATCH_FLOATS {
+    if v.len() <= SCRATCH_KEEP {
         SCRATCH.set(v);
     }
     r

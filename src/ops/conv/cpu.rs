@@ -241,7 +241,7 @@ pub fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) -> Resul
 /// weights. `x` `[N, C, H, W]`, `dy` `[N, K, OH, OW]`, `dw` `[K, C, R, S]`
 /// fully overwritten (zero for an empty batch).
 ///
-/// The batch is cut into at most [`FILTER_SLICES`] slices of whole groups
+/// The batch is cut into at most eight slices of whole groups
 /// (fewer when their partial sums would not fit in [`SCRATCH_FLOATS`]);
 /// each slice adds its groups' GEMMs into its own partial sum in order, and
 /// the partial sums are added in slice order. Slices and groups follow from

@@ -8,9 +8,13 @@
 //!   workspace of `select_workspace_len` floats, i.e. the version
 //!   `select_ws` picks, split-K included (id as is); with
 //!   `KESTREL_BENCH_GEMM_VERSIONS=1`, also one row per version
-//!   (`GemmKernel::ALL`: v1 64x64, v1 128x128, v2, v2 split-K) forced
-//!   through `gemm_with` with its `workspace_len`, id `<shape>.<kernel>`
-//!   (e.g. `square.4096.gemm_v2_splitk`). The mlp's dense layers are
+//!   (`GemmKernel::ALL`: v1 64x64, v1 128x128, v2, v2 split-K, and the
+//!   TF32 mma.sync and wgmma versions, each of those beside cuBLAS in
+//!   `CUBLAS_TF32_TENSOR_OP_MATH`) forced through `gemm_with` with its
+//!   `workspace_len`, id `<shape>.<kernel>` (e.g.
+//!   `square.4096.gemm_v2_splitk`, `square.4096.gemm_tf32_wgmma_128x128`);
+//!   a version the device cannot run (wgmma off compute capability 9.0) is
+//!   skipped with a note on stderr. The mlp's dense layers are
 //!   included (batch 32).
 //! - `gpu_conv`: forward, backward data and backward filter of every conv
 //!   layer of keras-cnn and elu-cnn at batch 32 and 128, beside cuDNN with
@@ -646,7 +650,17 @@ fn gemm_pair(env: &Env, c: &mut Criterion, id: &str, p: Gemm) {
     gemm_version_pair(env, c, id, p, None);
     if env.gemm_versions {
         for k in GemmKernel::ALL {
-            gemm_version_pair(env, c, &format!("{id}.{}", k.name()), p, Some(k));
+            let vid = format!("{id}.{}", k.name());
+            if !k.runs_on(env.gpu.info()) {
+                if env.wanted("gpu_gemm", &vid) {
+                    eprintln!(
+                        "gpu_gemm {vid}: skipped, compute capability {} cannot run it",
+                        env.gpu.info().cc_string()
+                    );
+                }
+                continue;
+            }
+            gemm_version_pair(env, c, &vid, p, Some(k));
         }
     }
 }

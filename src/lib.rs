@@ -36,7 +36,8 @@
 //!    [`ops::gemm::cuda::gemm_with`] on the version
 //!    [`ops::gemm::cuda::select_ws`] picks (a
 //!    [`ops::gemm::cuda::GemmKernel`]: `Tiled64`, `Tiled128`, `V2`,
-//!    `V2SplitK`, and the opt-in TF32 `Tf32MmaSync` that only
+//!    `V2SplitK`, and the opt-in TF32 `Tf32MmaSync` and `Tf32Wgmma` (sm_90a,
+//!    compute capability 9.0 exactly) that only
 //!    [`ops::gemm::cuda::select_with`] with [`ops::gemm::Precision::Tf32`]
 //!    picks, each knowing its kernel name, precision, minimum compute
 //!    capability and [`ops::gemm::cuda::workspace_len`]); the checks are the

@@ -26,6 +26,7 @@
 #include <thread>
 
 #include "async_copy.h"
+#include "wgmma.h"
 #include "runtime.h"
 
 #if defined(KEMU_MEMCHECK)
@@ -65,6 +66,22 @@ struct Thread {
     ctx::fiber sink;   // resumes the scheduler (held while running)
     bool started = false;
     AsyncCopies async;  // its cp.async copies not yet completed
+    // A wgmma.fence since its start or its last wgmma.wait_group (the
+    // emulator's reading of the ISA's rule that a fence must order a
+    // thread's own register accesses before the next wgmma.mma_async).
+    bool wgmma_fenced = false;
+};
+
+// A thread's part of a warpgroup-collective instruction (kemu_wgmma_*).
+enum WgmmaKind : int { WG_FENCE, WG_MMA, WG_COMMIT, WG_WAIT };
+struct WgmmaRecord {
+    int kind;
+    int wait_n;  // WG_WAIT
+    // WG_MMA: the operation as this thread names it, its accumulators.
+    unsigned n;
+    uint64_t a_desc, b_desc;
+    int scale_d, scale_a, scale_b;
+    float* d;
 };
 
 // Fiber stacks, reused across blocks and launches on one OS thread: mmap'd
@@ -155,6 +172,14 @@ struct Block {
     bool aborting = false;
     Result code = OK;
     std::string message;
+    // wgmma: each warpgroup's pending operations, and shared memory as the
+    // async proxy sees it. The view starts as the NaN pattern (like the
+    // block's shared memory) and takes the generic contents of the whole
+    // window when an operation is performed after a fence.proxy.async of
+    // any thread; without one, wgmma reads the view's stale bytes.
+    std::vector<WarpgroupMma> warpgroups;
+    std::vector<unsigned char> async_view;
+    bool proxy_fenced = false;
 };
 
 thread_local Thread* g_current = nullptr;
@@ -197,7 +222,8 @@ const char* op_name(int op) {
 }
 
 const char* op_name(const Thread& t) {
-    return t.op == WARP_COLLECTIVE && t.collective_name ? t.collective_name : op_name(t.op);
+    return (t.op == WARP_COLLECTIVE || t.op == WARPGROUP_COLLECTIVE) && t.collective_name ? t.collective_name
+                                                                                      : op_name(t.op);
 }
 
 // The block fails; the running fiber (if any) parks until it is unwound.
@@ -232,6 +258,119 @@ uint64_t splitmix(uint64_t& s) {
     return z ^ (z >> 31);
 }
 
+// The async proxy's view of the block's shared memory, brought up to date
+// when a fence.proxy.async came since the last update (see Block).
+const unsigned char* async_view(Block& b, size_t* size) {
+    unsigned char* base;
+    tls_block(b.launch->fn->module->emu, &base, size);
+    if (b.async_view.size() != *size) b.async_view.assign(*size, 0xff);
+    if (b.proxy_fenced && base) {
+        std::memcpy(b.async_view.data(), base, *size);
+        b.proxy_fenced = false;
+    }
+    return b.async_view.data();
+}
+
+// A warpgroup-collective instruction whose first waiting thread is `first`:
+// runs it once every one of the warpgroup's 128 threads waits at it.
+// Returns whether it ran; leaves it waiting while a thread of another warp
+// is still on its way (it waits at an ordinary warp operation, or is
+// runnable); fails the block on a broken rule.
+bool resolve_warpgroup(Block& b, unsigned first) {
+    std::vector<Thread>& ts = *b.threads;
+    const Thread& lead = ts[first];
+    const unsigned g = first / 128, base = g * 128;
+    auto fail = [&](const std::string& why) {
+        block_fail(b, ERR_LAUNCH_FAILED, std::string(op_name(lead)) + " at " + where(lead.file, lead.line) + ": " + why);
+        return false;
+    };
+    if (base + 128 > b.count) {
+        std::ostringstream e;
+        e << "warpgroup " << g << " needs 4 whole warps (threads " << base << ".." << base + 127
+          << "), but the block has only " << b.count << " threads";
+        return fail(e.str());
+    }
+    for (unsigned i = base; i < base + 128; ++i) {
+        const Thread& o = ts[i];
+        std::ostringstream e;
+        if (o.state == State::Exited) {
+            e << "thread " << tid_string(o) << " of warpgroup " << g << " has exited and will never reach it";
+            return fail(e.str());
+        }
+        if (o.state == State::Barrier) {
+            e << "thread " << tid_string(o) << " of warpgroup " << g << " waits at __syncthreads at "
+              << where(o.file, o.line) << ": a deadlock on a GPU";
+            return fail(e.str());
+        }
+        if (o.state == State::Runnable) return false;
+        const bool same_site = o.op == WARPGROUP_COLLECTIVE && o.file == lead.file && o.line == lead.line;
+        if (!same_site) {
+            // Another warp may still be on its way through an ordinary warp
+            // operation; a lane of the lead's own warp, or any thread at
+            // another wgmma instruction, is divergence (.sync.aligned).
+            if (o.op != WARPGROUP_COLLECTIVE && o.warp != lead.warp) return false;
+            e << "divergent wgmma instructions in warpgroup " << g << ": thread " << tid_string(lead) << " waits at "
+              << op_name(lead) << " at " << where(lead.file, lead.line) << ", thread " << tid_string(o) << " at "
+              << op_name(o) << " at " << where(o.file, o.line) << " (.sync.aligned: all 128 threads execute the same one)";
+            return fail(e.str());
+        }
+    }
+    const WgmmaRecord& r0 = *static_cast<const WgmmaRecord*>(ts[base].data);
+    for (unsigned i = base; i < base + 128; ++i) {
+        const WgmmaRecord& r = *static_cast<const WgmmaRecord*>(ts[i].data);
+        if (r.kind != r0.kind || r.wait_n != r0.wait_n || r.n != r0.n || r.a_desc != r0.a_desc ||
+            r.b_desc != r0.b_desc || r.scale_d != r0.scale_d || r.scale_a != r0.scale_a || r.scale_b != r0.scale_b) {
+            std::ostringstream e;
+            e << "thread " << tid_string(ts[i]) << " names other operands than thread " << tid_string(ts[base])
+              << " (descriptors, N, scales or the wait count must be the same across the warpgroup)";
+            return fail(e.str());
+        }
+    }
+    WarpgroupMma& wg = b.warpgroups[g];
+    switch (r0.kind) {
+        case WG_FENCE:
+            for (unsigned i = base; i < base + 128; ++i) ts[i].wgmma_fenced = true;
+            break;
+        case WG_MMA: {
+            WgmmaOp op;
+            op.n = r0.n;
+            op.a_desc = r0.a_desc;
+            op.b_desc = r0.b_desc;
+            op.scale_d = r0.scale_d != 0;
+            op.scale_a = r0.scale_a;
+            op.scale_b = r0.scale_b;
+            for (unsigned i = 0; i < 128; ++i) {
+                if (!ts[base + i].wgmma_fenced) {
+                    std::ostringstream e;
+                    e << "thread " << tid_string(ts[base + i])
+                      << " issues it without a wgmma.fence since its start or its last wgmma.wait_group (the fence "
+                         "must order its accumulator accesses before the asynchronous multiply)";
+                    return fail(e.str());
+                }
+                op.d[i] = static_cast<const WgmmaRecord*>(ts[base + i].data)->d;
+            }
+            unsigned char* sbase;
+            size_t window;
+            tls_block(b.launch->fn->module->emu, &sbase, &window);
+            const std::string bad = wgmma_check(op, window);
+            if (!bad.empty()) return fail(bad);
+            wg.issue(op);
+            break;
+        }
+        case WG_COMMIT: wg.commit(); break;
+        case WG_WAIT: {
+            if (r0.wait_n < 0) return fail("a negative group count");
+            size_t window;
+            const unsigned char* view = async_view(b, &window);
+            wg.wait((unsigned)r0.wait_n, view);
+            for (unsigned i = base; i < base + 128; ++i) ts[i].wgmma_fenced = false;
+            break;
+        }
+    }
+    for (unsigned i = base; i < base + 128; ++i) ts[i].state = State::Runnable;
+    return true;
+}
+
 // Completes the warp operations whose every named lane is waiting at it.
 // Returns whether any completed; fails the block on a broken rule.
 bool resolve_warps(Block& b) {
@@ -242,6 +381,10 @@ bool resolve_warps(Block& b) {
         for (unsigned l = 0; l < lanes && !b.aborting; ++l) {
             Thread& lead = ts[base + l];
             if (lead.state != State::Warp) continue;
+            if (lead.op == WARPGROUP_COLLECTIVE) {
+                if (resolve_warpgroup(b, base + l)) progress = true;
+                continue;
+            }
             const unsigned mask = lead.mask;
             // Check every lane the mask names.
             for (unsigned k = 0; k < 32; ++k) {
@@ -444,7 +587,9 @@ void run_block(Launch& L, uint64_t linear) {
         t.file = nullptr;
         t.line = 0;
         t.async.reset();
+        t.wgmma_fenced = false;
     }
+    b.warpgroups.assign((count + 127) / 128, WarpgroupMma());
     poison_shared(L);
 
     const EntryInfo* entry = L.fn->entry;
@@ -775,4 +920,83 @@ KEMU_API void kemu_cp_async_wait(int n, const char* file, int line) {
     Thread* t = g_current;
     if (n < 0) async_fail(t, "cp.async.wait_group", file, line, "a negative group count");
     t->async.wait((unsigned)n);
+}
+
+// ---- wgmma (kernels/wgmma.cuh; semantics in wgmma.h) ------------------------
+
+KEMU_API unsigned kemu_shared_window_address(const void* p, const char* file, int line) {
+    Thread* t = g_current;
+    unsigned char* base;
+    size_t size;
+    tls_block(t->block->launch->fn->module->emu, &base, &size);
+    const auto* q = static_cast<const unsigned char*>(p);
+    if (!base || q < base || q >= base + size) {
+        std::ostringstream e;
+        e << "address " << p << " is not in the block's shared memory";
+        async_fail(t, "cvta.to.shared", file, line, e.str());
+    }
+    return (unsigned)(q - base);
+}
+
+KEMU_API void kemu_fence_proxy_async(const char*, int) { g_current->block->proxy_fenced = true; }
+
+namespace {
+const char* wgmma_name(int kind) {
+    switch (kind) {
+        case WG_FENCE: return "wgmma.fence.sync.aligned";
+        case WG_MMA: return "wgmma.mma_async.sync.aligned.f32.tf32.tf32";
+        case WG_COMMIT: return "wgmma.commit_group.sync.aligned";
+    }
+    return "wgmma.wait_group.sync.aligned";
+}
+
+// Parks the calling thread at a warpgroup collective with its record.
+void wgmma_park(WgmmaRecord& r, const char* file, int line) {
+    Thread* t = g_current;
+    t->state = State::Warp;
+    t->op = WARPGROUP_COLLECTIVE;
+    t->collective = nullptr;
+    t->collective_name = wgmma_name(r.kind);
+    t->data = &r;
+    t->mask = 0xffffffffu;
+    t->value = 0;
+    t->arg = 0;
+    t->width = 32;
+    t->file = file;
+    t->line = line;
+    park(t);
+}
+}  // namespace
+
+KEMU_API void kemu_wgmma_fence(const char* file, int line) {
+    WgmmaRecord r{};
+    r.kind = WG_FENCE;
+    wgmma_park(r, file, line);
+}
+
+KEMU_API void kemu_wgmma_commit_group(const char* file, int line) {
+    WgmmaRecord r{};
+    r.kind = WG_COMMIT;
+    wgmma_park(r, file, line);
+}
+
+KEMU_API void kemu_wgmma_wait_group(int n, const char* file, int line) {
+    WgmmaRecord r{};
+    r.kind = WG_WAIT;
+    r.wait_n = n;
+    wgmma_park(r, file, line);
+}
+
+KEMU_API void kemu_wgmma_mma_async_tf32(unsigned n, float* d, unsigned long long a_desc, unsigned long long b_desc,
+                                        int scale_d, int scale_a, int scale_b, const char* file, int line) {
+    WgmmaRecord r{};
+    r.kind = WG_MMA;
+    r.n = n;
+    r.a_desc = a_desc;
+    r.b_desc = b_desc;
+    r.scale_d = scale_d;
+    r.scale_a = scale_a;
+    r.scale_b = scale_b;
+    r.d = d;
+    wgmma_park(r, file, line);
 }

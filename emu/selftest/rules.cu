@@ -261,3 +261,88 @@ extern "C" __global__ void kemu_test_cp_async_oob(const float* src, float* out) 
     cp_async_wait<0>();
     out[threadIdx.x] = s[0];
 }
+
+// ---- wgmma (kernels/wgmma.cuh over emu/runtime/wgmma.h) --------------------
+#include "wgmma.cuh"
+
+// Byte offset of element (r, k) (k < 16) of a K-major operand of `rows` rows
+// in the test's shared-memory layout, written here from the PTX ISA's
+// canonical layouts ("Shared Memory Matrix Layout") rather than taken from
+// the emulator:
+//   0 no swizzle: 8-row x 16-byte core matrices, 128 bytes apart along k
+//     (the leading byte offset), 512 apart per group of 8 rows (stride);
+//   1 128-byte swizzle: 128-byte rows, 16-byte chunk c of row r at c ^ (r % 8);
+//   2 64-byte swizzle: 64-byte rows, chunk c at c ^ ((r % 8) / 2);
+//   3 32-byte swizzle: 32-byte rows (8 k), chunk c at c ^ ((r % 8) / 4); the
+//     second 8 k in a second block of rows * 32 bytes.
+__device__ unsigned wgmma_test_offset(unsigned layout, unsigned rows, unsigned r, unsigned k) {
+    switch (layout) {
+        case 0: return r / 8 * 512 + k / 4 * 128 + r % 8 * 16 + k % 4 * 4;
+        case 1: return r * 128 + ((k / 4) ^ (r % 8)) * 16 + k % 4 * 4;
+        case 2: return r * 64 + ((k / 4) ^ (r % 8 / 2)) * 16 + k % 4 * 4;
+    }
+    return k / 8 * rows * 32 + r * 32 + ((k % 8 / 4) ^ (r % 8 / 4)) * 16 + k % 4 * 4;
+}
+
+// The descriptor of k half `half` (k 8 half .. 8 half + 7) of an operand of
+// `rows` rows at `base` in layout `layout`.
+__device__ u64 wgmma_test_desc(const void* base, unsigned layout, unsigned rows, unsigned half) {
+    const unsigned char* p = static_cast<const unsigned char*>(base);
+    switch (layout) {
+        case 0: return wgmma_descriptor(p + half * 256, 128, 512, WGMMA_SWIZZLE_NONE);
+        case 1: return wgmma_descriptor(p + half * 32, 16, 1024, WGMMA_SWIZZLE_128B);
+        case 2: return wgmma_descriptor(p + half * 32, 16, 512, WGMMA_SWIZZLE_64B);
+    }
+    return wgmma_descriptor(p + half * rows * 32, 16, 256, WGMMA_SWIZZLE_32B);
+}
+
+// D = C + A * B^T for one warpgroup: A 64 x 16, B 128 x 16 (n rows of k),
+// C and D 64 x 128, all row-major, through two m64n128k8 (k 0-7, 8-15),
+// operands rounded with cvt.rna and staged in layout mode & 3. The other
+// bits of `mode` plant the mistakes the emulator must expose:
+//   4  descriptors of the 64-byte swizzle over a 128-byte-swizzled stage
+//   8  no fence.proxy.async after the shared-memory stores
+//  16  no wgmma.wait_group (D is read while the multiplies are pending)
+//  32  no wgmma.fence before the multiplies
+//  64  scale-d false in the first multiply: D = A * B, C ignored
+// The accumulator fragment (PTX ISA "WGMMA .m64nNk8 register fragment
+// layout for accumulator matrix D") is written out again here.
+extern "C" __global__ void kemu_test_wgmma(const float* A, const float* B, const float* C, float* D, unsigned mode) {
+    __shared__ __align__(1024) unsigned char sa[64 * 128];
+    __shared__ __align__(1024) unsigned char sb[128 * 128];
+    const unsigned t = threadIdx.x, layout = mode & 3;
+    for (unsigned e = t; e < 64 * 16; e += blockDim.x)
+        *reinterpret_cast<u32*>(sa + wgmma_test_offset(layout, 64, e / 16, e % 16)) = tf32_round(A[e]);
+    for (unsigned e = t; e < 128 * 16; e += blockDim.x)
+        *reinterpret_cast<u32*>(sb + wgmma_test_offset(layout, 128, e / 16, e % 16)) = tf32_round(B[e]);
+    if (!(mode & 8)) fence_proxy_async();
+    __syncthreads();
+    const unsigned w = t / 32, lane = t % 32;
+    float d[64];
+    for (unsigned i = 0; i < 64; ++i) {
+        const unsigned row = 16 * w + lane / 4 + (i % 4 >= 2 ? 8 : 0), col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+        d[i] = C[row * 128 + col];
+    }
+    const unsigned dl = (mode & 4) ? 2 : layout;
+    if (!(mode & 32)) wgmma_fence();
+    for (unsigned half = 0; half < 2; ++half)
+        wgmma_m64n128k8_tf32(d, wgmma_test_desc(sa, dl, 64, half), wgmma_test_desc(sb, dl, 128, half),
+                             (mode & 64) && half == 0 ? 0u : 1u);
+    wgmma_commit_group();
+    if (!(mode & 16)) wgmma_wait_group<0>();
+    for (unsigned i = 0; i < 64; ++i) {
+        const unsigned row = 16 * w + lane / 4 + (i % 4 >= 2 ? 8 : 0), col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+        D[row * 128 + col] = d[i];
+    }
+}
+
+// Warps 0-1 and warps 2-3 of one warpgroup at two different wgmma.fence
+// instructions (divergence inside the warpgroup).
+extern "C" __global__ void kemu_test_wgmma_divergent(float* out) {
+    if (threadIdx.x < 64) {
+        wgmma_fence();
+    } else {
+        wgmma_fence();
+    }
+    out[threadIdx.x] = 1.0f;
+}

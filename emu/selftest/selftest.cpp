@@ -114,6 +114,8 @@ std::string all_entries() {
                           "kemu_test_cp_async_not_shared", "kemu_test_cp_async_oob"})
         s += entry(n, {P, P});
     s += entry("kemu_test_cp_async_wait", {P, P, ".u32"});
+    s += entry("kemu_test_wgmma", {P, P, P, P, ".u32"});
+    s += entry("kemu_test_wgmma_divergent", {P});
     s += ".shared .align 4 .b8 big_smem[40960];\n";
     s += entry("kemu_test_big_shared", {P}, ".maxntid 64, 1, 1", "\tmov.u64 %rd1, big_smem;\n");
     return s;
@@ -365,6 +367,84 @@ int main() {
                      "an mma.sync at two call sites in one warp (divergence) is refused");
         expect_error(launch(fn("kemu_test_mma_tf32"), 1, 16, {&da.p, &db.p, &dcc.p, &dd.p, (void*)&o.p}), 719,
                      "only 16 threads", "an mma.sync in a block of 16 threads (a partial warp) is refused");
+    }
+
+    // ---- wgmma (sm_90a) --------------------------------------------------------
+    {
+        // One warpgroup, D = C + A * B^T through two m64n128k8 (k 0-7, 8-15)
+        // from each shared-memory layout, against an f64 product of the
+        // TF32-rounded inputs (tf32_ref). Each instruction rounds once to
+        // f32, so each element is within two f32 roundings of the reference:
+        // |D - ref| <= 2^-23 (|ref| + sum |a b| + |c|); a misplaced element is
+        // an error of a whole term.
+        uint64_t seed = 97;
+        std::vector<float> A(64 * 16), B(128 * 16), C(64 * 128);
+        for (float& v : A) v = uniform(seed) * std::ldexp(1.0f, (int)(lcg(seed) % 5) - 2);
+        for (float& v : B) v = uniform(seed);
+        for (float& v : C) v = uniform(seed);
+        Buf da(A.size() * 4), db(B.size() * 4), dcc(C.size() * 4), dd(C.size() * 4);
+        cuMemcpyHtoD_v2(da.p, A.data(), A.size() * 4);
+        cuMemcpyHtoD_v2(db.p, B.data(), B.size() * 4);
+        cuMemcpyHtoD_v2(dcc.p, C.data(), C.size() * 4);
+        // The first element off the reference ("" when none), with or without C.
+        auto worst = [&](const std::vector<float>& D, bool with_c) {
+            for (int i = 0; i < 64; ++i)
+                for (int j = 0; j < 128; ++j) {
+                    double ref = with_c ? C[i * 128 + j] : 0.0, mag = std::fabs(ref);
+                    for (int k = 0; k < 16; ++k) {
+                        const double p = tf32_ref(A[i * 16 + k]) * tf32_ref(B[j * 16 + k]);
+                        ref += p;
+                        mag += std::fabs(p);
+                    }
+                    const double got = D[i * 128 + j];
+                    if (!(std::fabs(got - ref) <= 0x1p-23 * (std::fabs(ref) + mag)))
+                        return "D(" + std::to_string(i) + "," + std::to_string(j) + ") = " + std::to_string(got) +
+                               ", want " + std::to_string(ref);
+                }
+            return std::string();
+        };
+        auto run = [&](unsigned mode, unsigned threads = 128) {
+            return launch(fn("kemu_test_wgmma"), 1, threads, {&da.p, &db.p, &dcc.p, &dd.p, (void*)&mode});
+        };
+        const char* names[4] = {"no swizzle (core matrices, LBO 128, SBO 512)", "128-byte swizzle (SBO 1024)",
+                                "64-byte swizzle (SBO 512)", "32-byte swizzle (SBO 256)"};
+        for (unsigned layout = 0; layout < 4; ++layout) {
+            const int rc = run(layout);
+            const std::string w = rc == 0 ? worst(dd.get<float>(), true) : "launch failed: " + detail(rc);
+            check(w.empty(), std::string("wgmma m64n128k8 tf32, ") + names[layout] +
+                                 ", two k steps, against an f64 product of the TF32 inputs" +
+                                 (w.empty() ? "" : ": " + w));
+        }
+        {
+            const int rc = run(1 | 64);
+            const std::string w = rc == 0 ? worst(dd.get<float>(), false) : "launch failed: " + detail(rc);
+            check(w.empty(), "wgmma with scale-d false ignores C (D = A * B)" + (w.empty() ? "" : ": " + w));
+        }
+        {
+            const int rc = run(1 | 4);
+            check(rc == 0 && !worst(dd.get<float>(), true).empty(),
+                  "a descriptor naming the wrong swizzle (64-byte over a 128-byte-swizzled stage) is caught: the "
+                  "result differs from the reference");
+        }
+        {
+            const int rc = run(2 | 8);
+            check(rc == 0 && !worst(dd.get<float>(), true).empty(),
+                  "a missing fence.proxy.async is caught: wgmma reads stale shared memory (the NaN pattern)");
+        }
+        {
+            const int rc = run(2 | 16);
+            const std::vector<float> D = dd.get<float>();
+            bool stale = rc == 0;
+            for (size_t i = 0; i < D.size() && stale; ++i) stale = D[i] == C[i];
+            check(stale, "a missing wgmma.wait_group is caught: the accumulators still hold C (stale)");
+        }
+        expect_error(run(2 | 32), 719, "without a wgmma.fence",
+                     "a wgmma.mma_async without a preceding wgmma.fence is refused");
+        expect_error(run(2, 64), 719, "needs 4 whole warps",
+                     "a wgmma in a block of 64 threads (half a warpgroup) is refused");
+        Buf o(128 * 4);
+        expect_error(launch(fn("kemu_test_wgmma_divergent"), 1, 128, {&o.p}), 719, "divergent wgmma",
+                     "warps of one warpgroup at two different wgmma instructions are refused");
     }
 
     // ---- memory ----------------------------------------------------------------

@@ -334,13 +334,34 @@ impl CudaBackend {
         ))
     }
 
+    /// An [`Error::Cuda`] for `kernel` unless this device can load `module`
+    /// ([`KernelModule::loads_on`]): too old, or, for an architecture-specific
+    /// module (sm_90a), any other compute capability than its own.
+    pub fn require_module(&self, kernel: &str, module: &KernelModule) -> Result<()> {
+        if !module.arch_specific {
+            return self.require_capability(
+                kernel,
+                &format!("module {}", module.name),
+                module.min_compute_capability,
+            );
+        }
+        if module.loads_on(self.info.compute_capability) {
+            return Ok(());
+        }
+        let (major, minor) = module.min_compute_capability;
+        Err(self.error(
+            kernel,
+            format!(
+                "module {} is built for sm_{major}{minor}a (architecture-specific PTX), which loads only on \
+                 compute capability {major}.{minor} exactly",
+                module.name
+            ),
+        ))
+    }
+
     /// The function `name` of `module`, loading the module on first use.
     pub fn function(&self, module: &'static KernelModule, name: &str) -> Result<CudaFunction> {
-        self.require_capability(
-            name,
-            &format!("module {}", module.name),
-            module.min_compute_capability,
-        )?;
+        self.require_module(name, module)?;
         let m = {
             let mut cache = lock(&self.modules.modules);
             match cache.get(module.name) {

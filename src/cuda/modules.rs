@@ -11,6 +11,23 @@ pub struct KernelModule {
     /// which `ci/ptx` writes from the kernel file's `// kestrel-target:`
     /// declaration (default `compute_70`), read at compile time.
     pub min_compute_capability: (i32, i32),
+    /// Whether the PTX targets an architecture-specific feature set
+    /// (`.target sm_90a`, from `// kestrel-target: compute_90a`): such PTX
+    /// loads only on that exact compute capability, not on newer devices.
+    pub arch_specific: bool,
+}
+
+impl KernelModule {
+    /// Whether a device of compute capability `cc` can load it: `cc` at
+    /// least [`KernelModule::min_compute_capability`], and exactly it for an
+    /// [`KernelModule::arch_specific`] module.
+    pub fn loads_on(&self, cc: (i32, i32)) -> bool {
+        if self.arch_specific {
+            cc == self.min_compute_capability
+        } else {
+            cc >= self.min_compute_capability
+        }
+    }
 }
 
 /// The compute capability of a PTX text's `.target sm_XY` line (`sm_70` is
@@ -46,6 +63,31 @@ pub const fn ptx_target(ptx: &str) -> Option<(i32, i32)> {
     None
 }
 
+/// Whether a PTX text's `.target sm_XY` line names an architecture-specific
+/// target (`sm_90a`: a letter `a` after the digits), `false` without one.
+pub const fn ptx_target_is_arch_specific(ptx: &str) -> bool {
+    const KEY: &[u8] = b".target sm_";
+    let b = ptx.as_bytes();
+    let mut i = 0;
+    while i + KEY.len() <= b.len() {
+        if i == 0 || b[i - 1] == b'\n' {
+            let mut k = 0;
+            while k < KEY.len() && b[i + k] == KEY[k] {
+                k += 1;
+            }
+            if k == KEY.len() {
+                let mut j = i + k;
+                while j < b.len() && b[j].is_ascii_digit() {
+                    j += 1;
+                }
+                return j < b.len() && b[j] == b'a';
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
 /// [`ptx_target`] of a built-in module's PTX; a PTX without a target is a
 /// build error.
 const fn target_of(ptx: &str) -> (i32, i32) {
@@ -63,6 +105,11 @@ macro_rules! modules {
                 name: $name,
                 ptx: include_str!(concat!("../../kernels/ptx/", $name, ".ptx")),
                 min_compute_capability: target_of(include_str!(concat!(
+                    "../../kernels/ptx/",
+                    $name,
+                    ".ptx"
+                ))),
+                arch_specific: ptx_target_is_arch_specific(include_str!(concat!(
                     "../../kernels/ptx/",
                     $name,
                     ".ptx"
@@ -86,6 +133,7 @@ modules! {
     GEMM => "gemm",
     GEMM_TF32 => "gemm_tf32",
     GEMM_V2 => "gemm_v2",
+    GEMM_WGMMA => "gemm_wgmma",
 }
 
 #[cfg(test)]
@@ -102,6 +150,12 @@ mod tests {
         assert_eq!(ptx_target("// .target sm_80\n"), None);
         assert_eq!(ptx_target(".target sm_\n"), None);
         assert_eq!(ptx_target(".version 8.2\n"), None);
+        assert!(ptx_target_is_arch_specific(
+            ".version 8.2\n.target sm_90a\n"
+        ));
+        assert!(!ptx_target_is_arch_specific(".target sm_90\n"));
+        assert!(!ptx_target_is_arch_specific(".target sm_100\n"));
+        assert!(!ptx_target_is_arch_specific("// .target sm_90a\n"));
     }
 
     #[test]
@@ -123,5 +177,16 @@ mod tests {
         assert_eq!(GEMM_TF32.min_compute_capability, (8, 0));
         assert_eq!(GEMM_V2.min_compute_capability, (8, 0));
         assert_eq!(GEMM.min_compute_capability, (7, 0));
+        // wgmma exists only in sm_90a's feature set: 9.0 exactly.
+        assert_eq!(GEMM_WGMMA.min_compute_capability, (9, 0));
+        assert!(GEMM_WGMMA.arch_specific);
+        assert!(GEMM_WGMMA.loads_on((9, 0)));
+        for cc in [(8, 0), (8, 9), (10, 0), (12, 0)] {
+            assert!(!GEMM_WGMMA.loads_on(cc), "{cc:?}");
+        }
+        for m in MODULES.iter().filter(|m| m.name != "gemm_wgmma") {
+            assert!(!m.arch_specific, "{}", m.name);
+            assert!(m.loads_on((10, 0)) && m.loads_on((12, 0)), "{}", m.name);
+        }
     }
 }

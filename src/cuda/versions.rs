@@ -33,15 +33,31 @@ pub trait KernelVersion: Copy + std::fmt::Debug + Eq + 'static {
             .unwrap_or((0, 0))
     }
 
-    /// Whether `info`'s device can run it.
+    /// Whether `info`'s device can run it: every module loads there
+    /// ([`KernelModule::loads_on`]; an architecture-specific one only on its
+    /// own compute capability).
     fn runs_on(self, info: &DeviceInfo) -> bool {
-        info.compute_capability >= self.min_compute_capability()
+        self.modules()
+            .iter()
+            .all(|m| m.loads_on(info.compute_capability))
     }
 
-    /// An error naming the version when `gpu`'s device is older than it
-    /// needs: the check every `*_with` entry point makes before launching.
+    /// An error naming the version when `gpu`'s device cannot run it: the
+    /// check every `*_with` entry point makes before launching.
     fn require(self, gpu: &CudaBackend) -> Result<()> {
-        gpu.require_capability(self.name(), self.name(), self.min_compute_capability())
+        // An architecture-specific module first: its message (one exact
+        // capability) is the true one also on an older device.
+        let mut modules: Vec<_> = self.modules().to_vec();
+        modules.sort_by_key(|m| !m.arch_specific);
+        for m in modules {
+            if !m.loads_on(gpu.info().compute_capability) {
+                if m.arch_specific {
+                    return gpu.require_module(self.name(), m);
+                }
+                return gpu.require_capability(self.name(), self.name(), m.min_compute_capability);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -95,6 +95,15 @@ unsigned kemu_activemask(void);
 void kemu_cp_async_issue(void* dst, const void* src, unsigned cp_size, unsigned src_size, const char* file, int line);
 void kemu_cp_async_commit(void);
 void kemu_cp_async_wait(int n, const char* file, int line);
+// wgmma (sm_90a; emu/runtime/wgmma.h): warpgroup collectives through the
+// scheduler, and the shared window that matrix descriptors address.
+unsigned kemu_shared_window_address(const void* p, const char* file, int line);
+void kemu_fence_proxy_async(const char* file, int line);
+void kemu_wgmma_fence(const char* file, int line);
+void kemu_wgmma_commit_group(const char* file, int line);
+void kemu_wgmma_wait_group(int n, const char* file, int line);
+void kemu_wgmma_mma_async_tf32(unsigned n, float* d, unsigned long long a_desc, unsigned long long b_desc, int scale_d,
+                               int scale_a, int scale_b, const char* file, int line);
 }
 
 #define threadIdx (kemu_self()->thread_idx)

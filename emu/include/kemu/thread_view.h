@@ -30,6 +30,10 @@ enum WarpOp : int {
     // hands the scheduler a pointer to its operands; once all are there, the
     // instruction's function runs once over the 32 lanes' records.
     WARP_COLLECTIVE,
+    // A warpgroup-collective instruction (wgmma): the 128 threads of 4
+    // consecutive warps wait at the same call site; the runtime then runs it
+    // once over their records (emu/runtime/wgmma.h).
+    WARPGROUP_COLLECTIVE,
 };
 // The function of a WARP_COLLECTIVE: lanes[k] is lane k's record (nullptr
 // for a lane outside the mask). Returns nullptr, or what is wrong (the

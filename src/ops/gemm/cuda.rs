@@ -7,7 +7,9 @@
 //! stages with 16-byte `cp.async` copies, and v2 split-K, which splits a long
 //! `k` of a product with few output tiles over more blocks; and an opt-in
 //! TF32 tensor-core kernel (`kernels/gemm_tf32.cu`, sm_80+,
-//! [`Precision::Tf32`]), whose results differ from f32 by TF32's rounding.
+//! [`Precision::Tf32`]), whose results differ from f32 by TF32's rounding,
+//! and its Hopper form (`kernels/gemm_wgmma.cu`, sm_90a: compute capability
+//! 9.0 exactly), warpgroup `wgmma.mma_async` from swizzled shared memory.
 //! v1 and v2 sum every element over `k` in increasing order, so the choice
 //! between them never changes a result; split-K adds its `k` ranges in a
 //! fixed order (see [`split_k_parts`]), a different rounding, but the same
@@ -39,7 +41,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{Bias, Epilogue, Gemm, GradGemm, Operand, Precision};
-use crate::cuda::{CudaBackend, DeviceInfo, GEMM, GEMM_TF32, GEMM_V2, KernelModule};
+use crate::cuda::{CudaBackend, DeviceInfo, GEMM, GEMM_TF32, GEMM_V2, GEMM_WGMMA, KernelModule};
 use crate::error::{Error, Result};
 
 // SAFETY: `Gemm` is `#[repr(C)]` with only u64 (usize), f32 and bool fields:
@@ -103,17 +105,26 @@ pub enum GemmKernel {
     /// output tiles, 64x32 per warp; sm_80 and newer. [`Precision::Tf32`]:
     /// opt-in only, never chosen by [`select`].
     Tf32MmaSync,
+    /// `gemm_tf32_wgmma_128x128`: TF32 warpgroup tensor cores
+    /// (`wgmma.mma_async.m64n128k8`, operands from 64-byte-swizzled shared
+    /// memory in 3 stages), 128x128 output tiles, 64x128 per warpgroup. Its
+    /// PTX targets sm_90a, which loads on compute capability 9.0 only (H100,
+    /// H200), not on newer devices: [`GemmKernel::runs_on`] is `cc == 9.0`,
+    /// and forcing it elsewhere is an error. [`Precision::Tf32`]: opt-in
+    /// only; [`select_with`] prefers it to [`GemmKernel::Tf32MmaSync`] on 9.0.
+    Tf32Wgmma,
 }
 
 impl GemmKernel {
     /// Every version, oldest first (whatever their [`GemmKernel::precision`]:
     /// check a TF32 version's results with a TF32 tolerance).
-    pub const ALL: [GemmKernel; 5] = [
+    pub const ALL: [GemmKernel; 6] = [
         GemmKernel::Tiled64,
         GemmKernel::Tiled128,
         GemmKernel::Tf32MmaSync,
         GemmKernel::V2,
         GemmKernel::V2SplitK,
+        GemmKernel::Tf32Wgmma,
     ];
 
     /// The kernel's entry point in [`GemmKernel::module`].
@@ -124,6 +135,7 @@ impl GemmKernel {
             GemmKernel::Tf32MmaSync => "gemm_tf32_128x128",
             GemmKernel::V2 => "gemm_v2_128x128",
             GemmKernel::V2SplitK => "gemm_v2_splitk",
+            GemmKernel::Tf32Wgmma => "gemm_tf32_wgmma_128x128",
         }
     }
 
@@ -134,7 +146,7 @@ impl GemmKernel {
             GemmKernel::Tiled64 | GemmKernel::Tiled128 | GemmKernel::V2 | GemmKernel::V2SplitK => {
                 Precision::F32
             }
-            GemmKernel::Tf32MmaSync => Precision::Tf32,
+            GemmKernel::Tf32MmaSync | GemmKernel::Tf32Wgmma => Precision::Tf32,
         }
     }
 
@@ -144,6 +156,7 @@ impl GemmKernel {
             GemmKernel::Tiled64 => 64,
             GemmKernel::Tiled128
             | GemmKernel::Tf32MmaSync
+            | GemmKernel::Tf32Wgmma
             | GemmKernel::V2
             | GemmKernel::V2SplitK => 128,
         }
@@ -154,6 +167,7 @@ impl GemmKernel {
         match self {
             GemmKernel::Tiled64 | GemmKernel::Tiled128 => &GEMM,
             GemmKernel::Tf32MmaSync => &GEMM_TF32,
+            GemmKernel::Tf32Wgmma => &GEMM_WGMMA,
             GemmKernel::V2 | GemmKernel::V2SplitK => &GEMM_V2,
         }
     }
@@ -164,9 +178,11 @@ impl GemmKernel {
         self.module().min_compute_capability
     }
 
-    /// Whether `info`'s device can run it.
+    /// Whether `info`'s device can run it: at least its minimum compute
+    /// capability, and exactly 9.0 for [`GemmKernel::Tf32Wgmma`] (sm_90a PTX
+    /// loads on no other device).
     pub fn runs_on(self, info: &DeviceInfo) -> bool {
-        info.compute_capability >= self.min_compute_capability()
+        <Self as crate::cuda::KernelVersion>::runs_on(self, info)
     }
 }
 
@@ -183,6 +199,7 @@ impl crate::cuda::KernelVersion for GemmKernel {
         match self {
             GemmKernel::Tiled64 | GemmKernel::Tiled128 => std::slice::from_ref(&GEMM_MODULE),
             GemmKernel::Tf32MmaSync => &GEMM_TF32_MODULES,
+            GemmKernel::Tf32Wgmma => &GEMM_WGMMA_MODULES,
             GemmKernel::V2 | GemmKernel::V2SplitK => &GEMM_V2_MODULES,
         }
     }
@@ -196,6 +213,9 @@ static GEMM_TF32_MODULES: [&KernelModule; 2] = [&GEMM_TF32, &GEMM];
 /// v2's: its kernels in `kernels/gemm_v2.cu`, and `gemm_sum_partials` of
 /// `kernels/gemm.cu` for split batch sums.
 static GEMM_V2_MODULES: [&KernelModule; 2] = [&GEMM_V2, &GEMM];
+/// The wgmma version's: its kernel in `kernels/gemm_wgmma.cu`, and
+/// `gemm_sum_partials` of `kernels/gemm.cu`.
+static GEMM_WGMMA_MODULES: [&KernelModule; 2] = [&GEMM_WGMMA, &GEMM];
 
 /// The version [`gemm`] runs for `p` on `info`'s device:
 /// Never split-K, which needs a workspace (see [`select_ws`]):
@@ -209,12 +229,15 @@ pub fn select(p: &Gemm, info: &DeviceInfo) -> GemmKernel {
 
 /// The version for `p` on `info`'s device in the arithmetic `precision`
 /// allows: [`select`]'s f32 choice for [`Precision::F32`]; for
-/// [`Precision::Tf32`] the TF32 tensor-core version where the device has
-/// one (sm_80 and newer), else [`select`]'s f32 choice (more precise than
-/// asked, never less). The returned version's [`GemmKernel::precision`] and
-/// name say which arithmetic ran.
+/// [`Precision::Tf32`] a TF32 tensor-core version where the device has one:
+/// [`GemmKernel::Tf32Wgmma`] on compute capability 9.0 (H100, H200), else
+/// [`GemmKernel::Tf32MmaSync`] on sm_80 and newer (10.x and 12.x included:
+/// they cannot load sm_90a PTX), else [`select`]'s f32 choice (more precise
+/// than asked, never less). The returned version's
+/// [`GemmKernel::precision`] and name say which arithmetic ran.
 pub fn select_with(p: &Gemm, info: &DeviceInfo, precision: Precision) -> GemmKernel {
     match precision {
+        Precision::Tf32 if GemmKernel::Tf32Wgmma.runs_on(info) => GemmKernel::Tf32Wgmma,
         Precision::Tf32 if GemmKernel::Tf32MmaSync.runs_on(info) => GemmKernel::Tf32MmaSync,
         _ => select(p, info),
     }
@@ -250,7 +273,11 @@ pub fn select_workspace_len(p: &Gemm) -> usize {
 pub fn workspace_len(p: &Gemm, kernel: GemmKernel) -> usize {
     match kernel {
         GemmKernel::V2SplitK => split_k_workspace_len(p, split_k_parts_forced(p)),
-        GemmKernel::Tiled64 | GemmKernel::Tiled128 | GemmKernel::V2 | GemmKernel::Tf32MmaSync => 0,
+        GemmKernel::Tiled64
+        | GemmKernel::Tiled128
+        | GemmKernel::V2
+        | GemmKernel::Tf32MmaSync
+        | GemmKernel::Tf32Wgmma => 0,
     }
 }
 
@@ -446,13 +473,10 @@ fn gemm_checked(
     unsafe { launch_split_k(gpu, p, epi, a, b, c, parts, per, &mut ws.slice_mut(..need)) }
 }
 
-/// An error naming the kernel when the device is older than it needs.
+/// An error naming the kernel when the device cannot run it (too old, or
+/// not the one compute capability an sm_90a kernel loads on).
 fn check_runs_on(gpu: &CudaBackend, kernel: GemmKernel) -> Result<()> {
-    gpu.require_capability(
-        kernel.name(),
-        kernel.name(),
-        kernel.min_compute_capability(),
-    )
+    crate::cuda::KernelVersion::require(kernel, gpu)
 }
 
 /// Launches the version `kernel` (`None`: the one [`select`] picks for this
@@ -1121,7 +1145,7 @@ mod tests {
 
     #[test]
     fn versions_know_name_tile_and_capability() {
-        assert_eq!(GemmKernel::ALL.len(), 5);
+        assert_eq!(GemmKernel::ALL.len(), 6);
         for k in GemmKernel::ALL {
             assert!(
                 k.module().ptx.contains(&format!(".entry {}(", k.name())),
@@ -1143,6 +1167,13 @@ mod tests {
         }
         assert_eq!(GemmKernel::Tf32MmaSync.min_compute_capability(), (8, 0));
         assert!(!GemmKernel::Tf32MmaSync.runs_on(&device(4, (7, 5))));
+        // wgmma: sm_90a PTX, compute capability 9.0 exactly.
+        assert_eq!(GemmKernel::Tf32Wgmma.min_compute_capability(), (9, 0));
+        assert!(GemmKernel::Tf32Wgmma.runs_on(&device(4, (9, 0))));
+        for cc in [(8, 0), (8, 9), (10, 0), (10, 3), (12, 0)] {
+            assert!(!GemmKernel::Tf32Wgmma.runs_on(&device(4, cc)), "{cc:?}");
+            assert!(GemmKernel::Tf32MmaSync.runs_on(&device(4, cc)), "{cc:?}");
+        }
         for k in [GemmKernel::Tiled64, GemmKernel::Tiled128, GemmKernel::V2] {
             assert!(k.name().ends_with(&format!("{0}x{0}", k.tile())), "{k:?}");
         }
@@ -1158,11 +1189,12 @@ mod tests {
     }
 
     /// TF32 is opt-in: `select` never returns it, whatever the shape and
-    /// device; `select_with` returns it only for `Precision::Tf32` on sm_80+,
-    /// and otherwise falls back to the f32 choice.
+    /// device; `select_with` returns it only for `Precision::Tf32` on sm_80+
+    /// (wgmma on 9.0, mma.sync elsewhere), and otherwise falls back to the
+    /// f32 choice.
     #[test]
     fn tf32_only_when_asked_for() {
-        for cc in [(6, 1), (7, 0), (8, 0), (8, 6), (9, 0)] {
+        for cc in [(6, 1), (7, 0), (8, 0), (8, 6), (9, 0), (10, 0), (12, 0)] {
             for sms in [1, 132] {
                 let info = device(sms, cc);
                 for (m, n, k) in [(1, 1, 1), (128, 128, 8), (4096, 4096, 4096), (300, 7, 5000)] {
@@ -1172,7 +1204,9 @@ mod tests {
                     assert_eq!(select_with(&p, &info, Precision::F32), f32_choice);
                     assert_eq!(select_with(&p, &info, Precision::default()), f32_choice);
                     let tf32 = select_with(&p, &info, Precision::Tf32);
-                    if cc >= (8, 0) {
+                    if cc == (9, 0) {
+                        assert_eq!(tf32, GemmKernel::Tf32Wgmma);
+                    } else if cc >= (8, 0) {
                         assert_eq!(tf32, GemmKernel::Tf32MmaSync);
                     } else {
                         assert_eq!(tf32, f32_choice);

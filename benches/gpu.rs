@@ -17,7 +17,9 @@
 //!   skipped with a note on stderr. The mlp's dense layers are
 //!   included (batch 32).
 //! - `gpu_conv`: forward, backward data and backward filter of every conv
-//!   layer of keras-cnn and elu-cnn at batch 32 and 128, beside cuDNN with
+//!   layer of keras-cnn and elu-cnn at batch 32 and 128, once per algorithm
+//!   (`ConvAlgo::ALL`: id `<net>.<layer>.b<n>.<pass>.im2col_gemm` for v1,
+//!   `.implicit_gemm` for the implicit GEMM), each beside cuDNN with
 //!   `CUDNN_FMA_MATH` (no TF32) and the algorithm `cudnnFind*` measures
 //!   fastest (as PyTorch's `cudnn.benchmark = True`). Where cuDNN does not
 //!   load, the PyTorch script (`benches/pytorch_baseline.py`) is the
@@ -84,6 +86,7 @@ use kestrel::cuda::KernelVersion;
 use kestrel::ops::activation::Activation;
 use kestrel::ops::batchnorm::{self, BatchNorm, VarianceMode};
 use kestrel::ops::bias;
+use kestrel::ops::conv::cuda::ConvAlgo;
 use kestrel::ops::conv::{self, Conv2d, Padding};
 use kestrel::ops::dropout::{self, Dropout};
 use kestrel::ops::gemm::cuda::{DeviceEpilogue, GemmKernel};
@@ -782,10 +785,11 @@ fn convs(c: &mut Criterion, env: &Env) {
         for layer in KERAS_CNN_CONVS.iter().chain(&ELU_CNN_CONVS) {
             let p = layer.params(n);
             let passes = ["fwd", "bwd_data", "bwd_filter"];
-            if !passes
-                .iter()
-                .any(|pass| env.wanted("gpu_conv", &layer.id(n, pass)))
-            {
+            if !passes.iter().any(|pass| {
+                ConvAlgo::ALL
+                    .iter()
+                    .any(|a| env.wanted("gpu_conv", &format!("{}.{}", layer.id(n, pass), a.name())))
+            }) {
                 continue;
             }
             conv_layer(c, env, layer.id(n, "").trim_end_matches('.'), &p);
@@ -801,15 +805,6 @@ fn conv_layer(c: &mut Criterion, env: &Env, base_id: &str, p: &Conv2d) {
     let mut y: CudaSlice<f32> = gpu.zeros(p.y_len()).expect("alloc");
     let mut dx: CudaSlice<f32> = gpu.zeros(p.x_len()).expect("alloc");
     let mut dw: CudaSlice<f32> = gpu.zeros(p.w_len()).expect("alloc");
-    // One workspace for every layer, grown to the largest one needs; each
-    // call gets exactly its `workspace_len`, as the training backend does.
-    let need = conv::cuda::workspace_len(p).max(1);
-    let mut ws_cell = env.conv_ws.borrow_mut();
-    if ws_cell.as_ref().is_none_or(|w| w.len() < need) {
-        *ws_cell = None;
-        *ws_cell = Some(gpu.zeros(need).expect("conv workspace"));
-    }
-    let ws = ws_cell.as_mut().expect("allocated above");
     let plan = env.dnn.as_ref().map(|d| d.plan(gpu, p));
     let mut plan = match plan {
         Some(Ok(pl)) => Some(pl),
@@ -820,98 +815,128 @@ fn conv_layer(c: &mut Criterion, env: &Env, base_id: &str, p: &Conv2d) {
         None => None,
     };
     let work = Work::Flops(p.flops());
-    let note = "FP32; conv as im2col + GEMM; baseline cuDNN FMA";
+    let (mut yb, mut dxb, mut dwb): (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>) = (
+        gpu.zeros(p.y_len()).expect("alloc"),
+        gpu.zeros(p.x_len()).expect("alloc"),
+        gpu.zeros(p.w_len()).expect("alloc"),
+    );
+    let selected = conv::cuda::select(p, gpu.info());
+    // Every algorithm, each pass beside cuDNN: id `<layer>.<pass>.<algo>`
+    // (`im2col_gemm` is v1, `implicit_gemm` the implicit GEMM); the note
+    // says which one training runs (`conv::cuda::select`).
+    for algo in ConvAlgo::ALL {
+        // One workspace for every layer, grown to the largest one needs; each
+        // call gets exactly the algorithm's `workspace_len_with`, as the
+        // training backend gives select's choice its own.
+        let need = conv::cuda::workspace_len_with(algo, p).max(1);
+        let mut ws_cell = env.conv_ws.borrow_mut();
+        if ws_cell.as_ref().is_none_or(|w| w.len() < need) {
+            *ws_cell = None;
+            *ws_cell = Some(gpu.zeros(need).expect("conv workspace"));
+        }
+        let ws = ws_cell.as_mut().expect("allocated above");
+        let how = match algo {
+            ConvAlgo::Im2colGemm => "conv as im2col + GEMM (v1)",
+            ConvAlgo::ImplicitGemm => "conv as implicit GEMM",
+        };
+        let chosen = if algo == selected {
+            ", select's choice"
+        } else {
+            ""
+        };
+        let note = format!("FP32; {how}{chosen}; baseline cuDNN FMA");
 
-    let id = format!("{base_id}.fwd");
-    if env.wanted("gpu_conv", &id) {
-        let mut ours = |_i: u64| {
-            conv::cuda::forward(
-                gpu,
-                p,
-                &x.slice(..),
-                &w.slice(..),
-                None,
-                Activation::LINEAR,
-                &mut y.slice_mut(..),
-                &mut ws.slice_mut(..need),
-            )
-            .expect("kestrel conv forward")
-        };
-        match plan.as_mut() {
-            Some(pl) => {
-                let mut yb: CudaSlice<f32> = gpu.zeros(p.y_len()).expect("alloc");
-                let mut base = |_i: u64| pl.forward(gpu, &x, &w, &mut yb);
-                env.pair(
-                    c,
-                    "gpu_conv",
-                    &id,
-                    work,
-                    note,
-                    &mut ours,
-                    Some(("cudnn", &mut base)),
-                );
+        let id = format!("{base_id}.fwd.{}", algo.name());
+        if env.wanted("gpu_conv", &id) {
+            let mut ours = |_i: u64| {
+                conv::cuda::forward_with(
+                    gpu,
+                    algo,
+                    p,
+                    &x.slice(..),
+                    &w.slice(..),
+                    None,
+                    Activation::LINEAR,
+                    &mut y.slice_mut(..),
+                    &mut ws.slice_mut(..need),
+                )
+                .expect("kestrel conv forward")
+            };
+            match plan.as_mut() {
+                Some(pl) => {
+                    let mut base = |_i: u64| pl.forward(gpu, &x, &w, &mut yb);
+                    env.pair(
+                        c,
+                        "gpu_conv",
+                        &id,
+                        work,
+                        &note,
+                        &mut ours,
+                        Some(("cudnn", &mut base)),
+                    );
+                }
+                None => env.pair(c, "gpu_conv", &id, work, &note, &mut ours, None),
             }
-            None => env.pair(c, "gpu_conv", &id, work, note, &mut ours, None),
         }
-    }
-    let id = format!("{base_id}.bwd_data");
-    if env.wanted("gpu_conv", &id) {
-        let mut ours = |_i: u64| {
-            conv::cuda::backward_data(
-                gpu,
-                p,
-                &dy.slice(..),
-                &w.slice(..),
-                &mut dx.slice_mut(..),
-                &mut ws.slice_mut(..need),
-            )
-            .expect("kestrel conv backward_data")
-        };
-        match plan.as_mut() {
-            Some(pl) => {
-                let mut dxb: CudaSlice<f32> = gpu.zeros(p.x_len()).expect("alloc");
-                let mut base = |_i: u64| pl.backward_data(gpu, &dy, &w, &mut dxb);
-                env.pair(
-                    c,
-                    "gpu_conv",
-                    &id,
-                    work,
-                    note,
-                    &mut ours,
-                    Some(("cudnn", &mut base)),
-                );
+        let id = format!("{base_id}.bwd_data.{}", algo.name());
+        if env.wanted("gpu_conv", &id) {
+            let mut ours = |_i: u64| {
+                conv::cuda::backward_data_with(
+                    gpu,
+                    algo,
+                    p,
+                    &dy.slice(..),
+                    &w.slice(..),
+                    &mut dx.slice_mut(..),
+                    &mut ws.slice_mut(..need),
+                )
+                .expect("kestrel conv backward_data")
+            };
+            match plan.as_mut() {
+                Some(pl) => {
+                    let mut base = |_i: u64| pl.backward_data(gpu, &dy, &w, &mut dxb);
+                    env.pair(
+                        c,
+                        "gpu_conv",
+                        &id,
+                        work,
+                        &note,
+                        &mut ours,
+                        Some(("cudnn", &mut base)),
+                    );
+                }
+                None => env.pair(c, "gpu_conv", &id, work, &note, &mut ours, None),
             }
-            None => env.pair(c, "gpu_conv", &id, work, note, &mut ours, None),
         }
-    }
-    let id = format!("{base_id}.bwd_filter");
-    if env.wanted("gpu_conv", &id) {
-        let mut ours = |_i: u64| {
-            conv::cuda::backward_filter(
-                gpu,
-                p,
-                &x.slice(..),
-                &dy.slice(..),
-                &mut dw.slice_mut(..),
-                &mut ws.slice_mut(..need),
-            )
-            .expect("kestrel conv backward_filter")
-        };
-        match plan.as_mut() {
-            Some(pl) => {
-                let mut dwb: CudaSlice<f32> = gpu.zeros(p.w_len()).expect("alloc");
-                let mut base = |_i: u64| pl.backward_filter(gpu, &x, &dy, &mut dwb);
-                env.pair(
-                    c,
-                    "gpu_conv",
-                    &id,
-                    work,
-                    note,
-                    &mut ours,
-                    Some(("cudnn", &mut base)),
-                );
+        let id = format!("{base_id}.bwd_filter.{}", algo.name());
+        if env.wanted("gpu_conv", &id) {
+            let mut ours = |_i: u64| {
+                conv::cuda::backward_filter_with(
+                    gpu,
+                    algo,
+                    p,
+                    &x.slice(..),
+                    &dy.slice(..),
+                    &mut dw.slice_mut(..),
+                    &mut ws.slice_mut(..need),
+                )
+                .expect("kestrel conv backward_filter")
+            };
+            match plan.as_mut() {
+                Some(pl) => {
+                    let mut base = |_i: u64| pl.backward_filter(gpu, &x, &dy, &mut dwb);
+                    env.pair(
+                        c,
+                        "gpu_conv",
+                        &id,
+                        work,
+                        &note,
+                        &mut ours,
+                        Some(("cudnn", &mut base)),
+                    );
+                }
+                None => env.pair(c, "gpu_conv", &id, work, &note, &mut ours, None),
             }
-            None => env.pair(c, "gpu_conv", &id, work, note, &mut ours, None),
         }
     }
 }

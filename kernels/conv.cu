@@ -5,16 +5,7 @@
 //   col [C*R*S, N*OH*OW]: row (c*R + r)*S + s, column (img*OH + oy)*OW + ox
 //       holds x[img, c, oy*stride_h + r - pad_top, ox*stride_w + s - pad_left]
 //       (0 in the padding).
-#include "common.cuh"
-
-// Mirrors kestrel::ops::conv::Conv2d (#[repr(C)], every field a usize).
-struct Conv2d {
-    u64 n, c, h, w, k, r, s;
-    u64 stride_h, stride_w;
-    u64 pad_top, pad_bottom, pad_left, pad_right;
-    u64 out_h, out_w;
-};
-static_assert(sizeof(Conv2d) == 120, "Conv2d must match the Rust struct");
+#include "conv_params.cuh"
 
 // One thread per element of col (grid-stride); consecutive threads write
 // consecutive columns, so the stores are coalesced and the loads walk a row

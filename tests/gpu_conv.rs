@@ -3,7 +3,9 @@
 //! backward data, backward filter, im2col / col2im, Keras same / valid,
 //! strides 1-3, kernels 1x1 / 3x3 / 5x5 / 1x3, empty and single-image
 //! batches, the chunked path (small workspaces), the keras-cnn seed
-//! network's layer shapes, determinism and argument errors.
+//! network's layer shapes, determinism and argument errors, for every
+//! algorithm (`ConvAlgo::ALL`); the implicit GEMM also across its tile
+//! edges and with backward filter split into partial slabs.
 //!
 //! Every test needs a CUDA device and is ignored otherwise:
 //! `cargo test --release --test gpu_conv -- --ignored`.
@@ -49,7 +51,8 @@ fn host(gpu: &CudaBackend, d: &CudaSlice<f32>, len: usize) -> Vec<f32> {
 /// Which workspace a pass gets.
 #[derive(Clone, Copy, Debug)]
 enum Ws {
-    /// `cuda::workspace_len`: one chunk for these small shapes.
+    /// `cuda::workspace_len_with` the algorithm under test: one chunk for
+    /// these small shapes.
     Default,
     /// dW's partials reserve and room for this many images' columns plus a
     /// remainder (chunks).
@@ -57,19 +60,7 @@ enum Ws {
 }
 
 /// Runs forward, backward_data and backward_filter on both backends and
-/// compares them, the GPU with the algorithm `cuda::select` picks.
-fn check_all(
-    gpu: &CudaBackend,
-    p: &Conv2d,
-    bias: bool,
-    act: Activation,
-    ws: Ws,
-    seed: u64,
-) -> Result<(), String> {
-    check_all_with(gpu, None, p, bias, act, ws, seed)
-}
-
-/// [`check_all`] with the GPU on `algo` (`None`: `cuda::select`'s choice).
+/// compares them, the GPU on `algo` (`None`: `cuda::select`'s choice).
 fn check_all_with(
     gpu: &CudaBackend,
     algo: Option<ConvAlgo>,
@@ -91,8 +82,9 @@ fn check_all_with(
         db_.slice(..p.k),
         ddy.slice(..dy.len()),
     );
+    let algo = algo.unwrap_or_else(|| cuda::select(p, gpu.info()));
     let ws_len = match ws {
-        Ws::Default => cuda::workspace_len(p),
+        Ws::Default => cuda::workspace_len_with(algo, p),
         Ws::Images(i, extra) => {
             cuda::partials_reserve(p) + i * cuda::col_floats_per_image(p) + extra
         }
@@ -109,7 +101,6 @@ fn check_all_with(
     let mut want = vec![0.0; p.y_len()];
     cpu::forward(p, &x, &w, bias.then_some(&b[..]), act, &mut want).unwrap();
     let mut y = dev(gpu, &vec![POISON; p.y_len()]);
-    let algo = algo.unwrap_or_else(|| cuda::select(p, gpu.info()));
     cuda::forward_with(
         gpu,
         algo,
@@ -207,6 +198,92 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The implicit GEMM on layers that cross its 64 x 64 x 16 tiles in
+    /// every dimension: channels 1, 3 and primes up to 67 (C*R*S and K off
+    /// every tile), batch 1-3 (N*OH*OW off every tile), odd spatial sizes,
+    /// kernels 1x1 / 3x3 / 5x5, stride 1 / 2, valid / same.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn implicit_matches_cpu_across_tiles(
+        n in 1usize..4,
+        c in prop::sample::select(vec![1usize, 3, 7, 13, 31, 67]),
+        k in prop::sample::select(vec![1usize, 3, 17, 63, 65, 67]),
+        h in dim(17), w in dim(17),
+        r in prop::sample::select(vec![1usize, 3, 5]),
+        stride in 1usize..3, same: bool, bias: bool, act in 0u8..4, seed: u64,
+    ) {
+        let padding = if same { Padding::Same } else { Padding::Valid };
+        prop_assume!(same || (r <= h && r <= w));
+        let p = Conv2d::new([n, c, h, w], k, [r, r], [stride, stride], padding).unwrap();
+        let gpu = gpu();
+        let res = check_all_with(&gpu, Some(ConvAlgo::ImplicitGemm), &p, bias, activation(act), Ws::Default, seed);
+        prop_assert!(res.is_ok(), "{:?}: {}", p, res.unwrap_err());
+    }
+}
+
+/// Backward filter split into several partial slabs (the workspace holds
+/// more than one dW): equal to the CPU's, and the same bits on every run,
+/// whatever else the (poisoned, larger) workspace holds.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn implicit_backward_filter_splits_are_deterministic() {
+    let gpu = gpu();
+    for (x, k, kernel, stride, padding) in [
+        ([5, 3, 16, 16], 8, [3, 3], [1, 1], Padding::Same),
+        ([20, 2, 19, 17], 5, [5, 5], [2, 2], Padding::Valid),
+        ([9, 1, 13, 13], 3, [1, 1], [1, 1], Padding::Valid),
+    ] {
+        let p = Conv2d::new(x, k, kernel, stride, padding).unwrap();
+        let algo = ConvAlgo::ImplicitGemm;
+        let need = cuda::workspace_len_with(algo, &p);
+        assert!(
+            need > p.w_len(),
+            "{p:?}: dW should be split (workspace {need})"
+        );
+        check_all_with(
+            &gpu,
+            Some(algo),
+            &p,
+            false,
+            Activation::LINEAR,
+            Ws::Default,
+            11,
+        )
+        .unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        let (xh, dyh) = (data(4, p.x_len(), -1.0, 1.0), data(5, p.y_len(), -1.0, 1.0));
+        let (xd, dyd) = (dev(&gpu, &xh), dev(&gpu, &dyh));
+        let run = |extra: usize| {
+            let mut ws = dev(&gpu, &vec![POISON; need + extra]);
+            let mut dw = dev(&gpu, &vec![POISON; p.w_len()]);
+            cuda::backward_filter_with(
+                &gpu,
+                algo,
+                &p,
+                &xd.slice(..p.x_len()),
+                &dyd.slice(..p.y_len()),
+                &mut dw.slice_mut(..p.w_len()),
+                &mut ws.slice_mut(..need + extra),
+            )
+            .unwrap();
+            host(&gpu, &dw, p.w_len())
+        };
+        let first = run(0);
+        for extra in [0, 1, 4096] {
+            let again = run(extra);
+            assert!(
+                first
+                    .iter()
+                    .zip(&again)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{p:?}: dW differs between runs (workspace + {extra})"
+            );
+        }
+    }
+}
+
 /// The batch in chunks: workspaces for exactly one image, and for two and a
 /// half, so that the last chunk is short; dw sums its chunks with beta = 1.
 #[test]
@@ -216,8 +293,9 @@ fn chunked_matches_cpu() {
     for (images, extra) in [(1, 0), (2, 5)] {
         for (stride, padding) in [(1, Padding::Same), (2, Padding::Valid)] {
             let p = Conv2d::new([5, 3, 9, 8], 4, [3, 3], [stride, stride], padding).unwrap();
-            check_all(
+            check_all_with(
                 &gpu,
+                Some(ConvAlgo::Im2colGemm),
                 &p,
                 true,
                 Activation::RELU,
@@ -244,15 +322,18 @@ fn keras_cnn_layers() {
     ];
     for (i, (x, k, padding)) in layers.into_iter().enumerate() {
         let p = Conv2d::new(x, k, [3, 3], [1, 1], padding).unwrap();
-        check_all(
-            &gpu,
-            &p,
-            true,
-            Activation::RELU,
-            Ws::Default,
-            100 + i as u64,
-        )
-        .unwrap_or_else(|e| panic!("layer {i} {p:?}: {e}"));
+        for algo in ConvAlgo::ALL {
+            check_all_with(
+                &gpu,
+                Some(algo),
+                &p,
+                true,
+                Activation::RELU,
+                Ws::Default,
+                100 + i as u64,
+            )
+            .unwrap_or_else(|e| panic!("layer {i} {p:?} {algo:?}: {e}"));
+        }
     }
 }
 
@@ -262,7 +343,18 @@ fn keras_cnn_layers() {
 fn larger_batch_no_bias() {
     let gpu = gpu();
     let p = Conv2d::new([16, 8, 12, 12], 16, [3, 3], [1, 1], Padding::Same).unwrap();
-    check_all(&gpu, &p, false, Activation::LINEAR, Ws::Default, 3).unwrap();
+    for algo in ConvAlgo::ALL {
+        check_all_with(
+            &gpu,
+            Some(algo),
+            &p,
+            false,
+            Activation::LINEAR,
+            Ws::Default,
+            3,
+        )
+        .unwrap_or_else(|e| panic!("{algo:?}: {e}"));
+    }
 }
 
 /// im2col and col2im equal the CPU's exactly (copies, and sums in the same order).
@@ -347,43 +439,64 @@ fn empty_batch() {
 }
 
 /// The reductions (dw over the batch, dx over the kernel window) are
-/// bit-identical run to run.
+/// bit-identical run to run, with every algorithm (stride 2: backward
+/// data's phases).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn deterministic() {
     let gpu = gpu();
-    let p = Conv2d::new([12, 16, 10, 10], 8, [3, 3], [1, 1], Padding::Same).unwrap();
+    for (algo, stride) in ConvAlgo::ALL.into_iter().flat_map(|a| [(a, 1), (a, 2)]) {
+        deterministic_with(&gpu, algo, stride);
+    }
+}
+
+fn deterministic_with(gpu: &CudaBackend, algo: ConvAlgo, stride: usize) {
+    let p = Conv2d::new([12, 16, 10, 10], 8, [3, 3], [stride, stride], Padding::Same).unwrap();
+    let ws_len = cuda::workspace_len_with(algo, &p);
+    let ws_buf = dev(gpu, &vec![POISON; ws_len]);
+    let ws_cell = std::cell::RefCell::new(ws_buf);
     let (x, dy, w) = (
         data(1, p.x_len(), -1.0, 1.0),
         data(2, p.y_len(), -1.0, 1.0),
         data(3, p.w_len(), -1.0, 1.0),
     );
-    let (dx_, ddy, dw_) = (dev(&gpu, &x), dev(&gpu, &dy), dev(&gpu, &w));
+    let (dx_, ddy, dw_) = (dev(gpu, &x), dev(gpu, &dy), dev(gpu, &w));
     let run = || {
-        let mut dw = dev(&gpu, &vec![POISON; p.w_len()]);
-        cuda::backward_filter_alloc(
-            &gpu,
+        let mut ws = ws_cell.borrow_mut();
+        let mut dw = dev(gpu, &vec![POISON; p.w_len()]);
+        cuda::backward_filter_with(
+            gpu,
+            algo,
             &p,
             &dx_.slice(..p.x_len()),
             &ddy.slice(..p.y_len()),
             &mut dw.slice_mut(..p.w_len()),
+            &mut ws.slice_mut(..ws_len),
         )
         .unwrap();
-        let mut dx = dev(&gpu, &vec![POISON; p.x_len()]);
-        cuda::backward_data_alloc(
-            &gpu,
+        let mut dx = dev(gpu, &vec![POISON; p.x_len()]);
+        cuda::backward_data_with(
+            gpu,
+            algo,
             &p,
             &ddy.slice(..p.y_len()),
             &dw_.slice(..p.w_len()),
             &mut dx.slice_mut(..p.x_len()),
+            &mut ws.slice_mut(..ws_len),
         )
         .unwrap();
-        (host(&gpu, &dw, p.w_len()), host(&gpu, &dx, p.x_len()))
+        (host(gpu, &dw, p.w_len()), host(gpu, &dx, p.x_len()))
     };
     let (a, b) = (run(), run());
     let same = |u: &[f32], v: &[f32]| u.iter().zip(v).all(|(x, y)| x.to_bits() == y.to_bits());
-    assert!(same(&a.0, &b.0), "dw differs between runs");
-    assert!(same(&a.1, &b.1), "dx differs between runs");
+    assert!(
+        same(&a.0, &b.0),
+        "{algo:?} stride {stride}: dw differs between runs"
+    );
+    assert!(
+        same(&a.1, &b.1),
+        "{algo:?} stride {stride}: dx differs between runs"
+    );
 }
 
 /// Wrong lengths and a too-small workspace are errors naming the op, before
@@ -407,8 +520,9 @@ fn errors() {
     );
     assert_err_mentions(r, "conv2d.forward", &["x [N*C*H*W]", "384", "383"]);
     let mut ws = dev(&gpu, &[0.0; 10]);
-    let r = cuda::forward(
+    let r = cuda::forward_with(
         &gpu,
+        ConvAlgo::Im2colGemm,
         &p,
         &x.slice(..p.x_len()),
         &w.slice(..p.w_len()),
@@ -423,6 +537,45 @@ fn errors() {
         "conv2d.forward",
         &["workspace", "1944", "216", "1728", "10"],
     );
+    // The implicit GEMM's backward passes need w_len (108) floats per dW
+    // split; its forward needs none.
+    for algo_ws_op in ["conv2d.backward_data", "conv2d.backward_filter"] {
+        let mut dx = dev(&gpu, &vec![0.0; p.x_len()]);
+        let r = if algo_ws_op == "conv2d.backward_data" {
+            cuda::backward_data_with(
+                &gpu,
+                ConvAlgo::ImplicitGemm,
+                &p,
+                &y.slice(..p.y_len()),
+                &w.slice(..p.w_len()),
+                &mut dx.slice_mut(..p.x_len()),
+                &mut ws.slice_mut(..10),
+            )
+        } else {
+            cuda::backward_filter_with(
+                &gpu,
+                ConvAlgo::ImplicitGemm,
+                &p,
+                &x.slice(..p.x_len()),
+                &y.slice(..p.y_len()),
+                &mut dx.slice_mut(..p.w_len()),
+                &mut ws.slice_mut(..10),
+            )
+        };
+        assert_err_mentions(r, algo_ws_op, &["workspace", "ImplicitGemm", "108", "10"]);
+    }
+    cuda::forward_with(
+        &gpu,
+        ConvAlgo::ImplicitGemm,
+        &p,
+        &x.slice(..p.x_len()),
+        &w.slice(..p.w_len()),
+        None,
+        Activation::LINEAR,
+        &mut y.slice_mut(..p.y_len()),
+        &mut ws.slice_mut(..0),
+    )
+    .expect("the implicit forward pass needs no workspace");
     let mut dw = dev(&gpu, &vec![0.0; p.w_len()]);
     let r = cuda::backward_filter_alloc(
         &gpu,

@@ -51,6 +51,7 @@ fn rust_layouts() -> BTreeMap<&'static str, Layout> {
     use kestrel::ops::batchnorm::BatchNorm;
     use kestrel::ops::bias::BiasShape;
     use kestrel::ops::conv::Conv2d;
+    use kestrel::ops::conv::cuda::ConvGather;
     use kestrel::ops::dropout::Dropout;
     use kestrel::ops::gemm::Gemm;
     use kestrel::ops::loss::LossParams;
@@ -98,6 +99,36 @@ fn rust_layouts() -> BTreeMap<&'static str, Layout> {
                 pad_right,
                 out_h,
                 out_w,
+            }),
+        ),
+        (
+            "ConvGather",
+            layout!(ConvGather {
+                m,
+                n,
+                kdim,
+                lda,
+                cols_per_img,
+                qw,
+                in_img,
+                in_plane,
+                in_row,
+                in_h,
+                in_w,
+                y_mul,
+                y_off,
+                x_mul,
+                x_off,
+                kb,
+                ke,
+                dir,
+                out_img,
+                out_plane,
+                out_row,
+                oy_mul,
+                oy_off,
+                ox_mul,
+                ox_off,
             }),
         ),
         (

@@ -14,7 +14,7 @@
 //!   the values are read, with the same division the host wrappers do.
 //! - Scratch that would be allocated on every call is cached here: the
 //!   convolution's workspace (grown to the largest a layer needs, sliced to
-//!   exactly `conv::cuda::workspace_len`, so the chunking and thus dW's
+//!   exactly `conv::cuda::select_workspace_len`, so the chunking and thus dW's
 //!   summation order depend on the shape alone), the GEMM's split-K
 //!   workspace (grown likewise, sliced to exactly
 //!   `gemm::cuda::select_workspace_len`, so that split-K is chosen by the
@@ -204,14 +204,14 @@ impl GpuBackend {
     }
 
     /// Runs `f` with the cached convolution workspace sliced to exactly
-    /// [`conv::cuda::workspace_len`] for `p` (see the module docs), grown
+    /// [`conv::cuda::select_workspace_len`] for `p` (see the module docs), grown
     /// first if it is too small.
     fn with_conv_ws<R>(
         &self,
         p: &Conv2d,
         f: impl FnOnce(&mut CudaViewMut<'_, f32>) -> Result<R>,
     ) -> Result<R> {
-        let need = conv::cuda::workspace_len(p).max(1);
+        let need = conv::cuda::select_workspace_len(p, self.gpu.info()).max(1);
         let mut guard = lock(&self.conv_ws);
         if guard.as_ref().is_none_or(|ws| ws.len() < need) {
             *guard = None; // free the smaller one first

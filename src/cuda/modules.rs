@@ -130,6 +130,7 @@ modules! {
     LOSS => "loss",
     OPTIM => "optim",
     CONV => "conv",
+    CONV_IMPLICIT => "conv_implicit",
     GEMM => "gemm",
     GEMM_TF32 => "gemm_tf32",
     GEMM_V2 => "gemm_v2",

@@ -16,32 +16,43 @@
 //!   `gemm::cuda`), chunks added in order with `beta = 1`.
 //!
 //! Scratch comes from the caller: one `workspace` for all three passes, at
-//! least [`min_workspace_len`] floats; [`workspace_len`] is the size that
-//! runs a whole batch at once (up to a 256 MiB cap). Its front holds dW's
+//! least [`min_workspace_len_with`]`(Im2colGemm)` floats;
+//! [`workspace_len_with`]`(Im2colGemm)` is the size that runs a whole batch
+//! at once (up to a 256 MiB cap). Its front holds dW's
 //! partial products ([`partials_reserve`], set aside by every pass so that
 //! all three chunk alike), the rest the column matrix of a chunk. A whole
 //! batch's columns can be huge (batch 128, 128 channels, 32x32, 3x3: 600
 //! MB), so the batch goes through in chunks of as many images as fit. dW's
 //! summation order depends only on the shape and the chunk size (the
 //! workspace's length), so it is the same run to run. Nothing in these
-//! passes allocates; the `*_alloc` forms allocate a [`workspace_len`]
+//! passes allocates; the `*_alloc` forms allocate a [`select_workspace_len`]
 //! workspace per call, for callers that keep none.
 //!
 //! The algorithms are data, as the GEMM's kernel versions are: [`ConvAlgo`]
-//! names them (today one, [`ConvAlgo::Im2colGemm`], the passes above),
-//! [`select`] picks one per call, and [`forward_with`],
-//! [`backward_data_with`], [`backward_filter_with`] run a chosen one;
-//! [`forward`] & co. run [`select`]'s choice.
+//! names them ([`ConvAlgo::Im2colGemm`], the passes above, and
+//! [`ConvAlgo::ImplicitGemm`], which gathers its GEMM tiles from the
+//! tensors and needs no column matrix: see `cuda_implicit.rs`), [`select`]
+//! picks one per call, and [`forward_with`], [`backward_data_with`],
+//! [`backward_filter_with`] run a chosen one; [`forward`] & co. run
+//! [`select`]'s choice. Each algorithm has its workspace size,
+//! [`workspace_len_with`] (and [`min_workspace_len_with`]);
+//! [`workspace_len`] is the largest of them, so a caller that keeps one
+//! workspace of that size can run every algorithm, and
+//! [`select_workspace_len`] is what [`select`]'s choice needs.
 
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, PushKernelArg};
 
 use super::Conv2d;
-use crate::cuda::{CONV, CudaBackend, DeviceInfo, GEMM, KernelModule};
+use crate::cuda::{CONV, CONV_IMPLICIT, CudaBackend, DeviceInfo, GEMM, KernelModule};
 use crate::error::{Error, Result};
 use crate::ops::activation::Activation;
 use crate::ops::gemm::Bias;
 use crate::ops::gemm::Gemm;
 use crate::ops::gemm::cuda::{DeviceEpilogue, gemm, launch, summed, summed_workspace_bound};
+
+#[path = "cuda_implicit.rs"]
+mod implicit;
+pub use implicit::ConvGather;
 
 // SAFETY: `Conv2d` is `#[repr(C)]` with only usize (u64) fields: plain old
 // data, mirrored as `struct Conv2d` in kernels/conv.cu (same size asserted).
@@ -56,19 +67,29 @@ pub enum ConvAlgo {
     /// im2col (col2im for backward data) into a workspace, then one batched
     /// GEMM per chunk of images (see the module docs).
     Im2colGemm,
+    /// Implicit GEMM (`kernels/conv_implicit.cu`): forward as one GEMM over
+    /// the whole batch whose B tiles are gathered from `x`, backward data as
+    /// one gathered GEMM per stride phase (kernel flipped, only the taps on
+    /// the stride grid), backward filter as a gathered GEMM over `N*OH*OW`
+    /// in fixed splits added in order. No column matrix; a workspace of
+    /// `w_len * splits` floats.
+    ImplicitGemm,
 }
 
 /// The modules [`ConvAlgo::Im2colGemm`] launches from.
 static IM2COL_GEMM_MODULES: [&KernelModule; 2] = [&CONV, &GEMM];
+/// The modules [`ConvAlgo::ImplicitGemm`] launches from.
+static IMPLICIT_GEMM_MODULES: [&KernelModule; 1] = [&CONV_IMPLICIT];
 
 impl ConvAlgo {
     /// Every algorithm, oldest first.
-    pub const ALL: [ConvAlgo; 1] = [ConvAlgo::Im2colGemm];
+    pub const ALL: [ConvAlgo; 2] = [ConvAlgo::Im2colGemm, ConvAlgo::ImplicitGemm];
 
     /// A short name for messages and bench ids.
     pub const fn name(self) -> &'static str {
         match self {
             ConvAlgo::Im2colGemm => "im2col_gemm",
+            ConvAlgo::ImplicitGemm => "implicit_gemm",
         }
     }
 
@@ -76,6 +97,7 @@ impl ConvAlgo {
     pub fn modules(self) -> &'static [&'static KernelModule] {
         match self {
             ConvAlgo::Im2colGemm => &IM2COL_GEMM_MODULES,
+            ConvAlgo::ImplicitGemm => &IMPLICIT_GEMM_MODULES,
         }
     }
 
@@ -110,9 +132,23 @@ impl crate::cuda::KernelVersion for ConvAlgo {
 }
 
 /// The algorithm [`forward`], [`backward_data`] and [`backward_filter`] run
-/// for `p` on `info`'s device: today always [`ConvAlgo::Im2colGemm`].
-pub fn select(_p: &Conv2d, _info: &DeviceInfo) -> ConvAlgo {
-    ConvAlgo::Im2colGemm
+/// for `p` on `info`'s device. The rule: [`ConvAlgo::ImplicitGemm`]
+/// whenever its 32-bit extents hold the shape (every extent below 2^30),
+/// else [`ConvAlgo::Im2colGemm`]. Why implicit by default: it never writes
+/// or reads the column matrix (`C*R*S*N*OH*OW` floats, 9x the input for a
+/// 3x3 kernel, twice over), runs forward as one GEMM over the batch (v1's
+/// per-image GEMMs leave most of a 64-wide tile idle on a 13x13 output),
+/// and skips the off-grid taps of a strided backward data; v1's larger
+/// 128x128 GEMM tile is its one advantage, on layers with many channels.
+/// Both run on every device (compute_70). The rule is the prediction of
+/// docs/perf-log.md, to be replaced by measured crossovers when a GPU run
+/// has them.
+pub fn select(p: &Conv2d, _info: &DeviceInfo) -> ConvAlgo {
+    if implicit::fits(p) {
+        ConvAlgo::ImplicitGemm
+    } else {
+        ConvAlgo::Im2colGemm
+    }
 }
 
 /// An error naming the algorithm when the device is older than it needs.
@@ -135,17 +171,56 @@ pub fn partials_reserve(p: &Conv2d) -> usize {
     summed_workspace_bound(p.k, p.col_rows(), p.n)
 }
 
-/// The smallest workspace the passes accept for `p`: the partials' reserve
-/// and one image's columns.
-pub fn min_workspace_len(p: &Conv2d) -> usize {
-    partials_reserve(p) + col_floats_per_image(p)
+/// The smallest workspace the passes accept for `p` with `algo`:
+/// Im2colGemm the partials' reserve and one image's columns (it chunks the
+/// batch to fit), ImplicitGemm its [`workspace_len_with`] (it does not
+/// chunk; its forward pass takes none and accepts any).
+pub fn min_workspace_len_with(algo: ConvAlgo, p: &Conv2d) -> usize {
+    match algo {
+        ConvAlgo::Im2colGemm => partials_reserve(p) + col_floats_per_image(p),
+        ConvAlgo::ImplicitGemm => implicit::workspace_len(p),
+    }
 }
 
-/// The workspace the `*_alloc` forms allocate (and a caller that keeps one
-/// per layer should): the reserve and as many images' columns as fit in
-/// [`WORKSPACE_FLOATS`], the whole batch when they do.
+/// The workspace `algo` runs best with for `p` (what a caller that keeps
+/// one per layer should allocate): Im2colGemm the reserve and as many
+/// images' columns as fit in [`WORKSPACE_FLOATS`], the whole batch when
+/// they do; ImplicitGemm backward data's rearranged weights and backward
+/// filter's partial slabs (`w_len * splits` floats).
+pub fn workspace_len_with(algo: ConvAlgo, p: &Conv2d) -> usize {
+    match algo {
+        ConvAlgo::Im2colGemm => {
+            partials_reserve(p) + images_per_chunk(p, WORKSPACE_FLOATS) * col_floats_per_image(p)
+        }
+        ConvAlgo::ImplicitGemm => implicit::workspace_len(p),
+    }
+}
+
+/// The smallest workspace every algorithm accepts for `p`: the largest
+/// [`min_workspace_len_with`].
+pub fn min_workspace_len(p: &Conv2d) -> usize {
+    ConvAlgo::ALL
+        .iter()
+        .map(|&a| min_workspace_len_with(a, p))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The largest [`workspace_len_with`]: with it every algorithm (and so
+/// whatever [`select`] picks) runs as it would with its own.
 pub fn workspace_len(p: &Conv2d) -> usize {
-    partials_reserve(p) + images_per_chunk(p, WORKSPACE_FLOATS) * col_floats_per_image(p)
+    ConvAlgo::ALL
+        .iter()
+        .map(|&a| workspace_len_with(a, p))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The workspace [`select`]'s choice for `p` on `info`'s device needs:
+/// what a caller that runs [`forward`] & co. should keep per layer, and
+/// what the `*_alloc` forms allocate.
+pub fn select_workspace_len(p: &Conv2d, info: &DeviceInfo) -> usize {
+    workspace_len_with(select(p, info), p)
 }
 
 /// Images per chunk for `column_floats` floats of columns (at least 1, at
@@ -241,13 +316,13 @@ fn with_workspace(
     workspace: &mut CudaViewMut<'_, f32>,
     mut body: impl FnMut(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>, usize) -> Result<()>,
 ) -> Result<()> {
-    let need = min_workspace_len(p);
+    let need = min_workspace_len_with(ConvAlgo::Im2colGemm, p);
     if workspace.len() < need {
         return Err(Error::shape(
             op,
             "workspace length",
             format!(
-                "at least min_workspace_len = {need} floats ({} for dW's partials + {} for one image's columns)",
+                "at least min_workspace_len_with(Im2colGemm) = {need} floats ({} for dW's partials + {} for one image's columns)",
                 partials_reserve(p),
                 col_floats_per_image(p)
             ),
@@ -259,15 +334,17 @@ fn with_workspace(
     body(&mut partials, &mut columns, chunk)
 }
 
-/// Runs `f` with a fresh [`workspace_len`] workspace: the `*_alloc` forms.
+/// Runs `f` with a fresh [`select_workspace_len`] workspace: the `*_alloc` forms.
 fn with_fresh_workspace(
     gpu: &CudaBackend,
     p: &Conv2d,
     f: impl FnOnce(&mut CudaViewMut<'_, f32>) -> Result<()>,
 ) -> Result<()> {
     // SAFETY: every pass writes what it reads of the workspace first (im2col
-    // or a beta = 0 GEMM for the columns, beta = 0 partial products).
-    let mut ws = unsafe { gpu.stream().alloc::<f32>(workspace_len(p).max(1)) }
+    // or a beta = 0 GEMM for the columns, beta = 0 partial products; the
+    // implicit passes' rearranged weights and partial slabs).
+    let len = select_workspace_len(p, gpu.info()).max(1);
+    let mut ws = unsafe { gpu.stream().alloc::<f32>(len) }
         .map_err(|e| gpu.error("cuMemAlloc (conv2d workspace)", e))?;
     f(&mut ws.as_view_mut())
 }
@@ -315,6 +392,14 @@ pub fn forward_with(
     check_runs_on(gpu, algo)?;
     match algo {
         ConvAlgo::Im2colGemm => forward_im2col(gpu, p, x, w, bias, activation, y, workspace),
+        ConvAlgo::ImplicitGemm => {
+            const OP: &str = "conv2d.forward";
+            p.check_forward(x.len(), w.len(), bias.map(|b| b.len()), y.len())?;
+            if p.n == 0 {
+                return Ok(());
+            }
+            implicit::forward(gpu, OP, p, x, w, bias, activation, y)
+        }
     }
 }
 
@@ -402,6 +487,14 @@ pub fn backward_data_with(
     check_runs_on(gpu, algo)?;
     match algo {
         ConvAlgo::Im2colGemm => backward_data_im2col(gpu, p, dy, w, dx, workspace),
+        ConvAlgo::ImplicitGemm => {
+            const OP: &str = "conv2d.backward_data";
+            p.check_backward_data(dy.len(), w.len(), dx.len())?;
+            if p.n == 0 {
+                return Ok(());
+            }
+            implicit::backward_data(gpu, OP, p, dy, w, dx, workspace)
+        }
     }
 }
 
@@ -503,6 +596,14 @@ pub fn backward_filter_with(
     check_runs_on(gpu, algo)?;
     match algo {
         ConvAlgo::Im2colGemm => backward_filter_im2col(gpu, p, x, dy, dw, workspace),
+        ConvAlgo::ImplicitGemm => {
+            const OP: &str = "conv2d.backward_filter";
+            p.check_backward_filter(x.len(), dy.len(), dw.len())?;
+            if p.n == 0 {
+                return zero_dw(gpu, dw);
+            }
+            implicit::backward_filter(gpu, OP, p, x, dy, dw, workspace)
+        }
     }
 }
 
@@ -519,10 +620,7 @@ fn backward_filter_im2col(
     const OP: &str = "conv2d.backward_filter";
     p.check_backward_filter(x.len(), dy.len(), dw.len())?;
     if p.n == 0 {
-        return gpu
-            .stream()
-            .memset_zeros(dw)
-            .map_err(|e| gpu.error("cuMemsetD8 (conv2d.backward_filter dw)", e));
+        return zero_dw(gpu, dw);
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
     let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
@@ -561,6 +659,13 @@ fn backward_filter_im2col(
         }
         Ok(())
     })
+}
+
+/// dW of an empty batch: the sum over no images.
+fn zero_dw(gpu: &CudaBackend, dw: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    gpu.stream()
+        .memset_zeros(dw)
+        .map_err(|e| gpu.error("cuMemsetD8 (conv2d.backward_filter dw)", e))
 }
 
 /// [`forward`] with a workspace it allocates (and frees) itself: the
@@ -615,7 +720,17 @@ mod tests {
             multiprocessors: 4,
         };
         let p = Conv2d::new([2, 3, 8, 8], 4, [3, 3], [1, 1], super::super::Padding::Same).unwrap();
-        assert_eq!(select(&p, &info), ConvAlgo::Im2colGemm);
+        assert_eq!(select(&p, &info), ConvAlgo::ImplicitGemm);
+        // Extents past the implicit kernels' 32-bit range fall back to v1.
+        let huge = Conv2d::new(
+            [1, 1, 1 << 31, 1],
+            1,
+            [1, 1],
+            [1, 1],
+            super::super::Padding::Valid,
+        )
+        .unwrap();
+        assert_eq!(select(&huge, &info), ConvAlgo::Im2colGemm);
         for a in ConvAlgo::ALL {
             let cc = a.modules().iter().map(|m| m.min_compute_capability).max();
             assert_eq!(Some(a.min_compute_capability()), cc, "{}", a.name());
@@ -627,5 +742,19 @@ mod tests {
                 .iter()
                 .any(|m| m.ptx.contains(".entry conv_im2col("))
         );
+        for entry in [
+            "conv_igemm_gather",
+            "conv_igemm_wgrad",
+            "conv_igemm_wgrad_reduce",
+            "conv_igemm_dgrad_weights",
+        ] {
+            assert!(
+                ConvAlgo::ImplicitGemm
+                    .modules()
+                    .iter()
+                    .any(|m| m.ptx.contains(&format!(".entry {entry}("))),
+                "{entry}"
+            );
+        }
     }
 }

@@ -82,6 +82,7 @@ modules! {
     POOL => "pool",
     LOSS => "loss",
     OPTIM => "optim",
+    STEP_CLOCK => "step_clock",
     CONV => "conv",
     GEMM => "gemm",
     GEMM_TF32 => "gemm_tf32",

@@ -55,6 +55,7 @@ struct Run {
     state: OptimizerState,
     steps: u64,
     replays: u64,
+    nodes: u64,
 }
 
 fn train(opt: Optimizer, loss: Loss, cuda_graph: bool) -> Run {
@@ -84,6 +85,7 @@ fn train(opt: Optimizer, loss: Loss, cuda_graph: bool) -> Run {
         state: m.optimizer_state().unwrap(),
         steps: m.steps(),
         replays: m.backend().step_replays(),
+        nodes: m.backend().step_graph_nodes(),
     }
 }
 
@@ -105,6 +107,13 @@ fn assert_same_training(name: &str, opt: Optimizer, loss: Loss) {
     // up the scratch and the optimizer's table) is a replay.
     let full = EPOCHS as u64 * (steps_per_epoch - 1);
     assert_eq!(captured.replays, full - 1, "{name}: replays");
+    // The graph holds the whole step: at least one node per layer pass and
+    // the loss, optimizer update and tick.
+    assert_eq!(
+        direct.nodes, 0,
+        "{name}: cuda_graph = false recorded a graph"
+    );
+    assert!(captured.nodes >= 15, "{name}: {} nodes", captured.nodes);
     assert_eq!(
         captured.state.iterations(),
         direct.state.iterations(),
@@ -182,4 +191,92 @@ fn cpu_backend_does_not_capture() {
     assert!(!b.captures_steps());
     let e = b.step_clock_new(4).unwrap_err().to_string();
     assert!(e.contains("does not capture"), "{e}");
+}
+
+/// keras-cnn at batch 32 (the step docs/perf-log.md's launch-overhead
+/// floor is about): three full batches, so the second is recorded and the
+/// second and third replayed. The graph holds every launch of the step:
+/// at least a forward and a backward launch per layer with weights or
+/// state, plus the loss, the optimizer and the tick; its node count is
+/// printed for the perf log.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn keras_cnn_step_is_one_graph() {
+    let b = GpuBackend::new(0).unwrap_or_else(|e| panic!("GPU test without a usable GPU: {e}"));
+    let mut m = Sequential::new(b, 5);
+    m.add(Conv2D::new(32, 3).same().activation(Act::Relu))
+        .add(Conv2D::new(32, 3).activation(Act::Relu))
+        .add(MaxPooling2D::new(2))
+        .add(Dropout::new(0.25))
+        .add(Conv2D::new(64, 3).same().activation(Act::Relu))
+        .add(Conv2D::new(64, 3).activation(Act::Relu))
+        .add(MaxPooling2D::new(2))
+        .add(Dropout::new(0.25))
+        .add(Flatten)
+        .add(Dense::new(512).activation(Act::Relu))
+        .add(Dropout::new(0.5))
+        .add(Dense::new(10).activation(Act::Softmax));
+    m.build(&[3, 32, 32]).unwrap();
+    m.compile(
+        Optimizer::rmsprop(1e-4).unwrap().with_decay(1e-6).unwrap(),
+        Loss::CategoricalCrossentropy,
+        &[Metric::Accuracy],
+    )
+    .unwrap();
+    let n = 96;
+    let x = data(7, n * 3 * 32 * 32, 0.0, 1.0);
+    let y: Vec<f32> = (0..n)
+        .flat_map(|i| (0..10).map(move |c| if c == i * 3 % 10 { 1.0 } else { 0.0 }))
+        .collect();
+    let opts = FitOptions {
+        batch_size: 32,
+        epochs: 1,
+        verbose: 0,
+        ..Default::default()
+    };
+    m.fit(&x, Targets::Dense(&y), opts).unwrap();
+    let b = m.backend();
+    assert_eq!(b.step_replays(), 2);
+    let nodes = b.step_graph_nodes();
+    eprintln!("keras-cnn step at batch 32: {nodes} graph nodes");
+    // 4 conv + 2 dense layers, forward and backward each, 3 dropouts and 2
+    // pools both ways, the loss, the metric, the optimizer and the tick.
+    assert!(nodes >= 2 * 6 + 2 * 5 + 4, "{nodes} nodes");
+}
+
+/// The tick copies the step row into the clock's row of the results, only
+/// below the results' rows, and advances step and row; results that are not
+/// whole rows are refused.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn tick_copies_the_step_row_and_advances_the_clock() {
+    let gpu = common::gpu();
+    let rows = 3usize;
+    let mut clock = kestrel::cuda::StepClock::new(&gpu, rows).unwrap();
+    clock.set(&gpu, 40, 1).unwrap();
+    let row: Vec<f64> = data(11, 2, -1.0, 1.0).iter().map(|&v| v as f64).collect();
+    let step_row = gpu.upload(&row).unwrap();
+    let fill = -7.0f64;
+    let mut results = gpu.upload(&vec![fill; rows * 2]).unwrap();
+    let mut want = vec![fill; rows * 2];
+    for (k, r) in [1usize, 2, 3].into_iter().enumerate() {
+        clock
+            .tick(&gpu, &step_row.as_view(), &mut results.as_view_mut())
+            .unwrap();
+        if r < rows {
+            want[r * 2..r * 2 + 2].copy_from_slice(&row);
+        }
+        assert_eq!(gpu.download(&results).unwrap(), want, "tick {k}");
+        assert_eq!(clock.read(&gpu).unwrap(), [41 + k as u64, r as u64 + 1]);
+    }
+    let mut odd = gpu.upload(&[fill; 5]).unwrap();
+    let e = clock
+        .tick(&gpu, &step_row.as_view(), &mut odd.as_view_mut())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("step_clock.tick") && e.contains("rows of 2"),
+        "{e}"
+    );
+    assert!(clock.set_lr_rows(&gpu, &[[0.0; 2]; 4]).is_err());
 }

@@ -136,6 +136,8 @@ struct HostSide {
     scratch_generation: AtomicU64,
     /// Captured steps replayed so far.
     replays: AtomicU64,
+    /// Nodes of the step graph recorded last (0: none yet).
+    graph_nodes: AtomicU64,
 }
 
 /// A training step recorded on a [`GpuBackend`], with the scratch
@@ -307,6 +309,13 @@ impl GpuBackend {
     /// [`crate::train::FitOptions::cuda_graph`] is off).
     pub fn step_replays(&self) -> u64 {
         self.host.replays.load(Ordering::Relaxed)
+    }
+
+    /// The nodes (kernel launches and copies) of the training step this
+    /// backend recorded last, 0 before any: the launches one replay stands
+    /// for.
+    pub fn step_graph_nodes(&self) -> u64 {
+        self.host.graph_nodes.load(Ordering::Relaxed)
     }
 
     /// Records that a cached scratch buffer moves (see
@@ -976,8 +985,11 @@ impl Backend for GpuBackend {
         self.gpu.begin_capture()
     }
     fn step_capture_end(&self) -> Result<GpuStepGraph> {
+        let graph = self.gpu.end_capture()?;
+        let nodes = self.gpu.graph_nodes(&graph)?;
+        self.host.graph_nodes.store(nodes as u64, Ordering::Relaxed);
         Ok(GpuStepGraph {
-            graph: self.gpu.end_capture()?,
+            graph,
             generation: self.host.scratch_generation.load(Ordering::Relaxed),
         })
     }

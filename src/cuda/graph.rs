@@ -71,6 +71,23 @@ impl CudaBackend {
         }
     }
 
+    /// The number of nodes (launches, copies, memsets) `g` holds: what one
+    /// replay saves in per-launch host overhead.
+    pub fn graph_nodes(&self, g: &CapturedGraph) -> Result<usize> {
+        let mut count = 0usize;
+        // SAFETY: a live graph (owned by `g`), no node array: the driver
+        // only writes the count.
+        let r = unsafe {
+            cudarc::driver::sys::cuGraphGetNodes(
+                g.graph.cu_graph(),
+                std::ptr::null_mut(),
+                &mut count,
+            )
+        };
+        r.result().map_err(|e| self.error("cuGraphGetNodes", e))?;
+        Ok(count)
+    }
+
     /// Enqueues one replay of `g` on this handle's stream (returns without
     /// waiting, like the launches it replays).
     pub fn replay(&self, g: &CapturedGraph) -> Result<()> {

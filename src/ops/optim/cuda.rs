@@ -18,7 +18,9 @@
 //! trees), then one block sums them per tensor in chunk order and, for the
 //! global norm, over tensors in a fixed tree, and writes each tensor's scale
 //! for the update kernel. The iteration-dependent scalars (`lr_t`, Adam's
-//! step) come from [`Optimizer::scalars`] on the host and go by value.
+//! step) come from [`Optimizer::scalars`] on the host and go by value, or,
+//! in a step captured in a CUDA graph ([`step_clocked`]), from a row of a
+//! device table the host fills with the same values once per epoch.
 //! No float atomics: the same inputs give the same bits.
 
 use cudarc::driver::{

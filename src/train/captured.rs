@@ -19,12 +19,14 @@
 //!   back in bulk as before (when the progress bar redraws and at the end
 //!   of the epoch), never per step.
 //!
-//! Uncaptured, as before: the first full-batch step of each `fit` (it
+//! Uncaptured, as before: the first full-batch step of each epoch (it
 //! allocates the ops' scratch and writes the optimizer's descriptor table,
-//! which a capture may not do), the last partial batch of an epoch (another
-//! shape), and evaluation. After an uncaptured step the host sets the clock
-//! again before the next replay. A graph whose scratch buffers moved (an
-//! evaluation grew one) is recorded again.
+//! which a capture may not do; the graph is recorded again by the second,
+//! once per epoch, so that a callback that re-compiled or rebuilt the model
+//! between epochs never leaves a graph on freed buffers), the last partial
+//! batch of an epoch (another shape), and evaluation. After an uncaptured
+//! step the host sets the clock again before the next replay. A graph whose
+//! scratch buffers moved within an epoch is recorded again.
 
 use super::{Compiled, Head};
 use crate::backend::Backend;
@@ -38,8 +40,8 @@ pub(crate) struct CapturedStep<B: Backend> {
     /// The step's loss and metrics (one row of the epoch's results).
     step_row: B::Scalars,
     graph: Option<B::StepGraph>,
-    /// The first full-batch step ran uncaptured (scratch and optimizer
-    /// table in place).
+    /// The epoch's first full-batch step ran uncaptured (scratch and
+    /// optimizer table in place).
     warmed: bool,
     /// The device clock holds the host's step and row (false after an
     /// uncaptured step, which does not advance it).
@@ -66,12 +68,18 @@ impl<B: Backend> CapturedStep<B> {
 
 impl<B: Backend> Sequential<B> {
     /// Sets the epoch's learning-rate rows (steps `iterations..` of the
-    /// optimizer) and the clock (the model's step, row 0).
+    /// optimizer) and the clock (the model's step, row 0), and drops the
+    /// graph: the epoch's first full batch runs uncaptured and the second
+    /// records the step again, so whatever the callbacks did between
+    /// epochs (re-compiling, rebuilding, loading a checkpoint: buffers the
+    /// old graph would still point to) is picked up.
     pub(crate) fn captured_epoch_begin(
         &mut self,
         cap: &mut CapturedStep<B>,
         steps: usize,
     ) -> Result<()> {
+        cap.graph = None;
+        cap.warmed = false;
         let c = self.compiled.as_ref().expect("checked by fit");
         let it0 = self.backend.opt_state_iterations(&c.state);
         let rows: Vec<[f32; 2]> = (0..steps as u64)
@@ -90,7 +98,7 @@ impl<B: Backend> Sequential<B> {
     /// into workspace `wi`) through the graph, recording it first when
     /// there is none (or a stale one), and returns true; returns false,
     /// having run nothing, when the step must run uncaptured (the first
-    /// full-batch step of the fit).
+    /// full-batch step of the epoch).
     pub(crate) fn captured_step(
         &mut self,
         cap: &mut CapturedStep<B>,

@@ -19,8 +19,8 @@
 //!   and the batch. [`FitOptions::batch_transform`] may change each
 //!   gathered training batch on the host before it is uploaded (data
 //!   augmentation).
-//! - On CUDA, every full-batch training step after the first is one replay
-//!   of a CUDA graph recorded once per `fit` (forward, loss, backward and
+//! - On CUDA, every full-batch training step after an epoch's first is one
+//!   replay of a CUDA graph recorded once per epoch (forward, loss, backward and
 //!   the optimizer update; the per-step values live in device memory);
 //!   the last partial batch and evaluation run uncaptured. The same bits
 //!   as launching every op ([`FitOptions::cuda_graph`] = false); the

@@ -46,6 +46,12 @@ fn main() {
         (32, 32768, 27),
         (32, 28800, 288),
         (32, 288, 28800),
+        // The per-group GEMMs of the grouped convolution (src/ops/conv/cpu.rs):
+        // conv1 and conv2 one image each, conv3 and conv4 two.
+        (32, 1024, 27),
+        (32, 900, 288),
+        (64, 450, 288),
+        (64, 338, 576),
     ];
     // An optional second argument keeps only the shapes whose "MxNxK"
     // contains it.

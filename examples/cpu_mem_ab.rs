@@ -1,6 +1,6 @@
 //! Timing of the memory-bound CPU ops at keras-cnn's conv1 output size
-//! (batch 32: 32 x 32 x 32 x 32 f32, 4 MiB) beside a `memcpy` of the same
-//! bytes: every op once per round, rounds repeated, median and minimum
+//! (batch 32: 32 x 32 x 32 x 32 f32, 4 MiB), and of keras-cnn's max pools
+//! and dropouts at batch 32, each beside a `memcpy` of the same bytes: every op once per round, rounds repeated, median and minimum
 //! printed in microseconds. Build it at two commits and run the binaries
 //! alternately for an A/B on a loaded machine (`docs/perf-log.md`).
 //!
@@ -12,6 +12,9 @@ use std::time::Instant;
 use kestrel::ops::activation::{Activation, cpu as act};
 use kestrel::ops::batchnorm::{BatchNorm, VarianceMode, cpu as bn};
 use kestrel::ops::bias::{BiasShape, cpu as bias};
+use kestrel::ops::conv::Padding;
+use kestrel::ops::dropout::{Dropout, cpu as dropout};
+use kestrel::ops::pool::{MaxPool2d, cpu as pool};
 
 fn data(seed: u64, len: usize) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -110,6 +113,72 @@ fn main() {
                 g.copy_from_slice(dyr);
                 act::backward_from_output(a, yr, &mut g).unwrap()
             }),
+        ));
+    }
+    // keras-cnn's pools and dropouts at batch 32, under the ids of
+    // benches/ops_cpu.rs and benches/pytorch_baseline.py (`mem` rows), with
+    // the bytes those count: pool x + y + an index per output (PyTorch's
+    // are 8 bytes, ours 4: counted as 8, as there), dropout x + y + mask.
+    let pools = [
+        ("keras-cnn.pool1.b32", 32, 30),
+        ("keras-cnn.pool2.b32", 64, 13),
+    ];
+    let mut pool_bufs = Vec::new();
+    for (id, ch, hw) in pools {
+        let p = MaxPool2d::new([32, ch, hw, hw], [2, 2], [2, 2], Padding::Valid).unwrap();
+        let px = data(7, 32 * ch * hw * hw);
+        let ylen = 32 * ch * p.out_h * p.out_w;
+        let pdy = data(8, ylen);
+        pool_bufs.push((id, p, px, pdy, ylen));
+    }
+    // Leaked: the ops borrow them and live to the end of main.
+    for (id, p, px, pdy, ylen) in pool_bufs.leak().iter() {
+        let bytes = 4 * px.len() + 8 * ylen;
+        let (mut py, mut arg) = (vec![0.0f32; *ylen], vec![0u32; *ylen]);
+        pool::forward(p, px, &mut py, &mut arg).unwrap();
+        let arg_b = arg.clone();
+        let mut pdx = vec![0.0f32; px.len()];
+        let fwd: &'static str = format!("{id}.fwd").leak();
+        let bwd: &'static str = format!("{id}.bwd").leak();
+        ops.push((
+            fwd,
+            bytes,
+            Box::new(move || pool::forward(p, px, &mut py, &mut arg).unwrap()),
+        ));
+        ops.push((
+            bwd,
+            bytes,
+            Box::new(move || pool::backward(p, pdy, &arg_b, &mut pdx).unwrap()),
+        ));
+    }
+    let drops = [
+        ("keras-cnn.drop1.b32", 32 * 15 * 15, 0.25),
+        ("keras-cnn.drop2.b32", 64 * 6 * 6, 0.25),
+        ("keras-cnn.drop3.b32", 512, 0.5),
+    ];
+    let mut drop_bufs = Vec::new();
+    for (id, per, rate) in drops {
+        let len = 32 * per;
+        let p = Dropout::new(len, rate, 1234, 0).unwrap();
+        drop_bufs.push((id, p, data(9, len), data(10, len)));
+    }
+    for (id, p, dx_in, ddy) in drop_bufs.leak().iter() {
+        let len = dx_in.len();
+        let (mut dy_out, mut mask) = (vec![0.0f32; len], vec![0u8; len]);
+        dropout::forward(p, dx_in, &mut dy_out, &mut mask).unwrap();
+        let mask_b = mask.clone();
+        let mut ddx = vec![0.0f32; len];
+        let fwd: &'static str = format!("{id}.fwd").leak();
+        let bwd: &'static str = format!("{id}.bwd").leak();
+        ops.push((
+            fwd,
+            9 * len,
+            Box::new(move || dropout::forward(p, dx_in, &mut dy_out, &mut mask).unwrap()),
+        ));
+        ops.push((
+            bwd,
+            9 * len,
+            Box::new(move || dropout::backward(p, ddy, &mask_b, &mut ddx).unwrap()),
         ));
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use kestrel::ops::activation::expm1::{EXPM1_MAX_ULP, expm1_nonpositive};
 use kestrel::ops::activation::{Activation, ActivationKind, Softmax, cpu};
 use proptest::prelude::*;
 
@@ -259,7 +260,13 @@ fn keras_defaults_and_kinks() {
     // Keras: relu'(0) = 0; leaky relu default alpha 0.3, elu 1.0.
     let leaky = Activation::leaky_relu(0.3);
     assert_eq!(leaky.apply(-2.0), -0.6f32);
-    assert_eq!(Activation::elu(1.0).apply(-1.0), (-1.0f32).exp_m1());
+    // elu(-1) = alpha * expm1(-1), within expm1's stated ulp bound.
+    let e = Activation::elu(1.0).apply(-1.0);
+    assert!(
+        expm1_ulp_error(-1.0, e) <= EXPM1_MAX_ULP as f64,
+        "elu(-1) = {e}, exact {}",
+        (-1.0f64).exp_m1()
+    );
     assert_eq!(Activation::RELU.grad(0.0, 0.0, 1.0), 0.0);
     assert_eq!(leaky.grad(0.0, 0.0, 1.0), 0.3);
 }
@@ -301,4 +308,113 @@ fn errors_name_the_op_and_sizes() {
         "softmax.backward",
         &["dy", "6", "7"],
     );
+}
+
+/// `|got - expm1(x)|` in ulps of the correctly rounded f32 result, the
+/// exact value from f64 (whose own error, ~1e-16 relative, is far below an
+/// f32 ulp).
+fn expm1_ulp_error(x: f32, got: f32) -> f64 {
+    let exact = (x as f64).exp_m1();
+    let rounded = exact as f32;
+    // The spacing of f32 at |rounded| (subnormals: 2^-149).
+    let ulp = if rounded == 0.0 {
+        f64::from(f32::from_bits(1))
+    } else {
+        let next = f32::from_bits(rounded.abs().to_bits() + 1);
+        f64::from(next) - f64::from(rounded.abs())
+    };
+    (f64::from(got) - exact).abs() / ulp
+}
+
+/// The vector-friendly expm1 against f64 over its whole domain: every 61st
+/// f32 bit pattern in [-87, 0] (~17 million inputs, all binades), every
+/// power of two from -2^6 down to the smallest subnormal (the tiny-|x|
+/// region where `exp(x) - 1` in f32 would lose every digit), a few
+/// neighbours each side of every multiple of ln 2 / 2 (the range
+/// reduction's boundaries), and the ends (-0, -87, below -87, -inf).
+#[test]
+fn expm1_nonpositive_is_within_its_ulp_bound() {
+    let mut inputs: Vec<f32> = (0x8000_0000u32..=(-87.0f32).to_bits())
+        .step_by(61)
+        .map(f32::from_bits)
+        .collect();
+    inputs.extend((0..=149 + 6).map(|e| -(2.0f64.powi(6 - e)) as f32));
+    for j in 1..=251 {
+        let b = -(j as f64) * std::f64::consts::LN_2 / 2.0;
+        let c = b as f32;
+        for d in -3i32..=3 {
+            inputs.push(f32::from_bits((c.to_bits() as i32 + d) as u32));
+        }
+    }
+    inputs.extend([
+        -0.0,
+        0.0,
+        -87.0,
+        -88.5,
+        -1e30,
+        f32::NEG_INFINITY,
+        -f32::MIN_POSITIVE,
+    ]);
+    let (mut worst, mut at) = (0.0f64, 0.0f32);
+    for &x in inputs.iter().filter(|x| **x <= 0.0) {
+        let got = expm1_nonpositive(x);
+        let err = if x == f32::NEG_INFINITY {
+            (f64::from(got) + 1.0).abs() / f64::from(f32::EPSILON / 2.0)
+        } else {
+            expm1_ulp_error(x, got)
+        };
+        // A NaN error (a NaN result) must become the worst.
+        if err > worst || err.is_nan() {
+            (worst, at) = (err, x);
+        }
+    }
+    assert!(
+        worst <= EXPM1_MAX_ULP as f64,
+        "expm1_nonpositive({at:e}) is {worst:.3} ulp off (bound {EXPM1_MAX_ULP}) over {} inputs",
+        inputs.len()
+    );
+    // A tiny input comes back as itself (expm1(x) = x + x^2/2 + ...).
+    for x in [-1e-30f32, -1e-10, -f32::from_bits(1)] {
+        assert_eq!(expm1_nonpositive(x), x, "expm1 of tiny {x:e}");
+    }
+    eprintln!(
+        "expm1_nonpositive: worst {worst:.3} ulp at {at:e} over {} inputs",
+        inputs.len()
+    );
+}
+
+/// The forward pass at every instruction-set level the CPU runs gives the
+/// portable level's bits (the same operations at another vector width), in
+/// place or not, for every kind; the portable one also against f64.
+#[test]
+fn forward_is_the_same_at_every_isa_level() {
+    use kestrel::cpu_isa::{Isa, with_isa};
+    // Odd length (vector tails), over two rayon chunks, from -30 to 30 (elu's
+    // saturated region, every range-reduction interval, the positive side).
+    let x: Vec<f32> = data(7, 40_013, -30.0, 30.0)
+        .into_iter()
+        .chain([-0.0, 0.0, -1e-30, f32::NEG_INFINITY, f32::NAN])
+        .collect();
+    for act in kinds(0.7) {
+        let run = || {
+            let mut y = vec![f32::NAN; x.len()];
+            cpu::forward(act, &x, &mut y).unwrap();
+            let mut z = x.clone();
+            cpu::forward_inplace(act, &mut z).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            (bits(&y), bits(&z), y)
+        };
+        let (base, base_inplace, y) = with_isa(Isa::Portable, run).unwrap();
+        assert!(base == base_inplace, "{act:?}: in place differs");
+        let want: Vec<f64> = x.iter().map(|&v| def(act, v as f64)).collect();
+        assert_close(&format!("{act:?} portable forward"), &y, &want, FWD_TOL);
+        for isa in Isa::available() {
+            let (got, got_inplace, _) = with_isa(isa, run).unwrap();
+            assert!(got == base, "{act:?} at {isa} differs from portable");
+            assert!(
+                got_inplace == base,
+                "{act:?} in place at {isa} differs from portable"
+            );
+        }
+    }
 }

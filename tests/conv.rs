@@ -393,6 +393,60 @@ fn results_do_not_depend_on_thread_count() {
     assert!(one == run(1), "results differ between two runs");
 }
 
+/// All three passes on one rayon pool of `threads` threads, as bits.
+fn passes_on(p: &Conv2d, x: &[f32], w: &[f32], dy: &[f32], threads: usize) -> [Vec<u32>; 3] {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut y = vec![f32::NAN; p.y_len()];
+        let mut dx = vec![f32::NAN; p.x_len()];
+        let mut dw = vec![f32::NAN; p.w_len()];
+        cpu::forward(p, x, w, None, Activation::LINEAR, &mut y).unwrap();
+        cpu::backward_data(p, dy, w, &mut dx).unwrap();
+        cpu::backward_filter(p, x, dy, &mut dw).unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        [bits(y), bits(dx), bits(dw)]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Batches of up to 20 images over maps of 1 to 17 pixels a side: one
+    /// image per group (maps of 16x16 and more) or several, groups run in
+    /// parallel or one by one, the filter gradient cut into up to eight
+    /// slices. Every pass against the f64 definition on 2 threads, and bit
+    /// for bit the same on 1 and 3.
+    #[test]
+    fn image_groups_match_direct_loops_on_any_thread_count(
+        n in 1usize..=20, c in dim(3), k in dim(4), h in dim(17), w in dim(17),
+        r in 1usize..=3, s in 1usize..=3, sh in 1usize..=2, sw in 1usize..=2,
+        same: bool, seed: u64,
+    ) {
+        let (h, w) = if same { (h, w) } else { (h.max(r), w.max(s)) };
+        let p = Conv2d::new([n, c, h, w], k, [r, s], [sh, sw], padding(same)).unwrap();
+        let x = data(seed, p.x_len(), -1.0, 1.0);
+        let wt = data(seed ^ 1, p.w_len(), -1.0, 1.0);
+        let dy = data(seed ^ 2, p.y_len(), -1.0, 1.0);
+        let two = passes_on(&p, &x, &wt, &dy, 2);
+        let (x64, w64, dy64) = (to_f64(&x), to_f64(&wt), to_f64(&dy));
+        let f = |b: &[u32]| b.iter().map(|&u| f32::from_bits(u)).collect::<Vec<_>>();
+        let checks = [
+            ("forward", f(&two[0]), conv_ref(&p, &x64, &w64), tol(p.col_rows())),
+            ("backward_data", f(&two[1]), backward_data_ref(&p, &dy64, &w64), tol(k * r * s)),
+            ("backward_filter", f(&two[2]), backward_filter_ref(&p, &x64, &dy64), tol(p.col_cols())),
+        ];
+        for (what, got, want, t) in checks {
+            let res = check_close(&format!("conv2d.{what} {p:?}"), &got, &want, t);
+            prop_assert!(res.is_ok(), "{}", res.unwrap_err());
+        }
+        prop_assert!(two == passes_on(&p, &x, &wt, &dy, 1), "1 and 2 threads differ for {p:?}");
+        prop_assert!(two == passes_on(&p, &x, &wt, &dy, 3), "2 and 3 threads differ for {p:?}");
+    }
+}
+
 /// A NaN in x makes exactly the outputs whose window covers it NaN.
 #[test]
 fn nan_in_x_reaches_exactly_the_windows_that_contain_it() {

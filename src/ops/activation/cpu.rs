@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use super::{Activation, ActivationKind, Softmax};
+use crate::cpu_isa::Isa;
 use crate::error::Result;
 
 /// Elements per rayon task: large enough that scheduling costs nothing
@@ -60,13 +61,10 @@ macro_rules! by_kind {
 pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
     const OP: &str = "activation.forward";
     act.check_elementwise(OP, &[("x", x.len()), ("y", y.len())])?;
+    let isa = Isa::current();
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(yc, xc)| {
-            by_kind!(act, |a| for (yv, &xv) in yc.iter_mut().zip(xc) {
-                *yv = a.apply(xv);
-            })
-        });
+        .for_each(|(yc, xc)| forward_chunk(isa, act, Some(xc), yc));
     Ok(())
 }
 
@@ -74,12 +72,58 @@ pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
 /// backward can use `y` alone; see [`backward_from_output`]).
 pub fn forward_inplace(act: Activation, x: &mut [f32]) -> Result<()> {
     act.check("activation.forward_inplace")?;
-    x.par_chunks_mut(CHUNK).for_each(|c| {
-        by_kind!(act, |a| for v in c.iter_mut() {
-            *v = a.apply(*v);
-        })
-    });
+    let isa = Isa::current();
+    x.par_chunks_mut(CHUNK)
+        .for_each(|c| forward_chunk(isa, act, None, c));
     Ok(())
+}
+
+/// `y = f(x)` over one chunk (`x = None`: in place, `y` holds the input),
+/// compiled for `isa`'s vector width. Elu's `expm1` is straight-line
+/// arithmetic (`super::expm1`), so the loop vectorizes at every level, and
+/// the operations, hence the bits, are the same at each.
+fn forward_chunk(isa: Isa, act: Activation, x: Option<&[f32]>, y: &mut [f32]) {
+    match isa {
+        // SAFETY: `Isa::current` never exceeds what the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { forward_chunk_avx512(act, x, y) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { forward_chunk_avx2(act, x, y) },
+        _ => forward_chunk_portable(act, x, y),
+    }
+}
+
+#[inline(always)]
+fn forward_chunk_portable(act: Activation, x: Option<&[f32]>, y: &mut [f32]) {
+    match x {
+        Some(x) => by_kind!(act, |a| for (yv, &xv) in y.iter_mut().zip(x) {
+            *yv = a.apply(xv);
+        }),
+        None => by_kind!(act, |a| for v in y.iter_mut() {
+            *v = a.apply(*v);
+        }),
+    }
+}
+
+/// [`forward_chunk_portable`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support avx512f, avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn forward_chunk_avx512(act: Activation, x: Option<&[f32]>, y: &mut [f32]) {
+    forward_chunk_portable(act, x, y)
+}
+
+/// [`forward_chunk_portable`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_chunk_avx2(act: Activation, x: Option<&[f32]>, y: &mut [f32]) {
+    forward_chunk_portable(act, x, y)
 }
 
 /// `dx = f'(x) * dy` element-wise from the forward's input `x`, its output

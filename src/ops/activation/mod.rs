@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod expm1;
 
 use crate::error::{Error, Result, check_len, checked_product};
 
@@ -94,7 +95,9 @@ impl Activation {
                 if x > 0.0 || x.is_nan() {
                     x
                 } else {
-                    self.alpha * x.exp_m1()
+                    // Straight-line arithmetic (within 1 ulp), not libm's
+                    // call: CPU loops over elu vectorize.
+                    self.alpha * expm1::expm1_nonpositive(x)
                 }
             }
             ActivationKind::LeakyRelu => {

@@ -1,35 +1,46 @@
-//! CPU convolution: im2col, one GEMM per chunk of images, col2im.
+//! CPU convolution: im2col, one GEMM per group of images, col2im.
 //!
 //! The column matrix of `N` images is `[C*R*S, N*OH*OW]`, row-major:
 //! row `(c*R + r)*S + s`, column `(img*OH + oy)*OW + ox` holds
 //! `x[img, c, oy*stride_h + r - pad_top, ox*stride_w + s - pad_left]` (0 in
-//! the padding). Putting every image's pixels side by side in one row makes
-//! the forward pass a single GEMM `W[K, CRS] * col[CRS, N*OH*OW]` whose `n`
-//! is the whole batch's pixel count: large even for deep layers with small
-//! feature maps, which is what keeps a GEMM efficient. The price is a
-//! transpose between `[K, N*OH*OW]` and NCHW, which costs `1/(C*R*S)` of the
-//! GEMM.
+//! the padding). [`im2col`] and [`col2im`] build and reduce it for a whole
+//! batch (the layout the GPU kernels share).
 //!
-//! On the CPU the batch goes through in chunks of [`images_per_chunk`]
-//! images, because the column matrix of a whole batch is `C*R*S` times
-//! larger than the input (batch 128, 128 channels, 32x32, 3x3: 600 MB);
-//! a chunk's scratch stays under [`SCRATCH_FLOATS`]. The chunk size depends
-//! only on the layer's shape, so results are the same on any thread count.
+//! The passes themselves go through the batch in groups of
+//! [`images_per_group`] images: just enough that the group's GEMM has a few
+//! hundred columns (one image for maps of 16x16 and up), never more than
+//! [`images_per_chunk`], whose scratch stays under [`SCRATCH_FLOATS`]. A
+//! group's column matrix is built, multiplied and reduced on one thread
+//! while it sits in that core's L2 (conv2 of keras-cnn: 1 MB per image),
+//! and groups run in parallel with single-threaded GEMMs when there are
+//! enough of them; one image's `[K, OH*OW]` result is already NCHW, so it
+//! needs no transpose. An earlier version built the column matrix of 29
+//! images at once (30 MB for that layer): im2col and the GEMM's packing
+//! each streamed it through DRAM, and the step ran at a tenth of the GEMM's
+//! speed (`docs/perf-log.md`).
+//!
+//! Determinism: every element of `y` and of the column matrix of `dx` is
+//! one GEMM chain over `C*R*S` (resp. `K`) whatever the grouping, and the
+//! GEMM's bits do not depend on its threads; `dw` sums groups in slices
+//! fixed by the shape ([`backward_filter`]). So results are bit-identical
+//! on any thread count.
+
+use std::cell::Cell;
 
 use rayon::prelude::*;
 
 use super::Conv2d;
 use crate::error::Result;
 use crate::ops::activation::Activation;
-use crate::ops::gemm::cpu::gemm;
+use crate::ops::gemm::cpu::{gemm, gemm_serial};
 use crate::ops::gemm::{Bias, Epilogue, Gemm};
 
 /// Scratch floats (column matrix plus the `[K, n*OH*OW]` transpose buffer)
-/// one chunk of images may use: 32 MiB. Large enough that a chunk's GEMM
-/// has thousands of columns, small enough for any machine.
+/// one group of images may use at most: 32 MiB. Small enough for any
+/// machine; groups are usually far smaller ([`images_per_group`]).
 pub const SCRATCH_FLOATS: usize = 1 << 23;
 
-/// Images processed per GEMM on the CPU: as many as fit in
+/// The most images one GEMM may take on the CPU: as many as fit in
 /// [`SCRATCH_FLOATS`], at least 1, at most `n`.
 pub fn images_per_chunk(p: &Conv2d) -> usize {
     let per_image = (p.col_rows() + p.k) * p.out_h * p.out_w;
@@ -54,9 +65,81 @@ pub fn col2im(p: &Conv2d, col: &[f32], x: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// Images per GEMM: enough that the group's `g*OH*OW` columns fill a few
+/// dozen register-tile panels (a 13x13 map alone is 169 columns, a third of
+/// a 32-wide panel short of six), at most [`images_per_chunk`] so that the
+/// scratch bound holds. A function of the shape alone.
+pub fn images_per_group(p: &Conv2d) -> usize {
+    let ohw = (p.out_h * p.out_w).max(1);
+    GROUP_COLUMNS.div_ceil(ohw).clamp(1, images_per_chunk(p))
+}
+
+/// Columns (`g*OH*OW`) a group's GEMM should have at least.
+const GROUP_COLUMNS: usize = 256;
+
+/// Most partial sums of `dw` that [`backward_filter`] keeps, one per slice
+/// of the batch: eight balance two to eight threads, and the number is the
+/// same on any thread count (it fixes the summation order).
+const FILTER_SLICES: usize = 8;
+
+/// Scratch buffers above this many floats (8 MiB) are freed after use
+/// rather than kept by the thread (keras-cnn's groups need 0.1-1 MiB).
+const SCRATCH_KEEP: usize = 1 << 21;
+
+thread_local! {
+    /// A thread's column matrix and output buffer for one group, reused.
+    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Lends `f` `len` floats of the thread's scratch (stale contents). Taking
+/// the buffer out keeps a nested call (rayon running another task on this
+/// thread while one waits) correct: it just allocates.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut v = SCRATCH.take();
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    let r = f(&mut v[..len]);
+    if v.len() <= SCRATCH_KEEP {
+        SCRATCH.set(v);
+    }
+    r
+}
+
+/// How a pass walks its groups of images: in parallel, one group per task
+/// with single-threaded GEMMs, when there are enough groups to balance the
+/// threads; otherwise one group after another, each GEMM parallel inside.
+/// The GEMM's bits do not depend on how it is split, so neither do ours.
+fn groups_in_parallel(groups: usize) -> bool {
+    let threads = rayon::current_num_threads();
+    threads > 1 && groups >= 2 * threads
+}
+
+/// The GEMM for one group: single-threaded inside a parallel group loop.
+fn group_gemm(
+    serial: bool,
+    g: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    epi: Epilogue<&[f32]>,
+) -> Result<()> {
+    if serial {
+        gemm_serial(g, a, b, c, epi)
+    } else {
+        gemm(g, a, b, c, epi)
+    }
+}
+
 /// `y = act(conv(x, w) + bias)`: `x` `[N, C, H, W]`, `w` `[K, C, R, S]`,
 /// `bias` `[K]` (optional), `y` `[N, K, OH, OW]` fully overwritten. The bias
 /// and the activation run in the GEMM's epilogue.
+///
+/// Groups of [`images_per_group`] images: each group's column matrix
+/// (`[C*R*S, g*OH*OW]`, built on its own thread) stays in L2 while its
+/// GEMM packs it, and a group of one image writes its `[K, OH*OW]` result
+/// straight into `y`. Every output element is one GEMM chain over
+/// `C*R*S`, so the bits do not depend on the grouping either.
 pub fn forward(
     p: &Conv2d,
     x: &[f32],
@@ -75,28 +158,45 @@ pub fn forward(
     };
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
     let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
-    let chunk = images_per_chunk(p);
-    let mut col = vec![0.0f32; crs * chunk * ohw];
-    let mut tmp = vec![0.0f32; p.k * chunk * ohw];
-    for n0 in (0..p.n).step_by(chunk) {
-        let q = p.with_batch(chunk.min(p.n - n0));
+    let g = images_per_group(p);
+    let serial = groups_in_parallel(p.n.div_ceil(g));
+    let one = |gi: usize, y: &mut [f32]| -> Result<()> {
+        let q = p.with_batch(y.len() / y_img);
         let cols = q.col_cols();
-        let col = &mut col[..crs * cols];
-        let tmp = &mut tmp[..p.k * cols];
-        im2col_unchecked(&q, &x[n0 * x_img..(n0 + q.n) * x_img], col);
-        gemm(&Gemm::new(p.k, cols, crs), w, col, tmp, epi)?;
-        let y = &mut y[n0 * y_img..(n0 + q.n) * y_img];
-        y.par_chunks_mut(ohw).enumerate().for_each(|(j, dst)| {
-            let (img, kk) = (j / p.k, j % p.k);
-            dst.copy_from_slice(&tmp[kk * cols + img * ohw..][..ohw]);
-        });
+        let x = &x[gi * g * x_img..][..q.n * x_img];
+        let out_len = if q.n == 1 { 0 } else { p.k * cols };
+        with_scratch(crs * cols + out_len, |buf| {
+            let (col, tmp) = buf.split_at_mut(crs * cols);
+            im2col_serial(&q, x, col);
+            let gm = Gemm::new(p.k, cols, crs);
+            if q.n == 1 {
+                return group_gemm(serial, &gm, w, col, y, epi);
+            }
+            group_gemm(serial, &gm, w, col, tmp, epi)?;
+            // [K, g*OH*OW] to the group's NCHW images.
+            for (j, dst) in y.chunks_exact_mut(ohw).enumerate() {
+                let (img, kk) = (j / p.k, j % p.k);
+                dst.copy_from_slice(&tmp[kk * cols + img * ohw..][..ohw]);
+            }
+            Ok(())
+        })
+    };
+    if serial {
+        y.par_chunks_mut(g * y_img)
+            .enumerate()
+            .try_for_each(|(gi, y)| one(gi, y))
+    } else {
+        y.chunks_mut(g * y_img)
+            .enumerate()
+            .try_for_each(|(gi, y)| one(gi, y))
     }
-    Ok(())
 }
 
 /// `dx = col2im(w^T * dy)`: the gradient with respect to the input.
 /// `dy` `[N, K, OH, OW]`, `w` `[K, C, R, S]`, `dx` `[N, C, H, W]` fully
-/// overwritten.
+/// overwritten. Groups of images as in [`forward`]; each element of the
+/// column matrix is one GEMM chain over `K`, and [`col2im`]'s `(r, s)`
+/// order adds them, whatever the grouping.
 pub fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) -> Result<()> {
     p.check_backward_data(dy.len(), w.len(), dx.len())?;
     if p.n == 0 {
@@ -104,28 +204,49 @@ pub fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) -> Resul
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
     let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
-    let chunk = images_per_chunk(p);
-    let mut col = vec![0.0f32; crs * chunk * ohw];
-    let mut dyt = vec![0.0f32; p.k * chunk * ohw];
-    for n0 in (0..p.n).step_by(chunk) {
-        let q = p.with_batch(chunk.min(p.n - n0));
+    let g = images_per_group(p);
+    let serial = groups_in_parallel(p.n.div_ceil(g));
+    let one = |gi: usize, dx: &mut [f32]| -> Result<()> {
+        let q = p.with_batch(dx.len() / x_img);
         let cols = q.col_cols();
-        let col = &mut col[..crs * cols];
-        let dyt = &mut dyt[..p.k * cols];
-        gather_dy(&q, &dy[n0 * y_img..(n0 + q.n) * y_img], dyt);
-        let g = Gemm::new(crs, cols, p.k).transpose(true, false);
-        gemm(&g, w, dyt, col, Epilogue::default())?;
-        col2im_unchecked(&q, col, &mut dx[n0 * x_img..(n0 + q.n) * x_img]);
+        let dy = &dy[gi * g * y_img..][..q.n * y_img];
+        let dyt_len = if q.n == 1 { 0 } else { p.k * cols };
+        with_scratch(crs * cols + dyt_len, |buf| {
+            let (col, dyt) = buf.split_at_mut(crs * cols);
+            // One image's dy is already [K, OH*OW].
+            let dyt: &[f32] = if q.n == 1 {
+                dy
+            } else {
+                gather_dy_serial(&q, dy, dyt);
+                dyt
+            };
+            let gm = Gemm::new(crs, cols, p.k).transpose(true, false);
+            group_gemm(serial, &gm, w, dyt, col, Epilogue::default())?;
+            col2im_serial(&q, col, dx);
+            Ok(())
+        })
+    };
+    if serial {
+        dx.par_chunks_mut(g * x_img)
+            .enumerate()
+            .try_for_each(|(gi, dx)| one(gi, dx))
+    } else {
+        dx.chunks_mut(g * x_img)
+            .enumerate()
+            .try_for_each(|(gi, dx)| one(gi, dx))
     }
-    Ok(())
 }
 
 /// `dw = sum over images of dy * col^T`: the gradient with respect to the
 /// weights. `x` `[N, C, H, W]`, `dy` `[N, K, OH, OW]`, `dw` `[K, C, R, S]`
 /// fully overwritten (zero for an empty batch).
 ///
-/// The sum runs over chunks of images in order, each chunk's part summed
-/// inside one GEMM, so the order is fixed by the shape alone.
+/// The batch is cut into at most eight slices of whole groups
+/// (fewer when their partial sums would not fit in [`SCRATCH_FLOATS`]);
+/// each slice adds its groups' GEMMs into its own partial sum in order, and
+/// the partial sums are added in slice order. Slices and groups follow from
+/// the shape alone, so the order, and the bits, are the same on any thread
+/// count.
 pub fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Result<()> {
     p.check_backward_filter(x.len(), dy.len(), dw.len())?;
     if p.n == 0 {
@@ -134,102 +255,201 @@ pub fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Res
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
     let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
-    let chunk = images_per_chunk(p);
-    let mut col = vec![0.0f32; crs * chunk * ohw];
-    let mut dyt = vec![0.0f32; p.k * chunk * ohw];
-    for n0 in (0..p.n).step_by(chunk) {
-        let q = p.with_batch(chunk.min(p.n - n0));
-        let cols = q.col_cols();
-        let col = &mut col[..crs * cols];
-        let dyt = &mut dyt[..p.k * cols];
-        im2col_unchecked(&q, &x[n0 * x_img..(n0 + q.n) * x_img], col);
-        gather_dy(&q, &dy[n0 * y_img..(n0 + q.n) * y_img], dyt);
-        // beta = 0 on the first chunk: dw is overwritten, never read.
-        let beta = if n0 == 0 { 0.0 } else { 1.0 };
-        let g = Gemm::new(p.k, crs, cols)
-            .transpose(false, true)
-            .scale(1.0, beta);
-        gemm(&g, dyt, col, dw, Epilogue::default())?;
+    let wl = p.w_len();
+    let g = images_per_group(p);
+    let groups = p.n.div_ceil(g);
+    let slices = groups
+        .min(FILTER_SLICES)
+        .min((SCRATCH_FLOATS / wl.max(1)).max(1));
+    let per_slice = groups.div_ceil(slices);
+    // Slices with at least one group (the last ones may be empty).
+    let slices = groups.div_ceil(per_slice);
+    let threads = rayon::current_num_threads();
+    let serial = threads > 1 && slices >= threads;
+    // Slice `si`'s groups, added into `acc` (overwritten by the first).
+    let slice = |si: usize, acc: &mut [f32]| -> Result<()> {
+        let g0 = si * per_slice;
+        for gi in g0..(g0 + per_slice).min(groups) {
+            let n0 = gi * g;
+            let q = p.with_batch(g.min(p.n - n0));
+            let cols = q.col_cols();
+            let x = &x[n0 * x_img..][..q.n * x_img];
+            let dy = &dy[n0 * y_img..][..q.n * y_img];
+            let dyt_len = if q.n == 1 { 0 } else { p.k * cols };
+            with_scratch(crs * cols + dyt_len, |buf| {
+                let (col, dyt) = buf.split_at_mut(crs * cols);
+                im2col_serial(&q, x, col);
+                let dyt: &[f32] = if q.n == 1 {
+                    dy
+                } else {
+                    gather_dy_serial(&q, dy, dyt);
+                    dyt
+                };
+                // beta = 0 on the slice's first group: acc is overwritten.
+                let beta = if gi == g0 { 0.0 } else { 1.0 };
+                let gm = Gemm::new(p.k, crs, cols)
+                    .transpose(false, true)
+                    .scale(1.0, beta);
+                group_gemm(serial, &gm, dyt, col, acc, Epilogue::default())
+            })?;
+        }
+        Ok(())
+    };
+    if slices == 1 {
+        return slice(0, dw);
+    }
+    let mut partial = vec![0.0f32; (slices - 1) * wl];
+    if serial {
+        // Slice 0 sums straight into dw, the others into their partials.
+        let mut parts: Vec<&mut [f32]> = std::iter::once(&mut *dw)
+            .chain(partial.chunks_exact_mut(wl))
+            .collect();
+        parts
+            .par_iter_mut()
+            .enumerate()
+            .try_for_each(|(si, acc)| slice(si, acc))?;
+    } else {
+        slice(0, dw)?;
+        for (si, acc) in partial.chunks_exact_mut(wl).enumerate() {
+            slice(si + 1, acc)?;
+        }
+    }
+    for part in partial.chunks_exact(wl) {
+        for (d, &v) in dw.iter_mut().zip(part) {
+            *d += v;
+        }
     }
     Ok(())
 }
 
-/// `dy` `[n, K, OH*OW]` to `[K, n*OH*OW]`, the column order of the col matrix.
-fn gather_dy(q: &Conv2d, dy: &[f32], dyt: &mut [f32]) {
+/// `dy` `[n, K, OH*OW]` to `[K, n*OH*OW]`, the column order of the col
+/// matrix, on the calling thread.
+fn gather_dy_serial(q: &Conv2d, dy: &[f32], dyt: &mut [f32]) {
     let ohw = q.out_h * q.out_w;
-    let cols = q.n * ohw;
-    dyt.par_chunks_mut(ohw).enumerate().for_each(|(j, dst)| {
+    debug_assert_eq!(dyt.len(), q.k * q.n * ohw);
+    for (j, dst) in dyt.chunks_exact_mut(ohw).enumerate() {
         let (kk, img) = (j / q.n, j % q.n);
         dst.copy_from_slice(&dy[(img * q.k + kk) * ohw..][..ohw]);
-    });
-    debug_assert_eq!(dyt.len(), q.k * cols);
+    }
+}
+
+/// The outputs `o` in `0..out` whose padded input coordinate `o*stride +
+/// tap` lies inside the image (`pad..pad + extent`), as a range `lo..hi`
+/// (empty when none does). Outputs outside it read the zero padding.
+fn inside(out: usize, stride: usize, tap: usize, pad: usize, extent: usize) -> (usize, usize) {
+    let lo = pad.saturating_sub(tap).div_ceil(stride);
+    let hi = (pad + extent).saturating_sub(tap).div_ceil(stride).min(out);
+    (lo.min(hi), hi)
+}
+
+/// Row `(c, r, s)` of one image's column block (`dst`, `OH*OW` long) from
+/// that image's channel `c` (`plane`, `H*W`): zeros in the padding, the
+/// rest copied a run of `x` per output row.
+fn im2col_row(p: &Conv2d, plane: &[f32], r: usize, s: usize, dst: &mut [f32]) {
+    let (ylo, yhi) = inside(p.out_h, p.stride_h, r, p.pad_top, p.h);
+    let (xlo, xhi) = inside(p.out_w, p.stride_w, s, p.pad_left, p.w);
+    for (oy, orow) in dst.chunks_exact_mut(p.out_w).enumerate() {
+        if oy < ylo || oy >= yhi || xlo == xhi {
+            orow.fill(0.0);
+            continue;
+        }
+        let xrow = &plane[(oy * p.stride_h + r - p.pad_top) * p.w..][..p.w];
+        let ix0 = xlo * p.stride_w + s - p.pad_left;
+        orow[..xlo].fill(0.0);
+        orow[xhi..].fill(0.0);
+        let body = &mut orow[xlo..xhi];
+        if p.stride_w == 1 {
+            body.copy_from_slice(&xrow[ix0..][..body.len()]);
+        } else {
+            for (o, &v) in body.iter_mut().zip(xrow[ix0..].iter().step_by(p.stride_w)) {
+                *o = v;
+            }
+        }
+    }
+}
+
+/// `im2col` of a (small) group of images on the calling thread.
+fn im2col_serial(p: &Conv2d, x: &[f32], col: &mut [f32]) {
+    let (cols, hw, ohw) = (p.col_cols(), p.h * p.w, p.out_h * p.out_w);
+    if cols == 0 {
+        return;
+    }
+    for (row, dst) in col.chunks_exact_mut(cols).enumerate() {
+        let (ch, r, s) = (row / (p.r * p.s), (row / p.s) % p.r, row % p.s);
+        for (img, out) in dst.chunks_exact_mut(ohw).enumerate() {
+            im2col_row(p, &x[(img * p.c + ch) * hw..][..hw], r, s, out);
+        }
+    }
 }
 
 /// `im2col` on a validated layer whose lengths have been checked.
 fn im2col_unchecked(p: &Conv2d, x: &[f32], col: &mut [f32]) {
-    let cols = p.col_cols();
+    let (cols, hw, ohw) = (p.col_cols(), p.h * p.w, p.out_h * p.out_w);
     if cols == 0 {
         return;
     }
-    let (hw, ohw) = (p.h * p.w, p.out_h * p.out_w);
     // One row per (c, r, s): rows are independent and long (N*OH*OW).
     col.par_chunks_mut(cols).enumerate().for_each(|(row, dst)| {
-        let s = row % p.s;
-        let r = (row / p.s) % p.r;
-        let ch = row / (p.r * p.s);
-        for (img, out) in dst.chunks_mut(ohw).enumerate() {
-            let plane = &x[(img * p.c + ch) * hw..][..hw];
-            for (oy, orow) in out.chunks_mut(p.out_w).enumerate() {
-                // Padded coordinates are never negative, so the pad test is `< pad_top`.
-                let iy = oy * p.stride_h + r;
-                if iy < p.pad_top || iy - p.pad_top >= p.h {
-                    orow.fill(0.0);
-                    continue;
-                }
-                let xrow = &plane[(iy - p.pad_top) * p.w..][..p.w];
-                for (ox, o) in orow.iter_mut().enumerate() {
-                    let ix = ox * p.stride_w + s;
-                    *o = if ix < p.pad_left || ix - p.pad_left >= p.w {
-                        0.0
-                    } else {
-                        xrow[ix - p.pad_left]
-                    };
-                }
-            }
+        let (ch, r, s) = (row / (p.r * p.s), (row / p.s) % p.r, row % p.s);
+        for (img, out) in dst.chunks_exact_mut(ohw).enumerate() {
+            im2col_row(p, &x[(img * p.c + ch) * hw..][..hw], r, s, out);
         }
     });
 }
 
-/// `col2im` on a validated layer whose lengths have been checked.
-fn col2im_unchecked(p: &Conv2d, col: &[f32], x: &mut [f32]) {
-    let cols = p.col_cols();
-    if cols == 0 {
-        return;
-    }
-    let (hw, ohw) = (p.h * p.w, p.out_h * p.out_w);
-    // One task per (image, channel) plane: each plane gathers from its own
-    // R*S rows of col, so no two tasks write the same pixel.
-    x.par_chunks_mut(hw).enumerate().for_each(|(pi, plane)| {
-        let (img, ch) = (pi / p.c, pi % p.c);
-        plane.fill(0.0);
-        for r in 0..p.r {
-            for s in 0..p.s {
-                let row = (ch * p.r + r) * p.s + s;
-                let src = &col[row * cols + img * ohw..][..ohw];
-                for (oy, srow) in src.chunks(p.out_w).enumerate() {
-                    let iy = oy * p.stride_h + r;
-                    if iy < p.pad_top || iy - p.pad_top >= p.h {
-                        continue;
+/// Plane `(img, ch)` of `col2im` (`plane`, `H*W`, overwritten): gathers
+/// from its own `R*S` rows of `col` (`cols` columns), each pixel adding its
+/// contributions in `(r, s)` order.
+fn col2im_plane(p: &Conv2d, col: &[f32], cols: usize, img: usize, ch: usize, plane: &mut [f32]) {
+    let ohw = p.out_h * p.out_w;
+    plane.fill(0.0);
+    for r in 0..p.r {
+        let (ylo, yhi) = inside(p.out_h, p.stride_h, r, p.pad_top, p.h);
+        for s in 0..p.s {
+            let (xlo, xhi) = inside(p.out_w, p.stride_w, s, p.pad_left, p.w);
+            if xlo == xhi {
+                continue;
+            }
+            let row = (ch * p.r + r) * p.s + s;
+            let src = &col[row * cols + img * ohw..][..ohw];
+            for oy in ylo..yhi {
+                let srow = &src[oy * p.out_w + xlo..][..xhi - xlo];
+                let xrow = &mut plane[(oy * p.stride_h + r - p.pad_top) * p.w..][..p.w];
+                let ix0 = xlo * p.stride_w + s - p.pad_left;
+                if p.stride_w == 1 {
+                    for (d, &v) in xrow[ix0..][..srow.len()].iter_mut().zip(srow) {
+                        *d += v;
                     }
-                    let xrow = &mut plane[(iy - p.pad_top) * p.w..][..p.w];
-                    for (ox, &v) in srow.iter().enumerate() {
-                        let ix = ox * p.stride_w + s;
-                        if ix >= p.pad_left && ix - p.pad_left < p.w {
-                            xrow[ix - p.pad_left] += v;
-                        }
+                } else {
+                    for (d, &v) in xrow[ix0..].iter_mut().step_by(p.stride_w).zip(srow) {
+                        *d += v;
                     }
                 }
             }
         }
+    }
+}
+
+/// `col2im` of a (small) group of images on the calling thread.
+fn col2im_serial(p: &Conv2d, col: &[f32], x: &mut [f32]) {
+    let (cols, hw) = (p.col_cols(), p.h * p.w);
+    if cols == 0 {
+        return;
+    }
+    for (pi, plane) in x.chunks_exact_mut(hw).enumerate() {
+        col2im_plane(p, col, cols, pi / p.c, pi % p.c, plane);
+    }
+}
+
+/// `col2im` on a validated layer whose lengths have been checked.
+fn col2im_unchecked(p: &Conv2d, col: &[f32], x: &mut [f32]) {
+    let (cols, hw) = (p.col_cols(), p.h * p.w);
+    if cols == 0 {
+        return;
+    }
+    // One task per (image, channel) plane: each plane gathers from its own
+    // R*S rows of col, so no two tasks write the same pixel.
+    x.par_chunks_mut(hw).enumerate().for_each(|(pi, plane)| {
+        col2im_plane(p, col, cols, pi / p.c, pi % p.c, plane);
     });
 }

@@ -144,7 +144,16 @@ pub fn uses_simd() -> bool {
 /// (AVX-512, AVX2+FMA or portable), and rayon threads for large problems;
 /// the result is bit-identical for any number of threads.
 pub fn gemm(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: HostEpilogue) -> Result<()> {
-    run(p, a, b, c, epi, Kernel::for_isa(Isa::current()))
+    run(p, a, b, c, epi, Kernel::for_isa(Isa::current()), true)
+}
+
+/// [`gemm`] on the calling thread only, never handing work to rayon: for
+/// callers that already run one product per thread (the convolution's
+/// per-image GEMMs), where a nested parallel loop would only add
+/// hand-offs. The result is bit-identical to [`gemm`]'s (tasks choose
+/// which elements a thread computes, never how).
+pub fn gemm_serial(p: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], epi: HostEpilogue) -> Result<()> {
+    run(p, a, b, c, epi, Kernel::for_isa(Isa::current()), false)
 }
 
 /// [`gemm`] with micro-kernel `kernel`; an error if the CPU lacks its
@@ -168,7 +177,7 @@ pub fn gemm_with(
             ),
         ));
     }
-    run(p, a, b, c, epi, kernel)
+    run(p, a, b, c, epi, kernel, true)
 }
 
 /// [`gemm`] with the portable (scalar, auto-vectorized) micro-kernel, which
@@ -182,7 +191,7 @@ pub fn gemm_portable(
     c: &mut [f32],
     epi: HostEpilogue,
 ) -> Result<()> {
-    run(p, a, b, c, epi, Kernel::Portable)
+    run(p, a, b, c, epi, Kernel::Portable, true)
 }
 
 fn run(
@@ -192,6 +201,7 @@ fn run(
     c: &mut [f32],
     epi: HostEpilogue,
     kern: Kernel,
+    may_parallel: bool,
 ) -> Result<()> {
     p.check(
         "gemm",
@@ -208,8 +218,8 @@ fn run(
         return Ok(());
     }
     match kern {
-        Kernel::Portable | Kernel::Avx2 => run_tiled::<6, 16>(p, a, b, c, epi, kern),
-        Kernel::Avx512 => run_tiled::<8, 32>(p, a, b, c, epi, kern),
+        Kernel::Portable | Kernel::Avx2 => run_tiled::<6, 16>(p, a, b, c, epi, kern, may_parallel),
+        Kernel::Avx512 => run_tiled::<8, 32>(p, a, b, c, epi, kern, may_parallel),
     }
     Ok(())
 }
@@ -222,12 +232,17 @@ fn run_tiled<const MR: usize, const NR: usize>(
     c: &mut [f32],
     epi: HostEpilogue,
     kern: Kernel,
+    may_parallel: bool,
 ) {
     debug_assert_eq!(kern.tile(), (MR, NR));
     let macs = p.m.saturating_mul(p.n).saturating_mul(p.k);
     // With one thread in the pool, a parallel loop would only hand the work
     // to that thread and wait for it (a wake-up per call): run it here.
-    let threads = rayon::current_num_threads();
+    let threads = if may_parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
     let item_parallel = macs >= PAR_MIN_MACS && threads > 1;
     let plan = Plan::<MR, NR>::new(p, item_parallel);
     with_scratch(&SCRATCH_A, |shared_a| {

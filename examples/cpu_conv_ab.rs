@@ -1,0 +1,89 @@
+//! Timing of keras-cnn's four convolutions at batch 32 on the CPU backend,
+//! each in its three passes (forward with bias and relu, backward-data,
+//! backward-filter): every pass once per round, rounds repeated, median
+//! and best printed in milliseconds and GFLOP/s. Build it at two commits
+//! and run the binaries alternately for an A/B on a loaded machine
+//! (`docs/perf-log.md`); `benches/cpu_quiet_pairs.sh` runs it beside
+//! PyTorch's `conv` rows, whose ids (`keras-cnn.conv1.b32.fwd`) it prints.
+//!
+//!     RAYON_NUM_THREADS=2 cargo run --release --example cpu_conv_ab [ROUNDS [BATCH]]
+
+use std::time::Instant;
+
+use kestrel::ops::activation::Activation;
+use kestrel::ops::conv::{Conv2d, Padding, cpu as conv};
+
+fn data(seed: u64, len: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(32);
+    // keras-cnn (benches/common/mod.rs): (name, C, H = W, K, padding).
+    let layers = [
+        ("conv1", 3, 32, 32, Padding::Same),
+        ("conv2", 32, 32, 32, Padding::Valid),
+        ("conv3", 32, 15, 64, Padding::Same),
+        ("conv4", 64, 15, 64, Padding::Valid),
+    ];
+    println!(
+        "threads: rayon {}, load average {}",
+        rayon::current_num_threads(),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let mut total = 0.0;
+    for (name, c, hw, k, pad) in layers {
+        let p = Conv2d::new([n, c, hw, hw], k, [3, 3], [1, 1], pad).expect("valid layer");
+        let x = data(1, p.x_len());
+        let w = data(2, p.w_len());
+        let bias = data(3, p.k);
+        let dy = data(4, p.y_len());
+        let mut y = vec![0.0f32; p.y_len()];
+        let mut dx = vec![0.0f32; p.x_len()];
+        let mut dw = vec![0.0f32; p.w_len()];
+        let mut times = vec![Vec::new(); 3];
+        for round in 0..=rounds {
+            for (pass, t) in times.iter_mut().enumerate() {
+                let t0 = Instant::now();
+                match pass {
+                    0 => conv::forward(&p, &x, &w, Some(&bias), Activation::RELU, &mut y),
+                    1 => conv::backward_data(&p, &dy, &w, &mut dx),
+                    _ => conv::backward_filter(&p, &x, &dy, &mut dw),
+                }
+                .unwrap();
+                // Round 0 warms up.
+                if round > 0 {
+                    t.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        for (pass, t) in ["fwd", "bwd_data", "bwd_filter"].iter().zip(&mut times) {
+            let med = median(t);
+            total += med;
+            println!(
+                "keras-cnn.{name}.b{n}.{pass:<10} {:9.3} ms {:6.1} GFLOP/s | best {:9.3} ms",
+                med * 1e3,
+                p.flops() / med / 1e9,
+                t[0] * 1e3
+            );
+        }
+    }
+    println!("sum of medians {:.3} ms", total * 1e3);
+}

@@ -61,6 +61,9 @@
 //! time, host overhead and the per-batch upload included, as a user sees
 //! it (`fit` synchronizes at the end of its epoch). The CPU versions are in
 //! `benches/step_cpu.rs`; PyTorch's in `benches/pytorch_baseline.py`.
+//! `gpu_step_graph`: the keras-cnn step at batch 32 replayed from one CUDA
+//! graph beside the same steps launched op by op (`--no-cuda-graph`), 50
+//! steps per fit call; run it with the filter `gpu_step_graph`.
 
 mod common;
 
@@ -1685,6 +1688,64 @@ fn training_steps(c: &mut Criterion, env: &Env) {
             b.iter(|| {
                 m.fit(&x, Targets::Dense(&y), nets::one_epoch(batch))
                     .unwrap()
+            })
+        });
+    }
+    g.finish();
+    captured_steps(c, env);
+}
+
+/// Steps per fit call of the captured-vs-uncaptured rows: enough that the
+/// first (uncaptured) step and the one capture of each call are a few
+/// percent of it. On the emulated device a smoke run of 3.
+const CAPTURED_STEPS: usize = 50;
+
+/// `gpu_step_graph`: the keras-cnn training step at batch 32 replayed from
+/// one CUDA graph (`FitOptions::cuda_graph`, the default) beside the same
+/// steps with every op launched (`--no-cuda-graph`), `CAPTURED_STEPS` full
+/// batches per fit call (data resident on the device between steps, the
+/// batch uploaded into fixed buffers before each one). Throughput is in
+/// samples; the time per step is the time over `CAPTURED_STEPS`. Each call
+/// includes one uncaptured step and one capture, as every `fit` does.
+/// PyTorch's eager and CUDA-graph rows of the same step are
+/// `benches/pytorch_baseline.py --only step` (`keras-cnn.step.b32.rmsprop.
+/// {eager,graph}`).
+fn captured_steps(c: &mut Criterion, env: &Env) {
+    use kestrel::backend::GpuBackend;
+    use kestrel::train::Targets;
+    let mut g = c.benchmark_group("gpu_step_graph");
+    g.sample_size(10)
+        .warm_up_time(env.warm_up)
+        .measurement_time(env.measure);
+    let batch = 32;
+    let steps = if env.emulated { 3 } else { CAPTURED_STEPS };
+    for (mode, cuda_graph) in [("graph", true), ("direct", false)] {
+        let id = format!("keras-cnn.steps{CAPTURED_STEPS}.b{batch}.{mode}");
+        if !env.wanted("gpu_step_graph", &id) {
+            continue;
+        }
+        let backend = match GpuBackend::new(0) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("gpu_step_graph/{id}: the CUDA backend did not open ({e}); skipped");
+                continue;
+            }
+        };
+        if env.emulated {
+            println!("smoke gpu_step_graph/{id}: {steps} steps on the emulated device");
+        }
+        let mut m = nets::keras_cnn(backend);
+        let samples = batch * steps;
+        let x = data(1, samples * 3 * 32 * 32);
+        let y = one_hot(samples, 10);
+        g.throughput(Throughput::Elements(samples as u64));
+        g.bench_function(BenchmarkId::new("kestrel", &id), |b| {
+            b.iter(|| {
+                let opts = kestrel::train::FitOptions {
+                    cuda_graph,
+                    ..nets::one_epoch(batch)
+                };
+                m.fit(&x, Targets::Dense(&y), opts).unwrap()
             })
         });
     }

@@ -36,9 +36,9 @@ extern "C" __global__ void dropout_mask_only(Dropout p, unsigned char* __restric
     }
 }
 
-// y = x * (kept ? scale : 0), mask = kept.
-extern "C" __global__ void dropout_forward(Dropout p, float scale, const float* __restrict__ x, float* __restrict__ y,
-                                           unsigned char* __restrict__ mask) {
+// y = x * (kept ? scale : 0), mask = kept: the body of both forward entries.
+__device__ __forceinline__ void dropout_forward_body(const Dropout& p, float scale, const float* __restrict__ x,
+                                                     float* __restrict__ y, unsigned char* __restrict__ mask) {
     const u64 blocks = (p.len + 3) / 4;
     GRID_STRIDE(b, blocks) {
         const Philox4 w = dropout_words(p, b);
@@ -52,6 +52,22 @@ extern "C" __global__ void dropout_forward(Dropout p, float scale, const float* 
             }
         }
     }
+}
+
+extern "C" __global__ void dropout_forward(Dropout p, float scale, const float* __restrict__ x, float* __restrict__ y,
+                                           unsigned char* __restrict__ mask) {
+    dropout_forward_body(p, scale, x, y, mask);
+}
+
+// dropout_forward with the training step read from the device (clock[0] of
+// a kestrel::cuda::StepClock), so that a captured step draws fresh masks on
+// every replay: the offset is p.offset | (step << 16), the host's
+// layers::dropout_offset with p.offset holding the layer's index.
+extern "C" __global__ void dropout_forward_clocked(Dropout p, float scale, const u64* __restrict__ clock,
+                                                   const float* __restrict__ x, float* __restrict__ y,
+                                                   unsigned char* __restrict__ mask) {
+    p.offset |= clock[0] << 16;
+    dropout_forward_body(p, scale, x, y, mask);
 }
 
 // dx = dy * (mask != 0 ? scale : 0).

@@ -154,9 +154,9 @@ extern "C" __global__ void optim_clip_scales(float clipnorm, u32 per_tensor, con
 // The update of every element of every tensor; blocks grid-strided over the
 // chunks. With use_scales the clip scale of each tensor comes from scales[]
 // (written on the device by optim_clip_scales), else s.clip_scale.
-extern "C" __global__ void optim_update(StepScalars s, u32 use_scales, const float* __restrict__ scales,
-                                        const OptTensor* __restrict__ tensors, const u32* __restrict__ chunk_tensor,
-                                        u64 chunks, u64 chunk) {
+__device__ __forceinline__ void update_chunks(const StepScalars& s, u32 use_scales, const float* __restrict__ scales,
+                                              const OptTensor* __restrict__ tensors,
+                                              const u32* __restrict__ chunk_tensor, u64 chunks, u64 chunk) {
     for (u64 k = blockIdx.x; k < chunks; k += gridDim.x) {
         const u32 ti = chunk_tensor[k];
         const OptTensor t = tensors[ti];
@@ -173,4 +173,26 @@ extern "C" __global__ void optim_update(StepScalars s, u32 use_scales, const flo
             if (t.slot1 != nullptr) t.slot1[i] = s1;
         }
     }
+}
+
+extern "C" __global__ void optim_update(StepScalars s, u32 use_scales, const float* __restrict__ scales,
+                                        const OptTensor* __restrict__ tensors, const u32* __restrict__ chunk_tensor,
+                                        u64 chunks, u64 chunk) {
+    update_chunks(s, use_scales, scales, tensors, chunk_tensor, chunks, chunk);
+}
+
+// optim_update for a captured step: the iteration-dependent scalars come
+// from row clock[1] of lr_rows ([rows][2]: lr_t, adam_step, formed on the
+// host by Optimizer::scalars for each step of the epoch, so they are the
+// uncaptured step's bits), the rest of `s` is the same every step.
+// clock is a kestrel::cuda::StepClock (clock[1]: the step's row).
+extern "C" __global__ void optim_update_clocked(StepScalars s, const u64* __restrict__ clock,
+                                                const float* __restrict__ lr_rows, u32 use_scales,
+                                                const float* __restrict__ scales,
+                                                const OptTensor* __restrict__ tensors,
+                                                const u32* __restrict__ chunk_tensor, u64 chunks, u64 chunk) {
+    const u64 row = clock[1];
+    s.lr_t = lr_rows[2 * row];
+    s.adam_step = lr_rows[2 * row + 1];
+    update_chunks(s, use_scales, scales, tensors, chunk_tensor, chunks, chunk);
 }

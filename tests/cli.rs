@@ -781,3 +781,33 @@ fn progress_keeps_the_keras_look() {
         "{frame:?}"
     );
 }
+
+/// `--no-cuda-graph` is accepted and, on the CPU (which never captures
+/// steps), changes nothing: the same test metrics as without it.
+#[test]
+fn no_cuda_graph_changes_nothing_on_the_cpu() {
+    let d = tmpdir("no-cuda-graph");
+    let cfg = small_config(&d);
+    let run = |dir: &str, extra: &[&str]| {
+        let out = d.join(dir);
+        let mut args = vec![
+            "train",
+            &cfg,
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let o = kestrel(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        stdout(&o)
+    };
+    let with_graph = run("default", &[]);
+    let without = run("no-graph", &["--no-cuda-graph"]);
+    assert!(!with_graph.trim().is_empty(), "no test metrics printed");
+    assert_eq!(with_graph, without);
+}

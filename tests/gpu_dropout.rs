@@ -113,3 +113,43 @@ fn errors_name_the_op() {
         &["rate"],
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// The clocked forward (the step read from a device `StepClock`, as a
+    /// captured training step runs it) gives the CPU's mask and values for
+    /// the offset `layer | step << 16` (the training loop's
+    /// `dropout_offset`), for steps with high bits set; a layer offset
+    /// above 16 bits is refused.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn clocked_forward_matches_cpu_at_the_clock_step(len in prop_oneof![1usize..9, dim(5000)],
+                                                     rate in 0.0f32..0.999, seed: u64,
+                                                     layer in 0u64..0x1_0000,
+                                                     step in prop_oneof![0u64..4, 0u64..(1u64 << 48)]) {
+        let gpu = gpu();
+        let mut clock = kestrel::cuda::StepClock::new(&gpu, 1).unwrap();
+        clock.set(&gpu, step, 0).unwrap();
+        let x = data(seed ^ 9, len, -4.0, 4.0);
+        let want_p = Dropout::new(len, rate, seed, layer | (step << 16)).unwrap();
+        let (mut y, mut mask) = (vec![0.0; len], vec![0u8; len]);
+        cpu::forward(&want_p, &x, &mut y, &mut mask).unwrap();
+
+        let p = Dropout::new(len, rate, seed, layer).unwrap();
+        let xd = gpu.upload(&x).unwrap();
+        let mut yd = poisoned(&gpu, len);
+        let mut md = gpu.upload(&vec![0xAAu8; len]).unwrap();
+        cuda::forward_clocked(&gpu, &p, &clock, &xd.as_view(), &mut yd.as_view_mut(), &mut md.as_view_mut()).unwrap();
+        prop_assert_eq!(gpu.download(&md).unwrap(), mask);
+        let r = same_bits(&gpu.download(&yd).unwrap(), &y);
+        prop_assert!(r.is_ok(), "dropout.forward_clocked {}", r.unwrap_err());
+
+        let bad = Dropout::new(len, rate, seed, layer | 0x1_0000).unwrap();
+        assert_err_mentions(
+            cuda::forward_clocked(&gpu, &bad, &clock, &xd.as_view(), &mut yd.as_view_mut(), &mut md.as_view_mut()),
+            "dropout.forward_clocked",
+            &["offset", "65536"],
+        );
+    }
+}

@@ -52,6 +52,9 @@ impl Backend for CpuBackend {
     type BufU8 = Vec<u8>;
     type OptState = OptimizerState;
     type Scalars = Vec<f64>;
+    // The CPU runs every step directly: nothing to capture.
+    type StepClock = std::convert::Infallible;
+    type StepGraph = std::convert::Infallible;
 
     fn name(&self) -> String {
         "cpu".to_string()
@@ -423,6 +426,9 @@ impl Backend for CpuBackend {
         let mut p: Vec<&mut [f32]> = params.iter_mut().map(|v| v.as_mut_slice()).collect();
         let g: Vec<&[f32]> = grads.iter().map(|v| v.as_slice()).collect();
         optim::cpu::step(opt, state, &mut p, &g)
+    }
+    fn opt_state_set_iterations(&self, state: &mut OptimizerState, iterations: u64) {
+        state.set_iterations(iterations);
     }
     fn opt_state_iterations(&self, state: &OptimizerState) -> u64 {
         state.iterations()

@@ -24,13 +24,14 @@
 //!   created here once and grown (never shrunk) to the largest parameters
 //!   seen, so a training step allocates nothing for these ops.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use super::cpu::gather;
 use super::{Backend, check_scalar_slot, check_scalars_count};
-use crate::cuda::CudaBackend;
+use crate::cuda::{CapturedGraph, CudaBackend, StepClock};
 use crate::error::{Result, check_len};
 use crate::ops::activation::{self, Activation, Softmax};
 use crate::ops::batchnorm::cuda::BatchNormScratch;
@@ -118,9 +119,33 @@ pub struct GpuBackend {
     bias_scratch: Mutex<Option<Box<BiasScratch>>>,
     /// The losses' and metrics' scratch (grown, never shrunk).
     loss_scratch: Mutex<Option<Box<LossScratch>>>,
+    /// Host-side staging and bookkeeping (boxed, so that `AnyBackend`'s
+    /// GPU variant stays small).
+    host: Box<HostSide>,
+}
+
+/// The host-side state of a [`GpuBackend`]: the batch gathers' staging and
+/// the captured steps' counters.
+#[derive(Debug, Default)]
+struct HostSide {
     /// Host staging for the batch gathers.
     staging_f32: Mutex<Vec<f32>>,
     staging_u32: Mutex<Vec<u32>>,
+    /// Bumped whenever a cached scratch buffer is (re)allocated: a step
+    /// graph captured before then holds the freed buffer's address.
+    scratch_generation: AtomicU64,
+    /// Captured steps replayed so far.
+    replays: AtomicU64,
+    /// Nodes of the step graph recorded last (0: none yet).
+    graph_nodes: AtomicU64,
+}
+
+/// A training step recorded on a [`GpuBackend`], with the scratch
+/// generation it was recorded against.
+#[derive(Debug)]
+pub struct GpuStepGraph {
+    graph: CapturedGraph,
+    generation: u64,
 }
 
 impl std::fmt::Debug for GpuBackend {
@@ -153,8 +178,7 @@ impl GpuBackend {
             bn_scratch: Mutex::new(None),
             bias_scratch: Mutex::new(None),
             loss_scratch: Mutex::new(None),
-            staging_f32: Mutex::new(Vec::new()),
-            staging_u32: Mutex::new(Vec::new()),
+            host: Box::default(),
         }
     }
 
@@ -215,6 +239,7 @@ impl GpuBackend {
         let mut guard = lock(&self.conv_ws);
         if guard.as_ref().is_none_or(|ws| ws.len() < need) {
             *guard = None; // free the smaller one first
+            self.scratch_moved();
             // SAFETY: the conv passes write what they read of the workspace
             // first (im2col or a beta = 0 GEMM; beta = 0 partial products).
             let ws = unsafe { self.gpu.stream().alloc::<f32>(need) }
@@ -241,6 +266,7 @@ impl GpuBackend {
                 .map_or(BatchNormScratch::lens(p), |s| {
                     s.capacity().max(BatchNormScratch::lens(p))
                 });
+            self.scratch_moved();
             *guard = Some(Box::new(BatchNormScratch::with_lens(&self.gpu, lens)?));
         }
         f(guard.as_mut().expect("allocated above"))
@@ -256,6 +282,7 @@ impl GpuBackend {
         let mut guard = lock(&self.bias_scratch);
         if guard.as_ref().is_none_or(|s| s.len() < need) {
             *guard = None; // free the smaller one first
+            self.scratch_moved();
             *guard = Some(Box::new(BiasScratch::with_len(&self.gpu, need)?));
         }
         f(guard.as_mut().expect("allocated above"))
@@ -271,9 +298,30 @@ impl GpuBackend {
                 .map_or(LossScratch::lens(p), |s| {
                     s.capacity().max(LossScratch::lens(p))
                 });
+            self.scratch_moved();
             *guard = Some(Box::new(LossScratch::with_lens(&self.gpu, lens)?));
         }
         Ok(LossScratchGuard(guard))
+    }
+
+    /// Captured training steps replayed on this backend so far (`fit`
+    /// replays one per full batch after the first, unless
+    /// [`crate::train::FitOptions::cuda_graph`] is off).
+    pub fn step_replays(&self) -> u64 {
+        self.host.replays.load(Ordering::Relaxed)
+    }
+
+    /// The nodes (kernel launches and copies) of the training step this
+    /// backend recorded last, 0 before any: the launches one replay stands
+    /// for.
+    pub fn step_graph_nodes(&self) -> u64 {
+        self.host.graph_nodes.load(Ordering::Relaxed)
+    }
+
+    /// Records that a cached scratch buffer moves (see
+    /// `scratch_generation`).
+    fn scratch_moved(&self) {
+        self.host.scratch_generation.fetch_add(1, Ordering::Relaxed);
     }
 
     fn slot<'a>(
@@ -293,6 +341,8 @@ impl Backend for GpuBackend {
     type BufU8 = GpuBuf<u8>;
     type OptState = CudaOptimizerState;
     type Scalars = GpuScalars;
+    type StepClock = StepClock;
+    type StepGraph = GpuStepGraph;
 
     fn name(&self) -> String {
         let i = self.gpu.info();
@@ -323,7 +373,7 @@ impl Backend for GpuBackend {
         rows: &[usize],
         dst: &mut GpuBuf<f32>,
     ) -> Result<()> {
-        let mut staging = lock(&self.staging_f32);
+        let mut staging = lock(&self.host.staging_f32);
         staging.resize(dst.len(), 0.0);
         gather("upload_rows", src, row_len, rows, &mut staging)?;
         self.upload_into(&staging, dst)
@@ -335,7 +385,7 @@ impl Backend for GpuBackend {
         rows: &[usize],
         dst: &mut GpuBuf<u32>,
     ) -> Result<()> {
-        let mut staging = lock(&self.staging_u32);
+        let mut staging = lock(&self.host.staging_u32);
         staging.resize(dst.len(), 0);
         gather("upload_rows", src, row_len, rows, &mut staging)?;
         self.upload_into(&staging, dst)
@@ -417,6 +467,7 @@ impl Backend for GpuBackend {
         let mut guard = lock(&self.gemm_ws);
         if guard.as_ref().is_none_or(|ws| ws.len() < need) {
             *guard = None; // free the smaller one first
+            self.scratch_moved();
             // SAFETY: split-K writes every float of its slabs before the
             // reduction reads them.
             let ws = unsafe { self.gpu.stream().alloc::<f32>(need) }
@@ -849,6 +900,9 @@ impl Backend for GpuBackend {
         let g: Vec<CudaView<'_, f32>> = grads.iter().map(|b| b.view()).collect();
         optim::cuda::step(&self.gpu, opt, state, &mut p, &g)
     }
+    fn opt_state_set_iterations(&self, state: &mut CudaOptimizerState, iterations: u64) {
+        state.set_iterations(iterations);
+    }
     fn opt_state_iterations(&self, state: &CudaOptimizerState) -> u64 {
         state.iterations()
     }
@@ -865,5 +919,86 @@ impl Backend for GpuBackend {
         state: &OptimizerState,
     ) -> Result<CudaOptimizerState> {
         CudaOptimizerState::upload(&self.gpu, opt, state)
+    }
+
+    fn captures_steps(&self) -> bool {
+        true
+    }
+    fn step_clock_new(&self, rows: usize) -> Result<StepClock> {
+        StepClock::new(&self.gpu, rows)
+    }
+    fn step_clock_set(&self, clock: &mut StepClock, step: u64, row: u64) -> Result<()> {
+        clock.set(&self.gpu, step, row)
+    }
+    fn step_clock_set_lr_rows(&self, clock: &mut StepClock, rows: &[[f32; 2]]) -> Result<()> {
+        clock.set_lr_rows(&self.gpu, rows)
+    }
+    fn step_clock_tick(
+        &self,
+        clock: &mut StepClock,
+        step_row: &GpuScalars,
+        results: &mut GpuScalars,
+    ) -> Result<()> {
+        clock.tick(
+            &self.gpu,
+            &step_row.sums.view(),
+            &mut results.sums.view_mut(),
+        )?;
+        // Every row the graph writes takes the step row's divisors (a row
+        // written later by an uncaptured step sets its own again).
+        let width = step_row.divisors.len();
+        for row in results.divisors.chunks_mut(width) {
+            row.copy_from_slice(&step_row.divisors[..row.len()]);
+        }
+        Ok(())
+    }
+    fn dropout_forward_clocked(
+        &self,
+        p: &Dropout,
+        clock: &StepClock,
+        x: &GpuBuf<f32>,
+        y: &mut GpuBuf<f32>,
+        mask: &mut GpuBuf<u8>,
+    ) -> Result<()> {
+        dropout::cuda::forward_clocked(
+            &self.gpu,
+            p,
+            clock,
+            &x.view(),
+            &mut y.view_mut(),
+            &mut mask.view_mut(),
+        )
+    }
+    fn optimizer_step_clocked(
+        &self,
+        opt: &Optimizer,
+        state: &mut CudaOptimizerState,
+        clock: &StepClock,
+        params: &mut [&mut GpuBuf<f32>],
+        grads: &[&GpuBuf<f32>],
+    ) -> Result<()> {
+        let mut p: Vec<CudaViewMut<'_, f32>> = params.iter_mut().map(|b| b.view_mut()).collect();
+        let g: Vec<CudaView<'_, f32>> = grads.iter().map(|b| b.view()).collect();
+        optim::cuda::step_clocked(&self.gpu, opt, state, clock, &mut p, &g)
+    }
+    fn step_capture_begin(&self) -> Result<()> {
+        self.gpu.begin_capture()
+    }
+    fn step_capture_end(&self) -> Result<GpuStepGraph> {
+        let graph = self.gpu.end_capture()?;
+        let nodes = self.gpu.graph_nodes(&graph)?;
+        self.host.graph_nodes.store(nodes as u64, Ordering::Relaxed);
+        Ok(GpuStepGraph {
+            graph,
+            generation: self.host.scratch_generation.load(Ordering::Relaxed),
+        })
+    }
+    fn step_graph_current(&self, g: &GpuStepGraph) -> bool {
+        g.generation == self.host.scratch_generation.load(Ordering::Relaxed)
+    }
+    fn step_replay(&self, g: &GpuStepGraph) -> Result<()> {
+        self.gpu.replay(&g.graph)?;
+        self.host.replays.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }

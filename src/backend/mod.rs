@@ -28,7 +28,7 @@ pub mod cuda;
 mod select;
 
 pub use cpu::CpuBackend;
-pub use cuda::{GpuBackend, GpuBuf, GpuScalars};
+pub use cuda::{GpuBackend, GpuBuf, GpuScalars, GpuStepGraph};
 pub use select::{AnyBackend, DeviceChoice, select};
 
 use crate::error::{Error, Result};
@@ -41,6 +41,15 @@ use crate::ops::gemm::{Bias, Gemm};
 use crate::ops::loss::LossParams;
 use crate::ops::optim::{Optimizer, OptimizerState};
 use crate::ops::pool::MaxPool2d;
+
+/// The error of a capture method on a backend that does not capture steps.
+fn no_capture(backend: String, op: &'static str) -> Error {
+    Error::invalid(
+        op,
+        "backend",
+        format!("{backend} does not capture training steps"),
+    )
+}
 
 /// Rejects a scalar slot outside a buffer of `len` results.
 pub(crate) fn check_scalar_slot(len: usize, slot: usize) -> Result<()> {
@@ -97,6 +106,13 @@ pub trait Backend {
     /// f64 results (batch losses and metric sums) where the backend keeps
     /// them until [`Backend::scalars_read`].
     type Scalars;
+    /// The device-resident per-step counters a captured training step reads
+    /// ([`crate::cuda::StepClock`] on CUDA; a backend that does not capture
+    /// steps has none: an uninhabited type).
+    type StepClock;
+    /// A recorded training step (a CUDA graph on CUDA; uninhabited where
+    /// steps are not captured).
+    type StepGraph;
 
     /// A short name for messages ("cpu", "cuda:0 (H100)").
     fn name(&self) -> String;
@@ -402,6 +418,96 @@ pub trait Backend {
         slot: usize,
     ) -> Result<()>;
 
+    /// Sets the optimizer's step counter (`iterations`) without running a
+    /// step: a captured step's replays advance the device's clock, and the
+    /// fit loop keeps the host's count with this.
+    fn opt_state_set_iterations(&self, state: &mut Self::OptState, iterations: u64);
+
+    // ---- Captured training steps (see `crate::train`'s module docs). A
+    // backend that cannot capture keeps the defaults: not supported, and
+    // every capture method an error naming the backend.
+
+    /// Whether this backend records a training step once and replays it
+    /// (CUDA graphs); `fit` runs every step directly otherwise.
+    fn captures_steps(&self) -> bool {
+        false
+    }
+    /// A step clock for epochs of up to `rows` steps, at step 0, row 0.
+    fn step_clock_new(&self, rows: usize) -> Result<Self::StepClock> {
+        let _ = rows;
+        Err(no_capture(self.name(), "step_clock_new"))
+    }
+    /// Sets the clock to training step `step` and row `row` of the epoch
+    /// (outside a capture).
+    fn step_clock_set(&self, clock: &mut Self::StepClock, step: u64, row: u64) -> Result<()> {
+        let _ = (clock, step, row);
+        Err(no_capture(self.name(), "step_clock_set"))
+    }
+    /// Sets the clock's learning-rate rows, `(lr_t, adam_step)` of each step
+    /// of the epoch (outside a capture).
+    fn step_clock_set_lr_rows(&self, clock: &mut Self::StepClock, rows: &[[f32; 2]]) -> Result<()> {
+        let _ = (clock, rows);
+        Err(no_capture(self.name(), "step_clock_set_lr_rows"))
+    }
+    /// Copies `step_row` into row `clock.row` of `results` (rows of
+    /// `step_row`'s length) and advances the clock's step and row, on the
+    /// device: the last op of a captured step.
+    fn step_clock_tick(
+        &self,
+        clock: &mut Self::StepClock,
+        step_row: &Self::Scalars,
+        results: &mut Self::Scalars,
+    ) -> Result<()> {
+        let _ = (clock, step_row, results);
+        Err(no_capture(self.name(), "step_clock_tick"))
+    }
+    /// [`Backend::dropout_forward`] with the Philox offset's step read from
+    /// `clock` (`p.offset` holds the layer's index alone).
+    fn dropout_forward_clocked(
+        &self,
+        p: &Dropout,
+        clock: &Self::StepClock,
+        x: &Self::Buf,
+        y: &mut Self::Buf,
+        mask: &mut Self::BufU8,
+    ) -> Result<()> {
+        let _ = (p, clock, x, y, mask);
+        Err(no_capture(self.name(), "dropout_forward_clocked"))
+    }
+    /// [`Backend::optimizer_step`] with the iteration-dependent scalars
+    /// taken from `clock`'s learning-rate row; leaves `iterations` alone.
+    fn optimizer_step_clocked(
+        &self,
+        opt: &Optimizer,
+        state: &mut Self::OptState,
+        clock: &Self::StepClock,
+        params: &mut [&mut Self::Buf],
+        grads: &[&Self::Buf],
+    ) -> Result<()> {
+        let _ = (opt, state, clock, params, grads);
+        Err(no_capture(self.name(), "optimizer_step_clocked"))
+    }
+    /// Starts recording the ops issued from now on (they do not run).
+    fn step_capture_begin(&self) -> Result<()> {
+        Err(no_capture(self.name(), "step_capture_begin"))
+    }
+    /// Ends the recording into a step graph (call it also when the ops in
+    /// between failed, so the backend stops recording).
+    fn step_capture_end(&self) -> Result<Self::StepGraph> {
+        Err(no_capture(self.name(), "step_capture_end"))
+    }
+    /// Whether `g` still refers to the backend's current scratch buffers
+    /// (a scratch that grew since the capture moved, and the graph would
+    /// use the freed one): replay only a current graph.
+    fn step_graph_current(&self, g: &Self::StepGraph) -> bool {
+        let _ = g;
+        false
+    }
+    /// Enqueues one replay of `g`.
+    fn step_replay(&self, g: &Self::StepGraph) -> Result<()> {
+        let _ = g;
+        Err(no_capture(self.name(), "step_replay"))
+    }
     /// A fresh optimizer state for parameter tensors of the given sizes.
     fn opt_state_new(&self, opt: &Optimizer, sizes: &[usize]) -> Result<Self::OptState>;
     /// One fused optimizer step over every trainable tensor.

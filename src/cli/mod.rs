@@ -67,6 +67,11 @@ pub enum Command {
         /// One line per epoch instead of the live progress bar.
         #[arg(long)]
         quiet: bool,
+        /// On CUDA, launch every op of every training step instead of
+        /// replaying one captured CUDA graph per full batch (same results;
+        /// for comparison and as a fallback). No effect on the CPU.
+        #[arg(long)]
+        no_cuda_graph: bool,
         /// Print result.json's contents on stdout at the end instead of the
         /// one line of test metrics.
         #[arg(long)]
@@ -140,6 +145,7 @@ pub fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             overwrite,
             stop_after,
             quiet,
+            no_cuda_graph,
             json,
         } => {
             let cfg = LoadedConfig::load(&config)?;
@@ -153,6 +159,7 @@ pub fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                 overwrite,
                 stop_after,
                 verbose: if quiet { 2 } else { 1 },
+                no_cuda_graph,
                 stop: stop.clone(),
             };
             let outcome = run::train(&cfg, &opts)?;

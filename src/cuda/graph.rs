@@ -38,14 +38,30 @@ impl CudaBackend {
     /// allocates is found here rather than replayed wrongly. When `f`
     /// fails, the capture is ended and discarded and `f`'s error returned.
     pub fn capture(&self, f: impl FnOnce(&CudaBackend) -> Result<()>) -> Result<CapturedGraph> {
-        let stream = self.stream();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| self.error("cuStreamBeginCapture", e))?;
+        self.begin_capture()?;
         let r = f(self);
         // End the capture whatever `f` did, so the stream is usable again.
-        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        let ended = self.end_capture();
         r?;
+        ended
+    }
+
+    /// Starts recording this handle's stream (thread-local mode, as
+    /// [`CudaBackend::capture`]); for callers whose recorded work cannot sit
+    /// in one closure (the training loop's step borrows the model).
+    /// Every `begin_capture` must be followed by [`CudaBackend::end_capture`],
+    /// also when the work in between failed, or the stream stays capturing.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.stream()
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| self.error("cuStreamBeginCapture", e))
+    }
+
+    /// Ends the recording [`CudaBackend::begin_capture`] started and
+    /// instantiates its graph (an error if the capture was invalidated by an
+    /// illegal call in between, or recorded nothing).
+    pub fn end_capture(&self) -> Result<CapturedGraph> {
+        let ended = self.stream().end_capture(CUgraphInstantiate_flags(0));
         match ended.map_err(|e| self.error("cuStreamEndCapture", e))? {
             Some(graph) => Ok(CapturedGraph { graph }),
             None => Err(self.error(
@@ -53,6 +69,23 @@ impl CudaBackend {
                 Error::invalid("capture", "graph", "the capture recorded no graph"),
             )),
         }
+    }
+
+    /// The number of nodes (launches, copies, memsets) `g` holds: what one
+    /// replay saves in per-launch host overhead.
+    pub fn graph_nodes(&self, g: &CapturedGraph) -> Result<usize> {
+        let mut count = 0usize;
+        // SAFETY: a live graph (owned by `g`), no node array: the driver
+        // only writes the count.
+        let r = unsafe {
+            cudarc::driver::sys::cuGraphGetNodes(
+                g.graph.cu_graph(),
+                std::ptr::null_mut(),
+                &mut count,
+            )
+        };
+        r.result().map_err(|e| self.error("cuGraphGetNodes", e))?;
+        Ok(count)
     }
 
     /// Enqueues one replay of `g` on this handle's stream (returns without

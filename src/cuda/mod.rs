@@ -10,10 +10,12 @@
 
 mod graph;
 mod modules;
+mod step_clock;
 mod versions;
 
 pub use graph::CapturedGraph;
 pub use modules::*;
+pub use step_clock::StepClock;
 pub use versions::KernelVersion;
 
 use std::collections::HashMap;

@@ -129,6 +129,7 @@ modules! {
     POOL => "pool",
     LOSS => "loss",
     OPTIM => "optim",
+    STEP_CLOCK => "step_clock",
     CONV => "conv",
     CONV_IMPLICIT => "conv_implicit",
     GEMM => "gemm",

@@ -504,18 +504,23 @@ pub(crate) struct Mode {
 }
 
 /// The Philox offset of a dropout call: the step in the high bits, the
-/// layer's index in the low 16, so no two calls share counters.
+/// layer's index in the low 16, so no two calls share counters (the
+/// clocked dropout kernel forms the same offset from the device's step,
+/// `kernels/dropout.cu`).
 pub(crate) fn dropout_offset(step: u64, layer: usize) -> u64 {
     (step << 16) | (layer as u64 & 0xffff)
 }
 
-/// Runs every layer on `ws.acts[0]` (already uploaded).
+/// Runs every layer on `ws.acts[0]` (already uploaded). With a `clock`
+/// (a step being captured), dropout reads the step from the clock on the
+/// device instead of taking `mode.step` by value.
 pub(crate) fn forward<B: Backend>(
     backend: &B,
     layers: &mut [Layer<B>],
     plan: &Plan,
     ws: &mut Workspace<B>,
     mode: Mode,
+    clock: Option<&B::StepClock>,
 ) -> Result<()> {
     let n = ws.n;
     let last = layers.len().saturating_sub(1);
@@ -600,13 +605,28 @@ pub(crate) fn forward<B: Backend>(
             }
             Kind::Dropout { rate } => match (&mut sc.mask, mode.training) {
                 (Some(mask), true) => {
-                    let p = DropoutOp::new(
-                        n * layer.out_len(),
-                        *rate,
-                        mode.dropout_seed,
-                        dropout_offset(mode.step, i),
-                    )?;
-                    backend.dropout_forward(&p, x, y, mask)?;
+                    let len = n * layer.out_len();
+                    match clock {
+                        None => {
+                            let p = DropoutOp::new(
+                                len,
+                                *rate,
+                                mode.dropout_seed,
+                                dropout_offset(mode.step, i),
+                            )?;
+                            backend.dropout_forward(&p, x, y, mask)?;
+                        }
+                        Some(c) => {
+                            // The step's bits come from the clock.
+                            let p = DropoutOp::new(
+                                len,
+                                *rate,
+                                mode.dropout_seed,
+                                dropout_offset(0, i),
+                            )?;
+                            backend.dropout_forward_clocked(&p, c, x, y, mask)?;
+                        }
+                    }
                 }
                 _ => backend.copy_f32(x, y)?,
             },

@@ -17,6 +17,7 @@ mod model;
 mod rng;
 pub(crate) mod weights_io;
 
+pub(crate) use layers::Mode;
 pub use model::{ParamInfo, Sequential};
 pub use rng::Rng;
 pub(crate) use weights_io::atomic_write;

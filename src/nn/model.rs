@@ -337,7 +337,26 @@ impl<B: Backend> Sequential<B> {
     /// Forward pass over workspace `wi` (input already in `acts[0]`).
     pub(crate) fn run_forward(&mut self, wi: usize, mode: Mode) -> Result<()> {
         let ws = &mut self.workspaces[wi];
-        layers::forward(&self.backend, &mut self.layers, &self.plan, ws, mode)
+        layers::forward(&self.backend, &mut self.layers, &self.plan, ws, mode, None)
+    }
+
+    /// [`Sequential::run_forward`] for a step being captured: dropout reads
+    /// its step from `clock` on the device.
+    pub(crate) fn run_forward_clocked(
+        &mut self,
+        wi: usize,
+        mode: Mode,
+        clock: &B::StepClock,
+    ) -> Result<()> {
+        let ws = &mut self.workspaces[wi];
+        layers::forward(
+            &self.backend,
+            &mut self.layers,
+            &self.plan,
+            ws,
+            mode,
+            Some(clock),
+        )
     }
 
     /// Backward pass over workspace `wi` (the loss gradient already in the

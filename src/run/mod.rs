@@ -79,6 +79,10 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
     /// fit's verbosity (1: progress bar).
     pub verbose: u8,
+    /// `--no-cuda-graph`: launch every op of every training step instead of
+    /// replaying one captured CUDA graph per full batch (the same results;
+    /// see [`crate::train::FitOptions::cuda_graph`]). No effect on the CPU.
+    pub no_cuda_graph: bool,
     /// Set it to stop at the end of the current epoch, after the checkpoint
     /// (the Ctrl-C handler sets it).
     pub stop: Arc<AtomicBool>,
@@ -1103,6 +1107,7 @@ fn train_on<B: Backend>(
                 } else {
                     None
                 },
+                cuda_graph: !opts.no_cuda_graph,
             };
             let r = model.fit(&data.train.x, y_train.as_targets(), fit_opts);
             (r, cb.interrupted)

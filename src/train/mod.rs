@@ -19,8 +19,15 @@
 //!   and the batch. [`FitOptions::batch_transform`] may change each
 //!   gathered training batch on the host before it is uploaded (data
 //!   augmentation).
+//! - On CUDA, every full-batch training step after an epoch's first is one
+//!   replay of a CUDA graph recorded once per epoch (forward, loss, backward and
+//!   the optimizer update; the per-step values live in device memory);
+//!   the last partial batch and evaluation run uncaptured. The same bits
+//!   as launching every op ([`FitOptions::cuda_graph`] = false); the
+//!   CPU backend always runs steps directly.
 
 mod callbacks;
+mod captured;
 mod checkpoint;
 mod progress;
 
@@ -36,6 +43,7 @@ use crate::nn::{Act, Sequential};
 use crate::ops::activation::{Activation as OpAct, Softmax};
 use crate::ops::loss::LossParams;
 use crate::ops::optim::Optimizer;
+use captured::CapturedStep;
 use progress::Progress;
 
 /// Gradients by tensor name, as [`Sequential::compute_gradients`] returns them.
@@ -177,6 +185,12 @@ pub struct FitOptions<'a, B: Backend> {
     /// row-major, which it may change in place. `None`: the batch goes
     /// straight from `x` into the backend's buffer.
     pub batch_transform: Option<&'a mut BatchTransform<'a>>,
+    /// On a backend that captures steps (CUDA), record the full-batch
+    /// training step once in a CUDA graph and replay it for every full
+    /// batch (`true` by default; the results are the same bits either way,
+    /// see the module docs). `false`: launch every op of every step
+    /// (`kestrel train --no-cuda-graph`).
+    pub cuda_graph: bool,
 }
 
 impl<B: Backend> Default for FitOptions<'_, B> {
@@ -191,6 +205,7 @@ impl<B: Backend> Default for FitOptions<'_, B> {
             verbose: 1,
             summary: true,
             batch_transform: None,
+            cuda_graph: true,
         }
     }
 }
@@ -619,8 +634,17 @@ impl<B: Backend> Sequential<B> {
         let width = 1 + names.len();
         let mut results = self.backend.scalars_new(steps * width)?;
         let defer = self.backend.defers_scalars();
+        // Only full batches replay the graph: without one, nothing to record.
+        let mut captured = if opts.cuda_graph && self.backend.captures_steps() && n_train >= bs {
+            Some(CapturedStep::new(&self.backend, steps, width)?)
+        } else {
+            None
+        };
         for epoch in opts.initial_epoch..opts.epochs {
             progress.epoch_begin(epoch);
+            if let Some(cap) = captured.as_mut() {
+                self.captured_epoch_begin(cap, steps)?;
+            }
             for (i, v) in idx.iter_mut().enumerate() {
                 *v = i;
             }
@@ -653,23 +677,34 @@ impl<B: Backend> Sequential<B> {
                 }
                 self.upload_targets(wi, &y, rows)?;
                 let mode = self.mode(true, self.head() != Head::None);
-                self.run_forward(wi, mode)?;
-                self.loss_and_metrics(wi, true, &mut results, s * width)?;
-                sizes.push(n);
-                if !defer {
-                    // The loss is on the host already: stop before the
-                    // update, as Keras's TerminateOnNaN does.
-                    acc.absorb(
-                        &self.backend,
-                        &results,
-                        &sizes,
-                        width,
-                        &mut progress,
-                        (epoch, opts.epochs, steps),
-                    )?;
+                let replayed = match captured.as_mut() {
+                    Some(cap) if n == bs => self.captured_step(cap, wi, s, mode, &mut results)?,
+                    _ => false,
+                };
+                if replayed {
+                    sizes.push(n);
+                } else {
+                    self.run_forward(wi, mode)?;
+                    self.loss_and_metrics(wi, true, &mut results, s * width)?;
+                    sizes.push(n);
+                    if !defer {
+                        // The loss is on the host already: stop before the
+                        // update, as Keras's TerminateOnNaN does.
+                        acc.absorb(
+                            &self.backend,
+                            &results,
+                            &sizes,
+                            width,
+                            &mut progress,
+                            (epoch, opts.epochs, steps),
+                        )?;
+                    }
+                    self.run_backward(wi, mode)?;
+                    self.optimizer_step()?;
+                    if let Some(cap) = captured.as_mut() {
+                        cap.ran_uncaptured();
+                    }
                 }
-                self.run_backward(wi, mode)?;
-                self.optimizer_step()?;
                 self.step += 1;
                 if progress.wants_update() {
                     acc.absorb(
@@ -867,6 +902,13 @@ impl<B: Backend> Sequential<B> {
             loss,
             self.trainable_names().into_iter().zip(grads).collect(),
         ))
+    }
+
+    /// The optimizer's state on the host (step counter and slots, as a
+    /// checkpoint holds them; a copy from the device on a GPU).
+    pub fn optimizer_state(&self) -> Result<crate::ops::optim::OptimizerState> {
+        let c = self.compiled("optimizer_state")?;
+        self.backend.opt_state_download(&c.optimizer, &c.state)
     }
 
     /// The optimizer's step counter (`iterations` in Keras), 0 right after

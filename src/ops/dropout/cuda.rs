@@ -7,7 +7,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::Dropout;
-use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion};
+use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion, StepClock};
 use crate::error::Result;
 
 crate::kernel_versions! {
@@ -111,6 +111,58 @@ pub fn forward_with(
             .launch(blocks_config(gpu, p.len))
     };
     gpu.launched("dropout_forward", r)
+}
+
+/// [`forward`] with the training step read from the device: the Philox
+/// offset is `p.offset | clock.step << 16` (the training loop's
+/// `dropout_offset(step, layer)` with `p.offset` holding the layer), so a
+/// step captured in a CUDA graph draws the mask of the step its replay
+/// runs, as [`forward`] with that offset would (the same bits). `p.offset`
+/// must leave the upper 48 bits free for the step.
+pub fn forward_clocked(
+    gpu: &CudaBackend,
+    p: &Dropout,
+    clock: &StepClock,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, f32>,
+    mask: &mut CudaViewMut<'_, u8>,
+) -> Result<()> {
+    let kernel = select(p, gpu.info());
+    kernel.require(gpu)?;
+    p.check(
+        "dropout.forward_clocked",
+        &[("x", x.len()), ("y", y.len()), ("mask", mask.len())],
+    )?;
+    if p.offset >> 16 != 0 {
+        return Err(crate::error::Error::invalid(
+            "dropout.forward_clocked",
+            "offset",
+            format!(
+                "{:#x} uses the bits above 16 that the device step fills (expected the layer \
+                 index alone, below 65536)",
+                p.offset
+            ),
+        ));
+    }
+    if p.len == 0 {
+        return Ok(());
+    }
+    let scale = p.scale();
+    let f = gpu.function(kernel.module(), "dropout_forward_clocked")?;
+    // SAFETY: x, y and mask hold p.len elements (checked); the clock holds
+    // its two counters; the kernel touches indices below p.len only.
+    let r = unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(p)
+            .arg(&scale)
+            .arg(clock.counters())
+            .arg(x)
+            .arg(y)
+            .arg(mask)
+            .launch(blocks_config(gpu, p.len))
+    };
+    gpu.launched("dropout_forward_clocked", r)
 }
 
 /// `dx = dy * scale` where `mask` is nonzero, `dy * 0.0` elsewhere; `dx`

@@ -18,7 +18,9 @@
 //! trees), then one block sums them per tensor in chunk order and, for the
 //! global norm, over tensors in a fixed tree, and writes each tensor's scale
 //! for the update kernel. The iteration-dependent scalars (`lr_t`, Adam's
-//! step) come from [`Optimizer::scalars`] on the host and go by value.
+//! step) come from [`Optimizer::scalars`] on the host and go by value, or,
+//! in a step captured in a CUDA graph ([`step_clocked`]), from a row of a
+//! device table the host fills with the same values once per epoch.
 //! No float atomics: the same inputs give the same bits.
 
 use cudarc::driver::{
@@ -27,7 +29,7 @@ use cudarc::driver::{
 };
 
 use super::{Optimizer, OptimizerKind, OptimizerState, StepScalars};
-use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion};
+use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion, StepClock};
 use crate::error::{Error, Result, check_len};
 
 crate::kernel_versions! {
@@ -338,6 +340,51 @@ pub fn step_with(
     params: &mut [CudaViewMut<'_, f32>],
     grads: &[CudaView<'_, f32>],
 ) -> Result<()> {
+    launch_step(gpu, kernel, opt, state, params, grads, None)?;
+    state.iterations += 1;
+    Ok(())
+}
+
+/// [`step`] for a training step captured in a CUDA graph: the
+/// iteration-dependent scalars (`lr_t`, Adam's step) come from the row
+/// `clock` is at in its learning-rate table (which the caller fills with
+/// [`Optimizer::scalars`] of each step of the epoch), not from the host's
+/// `iterations`, so every replay of the recorded step applies its own
+/// step's rule with the uncaptured step's bits. Nothing is uploaded: the
+/// descriptor table must already describe these buffers (an uncaptured
+/// [`step`] on them writes it), else this is an error. The state's
+/// `iterations` is left alone: the caller advances it per replay
+/// ([`CudaOptimizerState::set_iterations`]).
+pub fn step_clocked(
+    gpu: &CudaBackend,
+    opt: &Optimizer,
+    state: &mut CudaOptimizerState,
+    clock: &StepClock,
+    params: &mut [CudaViewMut<'_, f32>],
+    grads: &[CudaView<'_, f32>],
+) -> Result<()> {
+    launch_step(
+        gpu,
+        select(opt, gpu.info()),
+        opt,
+        state,
+        params,
+        grads,
+        Some(clock),
+    )
+}
+
+/// The launches of one step; with a clock, the clocked update and no
+/// table upload.
+fn launch_step(
+    gpu: &CudaBackend,
+    kernel: OptimKernel,
+    opt: &Optimizer,
+    state: &mut CudaOptimizerState,
+    params: &mut [CudaViewMut<'_, f32>],
+    grads: &[CudaView<'_, f32>],
+    clock: Option<&StepClock>,
+) -> Result<()> {
     kernel.require(gpu)?;
     opt.validate()?;
     check_kind(opt, state.kind)?;
@@ -364,6 +411,17 @@ pub fn step_with(
     let ptrs: Vec<(u64, u64)> = guards.iter().map(|(p, g)| (p.0, g.0)).collect();
     let table = &mut state.table;
     refresh_table(&mut state.descs, &mut state.table_stale, &ptrs, |descs| {
+        if clock.is_some() {
+            // A capture must not copy from pageable memory (CUDA refuses
+            // it), and a table written at capture would not follow later
+            // moves anyway.
+            return Err(Error::invalid(
+                "optimizer.step_clocked",
+                "params",
+                "the descriptor table does not describe these buffers yet (run one uncaptured \
+                 step on them first)",
+            ));
+        }
         stream
             .memcpy_htod(descs, table)
             .map_err(|e| gpu.error("cuMemcpyHtoD", e))
@@ -417,26 +475,49 @@ pub fn step_with(
             };
             gpu.launched("optim_clip_scales", r)?;
         }
-        let f = gpu.function(kernel.module(), "optim_update")?;
-        // SAFETY: as for optim_sumsq; params are distinct `&mut` views, so no
-        // two tensors (and no gradient) alias a written element; slot1 is
-        // only dereferenced when non-null (Adam).
-        let r = unsafe {
-            stream
-                .launch_builder(&f)
-                .arg(&base)
-                .arg(&use_scales)
-                .arg(&state.scales)
-                .arg(&state.table)
-                .arg(&state.chunk_tensor)
-                .arg(&chunks)
-                .arg(&chunk)
-                .launch(chunk_config(gpu, state.chunks))
+        let r = match clock {
+            None => {
+                let f = gpu.function(kernel.module(), "optim_update")?;
+                // SAFETY: as for optim_sumsq; params are distinct `&mut`
+                // views, so no two tensors (and no gradient) alias a written
+                // element; slot1 is only dereferenced when non-null (Adam).
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(&base)
+                        .arg(&use_scales)
+                        .arg(&state.scales)
+                        .arg(&state.table)
+                        .arg(&state.chunk_tensor)
+                        .arg(&chunks)
+                        .arg(&chunk)
+                        .launch(chunk_config(gpu, state.chunks))
+                }
+            }
+            Some(clock) => {
+                let f = gpu.function(kernel.module(), "optim_update_clocked")?;
+                // SAFETY: as above; the clock holds its two counters and its
+                // row (below clock.rows(), the fit loop's invariant) indexes
+                // the 2 * rows learning-rate values.
+                unsafe {
+                    stream
+                        .launch_builder(&f)
+                        .arg(&base)
+                        .arg(clock.counters())
+                        .arg(clock.lr_rows())
+                        .arg(&use_scales)
+                        .arg(&state.scales)
+                        .arg(&state.table)
+                        .arg(&state.chunk_tensor)
+                        .arg(&chunks)
+                        .arg(&chunk)
+                        .launch(chunk_config(gpu, state.chunks))
+                }
+            }
         };
         gpu.launched("optim_update", r)?;
     }
     drop(guards);
-    state.iterations += 1;
     Ok(())
 }
 

@@ -1021,7 +1021,8 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
         let mut db: CudaSlice<f32> = gpu.zeros(ch).unwrap();
         let mut scratch = batchnorm::cuda::BatchNormScratch::new(gpu, &p).unwrap();
         // The plain entry points' version unless the row names one.
-        let kernel = kernel.unwrap_or_else(|| batchnorm::cuda::select(&p, gpu.info()));
+        // Fresh allocations start on 16 bytes, so the aligned choice.
+        let kernel = kernel.unwrap_or_else(|| batchnorm::cuda::select(&p, true, gpu.info()));
         if env.wanted("gpu_batchnorm", &fid) {
             let mut ours = |i: u64| {
                 batchnorm::cuda::forward_training_with(

@@ -1,5 +1,5 @@
 //! The 16-byte vector kernels (`*_vec4`: `ActivationKernel::Vec4`, the
-//! `*Vec4` versions of bias and batch norm) against their scalar versions,
+//! `*Vec4` versions of bias and batch norm, `PoolKernel::Vec4`'s backward) against their scalar versions,
 //! on views that start 0 to 7 floats into their allocations (so 4-, 8- and
 //! 12-byte misalignment, each buffer drawn on its own), with lengths of 1,
 //! primes and others off every multiple of 4, in both layouts.
@@ -19,6 +19,8 @@ use kestrel::cuda::{CudaBackend, KernelVersion};
 use kestrel::ops::activation::{self, Activation};
 use kestrel::ops::batchnorm::{self, BatchNorm, VarianceMode};
 use kestrel::ops::bias::{self, BiasShape};
+use kestrel::ops::conv::Padding;
+use kestrel::ops::pool::{self, MaxPool2d};
 use proptest::prelude::*;
 
 /// The guard value around every view: a NaN payload no kernel computes.
@@ -579,8 +581,70 @@ fn check_batchnorm(
     )
 }
 
+fn check_pool_backward(
+    gpu: &CudaBackend,
+    p: MaxPool2d,
+    off: usize,
+    seed: u64,
+) -> Result<(), String> {
+    use pool::cuda::{self as pc, PoolKernel as K};
+    let x = data(seed, p.x_len(), -1.0, 1.0);
+    let (mut y, mut arg) = (vec![0.0; p.y_len()], vec![0u32; p.y_len()]);
+    pool::cpu::forward(&p, &x, &mut y, &mut arg).unwrap();
+    let dy = data(seed ^ 1, p.y_len(), -1.0, 1.0);
+    let mut dx = vec![0.0; p.x_len()];
+    pool::cpu::backward(&p, &dy, &arg, &mut dx).unwrap();
+    let (dyd, argd) = (gpu.upload(&dy).unwrap(), gpu.upload(&arg).unwrap());
+    // The gather adds in the CPU's order from 0: its exact bits.
+    compare(
+        &format!("maxpool2d.backward {p:?}"),
+        K::Direct,
+        K::Vec4,
+        &[("dx", off)],
+        &to_f64(&dx),
+        Tol::new(0.0, 0.0),
+        |k| {
+            let mut out = Placed::poisoned(gpu, off, p.x_len());
+            let r = match k {
+                Some(k) => pc::backward_with(
+                    gpu,
+                    k,
+                    &p,
+                    &dyd.as_view(),
+                    &argd.as_view(),
+                    &mut out.view_mut(),
+                ),
+                None => pc::backward(
+                    gpu,
+                    &p,
+                    &dyd.as_view(),
+                    &argd.as_view(),
+                    &mut out.view_mut(),
+                ),
+            };
+            guard_ok(r.map(|_| Vec::new()), &out, gpu, "dx")
+        },
+    )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(20))]
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn pool_backward_vec4_is_the_scalar_bits(n in dim(3), c in dim(5), h in dim(17), w in dim(17),
+                                             window in prop_oneof![Just((2usize, 2usize)), Just((3, 2)), Just((3, 1))],
+                                             same: bool, off in prop_oneof![Just(0usize), Just(4usize), 1usize..8], seed: u64) {
+        let gpu = gpu();
+        let (k, st) = window;
+        let pad = if same { Padding::Same } else { Padding::Valid };
+        let Ok(p) = MaxPool2d::new([n, c, h, w], [k, k], [st, st], pad) else {
+            // A valid window larger than the image: nothing to pool.
+            return Ok(());
+        };
+        let r = check_pool_backward(&gpu, p, off, seed);
+        prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+    }
 
     #[test]
     #[ignore = "needs a CUDA device"]
@@ -637,4 +701,8 @@ fn select_picks_by_alignment() {
     assert_eq!(bn_select(&dense, false, info), N::Columns);
     assert_eq!(bn_select(&conv, true, info), N::ChannelBlocksVec4);
     assert_eq!(bn_select(&conv, false, info), N::ChannelBlocks);
+    use pool::cuda::{PoolKernel as P, select as pool_select};
+    let p = MaxPool2d::new([1, 1, 4, 4], [2, 2], [2, 2], Padding::Valid).unwrap();
+    assert_eq!(pool_select(&p, true, info), P::Vec4);
+    assert_eq!(pool_select(&p, false, info), P::Direct);
 }

@@ -24,10 +24,13 @@
 //!   fastest (as PyTorch's `cudnn.benchmark = True`). Where cuDNN does not
 //!   load, the PyTorch script (`benches/pytorch_baseline.py`) is the
 //!   baseline.
-//! - `gpu_pool`, `gpu_batchnorm`, `gpu_bias`, `gpu_dropout`, `gpu_softmax_ce`,
-//!   `gpu_optim`: the memory-bound kernels at the seed sizes and at >= 256
-//!   MB, beside a device-to-device copy (`cuMemcpyDtoDAsync`) of the same
-//!   bytes (half read, half written), the bandwidth ceiling.
+//! - `gpu_pool`, `gpu_batchnorm`, `gpu_bias`, `gpu_activation`,
+//!   `gpu_dropout`, `gpu_softmax_ce`, `gpu_optim`: the memory-bound kernels
+//!   at the seed sizes and at >= 256 MB, beside a device-to-device copy
+//!   (`cuMemcpyDtoDAsync`) of the same bytes (half read, half written), the
+//!   bandwidth ceiling. Batch norm, bias (add and gradient) and the
+//!   activations have one row per kernel version (`<case>.<version>.<pass>`:
+//!   the scalar versions beside their 16-byte `*vec4` forms).
 //!
 //! Timing: device time from CUDA events created with timing enabled
 //! (`CU_EVENT_DEFAULT`; cudarc's default events disable timing), recorded on
@@ -49,7 +52,7 @@
 //! regex, applied before a pair is set up). The whole suite is about 230
 //! pairs, several minutes; to stay within a 10-minute limit per command,
 //! run it in three parts: `gpu_gemm`, `gpu_conv`, and
-//! `'gpu_(pool|batchnorm|bias|dropout|softmax_ce|optim)'` (each appends to the
+//! `'gpu_(pool|batchnorm|bias|activation|dropout|softmax_ce|optim)'` (each appends to the
 //! same JSON-lines file).
 //! cuBLAS/cuDNN are found on the loader path; failing that, the bench looks
 //! in `$KESTREL_BENCH_LIB_DIRS` (colon-separated), the toolkit's folders and
@@ -1016,7 +1019,8 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
         ("large.256x64x64x64", 256, 64, 64 * 64, true),
         // The dense layout at n = c = 4096 (64 MB per pass over x) and 8192
         // (256 MB, the issue's size for the bandwidth target):
-        // one row per version (v1 ChannelBlocks, v2 Columns), so the
+        // one row per version (v1 ChannelBlocks, v2 Columns and their
+        // Vec4 forms; the large NCHW case the ChannelBlocks pair), so the
         // issue-13 comparison is one filter away.
         ("dense.4096x4096", 4096, 4096, 1, false),
         ("dense.8192x8192", 8192, 8192, 1, false),
@@ -1025,9 +1029,13 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
         .into_iter()
         .flat_map(|(name, n, ch, spatial, is_conv)| {
             let versions: Vec<Option<batchnorm::cuda::BatchNormKernel>> =
-                if name.starts_with("dense.") {
+                if name.starts_with("dense.") || name.starts_with("large.") {
+                    let p =
+                        BatchNorm::new(n, ch, spatial, is_conv, 0.99, 1e-3, VarianceMode::Keras)
+                            .unwrap();
                     batchnorm::cuda::BatchNormKernel::ALL
                         .iter()
+                        .filter(|k| k.supports(&p))
                         .map(|&k| Some(k))
                         .collect()
                 } else {
@@ -1063,7 +1071,8 @@ fn batchnorms(c: &mut Criterion, env: &Env) {
         let mut db: CudaSlice<f32> = gpu.zeros(ch).unwrap();
         let mut scratch = batchnorm::cuda::BatchNormScratch::new(gpu, &p).unwrap();
         // The plain entry points' version unless the row names one.
-        let kernel = kernel.unwrap_or_else(|| batchnorm::cuda::select(&p, gpu.info()));
+        // Fresh allocations start on 16 bytes, so the aligned choice.
+        let kernel = kernel.unwrap_or_else(|| batchnorm::cuda::select(&p, true, gpu.info()));
         if env.wanted("gpu_batchnorm", &fid) {
             let mut ours = |i: u64| {
                 batchnorm::cuda::forward_training_with(
@@ -1117,6 +1126,7 @@ fn bias_grads(c: &mut Criterion, env: &Env) {
         ("dense.4096x4096", 4096, 4096, 1),
         ("dense.8192x8192", 8192, 8192, 1),
         ("keras-cnn.conv1-out.b32", 32, 32, 32 * 32),
+        ("large.256x64x64x64", 256, 64, 64 * 64),
     ];
     for (name, n, ch, spatial) in cases {
         let p = bias::BiasShape::new(n, ch, spatial).unwrap();
@@ -1147,6 +1157,106 @@ fn bias_grads(c: &mut Criterion, env: &Env) {
                 .expect("bias backward")
             };
             env.pair_bandwidth(c, "gpu_bias", &id, bytes, copies, "", &mut ours);
+        }
+    }
+}
+
+/// The bias add (`y = x + b`, both layouts) per version: the scalar
+/// versions beside their 16-byte vector forms, at a seed size and at 256 MB
+/// of `x`.
+fn bias_adds(c: &mut Criterion, env: &Env) {
+    let cases = [
+        ("keras-cnn.conv1-out.b32", 32, 32, 32 * 32),
+        ("dense.8192x8192", 8192, 8192, 1),
+        ("large.256x64x64x64", 256, 64, 64 * 64),
+    ];
+    for (name, n, ch, spatial) in cases {
+        let p = bias::BiasShape::new(n, ch, spatial).unwrap();
+        for &kernel in bias::cuda::BiasKernel::ALL
+            .iter()
+            .filter(|k| k.supports(&p))
+        {
+            let id = format!("{name}.{}.fwd", kernel.name());
+            if !env.wanted("gpu_bias", &id) {
+                continue;
+            }
+            let gpu = &env.gpu;
+            let len = p.len();
+            // x read, y written, b read.
+            let bytes = 4 * (2 * len + ch);
+            let copies = env.copies(bytes);
+            let x = env.rot_data(1, len, copies);
+            let b = gpu.upload(&data(2, ch)).unwrap();
+            let mut y: Rot<f32> = env.rot_zeros(len, copies);
+            let mut ours = |i: u64| {
+                bias::cuda::add_with(
+                    gpu,
+                    kernel,
+                    &p,
+                    &x.view(i),
+                    &b.slice(..),
+                    &mut y.view_mut(i),
+                )
+                .expect("bias add")
+            };
+            env.pair_bandwidth(c, "gpu_bias", &id, bytes, copies, "", &mut ours);
+        }
+    }
+}
+
+/// The element-wise activations per version (`Elementwise`, `Vec4`):
+/// forward `y = f(x)` and backward `dx = f'(x) dy` (from x, y, dy), at
+/// keras-cnn's first conv output (batch 32) and at 2^26 floats (256 MB per
+/// tensor).
+fn activations(c: &mut Criterion, env: &Env) {
+    use kestrel::ops::activation::cuda::{self as act_cuda, ActivationKernel};
+    let kinds = [
+        ("relu", Activation::RELU),
+        ("elu", Activation::elu(1.0)),
+        ("tanh", Activation::TANH),
+        ("sigmoid", Activation::SIGMOID),
+    ];
+    for (name, len) in [
+        ("keras-cnn.conv1-out.b32", 32 * 32 * 32 * 32),
+        ("large.64M", BIG),
+    ] {
+        for (kname, act) in kinds {
+            for &kernel in ActivationKernel::ALL {
+                let fid = format!("{name}.{kname}.{}.fwd", kernel.name());
+                let bid = format!("{name}.{kname}.{}.bwd", kernel.name());
+                if !env.wanted("gpu_activation", &fid) && !env.wanted("gpu_activation", &bid) {
+                    continue;
+                }
+                let gpu = &env.gpu;
+                let (fwd_bytes, bwd_bytes) = (8 * len, 16 * len);
+                let copies = env.copies(fwd_bytes);
+                let x = env.rot_data(1, len, copies);
+                let dy = env.rot_data(2, len, copies);
+                let mut y: Rot<f32> = env.rot_zeros(len, copies);
+                let mut dx: Rot<f32> = env.rot_zeros(len, copies);
+                if env.wanted("gpu_activation", &fid) {
+                    let mut ours = |i: u64| {
+                        act_cuda::forward_with(gpu, kernel, act, &x.view(i), &mut y.view_mut(i))
+                            .expect("activation forward")
+                    };
+                    env.pair_bandwidth(c, "gpu_activation", &fid, fwd_bytes, copies, "", &mut ours);
+                }
+                if env.wanted("gpu_activation", &bid) {
+                    let mut ours = |i: u64| {
+                        act_cuda::backward_with(
+                            gpu,
+                            kernel,
+                            act,
+                            &x.view(i),
+                            &y.view(i),
+                            &dy.view(i),
+                            &mut dx.view_mut(i),
+                        )
+                        .expect("activation backward")
+                    };
+                    env.pair_bandwidth(c, "gpu_activation", &bid, bwd_bytes, copies, "", &mut ours);
+                }
+            }
         }
     }
 }
@@ -1781,6 +1891,8 @@ fn main() {
     pools(&mut c, &env);
     batchnorms(&mut c, &env);
     bias_grads(&mut c, &env);
+    bias_adds(&mut c, &env);
+    activations(&mut c, &env);
     dropouts(&mut c, &env);
     softmax_ce(&mut c, &env);
     optimizer_steps(&mut c, &env);

@@ -298,6 +298,108 @@ def bench_memory_bound(timer, out):
                         work=per * total, unit="GB/s"))
 
 
+def bench_memory_bound_gpu(timer, device, out):
+    """The >= 256 MB rows of benches/gpu.rs's memory-bound groups, on the
+    GPU, with the ids of ours less the kernel version ("work" is the bytes
+    our bench counts for the same op), and a device-to-device copy of 256 MB
+    as the ceiling. PyTorch's own kernels (eager, FP32)."""
+    big = 1 << 26
+    src = torch.empty(big // 2, device=device)
+    dst = torch.empty_like(src)
+    ms = timer.median_ms(lambda: dst.copy_(src))
+    out.append(dict(family="copy", id="dtod.256MB", median_ms=ms, work=4 * big, unit="GB/s"))
+    # Max pooling 2x2/2 on [256, 64, 64, 64].
+    x = torch.randn(256, 64, 64, 64, device=device)
+    y, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+    dy = torch.randn_like(y)
+    work = 4 * x.numel() + 8 * y.numel()
+    ms = timer.median_ms(lambda: F.max_pool2d(x, 2, 2, return_indices=True))
+    out.append(dict(family="pool", id="large.256x64x64x64.fwd", median_ms=ms, work=work, unit="GB/s"))
+    ms = timer.median_ms(lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+        dy, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx))
+    out.append(dict(family="pool", id="large.256x64x64x64.bwd", median_ms=ms, work=work, unit="GB/s"))
+    del x, y, idx, dy
+    # Batch norm (training forward, backward) and bias (add, gradient), both layouts.
+    for bid, shape in [("dense.8192x8192", (8192, 8192)), ("large.256x64x64x64", (256, 64, 64, 64))]:
+        ch = shape[1]
+        x, dy = torch.randn(*shape, device=device), torch.randn(*shape, device=device)
+        g, b = torch.randn(ch, device=device), torch.randn(ch, device=device)
+        rm, rv = torch.zeros(ch, device=device), torch.ones(ch, device=device)
+        length = x.numel()
+        ms = timer.median_ms(lambda: torch.native_batch_norm(x, g, b, rm, rv, True, 0.01, 1e-3))
+        out.append(dict(family="batchnorm", id=f"{bid}.fwd", median_ms=ms,
+                        work=4 * (2 * length + 8 * ch), unit="GB/s"))
+        _, sm, si = torch.native_batch_norm(x, g, b, rm, rv, True, 0.01, 1e-3)
+        ms = timer.median_ms(lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, g, rm, rv, sm, si, True, 1e-3, [True, True, True]))
+        out.append(dict(family="batchnorm", id=f"{bid}.bwd", median_ms=ms,
+                        work=4 * (3 * length + 5 * ch), unit="GB/s"))
+        bshape = (1, ch) if len(shape) == 2 else (1, ch, 1, 1)
+        bb = b.view(bshape)
+        ms = timer.median_ms(lambda: torch.add(x, bb))
+        out.append(dict(family="bias", id=f"{bid}.fwd", median_ms=ms, work=4 * (2 * length + ch),
+                        unit="GB/s"))
+        dims = [0] if len(shape) == 2 else [0, 2, 3]
+        ms = timer.median_ms(lambda: dy.sum(dims))
+        out.append(dict(family="bias", id=f"{bid}.bwd", median_ms=ms, work=4 * (length + ch),
+                        unit="GB/s"))
+        del x, dy
+    # Activations: forward y = f(x), backward from x, y, dy.
+    x, dy = torch.randn(big, device=device), torch.randn(big, device=device)
+    for name, fwd, bwd in [
+            ("relu", F.relu, lambda y, d: torch.ops.aten.threshold_backward(d, y, 0.0)),
+            ("elu", F.elu, lambda y, d: torch.ops.aten.elu_backward(d, 1.0, 1.0, 1.0, True, y)),
+            ("tanh", torch.tanh, lambda y, d: torch.ops.aten.tanh_backward(d, y)),
+            ("sigmoid", torch.sigmoid, lambda y, d: torch.ops.aten.sigmoid_backward(d, y))]:
+        y = fwd(x)
+        ms = timer.median_ms(lambda: fwd(x))
+        out.append(dict(family="activation", id=f"large.64M.{name}.fwd", median_ms=ms, work=8 * big,
+                        unit="GB/s"))
+        ms = timer.median_ms(lambda: bwd(y, dy))
+        out.append(dict(family="activation", id=f"large.64M.{name}.bwd", median_ms=ms, work=16 * big,
+                        unit="GB/s"))
+    # Dropout 0.5 over 2^26 floats.
+    _, mask = torch.native_dropout(x, 0.5, True)
+    ms = timer.median_ms(lambda: torch.native_dropout(x, 0.5, True))
+    out.append(dict(family="dropout", id="large.64M.fwd", median_ms=ms, work=9 * big, unit="GB/s"))
+    ms = timer.median_ms(lambda: torch.ops.aten.native_dropout_backward(dy, mask, 2.0))
+    out.append(dict(family="dropout", id="large.64M.bwd", median_ms=ms, work=9 * big, unit="GB/s"))
+    del x, dy, mask
+    # Softmax + cross-entropy (forward and the logits' gradient), 2^23 x 10.
+    n, classes = 1 << 23, 10
+    z = torch.randn(n, classes, device=device, requires_grad=True)
+    labels = torch.randint(0, classes, (n,), device=device)
+
+    def xent():
+        loss = F.cross_entropy(z, labels)
+        (gz,) = torch.autograd.grad(loss, z)
+        return gz
+
+    ms = timer.median_ms(xent)
+    out.append(dict(family="softmax_ce", id="large.8Mx10.fwd_bwd", median_ms=ms,
+                    work=4 * (3 * n * classes + n), unit="GB/s"))
+    del z
+    # Fused optimizers over all of keras-cnn's parameters and over one 2^26 tensor.
+    total = sum(torch.Size(s).numel() for s in KERAS_CNN_PARAM_SHAPES)
+    for oid, make, slots in [
+            ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.01, foreach=True), 1),
+            ("momentum", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.5, foreach=True), 1),
+            ("rmsprop", lambda ps: torch.optim.RMSprop(ps, lr=1e-4, alpha=0.9, eps=1e-7, foreach=True), 1),
+            ("adagrad", lambda ps: torch.optim.Adagrad(ps, lr=0.01, eps=1e-7, foreach=True), 1),
+            ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3, eps=1e-7, fused=True), 2)]:
+        for oid_full, shapes in [(f"keras-cnn.{oid}.p{total}", KERAS_CNN_PARAM_SHAPES),
+                                 (f"large.{oid}.p{big}", [(big,)])]:
+            ps = [torch.randn(*s, device=device, requires_grad=True) for s in shapes]
+            for p in ps:
+                p.grad = torch.randn_like(p) * 1e-3
+            opt = make(ps)
+            count = sum(p.numel() for p in ps)
+            ms = timer.median_ms(opt.step)
+            out.append(dict(family="optim", id=oid_full, median_ms=ms,
+                            work=(4 + 4 + 4 + slots * 8) * count, unit="GB/s"))
+            del ps, opt
+
+
 def make_optimizer(kind, params, device, fused, capturable=False):
     kw = {}
     if device.type == "cuda":
@@ -425,7 +527,7 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help='graph mode via torch.compile(mode="reduce-overhead") instead of CUDA graphs')
     ap.add_argument("--only", default="",
-                    help="comma list of: conv,gemm,step,epoch (GPU and CPU), cpugemm,mem (CPU)")
+                    help="comma list of: conv,gemm,step,epoch (GPU and CPU), gpumem (GPU), cpugemm,mem (CPU)")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
 
@@ -460,6 +562,8 @@ def main():
             s = mlp_epoch_seconds(device)
             results.append(dict(family="epoch", id="mlp.epoch.b32", median_ms=s * 1e3,
                                 work=55_000, unit="samples/s"))
+        if want("gpumem"):
+            bench_memory_bound_gpu(timer, device, results)
     else:
         timer = Timer(device, max(3, args.repeats // 2), min_ms=200.0)
         name = cpu_model()

@@ -3,6 +3,7 @@
 // Softmax shapes: x, y, dy, dx [rows, cols] row-major; Softmax mirrors
 // kestrel::ops::activation::Softmax.
 #include "common.cuh"
+#include "vec4.cuh"
 
 static_assert(sizeof(Activation) == 8, "Activation mirrors a #[repr(C)] Rust struct of 8 bytes");
 
@@ -38,6 +39,72 @@ extern "C" __global__ void activation_backward_inplace(Activation act, const flo
 extern "C" __global__ void activation_backward_from_output(Activation act, const float* __restrict__ y,
                                                            float* __restrict__ g, u64 n) {
     GRID_STRIDE(i, n) {
+        float yv = y[i];
+        g[i] = activation_grad(act, yv, yv, g[i]);
+    }
+}
+
+// ---- the same five in 16-byte vectors (ActivationKernel::Vec4): every
+// buffer 16-byte aligned (the host checks), quads then the n % 4 tail; each
+// element goes through the same activation_apply / activation_grad call as
+// above, so the results are the scalar kernels' bits.
+
+extern "C" __global__ void activation_forward_vec4(Activation act, const float* __restrict__ x,
+                                                   float* __restrict__ y, u64 n) {
+    VEC4_QUADS(q, n) {
+        Lanes4 v = unpack4(load4_ro(x + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v.e[k] = activation_apply(act, v.e[k]);
+        store4(y + 4 * q, pack4(v));
+    }
+    VEC4_TAIL(i, n) { y[i] = activation_apply(act, x[i]); }
+}
+
+extern "C" __global__ void activation_forward_inplace_vec4(Activation act, float* __restrict__ x, u64 n) {
+    VEC4_QUADS(q, n) {
+        Lanes4 v = unpack4(load4(x + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v.e[k] = activation_apply(act, v.e[k]);
+        store4(x + 4 * q, pack4(v));
+    }
+    VEC4_TAIL(i, n) { x[i] = activation_apply(act, x[i]); }
+}
+
+extern "C" __global__ void activation_backward_vec4(Activation act, const float* __restrict__ x,
+                                                    const float* __restrict__ y, const float* __restrict__ dy,
+                                                    float* __restrict__ dx, u64 n) {
+    VEC4_QUADS(q, n) {
+        Lanes4 xv = unpack4(load4_ro(x + 4 * q)), yv = unpack4(load4_ro(y + 4 * q));
+        Lanes4 g = unpack4(load4_ro(dy + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) g.e[k] = activation_grad(act, xv.e[k], yv.e[k], g.e[k]);
+        store4(dx + 4 * q, pack4(g));
+    }
+    VEC4_TAIL(i, n) { dx[i] = activation_grad(act, x[i], y[i], dy[i]); }
+}
+
+extern "C" __global__ void activation_backward_inplace_vec4(Activation act, const float* __restrict__ x,
+                                                            const float* __restrict__ y, float* __restrict__ g,
+                                                            u64 n) {
+    VEC4_QUADS(q, n) {
+        Lanes4 xv = unpack4(load4_ro(x + 4 * q)), yv = unpack4(load4_ro(y + 4 * q));
+        Lanes4 gv = unpack4(load4(g + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) gv.e[k] = activation_grad(act, xv.e[k], yv.e[k], gv.e[k]);
+        store4(g + 4 * q, pack4(gv));
+    }
+    VEC4_TAIL(i, n) { g[i] = activation_grad(act, x[i], y[i], g[i]); }
+}
+
+extern "C" __global__ void activation_backward_from_output_vec4(Activation act, const float* __restrict__ y,
+                                                                float* __restrict__ g, u64 n) {
+    VEC4_QUADS(q, n) {
+        Lanes4 yv = unpack4(load4_ro(y + 4 * q)), gv = unpack4(load4(g + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) gv.e[k] = activation_grad(act, yv.e[k], yv.e[k], gv.e[k]);
+        store4(g + 4 * q, pack4(gv));
+    }
+    VEC4_TAIL(i, n) {
         float yv = y[i];
         g[i] = activation_grad(act, yv, yv, g[i]);
     }

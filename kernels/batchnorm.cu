@@ -9,6 +9,7 @@
 // second kernel adds the chunk partials in chunk order in f64. The variance
 // is two-pass (squared deviations from the f64 mean), like the CPU's.
 #include "common.cuh"
+#include "vec4.cuh"
 
 // Mirrors kestrel::ops::batchnorm::VarianceMode (the host computes the
 // factor; the kernels only carry it for layout).
@@ -108,6 +109,14 @@ extern "C" __global__ void bn_inference_inv_std(BatchNorm p, const float* __rest
     GRID_STRIDE(ch, p.c) { inv_std[ch] = (float)(1.0 / sqrt((double)running_var[ch] + (double)p.epsilon)); }
 }
 
+// One element of the forward normalization, the one expression both apply
+// kernels use (so the compiler contracts it the same way in each).
+__device__ __forceinline__ float bn_normalize(float xv, const float* __restrict__ gamma,
+                                              const float* __restrict__ beta, const float* __restrict__ mean,
+                                              const float* __restrict__ inv_std, u64 ch) {
+    return gamma[ch] * ((xv - mean[ch]) * inv_std[ch]) + beta[ch];
+}
+
 // y = gamma * ((x - mean) * inv_std) + beta, per channel. Training passes
 // the saved batch statistics; inference the running mean and the inv_std
 // from bn_inference_inv_std.
@@ -116,8 +125,27 @@ extern "C" __global__ void bn_apply(BatchNorm p, const float* __restrict__ x, co
                                     const float* __restrict__ inv_std, float* __restrict__ y, u64 len) {
     GRID_STRIDE(i, len) {
         const u64 ch = bn_channel_of(p, i);
-        y[i] = gamma[ch] * ((x[i] - mean[ch]) * inv_std[ch]) + beta[ch];
+        y[i] = bn_normalize(x[i], gamma, beta, mean, inv_std, ch);
     }
+}
+
+// bn_apply in 16-byte vectors (the *Vec4 versions): x and y 16-byte
+// aligned (the host checks), the per-channel inputs read per element. Each
+// element is the one bn_normalize expression of bn_apply: the same bits.
+extern "C" __global__ void bn_apply_vec4(BatchNorm p, const float* __restrict__ x, const float* __restrict__ gamma,
+                                         const float* __restrict__ beta, const float* __restrict__ mean,
+                                         const float* __restrict__ inv_std, float* __restrict__ y, u64 len) {
+    VEC4_QUADS(q, len) {
+        ChannelWalk w = channel_walk_at(4 * q, p.spatial, p.c);
+        Lanes4 v = unpack4(load4_ro(x + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (k) channel_walk_step(w, p.spatial, p.c);
+            v.e[k] = bn_normalize(v.e[k], gamma, beta, mean, inv_std, w.ch);
+        }
+        store4(y + 4 * q, pack4(v));
+    }
+    VEC4_TAIL(i, len) { y[i] = bn_normalize(x[i], gamma, beta, mean, inv_std, bn_channel_of(p, i)); }
 }
 
 // Backward stage 1: per chunk, sum dy and sum dy * x_hat (x_hat in f32 as
@@ -182,15 +210,41 @@ extern "C" __global__ void bn_backward_finalize(BatchNorm p, const double* __res
     }
 }
 
+// One element of dx, the one expression both dx kernels use.
+__device__ __forceinline__ float bn_dx(const BatchNorm& p, float xv, float g, const float* __restrict__ save_mean,
+                                       const float* __restrict__ save_inv_std, const float* __restrict__ coefs,
+                                       u64 ch) {
+    const float xh = (xv - save_mean[ch]) * save_inv_std[ch];
+    return coefs[ch] * ((g - coefs[p.c + ch]) - xh * coefs[2 * p.c + ch]);
+}
+
 // dx = coef * ((dy - mean_dy) - x_hat * mean_dy_xhat).
 extern "C" __global__ void bn_backward_dx(BatchNorm p, const float* __restrict__ x, const float* __restrict__ dy,
                                           const float* __restrict__ save_mean, const float* __restrict__ save_inv_std,
                                           const float* __restrict__ coefs, float* __restrict__ dx, u64 len) {
     GRID_STRIDE(i, len) {
         const u64 ch = bn_channel_of(p, i);
-        const float xh = (x[i] - save_mean[ch]) * save_inv_std[ch];
-        dx[i] = coefs[ch] * ((dy[i] - coefs[p.c + ch]) - xh * coefs[2 * p.c + ch]);
+        dx[i] = bn_dx(p, x[i], dy[i], save_mean, save_inv_std, coefs, ch);
     }
+}
+
+// bn_backward_dx in 16-byte vectors (the *Vec4 versions): x, dy and dx
+// 16-byte aligned (the host checks); each element is bn_dx, the same bits.
+extern "C" __global__ void bn_backward_dx_vec4(BatchNorm p, const float* __restrict__ x, const float* __restrict__ dy,
+                                               const float* __restrict__ save_mean,
+                                               const float* __restrict__ save_inv_std,
+                                               const float* __restrict__ coefs, float* __restrict__ dx, u64 len) {
+    VEC4_QUADS(q, len) {
+        ChannelWalk w = channel_walk_at(4 * q, p.spatial, p.c);
+        Lanes4 xv = unpack4(load4_ro(x + 4 * q)), g = unpack4(load4_ro(dy + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (k) channel_walk_step(w, p.spatial, p.c);
+            g.e[k] = bn_dx(p, xv.e[k], g.e[k], save_mean, save_inv_std, coefs, w.ch);
+        }
+        store4(dx + 4 * q, pack4(g));
+    }
+    VEC4_TAIL(i, len) { dx[i] = bn_dx(p, x[i], dy[i], save_mean, save_inv_std, coefs, bn_channel_of(p, i)); }
 }
 
 // ===== Columns: the dense layout (spatial == 1, x is [n, c] row-major),

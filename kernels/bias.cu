@@ -4,6 +4,7 @@
 // Every reduction is two-stage with f64 accumulation and a fixed order: the
 // same inputs give the same bits on every run (no float atomics).
 #include "common.cuh"
+#include "vec4.cuh"
 
 struct BiasShape {
     u64 n;
@@ -29,6 +30,40 @@ extern "C" __global__ void bias_add_inplace(BiasShape p, float* __restrict__ x, 
         u64 ch = row - udiv64(row, p.c) * p.c;
         x[i] += b[ch];
     }
+}
+
+// The same two in 16-byte vectors (the *Vec4 versions): x and y 16-byte
+// aligned (the host checks; b is read per element, any alignment). Each
+// element adds the b[ch] of the scalar kernels (ch walked, not divided),
+// the same single f32 addition: the scalar kernels' bits.
+extern "C" __global__ void bias_add_vec4(BiasShape p, const float* __restrict__ x, const float* __restrict__ b,
+                                         float* __restrict__ y, u64 len) {
+    VEC4_QUADS(q, len) {
+        ChannelWalk w = channel_walk_at(4 * q, p.spatial, p.c);
+        Lanes4 v = unpack4(load4_ro(x + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (k) channel_walk_step(w, p.spatial, p.c);
+            v.e[k] = v.e[k] + b[w.ch];
+        }
+        store4(y + 4 * q, pack4(v));
+    }
+    VEC4_TAIL(i, len) { y[i] = x[i] + b[channel_walk_at(i, p.spatial, p.c).ch]; }
+}
+
+extern "C" __global__ void bias_add_inplace_vec4(BiasShape p, float* __restrict__ x, const float* __restrict__ b,
+                                                 u64 len) {
+    VEC4_QUADS(q, len) {
+        ChannelWalk w = channel_walk_at(4 * q, p.spatial, p.c);
+        Lanes4 v = unpack4(load4(x + 4 * q));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (k) channel_walk_step(w, p.spatial, p.c);
+            v.e[k] = v.e[k] + b[w.ch];
+        }
+        store4(x + 4 * q, pack4(v));
+    }
+    VEC4_TAIL(i, len) { x[i] += b[channel_walk_at(i, p.spatial, p.c).ch]; }
 }
 
 // Stage 1 of db: partial[ch * chunks + k] = sum of dy over samples

@@ -3,6 +3,7 @@
 // first maximum in row-major order, the first NaN wins, padding (-inf) is
 // never selected. MaxPool2d mirrors kestrel::ops::pool::MaxPool2d.
 #include "common.cuh"
+#include "vec4.cuh"
 
 struct MaxPool2d {
     u64 n, c, h, w;
@@ -73,36 +74,56 @@ extern "C" __global__ void maxpool2d_forward_inference(MaxPool2d p, const float*
     }
 }
 
-// One thread per input element: gathers dy over the windows that contain
-// it and selected it, in row-major output order from 0.0f, the CPU's exact
+// dx[i] for input element i: gathers dy over the windows that contain it
+// and selected it, in row-major output order from 0.0f, the CPU's exact
 // order of additions, so overlapping windows need no atomics and the sums
 // are the CPU's bits. An argmax that points outside its window (not one the
 // forward wrote) selects nothing.
+__device__ __forceinline__ float pool_grad_at(const MaxPool2d& p, const float* __restrict__ dy,
+                                              const u32* __restrict__ argmax, u64 i) {
+    const u64 ohw = p.out_h * p.out_w, hw = p.h * p.w;
+    const u64 plane = udiv64(i, hw);
+    const u64 q = i - plane * hw;
+    const u64 iy = udiv64(q, p.w), ix = q - iy * p.w;
+    // Window oy covers padded rows [oy*sh, oy*sh + ph); input row iy is
+    // padded row iy + pad_top.
+    const u64 py = iy + p.pad_top, px = ix + p.pad_left;
+    const u64 oy_lo = py + 1 > p.pool_h ? udiv64(py + 1 - p.pool_h + p.stride_h - 1, p.stride_h) : 0;
+    u64 oy_hi = udiv64(py, p.stride_h);
+    if (oy_hi > p.out_h - 1) oy_hi = p.out_h - 1;
+    const u64 ox_lo = px + 1 > p.pool_w ? udiv64(px + 1 - p.pool_w + p.stride_w - 1, p.stride_w) : 0;
+    u64 ox_hi = udiv64(px, p.stride_w);
+    if (ox_hi > p.out_w - 1) ox_hi = p.out_w - 1;
+    const float* dyp = dy + plane * ohw;
+    const u32* ap = argmax + plane * ohw;
+    float acc = 0.0f;
+    for (u64 oy = oy_lo; oy <= oy_hi; ++oy) {
+        for (u64 ox = ox_lo; ox <= ox_hi; ++ox) {
+            const u64 o = oy * p.out_w + ox;
+            if ((u64)ap[o] == q) acc += dyp[o];
+        }
+    }
+    return acc;
+}
+
+// One thread per input element (a gather, see pool_grad_at).
 extern "C" __global__ void maxpool2d_backward(MaxPool2d p, const float* __restrict__ dy,
                                               const u32* __restrict__ argmax, float* __restrict__ dx, u64 xlen) {
-    const u64 ohw = p.out_h * p.out_w, hw = p.h * p.w;
-    GRID_STRIDE(i, xlen) {
-        const u64 plane = udiv64(i, hw);
-        const u64 q = i - plane * hw;
-        const u64 iy = udiv64(q, p.w), ix = q - iy * p.w;
-        // Window oy covers padded rows [oy*sh, oy*sh + ph); input row iy is
-        // padded row iy + pad_top.
-        const u64 py = iy + p.pad_top, px = ix + p.pad_left;
-        const u64 oy_lo = py + 1 > p.pool_h ? udiv64(py + 1 - p.pool_h + p.stride_h - 1, p.stride_h) : 0;
-        u64 oy_hi = udiv64(py, p.stride_h);
-        if (oy_hi > p.out_h - 1) oy_hi = p.out_h - 1;
-        const u64 ox_lo = px + 1 > p.pool_w ? udiv64(px + 1 - p.pool_w + p.stride_w - 1, p.stride_w) : 0;
-        u64 ox_hi = udiv64(px, p.stride_w);
-        if (ox_hi > p.out_w - 1) ox_hi = p.out_w - 1;
-        const float* dyp = dy + plane * ohw;
-        const u32* ap = argmax + plane * ohw;
-        float acc = 0.0f;
-        for (u64 oy = oy_lo; oy <= oy_hi; ++oy) {
-            for (u64 ox = ox_lo; ox <= ox_hi; ++ox) {
-                const u64 o = oy * p.out_w + ox;
-                if ((u64)ap[o] == q) acc += dyp[o];
-            }
-        }
-        dx[i] = acc;
+    GRID_STRIDE(i, xlen) { dx[i] = pool_grad_at(p, dy, argmax, i); }
+}
+
+// The backward's writes (4 bytes per input element, twice the bytes of its
+// dy and argmax reads at 2x2/2) in 16-byte vectors (PoolKernel::Vec4): one
+// thread per quad of input elements, each the same pool_grad_at gather, so
+// the same bits; dx 16-byte aligned (the host checks).
+extern "C" __global__ void maxpool2d_backward_vec4(MaxPool2d p, const float* __restrict__ dy,
+                                                   const u32* __restrict__ argmax, float* __restrict__ dx,
+                                                   u64 xlen) {
+    VEC4_QUADS(q, xlen) {
+        Lanes4 g;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) g.e[k] = pool_grad_at(p, dy, argmax, 4 * q + k);
+        store4(dx + 4 * q, pack4(g));
     }
+    VEC4_TAIL(i, xlen) { dx[i] = pool_grad_at(p, dy, argmax, i); }
 }

@@ -433,7 +433,14 @@ fn too_small_scratch_is_refused() {
 fn columns_are_deterministic() {
     let gpu = gpu();
     let p = BatchNorm::dense(131, 1031).unwrap();
-    assert_eq!(cuda::select(&p, gpu.info()), cuda::BatchNormKernel::Columns);
+    assert_eq!(
+        cuda::select(&p, false, gpu.info()),
+        cuda::BatchNormKernel::Columns
+    );
+    assert_eq!(
+        cuda::select(&p, true, gpu.info()),
+        cuda::BatchNormKernel::ColumnsVec4
+    );
     let mut scratch = cuda::BatchNormScratch::new(&gpu, &p).unwrap();
     let first = run_all(cuda::BatchNormKernel::Columns, &gpu, &p, 7, &mut scratch);
     let other = run_all(

@@ -225,7 +225,14 @@ fn too_small_scratch_is_refused() {
 fn columns_are_deterministic() {
     let gpu = gpu();
     let p = BiasShape::dense(257, 1031).unwrap();
-    assert_eq!(cuda::select(&p, gpu.info()), cuda::BiasKernel::Columns);
+    assert_eq!(
+        cuda::select(&p, false, gpu.info()),
+        cuda::BiasKernel::Columns
+    );
+    assert_eq!(
+        cuda::select(&p, true, gpu.info()),
+        cuda::BiasKernel::ColumnsVec4
+    );
     let dy = gpu.upload(&data(5, p.len(), -1.0, 1.0)).unwrap();
     let mut scratch = cuda::BiasScratch::for_backward(&gpu, &p).unwrap();
     let mut run = |k| {

@@ -8,6 +8,7 @@
 //! The PTX comes from `kernels/*.cu` through `ci/ptx` and is embedded here
 //! with `include_str!`, so users need no compiler either.
 
+pub(crate) mod align;
 mod graph;
 mod modules;
 mod step_clock;

@@ -4,23 +4,63 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{Activation, Softmax};
-use crate::cuda::{ACTIVATION, CudaBackend, DeviceInfo, KernelVersion};
+use crate::cuda::{ACTIVATION, CudaBackend, DeviceInfo, KernelVersion, align};
 use crate::error::Result;
 
 crate::kernel_versions! {
     /// The versions of this family's kernels, as data (see
-    /// [`KernelVersion`]): today one.
+    /// [`KernelVersion`]).
     pub enum ActivationKernel {
-        /// One thread per element (grid-stride), softmax one block per row (`kernels/activation.cu`).
+        /// One thread per element (grid-stride), softmax one warp per row (`kernels/activation.cu`).
         Elementwise => "activation_elementwise", crate::cuda::ACTIVATION,
+        /// The element-wise kernels in 16-byte vectors (`*_vec4`: one
+        /// 128-bit load per input and one 128-bit store per quad of
+        /// elements, the `n % 4` tail scalar), the same expression per
+        /// element, so the same bits as [`ActivationKernel::Elementwise`].
+        /// Every buffer must start on a 16-byte boundary. Softmax runs
+        /// `Elementwise`'s kernels: a vector row walk would change the order
+        /// of its row sums, hence its bits.
+        Vec4 => "activation_vec4", crate::cuda::ACTIVATION,
     }
 }
 
-/// The version the plain entry points run for the elements of its main tensor on `info`'s
-/// device; the `*_with` forms run the one a caller names. Today there is
-/// one version, so it is always [`ActivationKernel::Elementwise`].
-pub fn select(_elements: usize, _info: &DeviceInfo) -> ActivationKernel {
-    ActivationKernel::Elementwise
+impl ActivationKernel {
+    /// The entry point of the element-wise kernel `scalar` in this version.
+    fn elementwise_entry(self, scalar: &'static str) -> &'static str {
+        match self {
+            ActivationKernel::Elementwise => scalar,
+            ActivationKernel::Vec4 => match scalar {
+                "activation_forward" => "activation_forward_vec4",
+                "activation_forward_inplace" => "activation_forward_inplace_vec4",
+                "activation_backward" => "activation_backward_vec4",
+                "activation_backward_inplace" => "activation_backward_inplace_vec4",
+                "activation_backward_from_output" => "activation_backward_from_output_vec4",
+                other => unreachable!("no vector form of {other}"),
+            },
+        }
+    }
+
+    /// An error naming the first buffer this version cannot run on
+    /// ([`ActivationKernel::Vec4`] needs 16-byte aligned starts).
+    fn check_aligned(self, op: &'static str, bufs: &[(&str, u64)]) -> Result<()> {
+        match self {
+            ActivationKernel::Elementwise => Ok(()),
+            ActivationKernel::Vec4 => align::require_aligned(op, self.name(), bufs),
+        }
+    }
+}
+
+/// The version the plain entry points run for `elements` elements of
+/// buffers that all start on a 16-byte boundary (`aligned`) or not, on
+/// `info`'s device; the `*_with` forms run the one a caller names. Aligned
+/// buffers get [`ActivationKernel::Vec4`] (a quarter of the memory
+/// instructions, the same bits), the rest [`ActivationKernel::Elementwise`].
+pub fn select(_elements: usize, aligned: bool, _info: &DeviceInfo) -> ActivationKernel {
+    if aligned {
+        ActivationKernel::Vec4
+    } else {
+        ActivationKernel::Elementwise
+    }
 }
 
 // SAFETY: `#[repr(C)]` with a `#[repr(u32)]` enum and an f32: plain old
@@ -32,24 +72,27 @@ unsafe impl cudarc::driver::DeviceRepr for Softmax {}
 const _: () = assert!(std::mem::size_of::<Activation>() == 8);
 const _: () = assert!(std::mem::size_of::<Softmax>() == 16);
 
-/// Launches `$name` from activation.cu over `$n` elements with a
-/// grid-stride config, pushing the arguments then `n` as u64.
+/// Launches `$kernel`'s form of the element-wise kernel `$scalar` from
+/// activation.cu over `$n` elements with a grid-stride config, pushing the
+/// arguments then `n` as u64.
 macro_rules! launch_elementwise {
-    ($gpu:expr, $name:literal, $n:expr, $($arg:expr),+) => {{
+    ($gpu:expr, $kernel:expr, $scalar:literal, $n:expr, $($arg:expr),+) => {{
         let n: usize = $n;
         if n == 0 {
             return Ok(());
         }
-        let f = $gpu.function(&ACTIVATION, $name)?;
+        let name = $kernel.elementwise_entry($scalar);
+        let f = $gpu.function(&ACTIVATION, name)?;
         let cfg = $gpu.elementwise_config(n);
         let n64 = n as u64;
         let mut b = $gpu.stream().launch_builder(&f);
         $(b.arg($arg);)+
         b.arg(&n64);
         // SAFETY: every buffer passed holds `n` elements (checked by the
-        // caller) and the kernel touches indices below `n` only.
+        // caller) and the kernel touches indices below `n` only; the vector
+        // forms run only on 16-byte aligned buffers (checked by the caller).
         let r = unsafe { b.launch(cfg) };
-        $gpu.launched($name, r)
+        $gpu.launched(name, r)
     }};
 }
 
@@ -60,7 +103,11 @@ pub fn forward(
     x: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    forward_with(gpu, select(x.len(), gpu.info()), act, x, y)
+    let aligned = align::all_aligned(&[
+        ("x", align::offset16(gpu, x)),
+        ("y", align::offset16(gpu, &*y)),
+    ]);
+    forward_with(gpu, select(x.len(), aligned, gpu.info()), act, x, y)
 }
 
 /// [`forward`] on the version `kernel` (an error, before any launch, on a
@@ -75,7 +122,14 @@ pub fn forward_with(
     kernel.require(gpu)?;
     const OP: &str = "activation.forward";
     act.check_elementwise(OP, &[("x", x.len()), ("y", y.len())])?;
-    launch_elementwise!(gpu, "activation_forward", x.len(), &act, x, y)
+    kernel.check_aligned(
+        OP,
+        &[
+            ("x", align::offset16(gpu, x)),
+            ("y", align::offset16(gpu, &*y)),
+        ],
+    )?;
+    launch_elementwise!(gpu, kernel, "activation_forward", x.len(), &act, x, y)
 }
 
 /// `x = f(x)` in place.
@@ -84,7 +138,8 @@ pub fn forward_inplace(
     act: Activation,
     x: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    forward_inplace_with(gpu, select(x.len(), gpu.info()), act, x)
+    let aligned = align::offset16(gpu, &*x) == 0;
+    forward_inplace_with(gpu, select(x.len(), aligned, gpu.info()), act, x)
 }
 
 /// [`forward_inplace`] on the version `kernel` (an error, before any launch, on a
@@ -96,9 +151,11 @@ pub fn forward_inplace_with(
     x: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     kernel.require(gpu)?;
-    act.check("activation.forward_inplace")?;
+    const OP: &str = "activation.forward_inplace";
+    act.check(OP)?;
+    kernel.check_aligned(OP, &[("x", align::offset16(gpu, &*x))])?;
     let n = x.len();
-    launch_elementwise!(gpu, "activation_forward_inplace", n, &act, x)
+    launch_elementwise!(gpu, kernel, "activation_forward_inplace", n, &act, x)
 }
 
 /// `dx = f'(x) * dy` from the forward's input `x` and output `y`; `dx` is
@@ -111,7 +168,13 @@ pub fn backward(
     dy: &CudaView<'_, f32>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    backward_with(gpu, select(x.len(), gpu.info()), act, x, y, dy, dx)
+    let aligned = align::all_aligned(&[
+        ("x", align::offset16(gpu, x)),
+        ("y", align::offset16(gpu, y)),
+        ("dy", align::offset16(gpu, dy)),
+        ("dx", align::offset16(gpu, &*dx)),
+    ]);
+    backward_with(gpu, select(x.len(), aligned, gpu.info()), act, x, y, dy, dx)
 }
 
 /// [`backward`] on the version `kernel` (an error, before any launch, on a
@@ -136,7 +199,26 @@ pub fn backward_with(
             ("dx", dx.len()),
         ],
     )?;
-    launch_elementwise!(gpu, "activation_backward", x.len(), &act, x, y, dy, dx)
+    kernel.check_aligned(
+        OP,
+        &[
+            ("x", align::offset16(gpu, x)),
+            ("y", align::offset16(gpu, y)),
+            ("dy", align::offset16(gpu, dy)),
+            ("dx", align::offset16(gpu, &*dx)),
+        ],
+    )?;
+    launch_elementwise!(
+        gpu,
+        kernel,
+        "activation_backward",
+        x.len(),
+        &act,
+        x,
+        y,
+        dy,
+        dx
+    )
 }
 
 /// `g = f'(x) * g` in place (the incoming gradient becomes `dx`).
@@ -147,7 +229,12 @@ pub fn backward_inplace(
     y: &CudaView<'_, f32>,
     g: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    backward_inplace_with(gpu, select(x.len(), gpu.info()), act, x, y, g)
+    let aligned = align::all_aligned(&[
+        ("x", align::offset16(gpu, x)),
+        ("y", align::offset16(gpu, y)),
+        ("gradient", align::offset16(gpu, &*g)),
+    ]);
+    backward_inplace_with(gpu, select(x.len(), aligned, gpu.info()), act, x, y, g)
 }
 
 /// [`backward_inplace`] on the version `kernel` (an error, before any launch, on a
@@ -163,7 +250,24 @@ pub fn backward_inplace_with(
     kernel.require(gpu)?;
     const OP: &str = "activation.backward_inplace";
     act.check_elementwise(OP, &[("x", x.len()), ("y", y.len()), ("gradient", g.len())])?;
-    launch_elementwise!(gpu, "activation_backward_inplace", x.len(), &act, x, y, g)
+    kernel.check_aligned(
+        OP,
+        &[
+            ("x", align::offset16(gpu, x)),
+            ("y", align::offset16(gpu, y)),
+            ("gradient", align::offset16(gpu, &*g)),
+        ],
+    )?;
+    launch_elementwise!(
+        gpu,
+        kernel,
+        "activation_backward_inplace",
+        x.len(),
+        &act,
+        x,
+        y,
+        g
+    )
 }
 
 /// `g = f'(x) * g` in place from the output `y` alone (see
@@ -174,7 +278,11 @@ pub fn backward_from_output(
     y: &CudaView<'_, f32>,
     g: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    backward_from_output_with(gpu, select(y.len(), gpu.info()), act, y, g)
+    let aligned = align::all_aligned(&[
+        ("y", align::offset16(gpu, y)),
+        ("gradient", align::offset16(gpu, &*g)),
+    ]);
+    backward_from_output_with(gpu, select(y.len(), aligned, gpu.info()), act, y, g)
 }
 
 /// [`backward_from_output`] on the version `kernel` (an error, before any launch, on a
@@ -189,7 +297,22 @@ pub fn backward_from_output_with(
     kernel.require(gpu)?;
     const OP: &str = "activation.backward_from_output";
     act.check_from_output(OP, &[("y", y.len()), ("gradient", g.len())])?;
-    launch_elementwise!(gpu, "activation_backward_from_output", y.len(), &act, y, g)
+    kernel.check_aligned(
+        OP,
+        &[
+            ("y", align::offset16(gpu, y)),
+            ("gradient", align::offset16(gpu, &*g)),
+        ],
+    )?;
+    launch_elementwise!(
+        gpu,
+        kernel,
+        "activation_backward_from_output",
+        y.len(),
+        &act,
+        y,
+        g
+    )
 }
 
 /// One warp per row, eight rows per block, grid-strided over the rows.
@@ -206,14 +329,15 @@ fn softmax_config(gpu: &CudaBackend, rows: usize) -> LaunchConfig {
 
 /// Row-wise softmax (see [`Softmax`]); `y` is fully overwritten. Rows sum
 /// in a different order than the CPU's (a warp's lanes, then a butterfly),
-/// so the results agree within rounding, not bit for bit.
+/// so the results agree within rounding, not bit for bit. Both versions
+/// run the same softmax kernels (see [`ActivationKernel::Vec4`]).
 pub fn softmax_forward(
     gpu: &CudaBackend,
     p: &Softmax,
     x: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    softmax_forward_with(gpu, select(x.len(), gpu.info()), p, x, y)
+    softmax_forward_with(gpu, ActivationKernel::Elementwise, p, x, y)
 }
 
 /// [`softmax_forward`] on the version `kernel` (an error, before any launch, on a
@@ -255,7 +379,7 @@ pub fn softmax_backward(
     dy: &CudaView<'_, f32>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    softmax_backward_with(gpu, select(y.len(), gpu.info()), p, y, dy, dx)
+    softmax_backward_with(gpu, ActivationKernel::Elementwise, p, y, dy, dx)
 }
 
 /// [`softmax_backward`] on the version `kernel` (an error, before any launch, on a

@@ -22,6 +22,12 @@
 //! stage adds a channel's partials in chunk order: the same determinism,
 //! coalesced. [`select`] picks it for every dense shape.
 //!
+//! The element-wise passes (normalize-and-apply, the backward's dx) have
+//! 16-byte vector forms in [`BatchNormKernel::ChannelBlocksVec4`] and
+//! [`BatchNormKernel::ColumnsVec4`]: the same expression per element, so
+//! the same bits, with a quarter of the memory instructions; [`select`]
+//! takes them whenever the activation-sized tensors start on 16 bytes.
+//!
 //! Scratch comes from the caller: a [`BatchNormScratch`] (two f64 buffers
 //! of `c * chunks` partial sums, `c` f64 means and `3 * c` f32 backward
 //! coefficients, [`BatchNormScratch::bytes`] in all, where
@@ -35,7 +41,7 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::BatchNorm;
-use crate::cuda::{BATCHNORM, CudaBackend, DeviceInfo, KernelVersion};
+use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion, align};
 use crate::error::{Error, Result};
 
 crate::kernel_versions! {
@@ -48,6 +54,16 @@ crate::kernel_versions! {
         /// reading whole rows, f64 partials over 64-row chunks combined in
         /// order (`bn_col_*` in `kernels/batchnorm.cu`).
         Columns => "batchnorm_columns", crate::cuda::BATCHNORM,
+        /// `ChannelBlocks` with the element-wise passes (the forward's
+        /// normalize-and-apply, the backward's dx) in 16-byte vectors
+        /// (`bn_apply_vec4`, `bn_backward_dx_vec4`: one 128-bit load per
+        /// input and one store per quad, the same expression per element,
+        /// so the same bits); `x`, `y`, `dy` and `dx` must start on a
+        /// 16-byte boundary. The statistics are `ChannelBlocks'`.
+        ChannelBlocksVec4 => "batchnorm_channel_blocks_vec4", crate::cuda::BATCHNORM,
+        /// `Columns` (the dense layout only) with the vector element-wise
+        /// passes of `ChannelBlocksVec4`.
+        ColumnsVec4 => "batchnorm_columns_vec4", crate::cuda::BATCHNORM,
     }
 }
 
@@ -55,9 +71,48 @@ impl BatchNormKernel {
     /// Whether this version runs `p`: [`BatchNormKernel::Columns`] only
     /// the dense layout (`spatial == 1`), the others every shape.
     pub fn supports(self, p: &BatchNorm) -> bool {
-        match self {
-            BatchNormKernel::ChannelBlocks => true,
+        match self.reduction() {
             BatchNormKernel::Columns => p.spatial == 1,
+            _ => true,
+        }
+    }
+
+    /// The scalar version whose statistics and backward sums this one
+    /// runs: `ChannelBlocks` or `Columns`.
+    pub fn reduction(self) -> BatchNormKernel {
+        match self {
+            BatchNormKernel::ChannelBlocks | BatchNormKernel::ChannelBlocksVec4 => {
+                BatchNormKernel::ChannelBlocks
+            }
+            BatchNormKernel::Columns | BatchNormKernel::ColumnsVec4 => BatchNormKernel::Columns,
+        }
+    }
+
+    /// Whether its element-wise passes run in 16-byte vectors (and so need
+    /// 16-byte aligned tensors).
+    pub fn is_vec4(self) -> bool {
+        matches!(
+            self,
+            BatchNormKernel::ChannelBlocksVec4 | BatchNormKernel::ColumnsVec4
+        )
+    }
+
+    /// The element-wise entry points: normalize-and-apply, backward dx.
+    fn elementwise(self) -> [&'static str; 2] {
+        if self.is_vec4() {
+            ["bn_apply_vec4", "bn_backward_dx_vec4"]
+        } else {
+            ["bn_apply", "bn_backward_dx"]
+        }
+    }
+
+    /// An error naming the first tensor the element-wise passes of this
+    /// version cannot run on.
+    fn check_aligned(self, op: &'static str, bufs: &[(&str, u64)]) -> Result<()> {
+        if self.is_vec4() {
+            align::require_aligned(op, self.name(), bufs)
+        } else {
+            Ok(())
         }
     }
 
@@ -79,16 +134,15 @@ impl BatchNormKernel {
 
     /// Stage-1 partial sums per buffer for `p`.
     fn chunks(self, p: &BatchNorm) -> usize {
-        match self {
-            BatchNormKernel::ChannelBlocks => p.sample_size().div_ceil(CHANNEL_CHUNK),
+        match self.reduction() {
             BatchNormKernel::Columns => p.n.div_ceil(COL_ROWS),
+            _ => p.sample_size().div_ceil(CHANNEL_CHUNK),
         }
     }
 
     /// Stage 1's launch shape.
     fn partials_config(self, p: &BatchNorm, chunks: usize) -> LaunchConfig {
-        match self {
-            BatchNormKernel::ChannelBlocks => partials_config(p, chunks),
+        match self.reduction() {
             BatchNormKernel::Columns => LaunchConfig {
                 grid_dim: (
                     p.c.div_ceil(COL_THREADS as usize).clamp(1, MAX_GRID) as u32,
@@ -98,6 +152,7 @@ impl BatchNormKernel {
                 block_dim: (COL_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             },
+            _ => partials_config(p, chunks),
         }
     }
 
@@ -105,7 +160,7 @@ impl BatchNormKernel {
     /// training finalize, backward partials, backward finalize (the same
     /// parameters in both versions; only the partials' layout differs).
     fn stages(self) -> [&'static str; 5] {
-        match self {
+        match self.reduction() {
             BatchNormKernel::ChannelBlocks => [
                 "bn_stat_partials",
                 "bn_mean",
@@ -113,7 +168,7 @@ impl BatchNormKernel {
                 "bn_backward_partials",
                 "bn_backward_finalize",
             ],
-            BatchNormKernel::Columns => [
+            _ => [
                 "bn_col_stat_partials",
                 "bn_col_mean",
                 "bn_col_finalize_training",
@@ -130,11 +185,17 @@ impl BatchNormKernel {
 /// `ChannelBlocks`' blocks read samples `c` floats apart, one useful float
 /// per 32-byte sector. Every other shape gets
 /// [`BatchNormKernel::ChannelBlocks`], whose samples are contiguous runs.
-pub fn select(p: &BatchNorm, _info: &DeviceInfo) -> BatchNormKernel {
-    if p.spatial == 1 {
-        BatchNormKernel::Columns
-    } else {
-        BatchNormKernel::ChannelBlocks
+///
+/// `aligned`: every activation-sized tensor of the call (`x`, `y`, `dy`,
+/// `dx`) starts on a 16-byte boundary; then the vector element-wise passes
+/// ([`BatchNormKernel::ColumnsVec4`], [`BatchNormKernel::ChannelBlocksVec4`])
+/// run, with the same bits.
+pub fn select(p: &BatchNorm, aligned: bool, _info: &DeviceInfo) -> BatchNormKernel {
+    match (p.spatial == 1, aligned) {
+        (true, false) => BatchNormKernel::Columns,
+        (true, true) => BatchNormKernel::ColumnsVec4,
+        (false, false) => BatchNormKernel::ChannelBlocks,
+        (false, true) => BatchNormKernel::ChannelBlocksVec4,
     }
 }
 
@@ -347,9 +408,13 @@ pub fn forward_training(
     running_var: &mut CudaViewMut<'_, f32>,
     scratch: &mut BatchNormScratch,
 ) -> Result<()> {
+    let aligned = align::all_aligned(&[
+        ("x", align::offset16(gpu, x)),
+        ("y", align::offset16(gpu, &*y)),
+    ]);
     forward_training_with(
         gpu,
-        select(p, gpu.info()),
+        select(p, aligned, gpu.info()),
         p,
         x,
         gamma,
@@ -394,6 +459,13 @@ pub fn forward_training_with(
         ],
     )?;
     kernel.check_supports("batchnorm.forward_training", p)?;
+    kernel.check_aligned(
+        "batchnorm.forward_training",
+        &[
+            ("x", align::offset16(gpu, x)),
+            ("y", align::offset16(gpu, &*y)),
+        ],
+    )?;
     scratch.check_with("batchnorm.forward_training", kernel, p)?;
     let chunks = kernel.chunks(p);
     let chunks64 = chunks as u64;
@@ -467,6 +539,7 @@ pub fn forward_training_with(
     gpu.launched(finalize_k, r)?;
     apply(
         gpu,
+        kernel,
         p,
         x,
         gamma,
@@ -482,6 +555,7 @@ pub fn forward_training_with(
 #[allow(clippy::too_many_arguments)]
 fn apply(
     gpu: &CudaBackend,
+    kernel: BatchNormKernel,
     p: &BatchNorm,
     x: &CudaView<'_, f32>,
     gamma: &CudaView<'_, f32>,
@@ -490,10 +564,13 @@ fn apply(
     inv_std: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let f = gpu.function(&BATCHNORM, "bn_apply")?;
+    let [name, _] = kernel.elementwise();
+    let f = gpu.function(kernel.module(), name)?;
     let len = p.len() as u64;
     // SAFETY: x and y hold n*c*spatial elements, the per-channel inputs c
-    // (checked by the callers); element i reads channel (i / spatial) % c.
+    // (checked by the callers); element i reads channel (i / spatial) % c;
+    // the vector form runs on 16-byte aligned x and y only (checked by the
+    // callers).
     let r = unsafe {
         gpu.stream()
             .launch_builder(&f)
@@ -507,7 +584,7 @@ fn apply(
             .arg(&len)
             .launch(gpu.elementwise_config(p.len()))
     };
-    gpu.launched("bn_apply", r)
+    gpu.launched(name, r)
 }
 
 /// Inference forward with the running statistics; `y` fully overwritten.
@@ -523,9 +600,13 @@ pub fn forward_inference(
     y: &mut CudaViewMut<'_, f32>,
     scratch: &mut BatchNormScratch,
 ) -> Result<()> {
+    let aligned = align::all_aligned(&[
+        ("x", align::offset16(gpu, x)),
+        ("y", align::offset16(gpu, &*y)),
+    ]);
     forward_inference_with(
         gpu,
-        select(p, gpu.info()),
+        select(p, aligned, gpu.info()),
         p,
         x,
         gamma,
@@ -564,6 +645,13 @@ pub fn forward_inference_with(
         ],
     )?;
     kernel.check_supports("batchnorm.forward_inference", p)?;
+    kernel.check_aligned(
+        "batchnorm.forward_inference",
+        &[
+            ("x", align::offset16(gpu, x)),
+            ("y", align::offset16(gpu, &*y)),
+        ],
+    )?;
     scratch.check_with("batchnorm.forward_inference", kernel, p)?;
     let inv_std = &mut scratch.coefs;
     let f = gpu.function(kernel.module(), "bn_inference_inv_std")?;
@@ -577,7 +665,17 @@ pub fn forward_inference_with(
             .launch(gpu.elementwise_config(p.c))
     };
     gpu.launched("bn_inference_inv_std", r)?;
-    apply(gpu, p, x, gamma, beta, running_mean, &inv_std.as_view(), y)
+    apply(
+        gpu,
+        kernel,
+        p,
+        x,
+        gamma,
+        beta,
+        running_mean,
+        &inv_std.as_view(),
+        y,
+    )
 }
 
 /// Backward through the training forward: writes `dx`, `dgamma` and
@@ -596,9 +694,14 @@ pub fn backward(
     dbeta: &mut CudaViewMut<'_, f32>,
     scratch: &mut BatchNormScratch,
 ) -> Result<()> {
+    let aligned = align::all_aligned(&[
+        ("x", align::offset16(gpu, x)),
+        ("dy", align::offset16(gpu, dy)),
+        ("dx", align::offset16(gpu, &*dx)),
+    ]);
     backward_with(
         gpu,
-        select(p, gpu.info()),
+        select(p, aligned, gpu.info()),
         p,
         x,
         dy,
@@ -642,6 +745,14 @@ pub fn backward_with(
         ],
     )?;
     kernel.check_supports("batchnorm.backward", p)?;
+    kernel.check_aligned(
+        "batchnorm.backward",
+        &[
+            ("x", align::offset16(gpu, x)),
+            ("dy", align::offset16(gpu, dy)),
+            ("dx", align::offset16(gpu, &*dx)),
+        ],
+    )?;
     scratch.check_with("batchnorm.backward", kernel, p)?;
     let chunks = kernel.chunks(p);
     let chunks64 = chunks as u64;
@@ -688,10 +799,12 @@ pub fn backward_with(
             .launch(gpu.elementwise_config(p.c))
     };
     gpu.launched(finalize_k, r)?;
-    let f = gpu.function(kernel.module(), "bn_backward_dx")?;
+    let [_, dx_k] = kernel.elementwise();
+    let f = gpu.function(kernel.module(), dx_k)?;
     let len = p.len() as u64;
     // SAFETY: x, dy, dx hold n*c*spatial elements; element i reads channel
-    // (i / spatial) % c of save_* (c elements) and coefs (3c).
+    // (i / spatial) % c of save_* (c elements) and coefs (3c); the vector
+    // form runs on 16-byte aligned x, dy and dx only (checked).
     let r = unsafe {
         gpu.stream()
             .launch_builder(&f)
@@ -705,7 +818,7 @@ pub fn backward_with(
             .arg(&len)
             .launch(gpu.elementwise_config(p.len()))
     };
-    gpu.launched("bn_backward_dx", r)
+    gpu.launched(dx_k, r)
 }
 
 /// [`forward_training`] with a fresh [`BatchNormScratch`] allocated (and

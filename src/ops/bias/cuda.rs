@@ -15,6 +15,11 @@
 //! row order (coalesced rows instead of one useful float per 32-byte
 //! sector), partials `[chunks, c]` added in chunk order.
 //!
+//! The add has a 16-byte vector form in [`BiasKernel::ChannelBlocksVec4`]
+//! and [`BiasKernel::ColumnsVec4`] (one 128-bit load and store per four
+//! elements, the same single f32 addition per element, so the same bits);
+//! [`select`] takes it whenever `x` and `y` start on a 16-byte boundary.
+//!
 //! Scratch comes from the caller: a [`BiasScratch`] holds the f64 partial
 //! sums (`c * ceil(n * spatial / 4096)` for the gradient,
 //! [`BiasScratch::backward_len`]; `ceil(len / 8192)` for the sums,
@@ -27,7 +32,7 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::BiasShape;
-use crate::cuda::{BIAS, CudaBackend, DeviceInfo, KernelVersion};
+use crate::cuda::{BIAS, CudaBackend, DeviceInfo, KernelVersion, align};
 use crate::error::{Error, Result, check_len};
 
 crate::kernel_versions! {
@@ -41,6 +46,14 @@ crate::kernel_versions! {
         /// chunks combined in order (`bias_grad_col_*`); add and the sums
         /// are `ChannelBlocks`' (already coalesced).
         Columns => "bias_columns", crate::cuda::BIAS,
+        /// `ChannelBlocks` with the add in 16-byte vectors (`bias_add_vec4`:
+        /// one 128-bit load and store per quad, the same single addition
+        /// per element, so the same bits); `x` and `y` must start on a
+        /// 16-byte boundary. Gradient and sums are `ChannelBlocks'`.
+        ChannelBlocksVec4 => "bias_channel_blocks_vec4", crate::cuda::BIAS,
+        /// `Columns` (the dense layout only) with the vector add of
+        /// `ChannelBlocksVec4`.
+        ColumnsVec4 => "bias_columns_vec4", crate::cuda::BIAS,
     }
 }
 
@@ -49,9 +62,46 @@ impl BiasKernel {
     /// dense layout (`spatial == 1`; an empty shape too), the others every
     /// shape.
     pub fn supports(self, p: &BiasShape) -> bool {
-        match self {
-            BiasKernel::ChannelBlocks => true,
+        match self.reduction() {
             BiasKernel::Columns => p.spatial == 1 || p.is_empty(),
+            _ => true,
+        }
+    }
+
+    /// The scalar version whose reductions (gradient, sums) this one runs:
+    /// `ChannelBlocks` or `Columns`.
+    pub fn reduction(self) -> BiasKernel {
+        match self {
+            BiasKernel::ChannelBlocks | BiasKernel::ChannelBlocksVec4 => BiasKernel::ChannelBlocks,
+            BiasKernel::Columns | BiasKernel::ColumnsVec4 => BiasKernel::Columns,
+        }
+    }
+
+    /// Whether its add runs in 16-byte vectors (and so needs 16-byte
+    /// aligned `x` and `y`).
+    pub fn is_vec4(self) -> bool {
+        matches!(
+            self,
+            BiasKernel::ChannelBlocksVec4 | BiasKernel::ColumnsVec4
+        )
+    }
+
+    /// The add's entry point (`inplace`: `x += b`).
+    fn add_entry(self, inplace: bool) -> &'static str {
+        match (self.is_vec4(), inplace) {
+            (false, false) => "bias_add",
+            (false, true) => "bias_add_inplace",
+            (true, false) => "bias_add_vec4",
+            (true, true) => "bias_add_inplace_vec4",
+        }
+    }
+
+    /// An error naming the first buffer the add of this version cannot run on.
+    fn check_aligned(self, op: &'static str, bufs: &[(&str, u64)]) -> Result<()> {
+        if self.is_vec4() {
+            align::require_aligned(op, self.name(), bufs)
+        } else {
+            Ok(())
         }
     }
 
@@ -72,23 +122,27 @@ impl BiasKernel {
 
     /// Stage-1 partials per channel of the gradient.
     fn grad_chunks(self, p: &BiasShape) -> usize {
-        match self {
-            BiasKernel::ChannelBlocks => p.n.saturating_mul(p.spatial).div_ceil(CHANNEL_CHUNK),
+        match self.reduction() {
             BiasKernel::Columns => p.n.div_ceil(COL_ROWS),
+            _ => p.n.saturating_mul(p.spatial).div_ceil(CHANNEL_CHUNK),
         }
     }
 }
 
-/// The version the plain entry points run for `p` on `info`'s
-/// device; the `*_with` forms run the one a caller names. The dense layout
-/// (`spatial == 1`) gets [`BiasKernel::Columns`], whose gradient reads
+/// The version the plain entry points run for `p` on `info`'s device, for
+/// tensors that all start on a 16-byte boundary (`aligned`) or not; the
+/// `*_with` forms run the one a caller names. The dense layout
+/// (`spatial == 1`) gets the `Columns` reductions, whose gradient reads
 /// rows coalesced (`ChannelBlocks`' blocks read a channel's samples `c`
-/// floats apart there); every other shape [`BiasKernel::ChannelBlocks`].
-pub fn select(p: &BiasShape, _info: &DeviceInfo) -> BiasKernel {
-    if p.spatial == 1 {
-        BiasKernel::Columns
-    } else {
-        BiasKernel::ChannelBlocks
+/// floats apart there); every other shape `ChannelBlocks`. Aligned tensors
+/// get the vector add ([`BiasKernel::ColumnsVec4`],
+/// [`BiasKernel::ChannelBlocksVec4`]).
+pub fn select(p: &BiasShape, aligned: bool, _info: &DeviceInfo) -> BiasKernel {
+    match (p.spatial == 1, aligned) {
+        (true, false) => BiasKernel::Columns,
+        (true, true) => BiasKernel::ColumnsVec4,
+        (false, false) => BiasKernel::ChannelBlocks,
+        (false, true) => BiasKernel::ChannelBlocksVec4,
     }
 }
 
@@ -222,7 +276,11 @@ pub fn add(
     b: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    add_with(gpu, select(p, gpu.info()), p, x, b, y)
+    let aligned = align::all_aligned(&[
+        ("x", align::offset16(gpu, x)),
+        ("y", align::offset16(gpu, &*y)),
+    ]);
+    add_with(gpu, select(p, aligned, gpu.info()), p, x, b, y)
 }
 
 /// [`add`] on the version `kernel` (an error, before any launch, on a
@@ -240,13 +298,22 @@ pub fn add_with(
     p.check_x(OP, "x", x.len())?;
     p.check_b(OP, "b", b.len())?;
     p.check_x(OP, "y", y.len())?;
+    kernel.check_aligned(
+        OP,
+        &[
+            ("x", align::offset16(gpu, x)),
+            ("y", align::offset16(gpu, &*y)),
+        ],
+    )?;
     if p.is_empty() {
         return Ok(());
     }
-    let f = gpu.function(kernel.module(), "bias_add")?;
+    let name = kernel.add_entry(false);
+    let f = gpu.function(kernel.module(), name)?;
     let len = p.len() as u64;
     // SAFETY: x and y hold n*c*spatial elements and b holds c (checked);
-    // the kernel reads b at (i / spatial) % c < c and x, y below len.
+    // the kernel reads b at (i / spatial) % c < c and x, y below len; the
+    // vector form runs on 16-byte aligned x and y only (checked).
     let r = unsafe {
         gpu.stream()
             .launch_builder(&f)
@@ -257,7 +324,7 @@ pub fn add_with(
             .arg(&len)
             .launch(gpu.elementwise_config(p.len()))
     };
-    gpu.launched("bias_add", r)
+    gpu.launched(name, r)
 }
 
 /// `x[i, ch, s] += b[ch]`, in place.
@@ -267,7 +334,8 @@ pub fn add_inplace(
     x: &mut CudaViewMut<'_, f32>,
     b: &CudaView<'_, f32>,
 ) -> Result<()> {
-    add_inplace_with(gpu, select(p, gpu.info()), p, x, b)
+    let aligned = align::offset16(gpu, &*x) == 0;
+    add_inplace_with(gpu, select(p, aligned, gpu.info()), p, x, b)
 }
 
 /// [`add_inplace`] on the version `kernel` (an error, before any launch, on a
@@ -283,10 +351,12 @@ pub fn add_inplace_with(
     const OP: &str = "bias.add_inplace";
     p.check_x(OP, "x", x.len())?;
     p.check_b(OP, "b", b.len())?;
+    kernel.check_aligned(OP, &[("x", align::offset16(gpu, &*x))])?;
     if p.is_empty() {
         return Ok(());
     }
-    let f = gpu.function(kernel.module(), "bias_add_inplace")?;
+    let name = kernel.add_entry(true);
+    let f = gpu.function(kernel.module(), name)?;
     let len = p.len() as u64;
     // SAFETY: as in `add`.
     let r = unsafe {
@@ -298,7 +368,7 @@ pub fn add_inplace_with(
             .arg(&len)
             .launch(gpu.elementwise_config(p.len()))
     };
-    gpu.launched("bias_add_inplace", r)
+    gpu.launched(name, r)
 }
 
 /// The bias gradient `db[ch] = sum over i, s of dy[i, ch, s]` (f64 sums,
@@ -310,7 +380,8 @@ pub fn backward(
     db: &mut CudaViewMut<'_, f32>,
     scratch: &mut BiasScratch,
 ) -> Result<()> {
-    backward_with(gpu, select(p, gpu.info()), p, dy, db, scratch)
+    // The gradient reads no vectors: alignment does not change its version.
+    backward_with(gpu, select(p, true, gpu.info()), p, dy, db, scratch)
 }
 
 /// [`backward`] on the version `kernel` (an error, before any launch, on a
@@ -339,13 +410,13 @@ pub fn backward_with(
     let chunks = kernel.grad_chunks(p);
     let partial = &mut scratch.partial;
     let chunks64 = chunks as u64;
-    let (partials_k, finalize_k, cfg) = match kernel {
-        BiasKernel::ChannelBlocks => (
+    let (partials_k, finalize_k, cfg) = match kernel.reduction() {
+        BiasKernel::ChannelBlocks | BiasKernel::ChannelBlocksVec4 => (
             "bias_grad_partials",
             "bias_grad_finalize",
             reduce_config(chunks, p.c),
         ),
-        BiasKernel::Columns => (
+        BiasKernel::Columns | BiasKernel::ColumnsVec4 => (
             "bias_grad_col_partials",
             "bias_grad_col_finalize",
             LaunchConfig {
@@ -452,7 +523,8 @@ pub fn sum(
 ) -> Result<()> {
     sum_with(
         gpu,
-        select(&BiasShape::flat(x.len()), gpu.info()),
+        // The sums read no vectors: alignment does not matter to them.
+        select(&BiasShape::flat(x.len()), true, gpu.info()),
         x,
         out,
         scratch,
@@ -482,7 +554,8 @@ pub fn sum_squares(
 ) -> Result<()> {
     sum_squares_with(
         gpu,
-        select(&BiasShape::flat(x.len()), gpu.info()),
+        // The sums read no vectors: alignment does not matter to them.
+        select(&BiasShape::flat(x.len()), true, gpu.info()),
         x,
         out,
         scratch,

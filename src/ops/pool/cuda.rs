@@ -16,23 +16,35 @@
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
 use super::MaxPool2d;
-use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion};
+use crate::cuda::{CudaBackend, DeviceInfo, KernelVersion, align};
 use crate::error::Result;
 
 crate::kernel_versions! {
     /// The versions of this family's kernels, as data (see
-    /// [`KernelVersion`]): today one.
+    /// [`KernelVersion`]).
     pub enum PoolKernel {
         /// One thread per output (forward) or input element (backward, a gather) (`kernels/pool.cu`).
         Direct => "maxpool_direct", crate::cuda::POOL,
+        /// `Direct`'s forward; the backward one thread per four input
+        /// elements, each the same gather, written as one 16-byte store
+        /// (`maxpool2d_backward_vec4`; dx is the larger half of the
+        /// backward's bytes at 2x2/2): the same bits. `dx` must start on a
+        /// 16-byte boundary.
+        Vec4 => "maxpool_vec4", crate::cuda::POOL,
     }
 }
 
-/// The version the plain entry points run for `p` on `info`'s
-/// device; the `*_with` forms run the one a caller names. Today there is
-/// one version, so it is always [`PoolKernel::Direct`].
-pub fn select(_p: &MaxPool2d, _info: &DeviceInfo) -> PoolKernel {
-    PoolKernel::Direct
+/// The version the plain entry points run for `p` on `info`'s device,
+/// for a `dx` that starts on a 16-byte boundary (`aligned`) or not; the
+/// `*_with` forms run the one a caller names. Aligned gets
+/// [`PoolKernel::Vec4`] (its forward is `Direct`'s), the rest
+/// [`PoolKernel::Direct`].
+pub fn select(_p: &MaxPool2d, aligned: bool, _info: &DeviceInfo) -> PoolKernel {
+    if aligned {
+        PoolKernel::Vec4
+    } else {
+        PoolKernel::Direct
+    }
 }
 
 // SAFETY: `#[repr(C)]`, fourteen usizes: plain old data of 112 bytes,
@@ -49,7 +61,8 @@ pub fn forward(
     y: &mut CudaViewMut<'_, f32>,
     argmax: &mut CudaViewMut<'_, u32>,
 ) -> Result<()> {
-    forward_with(gpu, select(p, gpu.info()), p, x, y, argmax)
+    // The forward is the same kernel in every version.
+    forward_with(gpu, PoolKernel::Direct, p, x, y, argmax)
 }
 
 /// [`forward`] on the version `kernel` (an error, before any launch, on a
@@ -92,7 +105,7 @@ pub fn forward_inference(
     x: &CudaView<'_, f32>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    forward_inference_with(gpu, select(p, gpu.info()), p, x, y)
+    forward_inference_with(gpu, PoolKernel::Direct, p, x, y)
 }
 
 /// [`forward_inference`] on the version `kernel` (an error, before any launch, on a
@@ -133,7 +146,8 @@ pub fn backward(
     argmax: &CudaView<'_, u32>,
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    backward_with(gpu, select(p, gpu.info()), p, dy, argmax, dx)
+    let aligned = align::offset16(gpu, &*dx) == 0;
+    backward_with(gpu, select(p, aligned, gpu.info()), p, dy, argmax, dx)
 }
 
 /// [`backward`] on the version `kernel` (an error, before any launch, on a
@@ -147,16 +161,25 @@ pub fn backward_with(
     dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     kernel.require(gpu)?;
+    const OP: &str = "maxpool2d.backward";
     p.check_backward(dy.len(), argmax.len(), dx.len())?;
+    let name = match kernel {
+        PoolKernel::Direct => "maxpool2d_backward",
+        PoolKernel::Vec4 => {
+            align::require_aligned(OP, kernel.name(), &[("dx", align::offset16(gpu, &*dx))])?;
+            "maxpool2d_backward_vec4"
+        }
+    };
     let xlen = p.x_len();
     if xlen == 0 {
         return Ok(());
     }
-    let f = gpu.function(kernel.module(), "maxpool2d_backward")?;
+    let f = gpu.function(kernel.module(), name)?;
     let xlen64 = xlen as u64;
     // SAFETY: dx holds n*c*h*w and dy, argmax n*c*oh*ow (checked); each
     // thread reads dy and argmax only at windows (oy, ox) of its own plane
-    // with oy < out_h, ox < out_w, and writes its own dx element.
+    // with oy < out_h, ox < out_w, and writes its own dx elements (the
+    // vector form a quad at a 16-byte aligned address, checked above).
     let r = unsafe {
         gpu.stream()
             .launch_builder(&f)
@@ -167,5 +190,5 @@ pub fn backward_with(
             .arg(&xlen64)
             .launch(gpu.elementwise_config(xlen))
     };
-    gpu.launched("maxpool2d_backward", r)
+    gpu.launched(name, r)
 }

@@ -1,0 +1,708 @@
+//! The 16-byte vector kernels (`*_vec4`: `ActivationKernel::Vec4`, the
+//! `*Vec4` versions of bias and batch norm, `PoolKernel::Vec4`'s backward) against their scalar versions,
+//! on views that start 0 to 7 floats into their allocations (so 4-, 8- and
+//! 12-byte misalignment, each buffer drawn on its own), with lengths of 1,
+//! primes and others off every multiple of 4, in both layouts.
+//!
+//! For every op: the scalar version is held to the CPU reference; the plain
+//! entry point (which picks its version by alignment) gives the scalar
+//! version's bits; the vector version gives them too when every buffer is
+//! aligned and is refused, naming the first misaligned buffer, when one is
+//! not. Every output buffer carries guard values before and after its view,
+//! which must survive (a quad written past the view's end would not be
+//! caught by the memory checker: it stays inside the allocation).
+mod common;
+
+use common::*;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use kestrel::cuda::{CudaBackend, KernelVersion};
+use kestrel::ops::activation::{self, Activation};
+use kestrel::ops::batchnorm::{self, BatchNorm, VarianceMode};
+use kestrel::ops::bias::{self, BiasShape};
+use kestrel::ops::conv::Padding;
+use kestrel::ops::pool::{self, MaxPool2d};
+use proptest::prelude::*;
+
+/// The guard value around every view: a NaN payload no kernel computes.
+const GUARD: f32 = f32::from_bits(0x7fc0_beef);
+/// Guard elements after a view: more than a quad, so a vector store that
+/// overruns by up to 3 floats lands on one.
+const TAIL_GUARDS: usize = 5;
+
+/// The activations: within a few ulp of Rust's libm (see gpu_activation.rs).
+const ACT_TOL: Tol = Tol::new(1e-6, 1e-5);
+/// Bias add: one f32 addition, correctly rounded on both sides.
+const BIAS_TOL: Tol = Tol::new(0.0, 0.0);
+/// Batch norm y and dx: a few f32 operations on statistics within one ulp
+/// of the CPU's, inputs offset by up to 30 (see gpu_batchnorm.rs).
+const BN_TOL: Tol = Tol::new(1e-5, 1e-5);
+
+/// `vals` on the device `off` floats into a buffer of guards.
+struct Placed {
+    buf: CudaSlice<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl Placed {
+    fn new(gpu: &CudaBackend, off: usize, vals: &[f32]) -> Self {
+        let mut host = vec![GUARD; off];
+        host.extend_from_slice(vals);
+        host.extend(std::iter::repeat_n(GUARD, TAIL_GUARDS));
+        Placed {
+            buf: gpu.upload(&host).unwrap(),
+            off,
+            len: vals.len(),
+        }
+    }
+
+    /// `len` poison values at `off` (an output).
+    fn poisoned(gpu: &CudaBackend, off: usize, len: usize) -> Self {
+        Self::new(gpu, off, &vec![POISON; len])
+    }
+
+    fn view(&self) -> CudaView<'_, f32> {
+        self.buf.slice(self.off..self.off + self.len)
+    }
+
+    fn view_mut(&mut self) -> CudaViewMut<'_, f32> {
+        self.buf.slice_mut(self.off..self.off + self.len)
+    }
+
+    /// The view's contents, after checking that every guard survived.
+    fn read(&self, gpu: &CudaBackend, what: &str) -> Result<Vec<f32>, String> {
+        let all = gpu.download(&self.buf).unwrap();
+        let (head, rest) = all.split_at(self.off);
+        let (inside, tail) = rest.split_at(self.len);
+        for (i, g) in head.iter().chain(tail).enumerate() {
+            if g.to_bits() != GUARD.to_bits() {
+                return Err(format!(
+                    "{what}: guard {i} around the view (offset {}, len {}) overwritten with {g}",
+                    self.off, self.len
+                ));
+            }
+        }
+        Ok(inside.to_vec())
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The first of `bufs` (name, offset in floats) that is not 16-byte aligned.
+fn first_misaligned<'a>(bufs: &[(&'a str, usize)]) -> Option<&'a str> {
+    bufs.iter().find(|(_, off)| off % 4 != 0).map(|(n, _)| *n)
+}
+
+/// The checks of the module docs for one op. `run(Some(k))` runs version
+/// `k`, `run(None)` the plain entry point; each returns the output (guards
+/// checked) or the entry point's error.
+fn compare<K: KernelVersion>(
+    what: &str,
+    scalar: K,
+    vec: K,
+    bufs: &[(&str, usize)],
+    reference: &[f64],
+    tol: Tol,
+    mut run: impl FnMut(Option<K>) -> Result<kestrel::Result<Vec<f32>>, String>,
+) -> Result<(), String> {
+    let s = run(Some(scalar))?.map_err(|e| format!("{what} on {}: {e}", scalar.name()))?;
+    check_close(&format!("{what} ({})", scalar.name()), &s, reference, tol)?;
+    let p = run(None)?.map_err(|e| format!("{what} on the plain entry point: {e}"))?;
+    if bits(&p) != bits(&s) {
+        return Err(format!(
+            "{what}: the plain entry point's bits differ from {}'s ({bufs:?}): {p:?} vs {s:?}",
+            scalar.name()
+        ));
+    }
+    match (run(Some(vec))?, first_misaligned(bufs)) {
+        (Ok(v), None) => {
+            if bits(&v) != bits(&s) {
+                let i = bits(&v)
+                    .iter()
+                    .zip(bits(&s))
+                    .position(|(a, b)| *a != b)
+                    .unwrap_or(0);
+                return Err(format!(
+                    "{what}: {} differs from {} at {i}: {} vs {} ({bufs:?})",
+                    vec.name(),
+                    scalar.name(),
+                    v[i],
+                    s[i]
+                ));
+            }
+        }
+        (Ok(_), Some(name)) => {
+            return Err(format!(
+                "{what}: {} ran on a misaligned {name} ({bufs:?})",
+                vec.name()
+            ));
+        }
+        (Err(e), None) => return Err(format!("{what} on {} (aligned): {e}", vec.name())),
+        (Err(e), Some(name)) => {
+            let msg = e.to_string();
+            let needle = format!("but {name} starts");
+            if !(msg.contains(vec.name()) && msg.contains("16-byte") && msg.contains(&needle)) {
+                return Err(format!(
+                    "{what}: the refusal does not name {} and {name}: {msg}",
+                    vec.name()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Element counts: 1 to 9 (all quad tails), primes, sizes off a multiple of
+/// 4 and a few thousand (many quads per thread of the grid).
+fn lens() -> BoxedStrategy<usize> {
+    prop_oneof![
+        1usize..=9,
+        proptest::sample::select(&[11usize, 13, 31, 127, 257, 1021, 4099][..]),
+        dim(300),
+        1000usize..6000,
+    ]
+    .boxed()
+}
+
+/// Per-buffer offsets in floats: 0 and 4 aligned, the rest not.
+fn offsets(k: usize) -> impl Strategy<Value = Vec<usize>> {
+    proptest::collection::vec(
+        prop_oneof![2 => Just(0usize), 1 => Just(4usize), 3 => 1usize..8],
+        k,
+    )
+}
+
+fn activations(alpha: f32) -> [Activation; 6] {
+    [
+        Activation::LINEAR,
+        Activation::RELU,
+        Activation::elu(alpha),
+        Activation::leaky_relu(alpha),
+        Activation::TANH,
+        Activation::SIGMOID,
+    ]
+}
+
+fn check_activation(
+    gpu: &CudaBackend,
+    act: Activation,
+    len: usize,
+    offs: &[usize],
+    seed: u64,
+) -> Result<(), String> {
+    use activation::cpu;
+    use activation::cuda::{self as ac, ActivationKernel as K};
+    let mut x = data(seed, len, -5.0, 5.0);
+    if len > 3 {
+        x[len / 2] = f32::NAN;
+        x[1] = 0.0;
+    }
+    let dy = data(seed ^ 1, len, -1.0, 1.0);
+    let mut y = vec![0.0; len];
+    cpu::forward(act, &x, &mut y).unwrap();
+    let mut dx = vec![0.0; len];
+    cpu::backward(act, &x, &y, &dy, &mut dx).unwrap();
+    let (ox, oy, ody, odx) = (offs[0], offs[1], offs[2], offs[3]);
+    let xd = Placed::new(gpu, ox, &x);
+    let yd = Placed::new(gpu, oy, &y);
+    let dyd = Placed::new(gpu, ody, &dy);
+    let what = |s: &str| format!("{s} {act:?} len {len}");
+
+    compare(
+        &what("forward"),
+        K::Elementwise,
+        K::Vec4,
+        &[("x", ox), ("y", oy)],
+        &to_f64(&y),
+        ACT_TOL,
+        |k| {
+            let mut out = Placed::poisoned(gpu, oy, len);
+            let r = match k {
+                Some(k) => ac::forward_with(gpu, k, act, &xd.view(), &mut out.view_mut()),
+                None => ac::forward(gpu, act, &xd.view(), &mut out.view_mut()),
+            };
+            guard_ok(r.map(|_| Vec::new()), &out, gpu, "y")
+        },
+    )?;
+    compare(
+        &what("forward_inplace"),
+        K::Elementwise,
+        K::Vec4,
+        &[("x", ox)],
+        &to_f64(&y),
+        ACT_TOL,
+        |k| {
+            let mut io = Placed::new(gpu, ox, &x);
+            let r = match k {
+                Some(k) => ac::forward_inplace_with(gpu, k, act, &mut io.view_mut()),
+                None => ac::forward_inplace(gpu, act, &mut io.view_mut()),
+            };
+            guard_ok(r.map(|_| Vec::new()), &io, gpu, "x")
+        },
+    )?;
+    let bufs = [("x", ox), ("y", oy), ("dy", ody), ("dx", odx)];
+    compare(
+        &what("backward"),
+        K::Elementwise,
+        K::Vec4,
+        &bufs,
+        &to_f64(&dx),
+        ACT_TOL,
+        |k| {
+            let mut out = Placed::poisoned(gpu, odx, len);
+            let r = match k {
+                Some(k) => ac::backward_with(
+                    gpu,
+                    k,
+                    act,
+                    &xd.view(),
+                    &yd.view(),
+                    &dyd.view(),
+                    &mut out.view_mut(),
+                ),
+                None => ac::backward(
+                    gpu,
+                    act,
+                    &xd.view(),
+                    &yd.view(),
+                    &dyd.view(),
+                    &mut out.view_mut(),
+                ),
+            };
+            guard_ok(r.map(|_| Vec::new()), &out, gpu, "dx")
+        },
+    )?;
+    let bufs = [("x", ox), ("y", oy), ("gradient", ody)];
+    compare(
+        &what("backward_inplace"),
+        K::Elementwise,
+        K::Vec4,
+        &bufs,
+        &to_f64(&dx),
+        ACT_TOL,
+        |k| {
+            let mut g = Placed::new(gpu, ody, &dy);
+            let r = match k {
+                Some(k) => ac::backward_inplace_with(
+                    gpu,
+                    k,
+                    act,
+                    &xd.view(),
+                    &yd.view(),
+                    &mut g.view_mut(),
+                ),
+                None => ac::backward_inplace(gpu, act, &xd.view(), &yd.view(), &mut g.view_mut()),
+            };
+            guard_ok(r.map(|_| Vec::new()), &g, gpu, "gradient")
+        },
+    )?;
+    let mut gc = dy.clone();
+    if cpu::backward_from_output(act, &y, &mut gc).is_ok() {
+        let bufs = [("y", oy), ("gradient", ody)];
+        compare(
+            &what("backward_from_output"),
+            K::Elementwise,
+            K::Vec4,
+            &bufs,
+            &to_f64(&gc),
+            ACT_TOL,
+            |k| {
+                let mut g = Placed::new(gpu, ody, &dy);
+                let r = match k {
+                    Some(k) => {
+                        ac::backward_from_output_with(gpu, k, act, &yd.view(), &mut g.view_mut())
+                    }
+                    None => ac::backward_from_output(gpu, act, &yd.view(), &mut g.view_mut()),
+                };
+                guard_ok(r.map(|_| Vec::new()), &g, gpu, "gradient")
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// An op's result as `compare` takes it: the entry point's error as is, or
+/// the output buffer's view (its guards checked; a broken guard fails the
+/// test at once).
+fn guard_ok(
+    r: kestrel::Result<Vec<f32>>,
+    out: &Placed,
+    gpu: &CudaBackend,
+    what: &str,
+) -> Result<kestrel::Result<Vec<f32>>, String> {
+    match r {
+        Err(e) => Ok(Err(e)),
+        Ok(_) => out.read(gpu, what).map(Ok),
+    }
+}
+
+/// Bias shapes in both layouts: dense with odd feature counts, NCHW with
+/// odd planes (quads that straddle channels and images).
+fn bias_shapes() -> impl Strategy<Value = (usize, usize, usize)> {
+    prop_oneof![
+        (dim(65), dim(67), Just(1usize)),
+        (dim(9), dim(13), dim(50)),
+        (
+            dim(3),
+            dim(3),
+            proptest::sample::select(&[1usize, 3, 4, 7, 49, 196, 1023][..])
+        ),
+    ]
+}
+
+fn check_bias(gpu: &CudaBackend, p: BiasShape, offs: &[usize], seed: u64) -> Result<(), String> {
+    use bias::cuda::{self as bc, BiasKernel as K};
+    let len = p.len();
+    let x = data(seed, len, -3.0, 3.0);
+    let b = data(seed ^ 9, p.c, -1.0, 1.0);
+    let mut y = vec![0.0; len];
+    bias::cpu::add(&p, &x, &b, &mut y).unwrap();
+    let (scalar, vec) = if p.spatial == 1 {
+        (K::Columns, K::ColumnsVec4)
+    } else {
+        (K::ChannelBlocks, K::ChannelBlocksVec4)
+    };
+    let (ox, oy, ob) = (offs[0], offs[1], offs[2]);
+    let xd = Placed::new(gpu, ox, &x);
+    // b is read per element: any offset is fine, and it is not checked.
+    let bd = Placed::new(gpu, ob, &b);
+    compare(
+        &format!("bias.add {p:?}"),
+        scalar,
+        vec,
+        &[("x", ox), ("y", oy)],
+        &to_f64(&y),
+        BIAS_TOL,
+        |k| {
+            let mut out = Placed::poisoned(gpu, oy, len);
+            let r = match k {
+                Some(k) => bc::add_with(gpu, k, &p, &xd.view(), &bd.view(), &mut out.view_mut()),
+                None => bc::add(gpu, &p, &xd.view(), &bd.view(), &mut out.view_mut()),
+            };
+            guard_ok(r.map(|_| Vec::new()), &out, gpu, "y")
+        },
+    )?;
+    compare(
+        &format!("bias.add_inplace {p:?}"),
+        scalar,
+        vec,
+        &[("x", ox)],
+        &to_f64(&y),
+        BIAS_TOL,
+        |k| {
+            let mut io = Placed::new(gpu, ox, &x);
+            let r = match k {
+                Some(k) => bc::add_inplace_with(gpu, k, &p, &mut io.view_mut(), &bd.view()),
+                None => bc::add_inplace(gpu, &p, &mut io.view_mut(), &bd.view()),
+            };
+            guard_ok(r.map(|_| Vec::new()), &io, gpu, "x")
+        },
+    )
+}
+
+fn check_batchnorm(
+    gpu: &CudaBackend,
+    p: BatchNorm,
+    offs: &[usize],
+    seed: u64,
+) -> Result<(), String> {
+    use batchnorm::cpu;
+    use batchnorm::cuda::{self as bn, BatchNormKernel as K};
+    let (len, c) = (p.len(), p.c);
+    let x: Vec<f32> = data(seed, len, -2.0, 2.0)
+        .iter()
+        .map(|v| v + 20.0)
+        .collect();
+    let dy = data(seed ^ 1, len, -1.0, 1.0);
+    let gamma = data(seed ^ 2, c, 0.5, 1.5);
+    let beta = data(seed ^ 3, c, -0.5, 0.5);
+    let rv0 = data(seed ^ 5, c, 0.5, 2.0);
+    let (mut y, mut sm, mut sis, mut rm, mut rv) = (
+        vec![0.0; len],
+        vec![0.0; c],
+        vec![0.0; c],
+        vec![0.0; c],
+        rv0.clone(),
+    );
+    cpu::forward_training(
+        &p, &x, &gamma, &beta, &mut y, &mut sm, &mut sis, &mut rm, &mut rv,
+    )
+    .unwrap();
+    let mut yi = vec![0.0; len];
+    cpu::forward_inference(&p, &x, &gamma, &beta, &rm, &rv, &mut yi).unwrap();
+    let (mut dx, mut dg, mut db) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
+    cpu::backward(&p, &x, &dy, &gamma, &sm, &sis, &mut dx, &mut dg, &mut db).unwrap();
+    let (scalar, vec) = if p.spatial == 1 {
+        (K::Columns, K::ColumnsVec4)
+    } else {
+        (K::ChannelBlocks, K::ChannelBlocksVec4)
+    };
+    let (ox, oy, ody, odx) = (offs[0], offs[1], offs[2], offs[3]);
+    let up = |v: &[f32]| gpu.upload(v).unwrap();
+    let (xd, dyd) = (Placed::new(gpu, ox, &x), Placed::new(gpu, ody, &dy));
+    let (gd, bd, rmd, rvd, smd, sisd) =
+        (up(&gamma), up(&beta), up(&rm), up(&rv), up(&sm), up(&sis));
+    let mut scratch = bn::BatchNormScratch::new(gpu, &p).unwrap();
+    compare(
+        &format!("batchnorm.forward_training {p:?}"),
+        scalar,
+        vec,
+        &[("x", ox), ("y", oy)],
+        &to_f64(&y),
+        BN_TOL,
+        |k| {
+            let mut out = Placed::poisoned(gpu, oy, len);
+            let (mut m, mut is, mut rm, mut rv) = (
+                gpu.zeros(c).unwrap(),
+                gpu.zeros(c).unwrap(),
+                gpu.zeros(c).unwrap(),
+                up(&rv0),
+            );
+            let (mut m, mut is, mut rmv, mut rvv) = (
+                m.as_view_mut(),
+                is.as_view_mut(),
+                rm.as_view_mut(),
+                rv.as_view_mut(),
+            );
+            let r = match k {
+                Some(k) => bn::forward_training_with(
+                    gpu,
+                    k,
+                    &p,
+                    &xd.view(),
+                    &gd.as_view(),
+                    &bd.as_view(),
+                    &mut out.view_mut(),
+                    &mut m,
+                    &mut is,
+                    &mut rmv,
+                    &mut rvv,
+                    &mut scratch,
+                ),
+                None => bn::forward_training(
+                    gpu,
+                    &p,
+                    &xd.view(),
+                    &gd.as_view(),
+                    &bd.as_view(),
+                    &mut out.view_mut(),
+                    &mut m,
+                    &mut is,
+                    &mut rmv,
+                    &mut rvv,
+                    &mut scratch,
+                ),
+            };
+            guard_ok(r.map(|_| Vec::new()), &out, gpu, "y")
+        },
+    )?;
+    compare(
+        &format!("batchnorm.forward_inference {p:?}"),
+        scalar,
+        vec,
+        &[("x", ox), ("y", oy)],
+        &to_f64(&yi),
+        BN_TOL,
+        |k| {
+            let mut out = Placed::poisoned(gpu, oy, len);
+            let r = match k {
+                Some(k) => bn::forward_inference_with(
+                    gpu,
+                    k,
+                    &p,
+                    &xd.view(),
+                    &gd.as_view(),
+                    &bd.as_view(),
+                    &rmd.as_view(),
+                    &rvd.as_view(),
+                    &mut out.view_mut(),
+                    &mut scratch,
+                ),
+                None => bn::forward_inference(
+                    gpu,
+                    &p,
+                    &xd.view(),
+                    &gd.as_view(),
+                    &bd.as_view(),
+                    &rmd.as_view(),
+                    &rvd.as_view(),
+                    &mut out.view_mut(),
+                    &mut scratch,
+                ),
+            };
+            guard_ok(r.map(|_| Vec::new()), &out, gpu, "y")
+        },
+    )?;
+    let bufs = [("x", ox), ("dy", ody), ("dx", odx)];
+    compare(
+        &format!("batchnorm.backward {p:?}"),
+        scalar,
+        vec,
+        &bufs,
+        &to_f64(&dx),
+        BN_TOL,
+        |k| {
+            let mut out = Placed::poisoned(gpu, odx, len);
+            let (mut g, mut b) = (gpu.zeros(c).unwrap(), gpu.zeros(c).unwrap());
+            let (mut gv, mut bv) = (g.as_view_mut(), b.as_view_mut());
+            let r = match k {
+                Some(k) => bn::backward_with(
+                    gpu,
+                    k,
+                    &p,
+                    &xd.view(),
+                    &dyd.view(),
+                    &gd.as_view(),
+                    &smd.as_view(),
+                    &sisd.as_view(),
+                    &mut out.view_mut(),
+                    &mut gv,
+                    &mut bv,
+                    &mut scratch,
+                ),
+                None => bn::backward(
+                    gpu,
+                    &p,
+                    &xd.view(),
+                    &dyd.view(),
+                    &gd.as_view(),
+                    &smd.as_view(),
+                    &sisd.as_view(),
+                    &mut out.view_mut(),
+                    &mut gv,
+                    &mut bv,
+                    &mut scratch,
+                ),
+            };
+            guard_ok(r.map(|_| Vec::new()), &out, gpu, "dx")
+        },
+    )
+}
+
+fn check_pool_backward(
+    gpu: &CudaBackend,
+    p: MaxPool2d,
+    off: usize,
+    seed: u64,
+) -> Result<(), String> {
+    use pool::cuda::{self as pc, PoolKernel as K};
+    let x = data(seed, p.x_len(), -1.0, 1.0);
+    let (mut y, mut arg) = (vec![0.0; p.y_len()], vec![0u32; p.y_len()]);
+    pool::cpu::forward(&p, &x, &mut y, &mut arg).unwrap();
+    let dy = data(seed ^ 1, p.y_len(), -1.0, 1.0);
+    let mut dx = vec![0.0; p.x_len()];
+    pool::cpu::backward(&p, &dy, &arg, &mut dx).unwrap();
+    let (dyd, argd) = (gpu.upload(&dy).unwrap(), gpu.upload(&arg).unwrap());
+    // The gather adds in the CPU's order from 0: its exact bits.
+    compare(
+        &format!("maxpool2d.backward {p:?}"),
+        K::Direct,
+        K::Vec4,
+        &[("dx", off)],
+        &to_f64(&dx),
+        Tol::new(0.0, 0.0),
+        |k| {
+            let mut out = Placed::poisoned(gpu, off, p.x_len());
+            let r = match k {
+                Some(k) => pc::backward_with(
+                    gpu,
+                    k,
+                    &p,
+                    &dyd.as_view(),
+                    &argd.as_view(),
+                    &mut out.view_mut(),
+                ),
+                None => pc::backward(
+                    gpu,
+                    &p,
+                    &dyd.as_view(),
+                    &argd.as_view(),
+                    &mut out.view_mut(),
+                ),
+            };
+            guard_ok(r.map(|_| Vec::new()), &out, gpu, "dx")
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(20))]
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn pool_backward_vec4_is_the_scalar_bits(n in dim(3), c in dim(5), h in dim(17), w in dim(17),
+                                             window in prop_oneof![Just((2usize, 2usize)), Just((3, 2)), Just((3, 1))],
+                                             same: bool, off in prop_oneof![Just(0usize), Just(4usize), 1usize..8], seed: u64) {
+        let gpu = gpu();
+        let (k, st) = window;
+        let pad = if same { Padding::Same } else { Padding::Valid };
+        let Ok(p) = MaxPool2d::new([n, c, h, w], [k, k], [st, st], pad) else {
+            // A valid window larger than the image: nothing to pool.
+            return Ok(());
+        };
+        let r = check_pool_backward(&gpu, p, off, seed);
+        prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn activation_vec4_is_the_scalar_bits(len in lens(), offs in offsets(4), seed: u64,
+                                          alpha in prop_oneof![Just(0.3f32), Just(1.0f32), -1.0f32..2.0]) {
+        let gpu = gpu();
+        for act in activations(alpha) {
+            let r = check_activation(&gpu, act, len, &offs, seed);
+            prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn bias_add_vec4_is_the_scalar_bits((n, c, sp) in bias_shapes(), offs in offsets(3), seed: u64) {
+        let gpu = gpu();
+        let r = check_bias(&gpu, BiasShape::new(n, c, sp).unwrap(), &offs, seed);
+        prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn batchnorm_vec4_is_the_scalar_bits((n, c, sp) in bias_shapes(), offs in offsets(4), seed: u64, is_conv: bool) {
+        let gpu = gpu();
+        // n * spatial >= 2 keeps every variance mode's correction defined.
+        let n = if n * sp < 2 { 2 } else { n };
+        let p = BatchNorm::new(n, c, sp, is_conv, 0.99, 1e-3, VarianceMode::Biased).unwrap();
+        let r = check_batchnorm(&gpu, p, &offs, seed);
+        prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+    }
+}
+
+/// What the plain entry points pick: the vector version exactly when every
+/// buffer is aligned (the property tests above check the bits either way).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn select_picks_by_alignment() {
+    let gpu = gpu();
+    let info = gpu.info();
+    use activation::cuda::{ActivationKernel as A, select as act_select};
+    assert_eq!(act_select(10, true, info), A::Vec4);
+    assert_eq!(act_select(10, false, info), A::Elementwise);
+    use bias::cuda::{BiasKernel as B, select as bias_select};
+    let dense = BiasShape::dense(3, 5).unwrap();
+    let conv = BiasShape::conv(3, 5, 7).unwrap();
+    assert_eq!(bias_select(&dense, true, info), B::ColumnsVec4);
+    assert_eq!(bias_select(&dense, false, info), B::Columns);
+    assert_eq!(bias_select(&conv, true, info), B::ChannelBlocksVec4);
+    assert_eq!(bias_select(&conv, false, info), B::ChannelBlocks);
+    use batchnorm::cuda::{BatchNormKernel as N, select as bn_select};
+    let dense = BatchNorm::dense(3, 5).unwrap();
+    let conv = BatchNorm::conv(3, 5, 2, 3).unwrap();
+    assert_eq!(bn_select(&dense, true, info), N::ColumnsVec4);
+    assert_eq!(bn_select(&dense, false, info), N::Columns);
+    assert_eq!(bn_select(&conv, true, info), N::ChannelBlocksVec4);
+    assert_eq!(bn_select(&conv, false, info), N::ChannelBlocks);
+    use pool::cuda::{PoolKernel as P, select as pool_select};
+    let p = MaxPool2d::new([1, 1, 4, 4], [2, 2], [2, 2], Padding::Valid).unwrap();
+    assert_eq!(pool_select(&p, true, info), P::Vec4);
+    assert_eq!(pool_select(&p, false, info), P::Direct);
+}

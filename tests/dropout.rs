@@ -208,14 +208,18 @@ fn nan_follows_multiplication() {
 
 /// Every instruction-set level this CPU runs (`cpu_isa`) draws the same
 /// masks and values as the definition: the lane-parallel Philox is integer
-/// arithmetic, so the levels agree bitwise. Lengths around the 64-element
-/// groups and the 16384-element tasks.
+/// arithmetic, so the levels agree bitwise. Lengths around the 32-element
+/// AVX2 steps, the 64-element portable groups and the 16384-element tasks;
+/// the backward on a mask with arbitrary nonzero bytes.
 #[test]
 fn every_isa_level_matches_the_definition() {
     use kestrel::cpu_isa::{Isa, with_isa};
     for isa in Isa::available() {
         for (len, rate, seed, offset) in [
             (1usize, 0.5f32, 1u64, 0u64),
+            (31, 0.5, 9, 3),
+            (32, 0.1, 10, 4),
+            (37, 0.9, 11, u64::MAX),
             (63, 0.3, 2, 5),
             (64, 0.3, 3, u64::MAX - 1),
             (65, 0.7, 4, 1 << 40),
@@ -243,6 +247,17 @@ fn every_isa_level_matches_the_definition() {
                 .unwrap()
                 .unwrap();
             assert!(m2 == mask, "{isa}: mask_only");
+            // Backward: any nonzero byte keeps (bytes 0, 1 and 2..=255).
+            let m3: Vec<u8> = (0..len).map(|i| mask[i] * (1 + (i % 200) as u8)).collect();
+            let dy = data(seed ^ 1, len, -4.0, 4.0);
+            let mut dx = vec![f32::NAN; len];
+            with_isa(isa, || cpu::backward(&p, &dy, &m3, &mut dx))
+                .unwrap()
+                .unwrap();
+            for i in 0..len {
+                let expect = dy[i] * if m3[i] != 0 { scale } else { 0.0 };
+                assert_eq!(dx[i].to_bits(), expect.to_bits(), "{isa}: dx[{i}]");
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::MaxPool2d;
+use crate::cpu_isa::Isa;
 use crate::error::{Error, Result};
 
 /// `y = maxpool(x)` and the argmax of every window (index within the image
@@ -15,6 +16,7 @@ pub fn forward(p: &MaxPool2d, x: &[f32], y: &mut [f32], argmax: &mut [u32]) -> R
     // otherwise cost more in scheduling than in work.
     let per_task = (PLANES_MIN_ELEMS / ohw.max(1)).max(1);
     let chunk = (ohw * per_task).max(1);
+    let isa = Isa::current();
     y.par_chunks_mut(chunk)
         .zip(argmax.par_chunks_mut(chunk))
         .enumerate()
@@ -25,7 +27,7 @@ pub fn forward(p: &MaxPool2d, x: &[f32], y: &mut [f32], argmax: &mut [u32]) -> R
                 .enumerate()
             {
                 let pi = t * per_task + q;
-                forward_plane(p, &x[pi * hw..][..hw], yp, ap);
+                forward_plane(p, isa, &x[pi * hw..][..hw], yp, ap);
             }
         });
     Ok(())
@@ -37,17 +39,16 @@ const PLANES_MIN_ELEMS: usize = 4096;
 /// One plane of [`forward`]. The 2x2 windows of stride 2 that lie inside
 /// the image (every window of a `valid` 2x2 pool, as in the seed networks)
 /// take a straight-line path: four loads, three compares, no loop, no
-/// division; any other window goes through [`window_max`]. Both keep the
-/// same rule (first NaN in row-major order, else the first maximum).
+/// division (eight windows per step with AVX2); any other window goes
+/// through [`window_max`]. All keep the same rule (first NaN in row-major
+/// order, else the first maximum) and select, never compute, so every path
+/// gives the same bits.
 #[inline]
-fn forward_plane(p: &MaxPool2d, plane: &[f32], yp: &mut [f32], ap: &mut [u32]) {
+fn forward_plane(p: &MaxPool2d, isa: Isa, plane: &[f32], yp: &mut [f32], ap: &mut [u32]) {
     let fast = p.pool_h == 2 && p.pool_w == 2 && p.stride_h == 2 && p.stride_w == 2;
     let fast = fast && p.pad_top == 0 && p.pad_left == 0;
-    for (oy, (yr, ar)) in yp
-        .chunks_mut(p.out_w)
-        .zip(ap.chunks_mut(p.out_w))
-        .enumerate()
-    {
+    for oy in 0..p.out_h {
+        let o0 = oy * p.out_w;
         // Columns whose window lies inside the plane (all rows inside too).
         let inside = if fast && 2 * oy + 1 < p.h {
             (p.w / 2).min(p.out_w)
@@ -56,8 +57,22 @@ fn forward_plane(p: &MaxPool2d, plane: &[f32], yp: &mut [f32], ap: &mut [u32]) {
         };
         if inside > 0 {
             let i0 = 2 * oy * p.w;
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if isa >= Isa::Avx2 {
+                // SAFETY: `Isa::current` never exceeds `Isa::detected`,
+                // which requires AVX2 for `Avx2` and above. Rows run in
+                // order and every output of a row is written after the
+                // rows above it (see `row_2x2`).
+                unsafe {
+                    avx2::row_2x2(&plane[i0..], p.w, i0, inside, &mut yp[o0..], &mut ap[o0..])
+                };
+                done = inside;
+            }
+            let _ = isa;
+            let (yr, ar) = (&mut yp[o0..][..p.out_w], &mut ap[o0..][..p.out_w]);
             let (r0, r1) = (&plane[i0..][..2 * inside], &plane[i0 + p.w..][..2 * inside]);
-            for (ox, (yv, av)) in yr[..inside].iter_mut().zip(&mut ar[..inside]).enumerate() {
+            for ox in done..inside {
                 let (a, b, c, d) = (r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]);
                 let (mut best, mut k) = (a, 0usize);
                 if b > best {
@@ -83,15 +98,15 @@ fn forward_plane(p: &MaxPool2d, plane: &[f32], yp: &mut [f32], ap: &mut [u32]) {
                 if a.is_nan() {
                     (best, k) = (a, 0);
                 }
-                *yv = best;
+                yr[ox] = best;
                 // validate() bounds H*W by 2^32, so the plane index fits.
-                *av = (i0 + 2 * ox + k) as u32;
+                ar[ox] = (i0 + 2 * ox + k) as u32;
             }
         }
         for ox in inside..p.out_w {
             let (v, i) = window_max(p, plane, oy, ox);
-            yr[ox] = v;
-            ar[ox] = i as u32;
+            yp[o0 + ox] = v;
+            ap[o0 + ox] = i as u32;
         }
     }
 }
@@ -129,14 +144,23 @@ pub fn backward(p: &MaxPool2d, dy: &[f32], argmax: &[u32], dx: &mut [f32]) -> Re
             ),
         ));
     }
-    dx.par_chunks_mut(hw).enumerate().for_each(|(pi, plane)| {
-        plane.fill(0.0);
-        let dyp = &dy[pi * ohw..][..ohw];
-        let ap = &argmax[pi * ohw..][..ohw];
-        for (&g, &a) in dyp.iter().zip(ap) {
-            plane[a as usize] += g;
-        }
-    });
+    // Whole planes per task, as in the forward pass: one task per 900-pixel
+    // plane spent more in scheduling than in work.
+    let per_task = (PLANES_MIN_ELEMS / ohw.max(1)).max(1);
+    let chunk = (hw * per_task).max(1);
+    dx.par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(t, planes)| {
+            for (q, plane) in planes.chunks_mut(hw.max(1)).enumerate() {
+                let pi = t * per_task + q;
+                plane.fill(0.0);
+                let dyp = &dy[pi * ohw..][..ohw];
+                let ap = &argmax[pi * ohw..][..ohw];
+                for (&g, &a) in dyp.iter().zip(ap) {
+                    plane[a as usize] += g;
+                }
+            }
+        });
     Ok(())
 }
 
@@ -168,4 +192,151 @@ fn window_max(p: &MaxPool2d, plane: &[f32], oy: usize, ox: usize) -> (f32, usize
         }
     }
     (best, arg)
+}
+
+/// The 2x2 / stride-2 windows of one output row with AVX2, eight at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Even and odd elements of `(v0, v1)` (16 consecutive floats), each in
+    /// order.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn deinterleave(v0: __m256, v1: __m256) -> (__m256, __m256) {
+        // shuffle_ps works within 128-bit halves: [v0 0 2, v1 0 2 | v0 4 6,
+        // v1 4 6]; the 64-bit permutation puts the halves in order.
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(v0, v1);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(v0, v1);
+        let order = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        (order(even), order(odd))
+    }
+
+    /// `(v, kv)` in the lanes of `m`, `s` elsewhere: a window's (maximum,
+    /// offset) after one candidate.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn take(s: (__m256, __m256i), v: __m256, kv: __m256i, m: __m256) -> (__m256, __m256i) {
+        let k = _mm256_blendv_ps(_mm256_castsi256_ps(s.1), _mm256_castsi256_ps(kv), m);
+        (_mm256_blendv_ps(s.0, v, m), _mm256_castps_si256(k))
+    }
+
+    /// Eight windows from their four candidates (top left, top right,
+    /// bottom left, bottom right): the maximum and its offset (0, 1, `w`,
+    /// `w + 1`) by the scalar rule: strict `>` in that order, then the
+    /// first NaN (checked last to first, so the earliest remains).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn windows8(a: __m256, b: __m256, c: __m256, d: __m256, w: usize) -> (__m256, __m256i) {
+        let (one, wi, wi1) = (
+            _mm256_set1_epi32(1),
+            _mm256_set1_epi32(w as i32),
+            _mm256_set1_epi32(w as i32 + 1),
+        );
+        let gt = |v: __m256, best: __m256| _mm256_cmp_ps::<_CMP_GT_OQ>(v, best);
+        let nan = |v: __m256| _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
+        let mut s = (a, _mm256_setzero_si256());
+        s = take(s, b, one, gt(b, s.0));
+        s = take(s, c, wi, gt(c, s.0));
+        s = take(s, d, wi1, gt(d, s.0));
+        s = take(s, d, wi1, nan(d));
+        s = take(s, c, wi, nan(c));
+        s = take(s, b, one, nan(b));
+        take(s, a, _mm256_setzero_si256(), nan(a))
+    }
+
+    /// The first `n` windows of one output row: window `ox` covers
+    /// `rows[2ox..2ox+2]` and `rows[w + 2ox..w + 2ox + 2]` (`rows` is the
+    /// plane from the row pair's first element, plane index `i0`, to its
+    /// end); writes `y[ox]` (the maximum) and `arg[ox]` (its plane index)
+    /// for `ox < n` (`y` and `arg` run from the row's first output to the
+    /// plane's last). Steps of eight windows; a last step that would run
+    /// past the row is moved back to end at it when the row has eight
+    /// (recomputing a few windows with the same result). A narrower row
+    /// (keras-cnn's pool2 is 6 wide) reads 16 floats of each input row and
+    /// writes 8 outputs where the plane has them, the lanes past `n` being
+    /// windows of no use: those land on outputs of this row or the next,
+    /// which their own turn overwrites (the caller writes every output of a
+    /// plane, row after row); at the plane's end it goes through buffers.
+    /// A select, never arithmetic: the scalar path's bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn row_2x2(
+        rows: &[f32],
+        w: usize,
+        i0: usize,
+        n: usize,
+        y: &mut [f32],
+        arg: &mut [u32],
+    ) {
+        assert!(y.len() >= n && arg.len() == y.len() && rows.len() >= w + 2 * n);
+        let steps2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        // Plane indices are below 2^32 (validate); i32 lanes wrap as u32.
+        let index = |ox: usize, k: __m256i| {
+            _mm256_add_epi32(
+                _mm256_add_epi32(_mm256_set1_epi32((i0 + 2 * ox) as i32), steps2),
+                k,
+            )
+        };
+        let (r0, r1) = (rows.as_ptr(), rows[w..].as_ptr());
+        if n >= 8 {
+            for step in 0..n.div_ceil(8) {
+                let ox = (8 * step).min(n - 8);
+                // SAFETY: 2 * ox + 16 <= 2n, and w + 2n <= rows.len(); ox + 8
+                // <= n <= len of y and arg (asserted).
+                unsafe {
+                    let (p0, p1) = (r0.add(2 * ox), r1.add(2 * ox));
+                    let (a, b) = deinterleave(_mm256_loadu_ps(p0), _mm256_loadu_ps(p0.add(8)));
+                    let (c, d) = deinterleave(_mm256_loadu_ps(p1), _mm256_loadu_ps(p1.add(8)));
+                    let (best, k) = windows8(a, b, c, d, w);
+                    _mm256_storeu_ps(y.as_mut_ptr().add(ox), best);
+                    _mm256_storeu_si256(arg.as_mut_ptr().add(ox).cast(), index(ox, k));
+                }
+            }
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        // Both input rows from registers when the plane holds 16 floats
+        // from the second one, else from a zero-padded copy (a stack
+        // round trip: narrow stores then a wide load, which the store
+        // buffer does not forward, so only at the plane's end).
+        let mut buf = [[0.0f32; 16]; 2];
+        let (p0, p1) = if rows.len() >= w + 16 {
+            (r0, r1)
+        } else {
+            buf[0][..2 * n].copy_from_slice(&rows[..2 * n]);
+            buf[1][..2 * n].copy_from_slice(&rows[w..][..2 * n]);
+            (buf[0].as_ptr(), buf[1].as_ptr())
+        };
+        // SAFETY: 16 floats at p0 and p1: rows.len() >= w + 16 (so from r0
+        // too), or the buffers.
+        let (best, k) = unsafe {
+            let (a, b) = deinterleave(_mm256_loadu_ps(p0), _mm256_loadu_ps(p0.add(8)));
+            let (c, d) = deinterleave(_mm256_loadu_ps(p1), _mm256_loadu_ps(p1.add(8)));
+            windows8(a, b, c, d, w)
+        };
+        let idx = index(0, k);
+        if y.len() >= 8 {
+            // SAFETY: 8 outputs of y and arg (checked).
+            unsafe {
+                _mm256_storeu_ps(y.as_mut_ptr(), best);
+                _mm256_storeu_si256(arg.as_mut_ptr().cast(), idx);
+            }
+        } else {
+            let (mut yb, mut ab) = ([0.0f32; 8], [0u32; 8]);
+            // SAFETY: 8-lane stores into arrays of 8.
+            unsafe {
+                _mm256_storeu_ps(yb.as_mut_ptr(), best);
+                _mm256_storeu_si256(ab.as_mut_ptr().cast(), idx);
+            }
+            y[..n].copy_from_slice(&yb[..n]);
+            arg[..n].copy_from_slice(&ab[..n]);
+        }
+    }
 }

@@ -4,13 +4,17 @@
 //! and best printed in milliseconds and GFLOP/s. Build it at two commits
 //! and run the binaries alternately for an A/B on a loaded machine
 //! (`docs/perf-log.md`); `benches/cpu_quiet_pairs.sh` runs it beside
-//! PyTorch's `conv` rows, whose ids (`keras-cnn.conv1.b32.fwd`) it prints.
+//! PyTorch's `conv` rows, whose ids (`keras-cnn.conv1.b32.fwd`) it prints
+//! for the algorithm `CpuConvAlgo::select` picks. Every algorithm that runs
+//! the layer here is timed in the same rounds too, under the id with its
+//! name appended (`keras-cnn.conv2.b32.fwd.im2col_gemm`).
 //!
 //!     RAYON_NUM_THREADS=2 cargo run --release --example cpu_conv_ab [ROUNDS [BATCH]]
 
 use std::time::Instant;
 
 use kestrel::ops::activation::Activation;
+use kestrel::ops::conv::cpu::CpuConvAlgo;
 use kestrel::ops::conv::{Conv2d, Padding, cpu as conv};
 
 fn data(seed: u64, len: usize) -> Vec<f32> {
@@ -58,14 +62,21 @@ fn main() {
         let mut y = vec![0.0f32; p.y_len()];
         let mut dx = vec![0.0f32; p.x_len()];
         let mut dw = vec![0.0f32; p.w_len()];
-        let mut times = vec![Vec::new(); 3];
+        // (pass, algorithm) pairs: every algorithm that runs the pass here.
+        let runs: Vec<(usize, CpuConvAlgo)> = (0..3)
+            .flat_map(|pass| CpuConvAlgo::ALL.into_iter().map(move |a| (pass, a)))
+            .filter(|&(pass, a)| a.runs(&p, pass == 1))
+            .collect();
+        let mut times = vec![Vec::new(); runs.len()];
         for round in 0..=rounds {
-            for (pass, t) in times.iter_mut().enumerate() {
+            for (&(pass, algo), t) in runs.iter().zip(times.iter_mut()) {
                 let t0 = Instant::now();
                 match pass {
-                    0 => conv::forward(&p, &x, &w, Some(&bias), Activation::RELU, &mut y),
-                    1 => conv::backward_data(&p, &dy, &w, &mut dx),
-                    _ => conv::backward_filter(&p, &x, &dy, &mut dw),
+                    0 => {
+                        conv::forward_with(algo, &p, &x, &w, Some(&bias), Activation::RELU, &mut y)
+                    }
+                    1 => conv::backward_data_with(algo, &p, &dy, &w, &mut dx),
+                    _ => conv::backward_filter_with(algo, &p, &x, &dy, &mut dw),
                 }
                 .unwrap();
                 // Round 0 warms up.
@@ -74,15 +85,29 @@ fn main() {
                 }
             }
         }
-        for (pass, t) in ["fwd", "bwd_data", "bwd_filter"].iter().zip(&mut times) {
+        let line = |id: &str, t: &mut Vec<f64>| {
             let med = median(t);
-            total += med;
             println!(
-                "keras-cnn.{name}.b{n}.{pass:<10} {:9.3} ms {:6.1} GFLOP/s | best {:9.3} ms",
+                "{id:<40} {:9.3} ms {:6.1} GFLOP/s | best {:9.3} ms",
                 med * 1e3,
                 p.flops() / med / 1e9,
                 t[0] * 1e3
             );
+            med
+        };
+        for (pass, pname) in ["fwd", "bwd_data", "bwd_filter"].iter().enumerate() {
+            let picked = CpuConvAlgo::select(&p, pass == 1);
+            let id = format!("keras-cnn.{name}.b{n}.{pname}");
+            for (&(ps, algo), t) in runs.iter().zip(times.iter_mut()) {
+                if ps == pass && algo == picked {
+                    total += line(&id, t);
+                }
+            }
+            for (&(ps, algo), t) in runs.iter().zip(times.iter_mut()) {
+                if ps == pass {
+                    line(&format!("  {id}.{}", algo.name()), t);
+                }
+            }
         }
     }
     println!("sum of medians {:.3} ms", total * 1e3);

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use kestrel::ops::activation::Activation;
+use kestrel::ops::conv::cpu::CpuConvAlgo;
 use kestrel::ops::conv::{Conv2d, Padding, cpu};
 use proptest::prelude::*;
 
@@ -605,5 +606,209 @@ fn errors_name_the_op_and_the_sizes() {
         cpu::backward_data(&bad, &y, &w, &mut x.clone()),
         "conv2d.backward_data",
         &["stride_h is 0"],
+    );
+}
+
+/// Every CPU algorithm that runs a layer ([`CpuConvAlgo::runs`]), at every
+/// instruction-set level of this CPU, against the f64 definition on all
+/// three passes, and bit for bit on 1 and 3 threads: stride 1 (the shifted
+/// rows' domain) and 2, Keras and explicit padding (some of it beyond the
+/// kernel's extent, where the shifted rows leave the data gradient to the
+/// column matrix), filter counts off the 4-filter tiles, bias and
+/// activations in the epilogue.
+fn check_every_algorithm(p: &Conv2d, seed: u64, act: Activation) -> Result<(), String> {
+    use kestrel::cpu_isa::{Isa, with_isa};
+    let x = data(seed, p.x_len(), -1.0, 1.0);
+    let wt = data(seed ^ 1, p.w_len(), -1.0, 1.0);
+    let b = data(seed ^ 3, p.k, -1.0, 1.0);
+    let dy = data(seed ^ 2, p.y_len(), -1.0, 1.0);
+    let (x64, w64, dy64) = (to_f64(&x), to_f64(&wt), to_f64(&dy));
+    let hw = p.out_h * p.out_w;
+    let want_y: Vec<f64> = conv_ref(p, &x64, &w64)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| act.apply((v + b[(i / hw) % p.k] as f64) as f32) as f64)
+        .collect();
+    let want_dx = backward_data_ref(p, &dy64, &w64);
+    let want_dw = backward_filter_ref(p, &x64, &dy64);
+    for isa in Isa::available() {
+        for algo in CpuConvAlgo::ALL {
+            let run = |threads: usize, data_gradient: bool| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                with_isa(isa, || {
+                    pool.install(|| {
+                        if !algo.runs(p, data_gradient) {
+                            return None;
+                        }
+                        let mut y = vec![f32::NAN; p.y_len()];
+                        let mut dx = vec![f32::NAN; p.x_len()];
+                        let mut dw = vec![f32::NAN; p.w_len()];
+                        if data_gradient {
+                            cpu::backward_data_with(algo, p, &dy, &wt, &mut dx).unwrap();
+                        } else {
+                            cpu::forward_with(algo, p, &x, &wt, Some(&b), act, &mut y).unwrap();
+                            cpu::backward_filter_with(algo, p, &x, &dy, &mut dw).unwrap();
+                        }
+                        Some((y, dx, dw))
+                    })
+                })
+                .unwrap()
+            };
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let what = format!("{isa} {algo:?} {p:?}");
+            if let Some((y, _, dw)) = run(2, false) {
+                check_close(
+                    &format!("forward {what}"),
+                    &y,
+                    &want_y,
+                    tol(p.col_rows() + 1),
+                )?;
+                check_close(
+                    &format!("backward_filter {what}"),
+                    &dw,
+                    &want_dw,
+                    tol(p.col_cols()),
+                )?;
+                let (y1, _, dw1) = run(1, false).unwrap();
+                let (y3, _, dw3) = run(3, false).unwrap();
+                if bits(&y) != bits(&y1) || bits(&y) != bits(&y3) {
+                    return Err(format!("forward differs between 1, 2, 3 threads: {what}"));
+                }
+                if bits(&dw) != bits(&dw1) || bits(&dw) != bits(&dw3) {
+                    return Err(format!(
+                        "backward_filter differs between 1, 2, 3 threads: {what}"
+                    ));
+                }
+            }
+            if let Some((_, dx, _)) = run(2, true) {
+                check_close(
+                    &format!("backward_data {what}"),
+                    &dx,
+                    &want_dx,
+                    tol(p.k * p.r * p.s),
+                )?;
+                let (_, dx1, _) = run(1, true).unwrap();
+                if bits(&dx) != bits(&dx1) {
+                    return Err(format!(
+                        "backward_data differs between 1 and 2 threads: {what}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn every_algorithm_matches_direct_loops(
+        n in 1usize..=3, c in dim(5), k in dim(9), h in dim(13), w in dim(13),
+        r in 1usize..=5, s in 1usize..=5, stride in 1usize..=2,
+        pads in prop::option::of([0usize..=5, 0usize..=5, 0usize..=5, 0usize..=5]),
+        same: bool, act in 0u8..3, seed: u64,
+    ) {
+        let p = match pads {
+            Some(pd) => {
+                let (h, w) = (h.max(r), w.max(s));
+                Conv2d::with_pads([n, c, h, w], k, [r, s], [stride, stride], pd).unwrap()
+            }
+            None => {
+                let (h, w) = if same { (h, w) } else { (h.max(r), w.max(s)) };
+                Conv2d::new([n, c, h, w], k, [r, s], [stride, stride], padding(same)).unwrap()
+            }
+        };
+        let act = [Activation::LINEAR, Activation::RELU, Activation::elu(1.0)][act as usize];
+        let res = check_every_algorithm(&p, seed, act);
+        prop_assert!(res.is_ok(), "{}", res.unwrap_err());
+    }
+}
+
+/// keras-cnn's and elu-cnn's layer shapes at a small batch, every algorithm.
+#[test]
+fn every_algorithm_on_the_seed_layers() {
+    for (x, k, same) in [
+        ([2, 3, 32, 32], 32, true),
+        ([2, 32, 32, 32], 32, false),
+        ([2, 32, 15, 15], 64, true),
+        ([2, 64, 15, 15], 64, false),
+        ([1, 128, 6, 6], 20, false),
+    ] {
+        let p = Conv2d::new(x, k, [3, 3], [1, 1], padding(same)).unwrap();
+        check_every_algorithm(&p, 7, Activation::RELU).unwrap();
+    }
+}
+
+/// A NaN in x reaches exactly the filter taps whose windows read it, with
+/// every algorithm (the shifted rows read pixels of the next row for the
+/// virtual columns they throw away, and must not let them into dw), and
+/// exactly the outputs and input gradients it should.
+#[test]
+fn nan_in_x_reaches_exactly_the_taps_that_read_it_with_every_algorithm() {
+    for (same, (iy, ix)) in [
+        (false, (0, 0)),
+        (false, (3, 0)),
+        (false, (2, 6)),
+        (true, (0, 6)),
+        (true, (4, 3)),
+    ] {
+        let p = Conv2d::new([2, 2, 7, 7], 3, [3, 3], [1, 1], padding(same)).unwrap();
+        let mut x = data(8, p.x_len(), -1.0, 1.0);
+        let (nn, cc) = (1, 1);
+        x[((nn * p.c + cc) * p.h + iy) * p.w + ix] = f32::NAN;
+        let dy = data(10, p.y_len(), 0.5, 1.0);
+        for algo in CpuConvAlgo::ALL {
+            if !algo.runs(&p, false) {
+                continue;
+            }
+            let mut dw = vec![0.0; p.w_len()];
+            cpu::backward_filter_with(algo, &p, &x, &dy, &mut dw).unwrap();
+            for k in 0..p.k {
+                for c in 0..p.c {
+                    for r in 0..p.r {
+                        for s in 0..p.s {
+                            // Tap (r, s) reads pixel (iy, ix) from output
+                            // (iy + pt - r, ix + pl - s) when that exists.
+                            let oy = (iy + p.pad_top).checked_sub(r).filter(|&v| v < p.out_h);
+                            let ox = (ix + p.pad_left).checked_sub(s).filter(|&v| v < p.out_w);
+                            let reads = c == cc && oy.is_some() && ox.is_some();
+                            let v = dw[((k * p.c + c) * p.r + r) * p.s + s];
+                            assert_eq!(
+                                v.is_nan(),
+                                reads,
+                                "{algo:?} dw[{k},{c},{r},{s}] = {v}, NaN at ({iy},{ix}), same {same}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A named algorithm that cannot run a layer is an error naming why.
+#[test]
+fn an_algorithm_that_cannot_run_the_layer_is_an_error() {
+    let lin = Activation::LINEAR;
+    let p = Conv2d::new([1, 2, 6, 6], 2, [3, 3], [2, 2], Padding::Same).unwrap();
+    let (x, w) = (vec![0.0; p.x_len()], vec![0.0; p.w_len()]);
+    let mut y = vec![0.0; p.y_len()];
+    assert_err_mentions(
+        cpu::forward_with(CpuConvAlgo::ShiftedRows, &p, &x, &w, None, lin, &mut y),
+        "conv2d.forward",
+        &["ShiftedRows", "stride 1", "got 2x2"],
+    );
+    // Padding as wide as the kernel: no data gradient by shifted rows.
+    let p = Conv2d::with_pads([1, 2, 6, 6], 2, [3, 3], [1, 1], [3, 0, 0, 0]).unwrap();
+    let (w, dy) = (vec![0.0; p.w_len()], vec![0.0; p.y_len()]);
+    let mut dx = vec![0.0; p.x_len()];
+    assert_err_mentions(
+        cpu::backward_data_with(CpuConvAlgo::ShiftedRows, &p, &dy, &w, &mut dx),
+        "conv2d.backward_data",
+        &["ShiftedRows", "top/bottom 3/0", "height 3"],
     );
 }

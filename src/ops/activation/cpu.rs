@@ -82,7 +82,7 @@ pub fn forward_inplace(act: Activation, x: &mut [f32]) -> Result<()> {
 /// compiled for `isa`'s vector width. Elu's `expm1` is straight-line
 /// arithmetic (`super::expm1`), so the loop vectorizes at every level, and
 /// the operations, hence the bits, are the same at each.
-fn forward_chunk(isa: Isa, act: Activation, x: Option<&[f32]>, y: &mut [f32]) {
+pub(crate) fn forward_chunk(isa: Isa, act: Activation, x: Option<&[f32]>, y: &mut [f32]) {
     match isa {
         // SAFETY: `Isa::current` never exceeds what the CPU has.
         #[cfg(target_arch = "x86_64")]

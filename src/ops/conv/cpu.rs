@@ -30,7 +30,8 @@ use std::cell::Cell;
 use rayon::prelude::*;
 
 use super::Conv2d;
-use crate::error::Result;
+use crate::cpu_isa::Isa;
+use crate::error::{Error, Result};
 use crate::ops::activation::Activation;
 use crate::ops::gemm::cpu::{gemm, gemm_serial};
 use crate::ops::gemm::{Bias, Epilogue, Gemm};
@@ -39,6 +40,88 @@ use crate::ops::gemm::{Bias, Epilogue, Gemm};
 /// one group of images may use at most: 32 MiB. Small enough for any
 /// machine; groups are usually far smaller ([`images_per_group`]).
 pub const SCRATCH_FLOATS: usize = 1 << 23;
+
+/// The CPU convolution's algorithms (versions as data, as the GPU's
+/// `ConvAlgo`): [`forward`] and the backward passes take
+/// [`CpuConvAlgo::select`]'s, the `*_with` forms a named one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CpuConvAlgo {
+    /// Column matrix (im2col / col2im) and the packed GEMM, groups of
+    /// images per GEMM: any stride and padding, every instruction set.
+    Im2colGemm,
+    /// Stride 1 on AVX2+FMA: the padded input read at one offset per tap
+    /// (the shifted-rows GEMM, no column matrix); the data gradient as the
+    /// full correlation with the turned filters (`src/ops/conv/cpu_direct.rs`).
+    ShiftedRows,
+}
+
+impl CpuConvAlgo {
+    /// Every algorithm.
+    pub const ALL: [CpuConvAlgo; 2] = [CpuConvAlgo::Im2colGemm, CpuConvAlgo::ShiftedRows];
+
+    /// The name in bench ids and results: `im2col_gemm`, `shifted_rows`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuConvAlgo::Im2colGemm => "im2col_gemm",
+            CpuConvAlgo::ShiftedRows => "shifted_rows",
+        }
+    }
+
+    /// Whether the algorithm runs layer `p` on this thread's instruction
+    /// set ([`Isa::current`]); `data_gradient` for the backward-data pass
+    /// (the shifted rows need every padding below the kernel's extent
+    /// there).
+    pub fn runs(self, p: &Conv2d, data_gradient: bool) -> bool {
+        match self {
+            CpuConvAlgo::Im2colGemm => true,
+            #[cfg(target_arch = "x86_64")]
+            CpuConvAlgo::ShiftedRows => {
+                Isa::current() >= Isa::Avx2 && super::cpu_direct::fits(p, data_gradient)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            CpuConvAlgo::ShiftedRows => false,
+        }
+    }
+
+    /// The default: the shifted rows where they run, else the column
+    /// matrix. On AVX-512 CPUs the column matrix keeps its 16-lane GEMM
+    /// (the shifted rows are AVX2 code, and no AVX-512 machine has timed
+    /// the two side by side yet).
+    pub fn select(p: &Conv2d, data_gradient: bool) -> CpuConvAlgo {
+        let avx512 = Isa::current() >= Isa::Avx512;
+        if !avx512 && CpuConvAlgo::ShiftedRows.runs(p, data_gradient) {
+            CpuConvAlgo::ShiftedRows
+        } else {
+            CpuConvAlgo::Im2colGemm
+        }
+    }
+
+    /// An error naming `op`, the algorithm and why it cannot run `p`.
+    fn require(self, op: &'static str, p: &Conv2d, data_gradient: bool) -> Result<()> {
+        if self.runs(p, data_gradient) {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            op,
+            "algorithm",
+            format!(
+                "{self:?} needs stride 1 (got {}x{}), AVX2 and FMA (this thread runs {}){}",
+                p.stride_h,
+                p.stride_w,
+                Isa::current(),
+                if data_gradient {
+                    format!(
+                        ", and for the data gradient every padding below the kernel's extent \
+                         (got top/bottom {}/{} for height {}, left/right {}/{} for width {})",
+                        p.pad_top, p.pad_bottom, p.r, p.pad_left, p.pad_right, p.s
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        ))
+    }
+}
 
 /// The most images one GEMM may take on the CPU: as many as fit in
 /// [`SCRATCH_FLOATS`], at least 1, at most `n`.
@@ -148,8 +231,28 @@ pub fn forward(
     activation: Activation,
     y: &mut [f32],
 ) -> Result<()> {
+    forward_with(CpuConvAlgo::select(p, false), p, x, w, bias, activation, y)
+}
+
+/// [`forward`] with algorithm `algo`; an error when it cannot run `p`
+/// here ([`CpuConvAlgo::runs`]).
+pub fn forward_with(
+    algo: CpuConvAlgo,
+    p: &Conv2d,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    activation: Activation,
+    y: &mut [f32],
+) -> Result<()> {
     p.check_forward(x.len(), w.len(), bias.map(|b| b.len()), y.len())?;
+    algo.require("conv2d.forward", p, false)?;
     if p.n == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if algo == CpuConvAlgo::ShiftedRows {
+        super::cpu_direct::forward(p, x, w, bias, activation, y);
         return Ok(());
     }
     let epi = Epilogue {
@@ -198,8 +301,26 @@ pub fn forward(
 /// column matrix is one GEMM chain over `K`, and [`col2im`]'s `(r, s)`
 /// order adds them, whatever the grouping.
 pub fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) -> Result<()> {
+    backward_data_with(CpuConvAlgo::select(p, true), p, dy, w, dx)
+}
+
+/// [`backward_data`] with algorithm `algo`; an error when it cannot run
+/// `p` here ([`CpuConvAlgo::runs`]).
+pub fn backward_data_with(
+    algo: CpuConvAlgo,
+    p: &Conv2d,
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+) -> Result<()> {
     p.check_backward_data(dy.len(), w.len(), dx.len())?;
+    algo.require("conv2d.backward_data", p, true)?;
     if p.n == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if algo == CpuConvAlgo::ShiftedRows {
+        super::cpu_direct::backward_data(p, dy, w, dx);
         return Ok(());
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
@@ -248,9 +369,27 @@ pub fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) -> Resul
 /// the shape alone, so the order, and the bits, are the same on any thread
 /// count.
 pub fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Result<()> {
+    backward_filter_with(CpuConvAlgo::select(p, false), p, x, dy, dw)
+}
+
+/// [`backward_filter`] with algorithm `algo`; an error when it cannot run
+/// `p` here ([`CpuConvAlgo::runs`]).
+pub fn backward_filter_with(
+    algo: CpuConvAlgo,
+    p: &Conv2d,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) -> Result<()> {
     p.check_backward_filter(x.len(), dy.len(), dw.len())?;
+    algo.require("conv2d.backward_filter", p, false)?;
     if p.n == 0 {
         dw.fill(0.0);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if algo == CpuConvAlgo::ShiftedRows {
+        super::cpu_direct::backward_filter(p, x, dy, dw);
         return Ok(());
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);

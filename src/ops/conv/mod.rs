@@ -22,6 +22,8 @@
 //! zeroed).
 
 pub mod cpu;
+#[cfg(target_arch = "x86_64")]
+mod cpu_direct;
 pub mod cuda;
 
 use crate::error::{Error, Result, check_len, checked_product};

@@ -17,6 +17,12 @@
 #                                  marked UNDER LOAD (void for comparisons:
 #                                  PyTorch's OpenMP threads collapse when the
 #                                  cores are shared, docs/perf-log.md)
+#   MAX_OTHERS=0.05                after the run, figures are marked UNDER
+#                                  LOAD too when other processes took more
+#                                  than this share of the machine's CPU time
+#                                  (/proc/stat's busy time less our own
+#                                  children's; the load average after the
+#                                  run would count our own threads)
 #   FAMILIES=gemm,conv,step,epoch,mem   which families to run
 #
 # The harness is the existing one: kestrel examples/cpu_gemm_ab (with the
@@ -72,6 +78,12 @@ cargo bench --quiet --no-run --bench step_cpu --bench ops_cpu 2>/dev/null
 
 raw=$(mktemp -d)
 trap 'rm -rf "$raw"' EXIT
+# CPU time the whole machine spends busy (/proc/stat, clock ticks), to
+# subtract ours from at the end: the 1-minute load average after the run
+# counts our own two threads, so it cannot tell whether anything else ran.
+busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+busy0=$(busy_ticks)
+wall0=$(date +%s.%N)
 export RAYON_NUM_THREADS=$threads MATMUL_NUM_THREADS=$threads
 torch_run() { "$py" benches/pytorch_baseline.py --device cpu --threads "$threads" --only "$1"; }
 # The criterion median (ns) of GROUP/FUNCTION/ID, just written.
@@ -109,12 +121,21 @@ for i in $(seq 1 "$reps"); do
 done
 load1=$(load_now)
 echo "load average after: $(cat /proc/loadavg)"
-if above "$load1" "$max_load"; then under_load=1; fi
+# Other processes' share of the machine during the run: all busy time less
+# our children's (bash's `times`: user and system of finished children).
+hz=$(getconf CLK_TCK)
+times >"$raw/times" # in this shell: a subshell would report its own children
+ours=$(tail -1 "$raw/times" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); t += a[1] * 60 + a[2] } print t }')
+others=$(awk -v b0="$busy0" -v b1="$(busy_ticks)" -v hz="$hz" -v ours="$ours" \
+    -v w0="$wall0" -v w1="$(date +%s.%N)" -v n="$(nproc)" \
+    'BEGIN { o = (b1 - b0) / hz - ours; if (o < 0) o = 0; printf "%.3f", o / ((w1 - w0) * n) }')
+echo "other processes used $others of the machine's CPU time during the run"
+if above "$others" "${MAX_OTHERS:-0.05}"; then under_load=1; fi
 
 python3 - "$raw" "$reps" "$out_md" "$cpu_model" "$simd_flags" "$threads" "$load0" "$load1" \
-    "$under_load" "$("$py" -c 'import torch; print(torch.__version__)')" <<'PY'
+    "$under_load" "$("$py" -c 'import torch; print(torch.__version__)')" "$others" <<'PY'
 import glob, json, os, re, statistics, sys
-raw, reps, out_md, cpu, flags, threads, l0, l1, under, torch_v = sys.argv[1:]
+raw, reps, out_md, cpu, flags, threads, l0, l1, under, torch_v, others = sys.argv[1:]
 reps = int(reps)
 med = lambda v: statistics.median(v) if v else None
 
@@ -137,10 +158,12 @@ ratio = lambda a, b: "—" if a is None or b is None else f"{a / b:.2f}"
 lines = [f"# kestrel vs PyTorch on the CPU: interleaved pairs", "",
          f"- CPU: {cpu}; SIMD flags: {flags}",
          f"- threads: {threads} each; {reps} pairs per family, kestrel then PyTorch; medians",
-         f"- PyTorch {torch_v}; load average {l0} before, {l1} after", ""]
+         f"- PyTorch {torch_v}; load average {l0} before, {l1} after (ours included); "
+         f"other processes' share of the CPU time during the run: {float(others):.1%}", ""]
 if under == "1":
-    lines += ["**UNDER LOAD: the load average was above the limit; these figures are void "
-              "for kestrel-vs-PyTorch comparisons (PyTorch's threads collapse on shared cores).**", ""]
+    lines += ["**UNDER LOAD: the load average before the run, or other processes' CPU time "
+              "during it, was above its limit; these figures are void for kestrel-vs-PyTorch "
+              "comparisons (PyTorch's threads collapse on shared cores).**", ""]
 
 # GEMM: cpu_gemm_ab prints "MxNxK (...)" then one line per kernel and matrixmultiply.
 k_gemm, mm_gemm, best_kernel = {}, {}, None

@@ -40,8 +40,12 @@ use super::Conv2d;
 use crate::cpu_isa::Isa;
 use crate::ops::activation::{self, Activation, ActivationKind};
 
-/// Output channels per tile of the forward and data-gradient GEMM.
+/// Output channels per tile of the forward and data-gradient GEMM: panels
+/// of 6, and of 4 where 6 would leave a padded panel (32 filters = 6 + 6 +
+/// 6 + 6 + 4 + 4, not six panels of 6 with 4 rows of zeros).
 const MR: usize = 6;
+/// The narrower panel.
+const MR4: usize = 4;
 /// Virtual pixels per tile (two `ymm` vectors): 12 accumulators, two input
 /// vectors and one broadcast fill 15 of the 16 `ymm` registers. (A 4 x 24
 /// tile, which fits keras-cnn's 32 filters without a padded panel, needs
@@ -169,18 +173,37 @@ fn data_grid(p: &Conv2d) -> Grid {
     }
 }
 
-/// `w[kout][taps]` (row-major) in panels of `MR` output channels, each
-/// `[taps][MR]` (zero past `kout`): the order the tile kernel broadcasts.
+/// The output-channel panels of `kout` channels: `(first channel, rows)`,
+/// rows 6 or 4 (the last may hold fewer channels than rows: zero filters),
+/// as many 6s as leave a multiple of 4 (`kout = 6a + 4b` for every even
+/// `kout` but 2; odd counts round up).
+fn panels(kout: usize) -> Vec<(usize, usize)> {
+    let even = kout.div_ceil(2) * 2;
+    let sixes = (0..=even / MR)
+        .rev()
+        .find(|a| (even - a * MR) % MR4 == 0)
+        .unwrap_or(0);
+    let fours = (even - sixes * MR).div_ceil(MR4);
+    let mut v = Vec::with_capacity(sixes + fours);
+    for i in 0..sixes {
+        v.push((i * MR, MR));
+    }
+    for i in 0..fours {
+        v.push((sixes * MR + i * MR4, MR4));
+    }
+    v
+}
+
+/// `w[kout][taps]` (row-major) packed per panel of [`panels`], each
+/// `[taps][rows]` (zero past `kout`), the panels one after the other: the
+/// order the tile kernels broadcast.
 fn pack_filters(kout: usize, taps: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
-    let panels = kout.div_ceil(MR);
-    let mut v = vec![0.0f32; panels * taps * MR];
-    for (pi, panel) in v.chunks_exact_mut(taps * MR).enumerate() {
-        for (t, dst) in panel.chunks_exact_mut(MR).enumerate() {
-            for (i, d) in dst.iter_mut().enumerate() {
-                let k = pi * MR + i;
-                if k < kout {
-                    *d = at(k, t);
-                }
+    let mut v = Vec::new();
+    for (k0, rows) in panels(kout) {
+        for t in 0..taps {
+            for i in 0..rows {
+                let k = k0 + i;
+                v.push(if k < kout { at(k, t) } else { 0.0 });
             }
         }
     }
@@ -227,19 +250,28 @@ fn image(
     act: Activation,
 ) {
     let (xp_len, ld) = (g.buf_len(kernel_w), g.q_tiles() * NR);
-    let kpad = kout.div_ceil(MR) * MR;
+    let panels = panels(kout);
+    let kpad = panels.last().map_or(0, |&(k0, rows)| k0 + rows);
     with_scratch(xp_len + kpad * ld, |buf| {
         let (xp, out) = buf.split_at_mut(xp_len);
         g.pad_into(src, xp);
         let taps = offs.len();
         for q0 in (0..ld).step_by(NR) {
-            for (pi, panel) in packed.chunks_exact(taps * MR).enumerate() {
-                let o = &mut out[pi * MR * ld + q0..];
+            let xb = xp[q0..].as_ptr();
+            for &(k0, rows) in &panels {
+                let a = &packed[k0 * taps..][..rows * taps];
+                let o = out[k0 * ld + q0..].as_mut_ptr();
                 // SAFETY: AVX2 and FMA (the callers' `Isa` check); the
                 // tile reads xp[q0 + offs[t] .. + NR], inside xp_len
-                // (`Grid::buf_len`), and writes rows
-                // pi*MR .. pi*MR + MR of `out` at q0 .. q0 + NR <= ld.
-                unsafe { tile(panel, xp.as_ptr().add(q0), offs, o.as_mut_ptr(), ld) };
+                // (`Grid::buf_len`), and writes rows k0 .. k0 + rows
+                // (<= kpad) of `out` at q0 .. q0 + NR <= ld.
+                unsafe {
+                    if rows == MR {
+                        tile::<MR>(a, xb, offs, o, ld)
+                    } else {
+                        tile::<MR4>(a, xb, offs, o, ld)
+                    }
+                };
             }
         }
         let isa = Isa::current();
@@ -453,23 +485,29 @@ fn filter_slice(
     });
 }
 
-/// `MR x NR` outputs at `out` (row stride `ld`): for each tap `t`, the
-/// `MR` filters `a[t*MR ..]` broadcast times `NR` inputs at `xb +
-/// offs[t]`, one FMA chain per output over the taps in order.
+/// `M x NR` outputs at `out` (row stride `ld`): for each tap `t`, the `M`
+/// filters `a[t*M ..]` broadcast times `NR` inputs at `xb + offs[t]`, one
+/// FMA chain per output over the taps in order.
 ///
 /// # Safety
-/// AVX2 and FMA; `a` holds `offs.len() * MR` floats; `NR` floats readable
-/// at `xb + offs[t]` for every `t`; `MR` rows of `NR` writable at `out`.
+/// AVX2 and FMA; `a` holds `offs.len() * M` floats; `NR` floats readable
+/// at `xb + offs[t]` for every `t`; `M` rows of `NR` writable at `out`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile(a: &[f32], xb: *const f32, offs: &[usize], out: *mut f32, ld: usize) {
-    debug_assert!(a.len() >= offs.len() * MR);
-    let mut acc = [[_mm256_setzero_ps(); NR / 8]; MR];
+unsafe fn tile<const M: usize>(
+    a: &[f32],
+    xb: *const f32,
+    offs: &[usize],
+    out: *mut f32,
+    ld: usize,
+) {
+    debug_assert!(a.len() >= offs.len() * M);
+    let mut acc = [[_mm256_setzero_ps(); NR / 8]; M];
     // SAFETY: the reads and writes the caller vouches for.
     unsafe {
         for (t, &o) in offs.iter().enumerate() {
             let p = xb.add(o);
             let b: [__m256; NR / 8] = std::array::from_fn(|j| _mm256_loadu_ps(p.add(8 * j)));
-            let ap = a.as_ptr().add(t * MR);
+            let ap = a.as_ptr().add(t * M);
             for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*ap.add(i));
                 for (r, &bv) in row.iter_mut().zip(&b) {

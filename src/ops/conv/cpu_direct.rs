@@ -181,7 +181,7 @@ fn panels(kout: usize) -> Vec<(usize, usize)> {
     let even = kout.div_ceil(2) * 2;
     let sixes = (0..=even / MR)
         .rev()
-        .find(|a| (even - a * MR) % MR4 == 0)
+        .find(|a| (even - a * MR).is_multiple_of(MR4))
         .unwrap_or(0);
     let fours = (even - sixes * MR).div_ceil(MR4);
     let mut v = Vec::with_capacity(sixes + fours);

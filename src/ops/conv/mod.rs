@@ -1,4 +1,6 @@
-//! 2-D convolution through im2col / col2im and GEMM.
+//! 2-D convolution through im2col / col2im and GEMM, and on the CPU for
+//! stride 1 also as the shifted-rows GEMM over the padded input
+//! ([`cpu::CpuConvAlgo`]).
 //!
 //! As in Keras and cuDNN this is cross-correlation (the kernel is not
 //! flipped):

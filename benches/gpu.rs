@@ -66,7 +66,8 @@
 //! it (`fit` synchronizes at the end of its epoch). The CPU versions are in
 //! `benches/step_cpu.rs`; PyTorch's in `benches/pytorch_baseline.py`.
 //! `gpu_step_graph`: the keras-cnn step at batch 32 replayed from one CUDA
-//! graph beside the same steps launched op by op (`--no-cuda-graph`), 50
+//! graph beside the same steps launched op by op (`--no-cuda-graph`), and
+//! beside the graph with the plain batch upload (`--no-staged-upload`), 50
 //! steps per fit call; run it with the filter `gpu_step_graph`.
 
 mod common;
@@ -1852,7 +1853,9 @@ const CAPTURED_STEPS: usize = 50;
 /// includes one uncaptured step and one capture, as every `fit` does.
 /// PyTorch's eager and CUDA-graph rows of the same step are
 /// `benches/pytorch_baseline.py --only step` (`keras-cnn.step.b32.rmsprop.
-/// {eager,graph}`).
+/// {eager,graph}`). `graph` and `direct` upload each batch through the
+/// staged path (the default); `graph.plain_upload` is `graph` with the plain
+/// upload (`--no-staged-upload`), the A/B of the staged upload.
 fn captured_steps(c: &mut Criterion, env: &Env) {
     use kestrel::backend::GpuBackend;
     use kestrel::train::Targets;
@@ -1862,7 +1865,11 @@ fn captured_steps(c: &mut Criterion, env: &Env) {
         .measurement_time(env.measure);
     let batch = 32;
     let steps = if env.emulated { 3 } else { CAPTURED_STEPS };
-    for (mode, cuda_graph) in [("graph", true), ("direct", false)] {
+    for (mode, cuda_graph, staged) in [
+        ("graph", true, true),
+        ("direct", false, true),
+        ("graph.plain_upload", true, false),
+    ] {
         let id = format!("keras-cnn.steps{CAPTURED_STEPS}.b{batch}.{mode}");
         if !env.wanted("gpu_step_graph", &id) {
             continue;
@@ -1877,6 +1884,7 @@ fn captured_steps(c: &mut Criterion, env: &Env) {
         if env.emulated {
             println!("smoke gpu_step_graph/{id}: {steps} steps on the emulated device");
         }
+        backend.set_staged_upload(staged);
         let mut m = nets::keras_cnn(backend);
         let samples = batch * steps;
         let x = data(1, samples * 3 * 32 * 32);

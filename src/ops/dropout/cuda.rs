@@ -75,6 +75,10 @@ pub fn select(_p: &Dropout, aligned: bool, _info: &DeviceInfo) -> DropoutKernel 
     }
 }
 
+/// Named buffers' offsets past their boundaries: the float buffers' from 16
+/// bytes, the mask's from 4.
+type Offsets = ([(&'static str, u64); 2], [(&'static str, u64); 1]);
+
 /// Whether the float buffers `floats` start on 16 bytes and `mask` on 4:
 /// what [`select`] takes.
 fn aligned(floats: &[u64], mask: u64) -> bool {
@@ -146,7 +150,7 @@ fn forward_offsets(
     x: &CudaView<'_, f32>,
     y: &CudaViewMut<'_, f32>,
     mask: &CudaViewMut<'_, u8>,
-) -> ([(&'static str, u64); 2], [(&'static str, u64); 1]) {
+) -> Offsets {
     (
         [
             ("x", align::offset16(gpu, x)),
@@ -290,7 +294,7 @@ fn backward_offsets(
     dy: &CudaView<'_, f32>,
     mask: &CudaView<'_, u8>,
     dx: &CudaViewMut<'_, f32>,
-) -> ([(&'static str, u64); 2], [(&'static str, u64); 1]) {
+) -> Offsets {
     (
         [
             ("dy", align::offset16(gpu, dy)),

@@ -90,7 +90,7 @@ const OP: &str = "optimizer.step";
 pub const CHUNK: usize = 4096;
 // The vector update walks each chunk in quads from its start: chunks must
 // start on 16 bytes of an aligned tensor.
-const _: () = assert!(CHUNK % 4 == 0);
+const _: () = assert!(CHUNK.is_multiple_of(4));
 const THREADS: u32 = 256;
 
 // SAFETY: `StepScalars` is `#[repr(C)]` plain old data (a `#[repr(u32)]`
@@ -525,18 +525,15 @@ fn launch_step(
             k
         }
     };
-    if kernel == OptimKernel::FusedVec4 {
-        if let Some((name, off)) = &state.misaligned {
-            crate::cuda::align::require_aligned(
-                if clock.is_some() {
-                    "optimizer.step_clocked"
-                } else {
-                    OP
-                },
-                kernel.name(),
-                &[(name.as_str(), *off)],
-            )?;
-        }
+    if kernel == OptimKernel::FusedVec4
+        && let Some((name, off)) = &state.misaligned
+    {
+        let op = if clock.is_some() {
+            "optimizer.step_clocked"
+        } else {
+            OP
+        };
+        crate::cuda::align::require_aligned(op, kernel.name(), &[(name.as_str(), *off)])?;
     }
 
     let base = opt.scalars(state.iterations);

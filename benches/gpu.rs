@@ -28,9 +28,10 @@
 //!   `gpu_dropout`, `gpu_softmax_ce`, `gpu_optim`: the memory-bound kernels
 //!   at the seed sizes and at >= 256 MB, beside a device-to-device copy
 //!   (`cuMemcpyDtoDAsync`) of the same bytes (half read, half written), the
-//!   bandwidth ceiling. Batch norm, bias (add and gradient) and the
-//!   activations have one row per kernel version (`<case>.<version>.<pass>`:
-//!   the scalar versions beside their 16-byte `*vec4` forms).
+//!   bandwidth ceiling. Batch norm, bias (add and gradient), the
+//!   activations and dropout have one row per kernel version
+//!   (`<case>.<version>.<pass>`: the scalar versions beside their 16-byte
+//!   `*vec4` forms), the optimizer too (`<case>.<rule>.<version>.p<params>`).
 //!
 //! Timing: device time from CUDA events created with timing enabled
 //! (`CU_EVENT_DEFAULT`; cudarc's default events disable timing), recorded on
@@ -65,7 +66,8 @@
 //! it (`fit` synchronizes at the end of its epoch). The CPU versions are in
 //! `benches/step_cpu.rs`; PyTorch's in `benches/pytorch_baseline.py`.
 //! `gpu_step_graph`: the keras-cnn step at batch 32 replayed from one CUDA
-//! graph beside the same steps launched op by op (`--no-cuda-graph`), 50
+//! graph beside the same steps launched op by op (`--no-cuda-graph`), and
+//! beside the graph with the plain batch upload (`--no-staged-upload`), 50
 //! steps per fit call; run it with the filter `gpu_step_graph`.
 
 mod common;
@@ -1261,7 +1263,10 @@ fn activations(c: &mut Criterion, env: &Env) {
     }
 }
 
+/// Dropout per version (`Philox`, `PhiloxVec4`), forward and backward, at
+/// the seed runs' dropout layers and at 2^26 floats.
 fn dropouts(c: &mut Criterion, env: &Env) {
+    use kestrel::ops::dropout::cuda::DropoutKernel;
     let mut cases: Vec<(String, usize, f32)> = Vec::new();
     for n in [32usize, 128] {
         for (net, name, per) in DROPOUTS {
@@ -1275,38 +1280,55 @@ fn dropouts(c: &mut Criterion, env: &Env) {
     }
     cases.push(("large.64M".into(), BIG, 0.5));
     for (base_id, len, rate) in cases {
-        let (fid, bid) = (format!("{base_id}.fwd"), format!("{base_id}.bwd"));
-        if !env.wanted("gpu_dropout", &fid) && !env.wanted("gpu_dropout", &bid) {
-            continue;
-        }
-        let gpu = &env.gpu;
-        let p = Dropout::new(len, rate, 1234, 0).unwrap();
-        // x or dy read (4), y or dx written (4), the u8 mask written or read.
-        let bytes = 9 * len;
-        let copies = env.copies(bytes);
-        let x = env.rot_data(1, len, copies);
-        let mut y: Rot<f32> = env.rot_zeros(len, copies);
-        let mut mask: Rot<u8> = env.rot_zeros(len, copies);
-        let mut dx: Rot<f32> = env.rot_zeros(len, copies);
-        if env.wanted("gpu_dropout", &fid) {
-            let mut ours = |i: u64| {
-                dropout::cuda::forward(
-                    gpu,
-                    &p,
-                    &x.view(i),
-                    &mut y.view_mut(i),
-                    &mut mask.view_mut(i),
-                )
-                .expect("dropout forward")
-            };
-            env.pair_bandwidth(c, "gpu_dropout", &fid, bytes, copies, "", &mut ours);
-        }
-        if env.wanted("gpu_dropout", &bid) {
-            let mut ours = |i: u64| {
-                dropout::cuda::backward(gpu, &p, &x.view(i), &mask.view(i), &mut dx.view_mut(i))
+        for &kernel in DropoutKernel::ALL {
+            let fid = format!("{base_id}.{}.fwd", kernel.name());
+            let bid = format!("{base_id}.{}.bwd", kernel.name());
+            if !env.wanted("gpu_dropout", &fid) && !env.wanted("gpu_dropout", &bid) {
+                continue;
+            }
+            // The rotating copies sit `len` elements apart: the vector version
+            // needs len % 4 == 0 to keep every copy on 16 bytes (true of
+            // every case here).
+            if kernel == DropoutKernel::PhiloxVec4 && len % 4 != 0 {
+                continue;
+            }
+            let gpu = &env.gpu;
+            let p = Dropout::new(len, rate, 1234, 0).unwrap();
+            // x or dy read (4), y or dx written (4), the u8 mask written or read.
+            let bytes = 9 * len;
+            let copies = env.copies(bytes);
+            let x = env.rot_data(1, len, copies);
+            let mut y: Rot<f32> = env.rot_zeros(len, copies);
+            let mut mask: Rot<u8> = env.rot_zeros(len, copies);
+            let mut dx: Rot<f32> = env.rot_zeros(len, copies);
+            if env.wanted("gpu_dropout", &fid) {
+                let mut ours = |i: u64| {
+                    dropout::cuda::forward_with(
+                        gpu,
+                        kernel,
+                        &p,
+                        &x.view(i),
+                        &mut y.view_mut(i),
+                        &mut mask.view_mut(i),
+                    )
+                    .expect("dropout forward")
+                };
+                env.pair_bandwidth(c, "gpu_dropout", &fid, bytes, copies, "", &mut ours);
+            }
+            if env.wanted("gpu_dropout", &bid) {
+                let mut ours = |i: u64| {
+                    dropout::cuda::backward_with(
+                        gpu,
+                        kernel,
+                        &p,
+                        &x.view(i),
+                        &mask.view(i),
+                        &mut dx.view_mut(i),
+                    )
                     .expect("dropout backward")
-            };
-            env.pair_bandwidth(c, "gpu_dropout", &bid, bytes, copies, "", &mut ours);
+                };
+                env.pair_bandwidth(c, "gpu_dropout", &bid, bytes, copies, "", &mut ours);
+            }
         }
     }
 }
@@ -1367,14 +1389,23 @@ struct OptSet {
     state: CudaOptimizerState,
 }
 
+/// The fused optimizer step per version (`Fused`, `FusedVec4`) and rule,
+/// over keras-cnn's parameters and over one tensor of 2^26.
 fn optimizer_steps(c: &mut Criterion, env: &Env) {
+    use kestrel::ops::optim::cuda::OptimKernel;
     let keras: Vec<usize> = KERAS_CNN_PARAMS.to_vec();
     let total: usize = keras.iter().sum();
     for (name, opt) in optimizers() {
-        for (id, sizes) in [
-            (format!("keras-cnn.{name}.p{total}"), keras.clone()),
-            (format!("large.{name}.p{BIG}"), vec![BIG]),
-        ] {
+        for (id, sizes, kernel) in OptimKernel::ALL.iter().flat_map(|&k| {
+            [
+                (
+                    format!("keras-cnn.{name}.{}.p{total}", k.name()),
+                    keras.clone(),
+                    k,
+                ),
+                (format!("large.{name}.{}.p{BIG}", k.name()), vec![BIG], k),
+            ]
+        }) {
             if !env.wanted("gpu_optim", &id) {
                 continue;
             }
@@ -1409,7 +1440,10 @@ fn optimizer_steps(c: &mut Criterion, env: &Env) {
                 let mut ps: Vec<CudaViewMut<'_, f32>> =
                     set.params.iter_mut().map(|p| p.slice_mut(..)).collect();
                 let gs: Vec<CudaView<'_, f32>> = set.grads.iter().map(|g| g.slice(..)).collect();
-                optim::cuda::step(gpu, &opt, &mut set.state, &mut ps, &gs).expect("optimizer step")
+                // Every buffer is its own allocation: 16-byte aligned, so
+                // both versions run.
+                optim::cuda::step_with(gpu, kernel, &opt, &mut set.state, &mut ps, &gs)
+                    .expect("optimizer step")
             };
             env.pair_bandwidth(
                 c,
@@ -1819,7 +1853,9 @@ const CAPTURED_STEPS: usize = 50;
 /// includes one uncaptured step and one capture, as every `fit` does.
 /// PyTorch's eager and CUDA-graph rows of the same step are
 /// `benches/pytorch_baseline.py --only step` (`keras-cnn.step.b32.rmsprop.
-/// {eager,graph}`).
+/// {eager,graph}`). `graph` and `direct` upload each batch through the
+/// staged path (the default); `graph.plain_upload` is `graph` with the plain
+/// upload (`--no-staged-upload`), the A/B of the staged upload.
 fn captured_steps(c: &mut Criterion, env: &Env) {
     use kestrel::backend::GpuBackend;
     use kestrel::train::Targets;
@@ -1829,7 +1865,11 @@ fn captured_steps(c: &mut Criterion, env: &Env) {
         .measurement_time(env.measure);
     let batch = 32;
     let steps = if env.emulated { 3 } else { CAPTURED_STEPS };
-    for (mode, cuda_graph) in [("graph", true), ("direct", false)] {
+    for (mode, cuda_graph, staged) in [
+        ("graph", true, true),
+        ("direct", false, true),
+        ("graph.plain_upload", true, false),
+    ] {
         let id = format!("keras-cnn.steps{CAPTURED_STEPS}.b{batch}.{mode}");
         if !env.wanted("gpu_step_graph", &id) {
             continue;
@@ -1844,6 +1884,7 @@ fn captured_steps(c: &mut Criterion, env: &Env) {
         if env.emulated {
             println!("smoke gpu_step_graph/{id}: {steps} steps on the emulated device");
         }
+        backend.set_staged_upload(staged);
         let mut m = nets::keras_cnn(backend);
         let samples = batch * steps;
         let x = data(1, samples * 3 * 32 * 32);

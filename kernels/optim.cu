@@ -17,7 +17,18 @@
 //                      tree) the scale c/n when n >= c, else 1, into scales[]
 //   optim_update:      the element-wise update with scales[tensor]
 // No float atomics anywhere: the same inputs give the same bits.
+//
+// optim_update_vec4 / optim_update_clocked_vec4 (OptimKernel::FusedVec4):
+// the same chunks, each walked in quads of 16-byte accesses (param, grad,
+// slot0 and, for Adam, slot1), then the chunk's len % 4 tail (only a
+// tensor's last chunk has one) scalar. Each element goes through the same
+// update(): the same bits. The host runs them only when every tensor's four
+// pointers start on 16 bytes and `chunk` is a multiple of 4, so every
+// chunk, and so every quad, starts on 16 bytes too. optim_sumsq has no
+// vector form: its per-thread subsets fix the order of the f64 sum, and a
+// quad per thread would change it (so the clip scale's bits).
 #include "common.cuh"
+#include "vec4.cuh"
 
 // Mirrors kestrel::ops::optim::OptimizerKind (#[repr(u32)]).
 enum OptimizerKind : u32 { OPT_SGD = 0, OPT_ADAGRAD = 1, OPT_RMSPROP = 2, OPT_ADAM = 3 };
@@ -151,6 +162,17 @@ extern "C" __global__ void optim_clip_scales(float clipnorm, u32 per_tensor, con
     for (u64 t = threadIdx.x; t < count; t += blockDim.x) scales[t] = global_scale;
 }
 
+// Element i of tensor t, read, updated and written back: the scalar body of
+// both forms (the vector form's tail).
+__device__ __forceinline__ void update_element(const StepScalars& ls, const OptTensor& t, u64 i) {
+    float p = t.param[i], s0 = t.slot0[i];
+    float s1 = t.slot1 != nullptr ? t.slot1[i] : 0.0f;
+    update(ls, p, t.grad[i], s0, s1);
+    t.param[i] = p;
+    t.slot0[i] = s0;
+    if (t.slot1 != nullptr) t.slot1[i] = s1;
+}
+
 // The update of every element of every tensor; blocks grid-strided over the
 // chunks. With use_scales the clip scale of each tensor comes from scales[]
 // (written on the device by optim_clip_scales), else s.clip_scale.
@@ -164,14 +186,36 @@ __device__ __forceinline__ void update_chunks(const StepScalars& s, u32 use_scal
         if (use_scales) ls.clip_scale = scales[ti];
         const u64 begin = (k - t.first_chunk) * chunk;
         const u64 end = begin + chunk < t.len ? begin + chunk : t.len;
-        for (u64 i = begin + threadIdx.x; i < end; i += blockDim.x) {
-            float p = t.param[i], s0 = t.slot0[i];
-            float s1 = t.slot1 != nullptr ? t.slot1[i] : 0.0f;
-            update(ls, p, t.grad[i], s0, s1);
-            t.param[i] = p;
-            t.slot0[i] = s0;
-            if (t.slot1 != nullptr) t.slot1[i] = s1;
+        for (u64 i = begin + threadIdx.x; i < end; i += blockDim.x) update_element(ls, t, i);
+    }
+}
+
+// update_chunks in quads: thread j of the block takes quads j, j + blockDim.x,
+// ... of its chunk, then the chunk's tail elements one per thread.
+__device__ __forceinline__ void update_chunks_vec4(const StepScalars& s, u32 use_scales,
+                                                   const float* __restrict__ scales,
+                                                   const OptTensor* __restrict__ tensors,
+                                                   const u32* __restrict__ chunk_tensor, u64 chunks, u64 chunk) {
+    for (u64 k = blockIdx.x; k < chunks; k += gridDim.x) {
+        const u32 ti = chunk_tensor[k];
+        const OptTensor t = tensors[ti];
+        StepScalars ls = s;
+        if (use_scales) ls.clip_scale = scales[ti];
+        const u64 begin = (k - t.first_chunk) * chunk;
+        const u64 end = begin + chunk < t.len ? begin + chunk : t.len;
+        const u64 quads_end = begin + ((end - begin) & ~3ull);
+        const bool adam = t.slot1 != nullptr;
+        for (u64 i = begin + 4 * (u64)threadIdx.x; i < quads_end; i += 4 * (u64)blockDim.x) {
+            Lanes4 p = unpack4(load4(t.param + i)), s0 = unpack4(load4(t.slot0 + i));
+            const Lanes4 g = unpack4(load4_ro(t.grad + i));
+            Lanes4 s1 = adam ? unpack4(load4(t.slot1 + i)) : Lanes4{{0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) update(ls, p.e[e], g.e[e], s0.e[e], s1.e[e]);
+            store4(t.param + i, pack4(p));
+            store4(t.slot0 + i, pack4(s0));
+            if (adam) store4(t.slot1 + i, pack4(s1));
         }
+        for (u64 i = quads_end + threadIdx.x; i < end; i += blockDim.x) update_element(ls, t, i);
     }
 }
 
@@ -195,4 +239,22 @@ extern "C" __global__ void optim_update_clocked(StepScalars s, const u64* __rest
     s.lr_t = lr_rows[2 * row];
     s.adam_step = lr_rows[2 * row + 1];
     update_chunks(s, use_scales, scales, tensors, chunk_tensor, chunks, chunk);
+}
+
+extern "C" __global__ void optim_update_vec4(StepScalars s, u32 use_scales, const float* __restrict__ scales,
+                                             const OptTensor* __restrict__ tensors,
+                                             const u32* __restrict__ chunk_tensor, u64 chunks, u64 chunk) {
+    update_chunks_vec4(s, use_scales, scales, tensors, chunk_tensor, chunks, chunk);
+}
+
+// optim_update_clocked in vector form.
+extern "C" __global__ void optim_update_clocked_vec4(StepScalars s, const u64* __restrict__ clock,
+                                                     const float* __restrict__ lr_rows, u32 use_scales,
+                                                     const float* __restrict__ scales,
+                                                     const OptTensor* __restrict__ tensors,
+                                                     const u32* __restrict__ chunk_tensor, u64 chunks, u64 chunk) {
+    const u64 row = clock[1];
+    s.lr_t = lr_rows[2 * row];
+    s.adam_step = lr_rows[2 * row + 1];
+    update_chunks_vec4(s, use_scales, scales, tensors, chunk_tensor, chunks, chunk);
 }

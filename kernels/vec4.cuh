@@ -114,3 +114,36 @@ __device__ __forceinline__ void channel_walk_step(ChannelWalk& w, u64 spatial, u
         if (++w.ch == c) w.ch = 0;
     }
 }
+
+#ifdef __CUDA_ARCH__
+
+// Four u8 as one 32-bit access (dropout's mask: a quad's four bytes, byte k
+// for element 4q + k, little-endian as every CUDA device is). The address
+// must be 4-byte aligned.
+__device__ __forceinline__ u32 load_u8x4_ro(const unsigned char* p) {
+    u32 v;
+    asm("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void store_u8x4(unsigned char* p, u32 v) {
+    asm volatile("st.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+#else  // emulated: alignment enforced, as for the 16-byte accesses above
+
+__device__ __forceinline__ u32 load_u8x4_ro(const unsigned char* p, const char* file = __builtin_FILE(),
+                                            int line = __builtin_LINE()) {
+    if ((u64)p & 3u) kemu_trap("32-bit access to an address that is not 4-byte aligned", file, line);
+    u32 v;
+    std::memcpy(&v, p, 4);  // the host is little-endian too: byte k is bits 8k..8k+7
+    return v;
+}
+
+__device__ __forceinline__ void store_u8x4(unsigned char* p, u32 v, const char* file = __builtin_FILE(),
+                                           int line = __builtin_LINE()) {
+    if ((u64)p & 3u) kemu_trap("32-bit access to an address that is not 4-byte aligned", file, line);
+    std::memcpy(p, &v, 4);
+}
+
+#endif

@@ -782,8 +782,9 @@ fn progress_keeps_the_keras_look() {
     );
 }
 
-/// `--no-cuda-graph` is accepted and, on the CPU (which never captures
-/// steps), changes nothing: the same test metrics as without it.
+/// `--no-cuda-graph` and `--no-staged-upload` are accepted and, on the CPU
+/// (which never captures steps and has no uploads), change nothing: the
+/// same test metrics as without them.
 #[test]
 fn no_cuda_graph_changes_nothing_on_the_cpu() {
     let d = tmpdir("no-cuda-graph");
@@ -808,6 +809,8 @@ fn no_cuda_graph_changes_nothing_on_the_cpu() {
     };
     let with_graph = run("default", &[]);
     let without = run("no-graph", &["--no-cuda-graph"]);
+    let plain = run("no-staged", &["--no-staged-upload"]);
     assert!(!with_graph.trim().is_empty(), "no test metrics printed");
     assert_eq!(with_graph, without);
+    assert_eq!(with_graph, plain);
 }

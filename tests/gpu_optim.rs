@@ -224,7 +224,7 @@ fn deterministic() {
         let run = || {
             let mut s = CudaOptimizerState::new(&gpu, &opt, &sizes).unwrap();
             let p = gpu_run(
-                cuda::select(&opt, gpu.info()),
+                cuda::select(&opt, true, gpu.info()),
                 &gpu,
                 &opt,
                 &mut s,
@@ -265,7 +265,7 @@ fn checkpoint_resume_and_moved_buffers() {
         let opt = configure(rule, rule % 2 == 1, 3, true, 2.0);
         let mut s = CudaOptimizerState::new(&gpu, &opt, &sizes).unwrap();
         let p2 = gpu_run(
-            cuda::select(&opt, gpu.info()),
+            cuda::select(&opt, true, gpu.info()),
             &gpu,
             &opt,
             &mut s,
@@ -278,7 +278,7 @@ fn checkpoint_resume_and_moved_buffers() {
         assert_eq!(resumed.iterations(), 2);
         // gpu_run uploads the parameters into new buffers.
         let p5 = gpu_run(
-            cuda::select(&opt, gpu.info()),
+            cuda::select(&opt, true, gpu.info()),
             &gpu,
             &opt,
             &mut resumed,

@@ -114,6 +114,19 @@ struct Event {
     // inside a capture can tell an event of its own sequence from one
     // recorded outside it.
     uint64_t capture_id = 0;
+    // The stream it was last recorded on outside a capture (its id, 0: none
+    // or the legacy stream) and how many deferred copies that stream had
+    // been given then: waiting for the event completes those.
+    uint64_t stream_id = 0;
+    uint64_t seq = 0;
+};
+
+// A cuMemcpyHtoDAsync from page-locked memory not yet performed (see
+// "deferred copies" below): `seq` counts the stream's deferred copies.
+struct Deferred {
+    uint64_t dst = 0, src = 0;
+    size_t bytes = 0;
+    uint64_t seq = 0;
 };
 
 // One unit of captured work.
@@ -152,6 +165,9 @@ struct Stream {
     uint64_t capture_id = 0;  // this capture sequence's id (unique, from 1)
     Graph* graph = nullptr;   // the nodes recorded so far
     std::string invalidated_by;
+    uint64_t id = 0;                 // unique, from 1 (events name their stream by it)
+    std::vector<Deferred> deferred;  // in stream order (guarded by g_defer_m)
+    uint64_t enqueued = 0;           // deferred copies given so far
 };
 
 Context g_primary;
@@ -534,6 +550,79 @@ Result unsafe_call(const char* call) {
 }
 
 Result run_node(const Node& n);
+Result do_copy(const char* call, uint64_t dst, bool dst_dev, uint64_t src, bool src_dev, size_t bytes);
+
+// ---- deferred copies from page-locked memory -----------------------------------------------
+//
+// On a GPU, a cuMemcpyHtoDAsync from page-locked memory is a DMA that runs
+// at some time after the call, in its stream's order: until something says
+// it is done, the host must not rewrite its source and no other stream may
+// read its destination. Run at the call, as everything else here is, it
+// would hide a missing wait. So such a copy on a stream of the program's
+// own that is not capturing is deferred: it reads its source only when that
+// stream is next synchronized with (cuStreamSynchronize, cuStreamQuery,
+// cuCtxSynchronize, cuEventSynchronize or cuEventQuery of an event recorded
+// on it after the copy, cuStreamWaitEvent by another stream on such an
+// event) or when the stream's next operation is enqueued (a launch, copy,
+// memset, stream-ordered allocation or free, graph launch, capture begin):
+// the latest moments a GPU could have completed it. A free of any memory
+// (cuMemFree*, cuMemFreeHost) completes every deferred copy first, so that
+// none reads or writes freed memory. A deferred copy's error (a destination
+// freed meanwhile) is returned by the call that completes it.
+
+std::mutex g_defer_m;         // guards g_streams and every Stream's deferred copies
+std::vector<Stream*> g_streams;  // live streams
+uint64_t g_next_stream_id = 1;
+
+// Performs `st`'s deferred copies numbered up to `upto`, in order.
+Result settle(Stream* st, uint64_t upto = UINT64_MAX) {
+    if (!st) return OK;
+    std::vector<Deferred> due;
+    {
+        std::lock_guard<std::mutex> g(g_defer_m);
+        auto end = st->deferred.begin();
+        while (end != st->deferred.end() && end->seq <= upto) ++end;
+        due.assign(st->deferred.begin(), end);
+        st->deferred.erase(st->deferred.begin(), end);
+    }
+    Result first = OK;
+    for (const Deferred& c : due) {
+        // The destination may have been freed since the call: reported
+        // now, as CUDA reports an asynchronous error.
+        Result r = do_copy("cuMemcpyHtoDAsync (deferred copy from page-locked memory)", c.dst, true, c.src, false,
+                           c.bytes);
+        if (r && !first) first = r;
+    }
+    return first;
+}
+
+// The deferred copies an event stands for (those of its stream up to its record).
+Result settle_event(const Event* ev) {
+    Stream* st = nullptr;
+    uint64_t upto = 0;
+    {
+        std::lock_guard<std::mutex> g(g_defer_m);
+        if (!ev->stream_id) return OK;
+        for (Stream* x : g_streams)
+            if (x->id == ev->stream_id) st = x;
+        upto = ev->seq;
+    }
+    return settle(st, upto);
+}
+
+Result settle_all() {
+    std::vector<Stream*> all;
+    {
+        std::lock_guard<std::mutex> g(g_defer_m);
+        all = g_streams;
+    }
+    Result first = OK;
+    for (Stream* st : all) {
+        Result r = settle(st);
+        if (r && !first) first = r;
+    }
+    return first;
+}
 
 }  // namespace
 
@@ -550,12 +639,24 @@ KEMU_API int cuStreamCreate(void** s, unsigned) {
     if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuStreamCreate: no current context");
     auto* st = new Stream;
     st->ctx = t_current;
+    {
+        std::lock_guard<std::mutex> g(g_defer_m);
+        st->id = g_next_stream_id++;
+        g_streams.push_back(st);
+    }
     *s = st;
     return OK;
 }
 KEMU_API int cuStreamCreateWithPriority(void** s, unsigned flags, int) { return cuStreamCreate(s, flags); }
 KEMU_API int cuStreamDestroy_v2(void* s) {
     if (Stream* st = as_stream(s)) {
+        // CUDA lets the stream's work finish after the call returns.
+        Result r = settle(st);
+        {
+            std::lock_guard<std::mutex> g(g_defer_m);
+            g_streams.erase(std::remove(g_streams.begin(), g_streams.end(), st), g_streams.end());
+        }
+        if (r) return r;
         std::lock_guard<std::mutex> g(g_capture_m);
         // A capture left open dies with its stream.
         g_capturing.erase(std::remove(g_capturing.begin(), g_capturing.end(), st), g_capturing.end());
@@ -568,12 +669,15 @@ KEMU_API int cuStreamDestroy_v2(void* s) {
 KEMU_API int cuStreamSynchronize(void* s) {
     if (Stream* st = capturing(s))
         return capture_fail(st, ERR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize on a capturing stream");
-    return check_stream("cuStreamSynchronize", s);
+    if (Result r = check_stream("cuStreamSynchronize", s)) return r;
+    return settle(as_stream(s));
 }
+// "Done" (CUDA_SUCCESS) is what it says, so its deferred copies are done.
 KEMU_API int cuStreamQuery(void* s) {
     if (Stream* st = capturing(s))
         return capture_fail(st, ERR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamQuery on a capturing stream");
-    return check_stream("cuStreamQuery", s);
+    if (Result r = check_stream("cuStreamQuery", s)) return r;
+    return settle(as_stream(s));
 }
 KEMU_API int cuStreamWaitEvent(void* s, void* e, unsigned) {
     if (Stream* st = capturing(s)) {
@@ -587,7 +691,14 @@ KEMU_API int cuStreamWaitEvent(void* s, void* e, unsigned) {
                                 "cuStreamWaitEvent: the event was not recorded in this capture sequence");
         return OK;  // stream order already follows the record
     }
-    return check_stream("cuStreamWaitEvent", s);
+    if (Result r = check_stream("cuStreamWaitEvent", s)) return r;
+    auto* ev = static_cast<Event*>(e);
+    if (!ev) return ERR_INVALID_HANDLE;
+    // Work after the wait sees what the event stands for: another stream's
+    // deferred copies up to its record (the own stream's are in order anyway).
+    Stream* st = as_stream(s);
+    if (st && ev->stream_id == st->id) return OK;
+    return settle_event(ev);
 }
 
 KEMU_API int cuStreamBeginCapture_v2(void* s, int mode) {
@@ -598,6 +709,9 @@ KEMU_API int cuStreamBeginCapture_v2(void* s, int mode) {
     if (mode < MODE_GLOBAL || mode > MODE_RELAXED)
         return fail(ERR_INVALID_VALUE, "cuStreamBeginCapture: unknown capture mode " + std::to_string(mode));
     Stream* st = static_cast<Stream*>(s);
+    // Work enqueued before the capture is not part of it.
+    if (capturing(s) == nullptr)
+        if (Result r = settle(st)) return r;
     std::lock_guard<std::mutex> g(g_capture_m);
     if (st->capture != CAPTURE_NONE)
         return fail(ERR_ILLEGAL_STATE, "cuStreamBeginCapture: the stream is already capturing");
@@ -666,16 +780,23 @@ KEMU_API int cuEventRecord(void* e, void* s) {
         n.event = ev;
         if (Result r = capture_node(st, std::move(n))) return r;
         ev->capture_id = st->capture_id;
+        std::lock_guard<std::mutex> g(g_defer_m);
+        ev->stream_id = 0;
         return OK;
     }
     ev->t = std::chrono::steady_clock::now();
     ev->recorded = true;
     ev->capture_id = 0;
+    std::lock_guard<std::mutex> g(g_defer_m);
+    Stream* st = as_stream(s);
+    ev->stream_id = st ? st->id : 0;
+    ev->seq = st ? st->enqueued : 0;
     return OK;
 }
 KEMU_API int cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
-KEMU_API int cuEventSynchronize(void* e) { return e ? OK : ERR_INVALID_HANDLE; }
-KEMU_API int cuEventQuery(void* e) { return e ? OK : ERR_INVALID_HANDLE; }
+KEMU_API int cuEventSynchronize(void* e) { return e ? settle_event(static_cast<Event*>(e)) : ERR_INVALID_HANDLE; }
+// "Done" (CUDA_SUCCESS) is what it says, so the copies it stands for are done.
+KEMU_API int cuEventQuery(void* e) { return e ? settle_event(static_cast<Event*>(e)) : ERR_INVALID_HANDLE; }
 // Host time between the records: an emulated timing, never a GPU figure.
 KEMU_API int cuEventElapsedTime(float* ms, void* start, void* end) {
     if (!ms || !start || !end) return ERR_INVALID_VALUE;
@@ -723,7 +844,10 @@ Result do_memset(const char* call, uint64_t dst, unsigned v, unsigned elem, size
 Result copy_on(const char* call, void* s, uint64_t dst, bool dst_dev, uint64_t src, bool src_dev, size_t bytes) {
     if (Result r = check_stream(call, s)) return r;
     Stream* st = capturing(s);
-    if (!st) return do_copy(call, dst, dst_dev, src, src_dev, bytes);
+    if (!st) {
+        if (Result r = settle(as_stream(s))) return r;
+        return do_copy(call, dst, dst_dev, src, src_dev, bytes);
+    }
     if ((!dst_dev && !pinned((const void*)dst, bytes)) || (!src_dev && !pinned((const void*)src, bytes)))
         return capture_fail(st, ERR_STREAM_CAPTURE_UNSUPPORTED,
                             std::string(call) + ": a copy from or to pageable host memory during a stream capture "
@@ -744,7 +868,10 @@ Result copy_on(const char* call, void* s, uint64_t dst, bool dst_dev, uint64_t s
 Result memset_on(const char* call, void* s, uint64_t dst, unsigned v, unsigned elem, size_t count) {
     if (Result r = check_stream(call, s)) return r;
     Stream* st = capturing(s);
-    if (!st) return do_memset(call, dst, v, elem, count);
+    if (!st) {
+        if (Result r = settle(as_stream(s))) return r;
+        return do_memset(call, dst, v, elem, count);
+    }
     if (dst % elem)
         return fail(ERR_INVALID_VALUE, std::string(call) + ": destination not " + std::to_string(elem) + "-byte aligned");
     if (Result r = check_range(call, dst, count * elem)) return r;
@@ -771,10 +898,12 @@ KEMU_API int cuMemAllocAsync(uint64_t* p, size_t bytes, void* s) {
     if (Stream* st = capturing(s))
         return capture_fail(st, ERR_NOT_SUPPORTED,
                             "cuMemAllocAsync during a stream capture (graph memory nodes are not emulated)");
+    if (Result r = settle(as_stream(s))) return r;
     return do_alloc(p, bytes);
 }
 KEMU_API int cuMemFree_v2(uint64_t p) {
     if (Result r = unsafe_call("cuMemFree")) return r;
+    if (Result r = settle_all()) return r;
     return mem_free(p);
 }
 KEMU_API int cuMemFreeAsync(uint64_t p, void* s) {
@@ -782,6 +911,7 @@ KEMU_API int cuMemFreeAsync(uint64_t p, void* s) {
     if (Stream* st = capturing(s))
         return capture_fail(st, ERR_NOT_SUPPORTED,
                             "cuMemFreeAsync during a stream capture (graph memory nodes are not emulated)");
+    if (Result r = settle_all()) return r;
     return mem_free(p);
 }
 KEMU_API int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
@@ -802,6 +932,8 @@ KEMU_API int cuMemAllocHost_v2(void** p, size_t bytes) {
 }
 KEMU_API int cuMemHostAlloc(void** p, size_t bytes, unsigned) { return cuMemAllocHost_v2(p, bytes); }
 KEMU_API int cuMemFreeHost(void* p) {
+    // A deferred copy may still read it.
+    if (Result r = settle_all()) return r;
     {
         std::lock_guard<std::mutex> g(g_capture_m);
         g_pinned.erase(std::remove_if(g_pinned.begin(), g_pinned.end(),
@@ -829,7 +961,18 @@ KEMU_API int cuMemcpy(uint64_t dst, uint64_t src, size_t bytes) {
     // Unified addressing: either side may be host or device memory.
     return do_copy("cuMemcpy", dst, false, src, false, bytes);
 }
+// From page-locked memory on a stream of the program's own, not capturing:
+// deferred (see "deferred copies" above). Otherwise at the call, as before:
+// pageable memory is staged by the driver before the call returns.
 KEMU_API int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t bytes, void* s) {
+    Stream* st = as_stream(s);
+    if (st && bytes && capturing(s) == nullptr && pinned(src, bytes)) {
+        if (Result r = settle(st)) return r;  // the stream's earlier deferred copy, in order
+        if (Result r = check_range("cuMemcpyHtoDAsync (destination)", dst, bytes)) return r;
+        std::lock_guard<std::mutex> g(g_defer_m);
+        st->deferred.push_back(Deferred{dst, (uint64_t)src, bytes, ++st->enqueued});
+        return OK;
+    }
     return copy_on("cuMemcpyHtoDAsync", s, dst, true, (uint64_t)src, false, bytes);
 }
 KEMU_API int cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t bytes, void* s) {
@@ -1005,12 +1148,14 @@ KEMU_API int cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, uns
         }
         return capture_node(st, std::move(n));
     }
+    if (Result r = settle(as_stream(stream))) return r;
     return launch(f, s, params);
 }
 
 KEMU_API int cuCtxSynchronize(void) {
     if (!t_current) return fail(ERR_INVALID_CONTEXT, "cuCtxSynchronize: no current context");
-    return unsafe_call("cuCtxSynchronize");
+    if (Result r = unsafe_call("cuCtxSynchronize")) return r;
+    return settle_all();
 }
 
 // ---- graphs --------------------------------------------------------------------------------------
@@ -1074,6 +1219,7 @@ KEMU_API int cuGraphLaunch(void* exec, void* s) {
         }
         return OK;
     }
+    if (Result r = settle(as_stream(s))) return r;
     for (size_t i = 0; i < ex->nodes.size(); ++i) {
         const Node& n = ex->nodes[i];
         if (Result r = run_node(n)) {

@@ -49,6 +49,10 @@ int cuMemsetD32Async(uint64_t, unsigned, size_t, void*);
 int cuMemAllocAsync(uint64_t*, size_t, void*);
 int cuMemAllocHost_v2(void**, size_t);
 int cuMemFreeHost(void*);
+int cuEventSynchronize(void*);
+int cuEventQuery(void*);
+int cuCtxSynchronize(void);
+int cuStreamQuery(void*);
 int cuGraphInstantiateWithFlags(void**, void*, unsigned long long);
 int cuGraphLaunch(void*, void*);
 int cuGraphUpload(void*, void*);
@@ -688,6 +692,119 @@ int main() {
         cuGraphDestroy(g);
         expect_error(cuStreamBeginCapture_v2(nullptr, 0), 1, "legacy stream", "capturing the legacy stream");
         cuStreamDestroy_v2(st);
+    }
+
+    // ---- deferred copies from page-locked memory ------------------------------------------
+    // A cuMemcpyHtoDAsync from page-locked memory on a stream of the
+    // program's own reads its source only when the stream is next
+    // synchronized with, or given its next operation: a host that rewrites
+    // the source too early, or a stream that reads the destination without
+    // waiting for the copy's event, gets what it would get on a GPU when the
+    // DMA runs late.
+    {
+        const size_t n = 64;
+        void *a = nullptr, *b = nullptr;
+        check(cuStreamCreate(&a, 1) == 0 && cuStreamCreate(&b, 1) == 0, "two streams for the deferred-copy checks");
+        void* pin = nullptr;
+        cuMemAllocHost_v2(&pin, n * 4);
+        auto* hp = static_cast<float*>(pin);
+        auto fill = [&](float v) {
+            for (size_t i = 0; i < n; ++i) hp[i] = v + (float)i;
+        };
+        auto holds = [&](Buf& d, float v) {
+            const std::vector<float> got = d.get<float>();
+            bool ok = true;
+            for (size_t i = 0; i < n; ++i) ok = ok && got[i] == v + (float)i;
+            return ok;
+        };
+        Buf land(n * 4), dst(n * 4);
+        void* ev = nullptr;
+        cuEventCreate(&ev, 2);
+
+        // No wait before the rewrite: the device gets the rewritten bytes.
+        fill(1.0f);
+        check(cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a) == 0, "a copy from page-locked memory is enqueued");
+        bool untouched = true;
+        for (float v : land.get<float>()) untouched = untouched && v == 0.0f;
+        check(untouched, "... and has not written its destination at the call");
+        fill(2.0f);
+        check(cuStreamSynchronize(a) == 0 && holds(land, 2.0f),
+              "a host rewrite of the source before any wait reaches the device (a missing host wait is caught)");
+
+        // Waiting for an event recorded after the copy completes it.
+        fill(3.0f);
+        cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a);
+        cuEventRecord(ev, a);
+        check(cuEventSynchronize(ev) == 0, "cuEventSynchronize on an event recorded after the copy");
+        fill(4.0f);
+        cuStreamSynchronize(a);
+        check(holds(land, 3.0f), "... completes the copy: a rewrite after the wait does not reach the device");
+        fill(5.0f);
+        cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a);
+        cuEventRecord(ev, a);
+        check(cuEventQuery(ev) == 0, "cuEventQuery on it says done");
+        fill(6.0f);
+        cuStreamSynchronize(a);
+        check(holds(land, 5.0f), "... and so the copy is done");
+
+        // An event recorded before the copy stands for nothing of it.
+        cuEventRecord(ev, a);
+        fill(7.0f);
+        cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a);
+        cuEventSynchronize(ev);
+        fill(8.0f);
+        cuStreamSynchronize(a);
+        check(holds(land, 8.0f), "an event recorded before the copy does not complete it");
+
+        // Another stream: with cuStreamWaitEvent it reads the copy's data,
+        // without it the destination's old contents.
+        fill(9.0f);
+        cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a);
+        cuEventRecord(ev, a);
+        check(cuStreamWaitEvent(b, ev, 0) == 0 && cuMemcpyDtoDAsync_v2(dst.p, land.p, n * 4, b) == 0 &&
+                  cuStreamSynchronize(b) == 0 && holds(dst, 9.0f),
+              "a stream that waits on the copy's event, then copies the destination, reads the new data");
+        fill(10.0f);
+        cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a);
+        cuEventRecord(ev, a);
+        cuMemcpyDtoDAsync_v2(dst.p, land.p, n * 4, b);
+        cuStreamSynchronize(b);
+        check(holds(dst, 9.0f),
+              "a stream that does not wait reads the old contents (a missing cuStreamWaitEvent is caught)");
+        cuStreamSynchronize(a);
+        check(holds(land, 10.0f), "... and the copy lands when its own stream is synchronized");
+
+        // The stream's next operation, cuStreamQuery and cuCtxSynchronize
+        // complete it too.
+        fill(11.0f);
+        cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a);
+        cuMemsetD32Async(dst.p, 0, n, a);
+        fill(12.0f);
+        cuStreamSynchronize(a);
+        check(holds(land, 11.0f), "the next operation on the copy's stream completes it first");
+        fill(13.0f);
+        cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a);
+        check(cuStreamQuery(a) == 0, "cuStreamQuery after a copy");
+        fill(14.0f);
+        check(holds(land, 13.0f), "... completes it");
+        fill(15.0f);
+        cuMemcpyHtoDAsync_v2(land.p, pin, n * 4, a);
+        check(cuCtxSynchronize() == 0, "cuCtxSynchronize after a copy");
+        fill(16.0f);
+        check(holds(land, 15.0f), "... completes it");
+
+        // Pageable memory is read at the call (the driver stages it).
+        std::vector<float> pageable(n);
+        for (size_t i = 0; i < n; ++i) pageable[i] = 17.0f + (float)i;
+        cuMemcpyHtoDAsync_v2(land.p, pageable.data(), n * 4, a);
+        for (float& v : pageable) v = -1.0f;
+        cuStreamSynchronize(a);
+        check(holds(land, 17.0f), "a copy from pageable memory reads its source at the call");
+
+        cuEventDestroy_v2(ev);
+        cuMemFreeHost(pin);
+        cuStreamDestroy_v2(a);
+        cuStreamDestroy_v2(b);
     }
 
     printf("%d passed, %d failed\n", passed, failed);

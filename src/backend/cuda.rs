@@ -6,7 +6,15 @@
 //!   zero elements (the driver rejects zero-byte allocations).
 //! - Everything runs on the one stream of the [`CudaBackend`], so the order
 //!   of launches is the order of the calls and nothing waits for the device
-//!   except `download_*` and [`Backend::scalars_read`].
+//!   except `download_*` and [`Backend::scalars_read`]. The one exception
+//!   is the batch upload (`upload_rows_*`, `upload_into_f32`): by default
+//!   staged ([`crate::cuda::StagedUploader`]: gathered into page-locked
+//!   memory, copied to the device on a copy stream while the compute stream
+//!   runs the previous step, then device-to-device into the destination in
+//!   the compute stream's order), so the destination is written where a
+//!   plain copy would have written it. [`GpuBackend::set_staged_upload`]
+//!   (`kestrel train --no-staged-upload`) selects the plain path: a gather
+//!   into pageable memory and a copy on the compute stream.
 //! - Losses and metrics write their batch values into [`GpuScalars`] on the
 //!   device (`ops::loss::cuda::*_into`); the divisor that turns a device sum
 //!   into the CPU's value (the batch size for a loss mean, `classes` for
@@ -19,7 +27,7 @@
 //!   workspace (grown likewise, sliced to exactly
 //!   `gemm::cuda::select_workspace_len`, so that split-K is chosen by the
 //!   shape alone: a long-k dense layer splits on every run or on none) and
-//!   the host staging buffer of the batch gather.
+//!   the staging of the batch uploads.
 //! - The ops' own scratch ([`batchnorm::cuda::BatchNormScratch`] & co.) is
 //!   created here once and grown (never shrunk) to the largest parameters
 //!   seen, so a training step allocates nothing for these ops.
@@ -31,7 +39,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBi
 
 use super::cpu::gather;
 use super::{Backend, check_scalar_slot, check_scalars_count};
-use crate::cuda::{CapturedGraph, CudaBackend, StepClock};
+use crate::cuda::{CapturedGraph, CudaBackend, StagedUploader, StepClock};
 use crate::error::{Result, check_len};
 use crate::ops::activation::{self, Activation, Softmax};
 use crate::ops::batchnorm::cuda::BatchNormScratch;
@@ -124,11 +132,15 @@ pub struct GpuBackend {
     host: Box<HostSide>,
 }
 
-/// The host-side state of a [`GpuBackend`]: the batch gathers' staging and
+/// The host-side state of a [`GpuBackend`]: the batch uploads' staging and
 /// the captured steps' counters.
 #[derive(Debug, Default)]
 struct HostSide {
-    /// Host staging for the batch gathers.
+    /// The staged uploads' ring (made on the first staged upload).
+    staged: Mutex<Option<StagedUploader>>,
+    /// The plain upload path instead of the staged one.
+    plain_upload: std::sync::atomic::AtomicBool,
+    /// Pageable host staging for the plain path's batch gathers.
     staging_f32: Mutex<Vec<f32>>,
     staging_u32: Mutex<Vec<u32>>,
     /// Bumped whenever a cached scratch buffer is (re)allocated: a step
@@ -202,6 +214,41 @@ impl GpuBackend {
             mem: self.gpu.upload(host)?,
             len: host.len(),
         })
+    }
+
+    /// Whether batch uploads (`upload_rows_*`, `upload_into_f32`) go through
+    /// the staged path (the default; see the module docs) or the plain one
+    /// (a pageable gather and a copy on the compute stream, as before the
+    /// staged path existed): `kestrel train --no-staged-upload` sets
+    /// `false`. Both write the same bytes in the same stream order.
+    pub fn set_staged_upload(&self, on: bool) {
+        self.host.plain_upload.store(!on, Ordering::Relaxed);
+    }
+
+    /// Whether batch uploads are staged ([`GpuBackend::set_staged_upload`]).
+    pub fn staged_upload(&self) -> bool {
+        !self.host.plain_upload.load(Ordering::Relaxed)
+    }
+
+    /// Staged uploads done so far (none on the plain path).
+    pub fn staged_uploads(&self) -> u64 {
+        lock(&self.host.staged).as_ref().map_or(0, |s| s.uploads())
+    }
+
+    /// `dst` written, in the compute stream's order, with what `fill` puts
+    /// into a page-locked staging buffer of `dst.len()` elements.
+    fn upload_staged<T: DeviceRepr + bytemuck::Pod>(
+        &self,
+        op: &'static str,
+        dst: &mut GpuBuf<T>,
+        fill: impl FnOnce(&mut [T]) -> Result<()>,
+    ) -> Result<()> {
+        let mut staged = lock(&self.host.staged);
+        if staged.is_none() {
+            *staged = Some(StagedUploader::new(&self.gpu)?);
+        }
+        let stager = staged.as_mut().expect("made above");
+        stager.upload(&self.gpu, op, &mut dst.view_mut(), fill)
     }
 
     fn upload_into<T: DeviceRepr>(&self, host: &[T], dst: &mut GpuBuf<T>) -> Result<()> {
@@ -364,7 +411,14 @@ impl Backend for GpuBackend {
         self.upload(host)
     }
     fn upload_into_f32(&self, host: &[f32], dst: &mut GpuBuf<f32>) -> Result<()> {
-        self.upload_into(host, dst)
+        if !self.staged_upload() {
+            return self.upload_into(host, dst);
+        }
+        check_len("upload", "dst", dst.len(), host.len())?;
+        self.upload_staged("upload", dst, |h| {
+            h.copy_from_slice(host);
+            Ok(())
+        })
     }
     fn upload_rows_f32(
         &self,
@@ -373,6 +427,11 @@ impl Backend for GpuBackend {
         rows: &[usize],
         dst: &mut GpuBuf<f32>,
     ) -> Result<()> {
+        if self.staged_upload() {
+            return self.upload_staged("upload_rows", dst, |h| {
+                gather("upload_rows", src, row_len, rows, h)
+            });
+        }
         let mut staging = lock(&self.host.staging_f32);
         staging.resize(dst.len(), 0.0);
         gather("upload_rows", src, row_len, rows, &mut staging)?;
@@ -385,6 +444,11 @@ impl Backend for GpuBackend {
         rows: &[usize],
         dst: &mut GpuBuf<u32>,
     ) -> Result<()> {
+        if self.staged_upload() {
+            return self.upload_staged("upload_rows", dst, |h| {
+                gather("upload_rows", src, row_len, rows, h)
+            });
+        }
         let mut staging = lock(&self.host.staging_u32);
         staging.resize(dst.len(), 0);
         gather("upload_rows", src, row_len, rows, &mut staging)?;

@@ -72,6 +72,12 @@ pub enum Command {
         /// for comparison and as a fallback). No effect on the CPU.
         #[arg(long)]
         no_cuda_graph: bool,
+        /// On CUDA, upload each batch with a plain copy on the compute
+        /// stream (gathered into pageable memory) instead of staging it
+        /// through page-locked buffers and a copy stream (same results; for
+        /// comparison and as a fallback). No effect on the CPU.
+        #[arg(long)]
+        no_staged_upload: bool,
         /// Print result.json's contents on stdout at the end instead of the
         /// one line of test metrics.
         #[arg(long)]
@@ -146,6 +152,7 @@ pub fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
             stop_after,
             quiet,
             no_cuda_graph,
+            no_staged_upload,
             json,
         } => {
             let cfg = LoadedConfig::load(&config)?;
@@ -160,6 +167,7 @@ pub fn run(cli: Cli, stop: Arc<AtomicBool>) -> Result<i32> {
                 stop_after,
                 verbose: if quiet { 2 } else { 1 },
                 no_cuda_graph,
+                no_staged_upload,
                 stop: stop.clone(),
             };
             let outcome = run::train(&cfg, &opts)?;

@@ -11,11 +11,13 @@
 pub(crate) mod align;
 mod graph;
 mod modules;
+mod staging;
 mod step_clock;
 mod versions;
 
 pub use graph::CapturedGraph;
 pub use modules::*;
+pub use staging::{STAGE_SLOTS, StagedUploader};
 pub use step_clock::StepClock;
 pub use versions::KernelVersion;
 

@@ -83,6 +83,11 @@ pub struct TrainOptions {
     /// replaying one captured CUDA graph per full batch (the same results;
     /// see [`crate::train::FitOptions::cuda_graph`]). No effect on the CPU.
     pub no_cuda_graph: bool,
+    /// `--no-staged-upload`: upload each batch with a plain copy on the
+    /// compute stream instead of the staged path (the same results; see
+    /// [`crate::backend::GpuBackend::set_staged_upload`]). No effect on the
+    /// CPU.
+    pub no_staged_upload: bool,
     /// Set it to stop at the end of the current epoch, after the checkpoint
     /// (the Ctrl-C handler sets it).
     pub stop: Arc<AtomicBool>,
@@ -564,6 +569,9 @@ pub fn train(cfg: &LoadedConfig, opts: &TrainOptions) -> Result<TrainOutcome> {
     // once which one it picked, and never falls back from an explicit CUDA
     // choice.
     let backend = crate::backend::select(opts.device)?;
+    if let crate::backend::AnyBackend::Cuda(g) = &backend {
+        g.set_staged_upload(!opts.no_staged_upload);
+    }
     crate::with_backend!(backend, b => train_on(cfg, opts, start, b))
 }
 

@@ -14,6 +14,13 @@
 //! API the CPU's (`&mut [params]`, `&[grads]`) and let each layer own its
 //! buffers.
 //!
+//! Versions: [`OptimKernel::Fused`] updates one element per thread,
+//! [`OptimKernel::FusedVec4`] a quad of elements per 16-byte access of each
+//! tensor. Whether every tensor's parameter, gradient and slot pointers start
+//! on 16 bytes is decided on the host when the descriptor table is written
+//! (once, in a fit loop); each tensor's slots start on a multiple of 4 floats
+//! of the flat slot buffers, so only the caller's buffers can be misaligned.
+//!
 //! clipnorm never comes back to the host: chunk sums of squares (f64, fixed
 //! trees), then one block sums them per tensor in chunk order and, for the
 //! global norm, over tensors in a fixed tree, and writes each tensor's scale
@@ -34,18 +41,45 @@ use crate::error::{Error, Result, check_len};
 
 crate::kernel_versions! {
     /// The versions of this family's kernels, as data (see
-    /// [`KernelVersion`]): today one.
+    /// [`KernelVersion`]).
     pub enum OptimKernel {
         /// One fused update over every tensor of the step, clipping from fixed-order sums (`kernels/optim.cu`).
         Fused => "optim_fused", crate::cuda::OPTIM,
+        /// [`OptimKernel::Fused`] with the update in 16-byte vectors
+        /// (`optim_update*_vec4`: a thread loads and stores a quad of each
+        /// of param, gradient and slots at once; a tensor's `len % 4` tail
+        /// scalar), every element through the same update, so the same
+        /// bits. Every tensor's parameter and gradient buffers must start on
+        /// 16 bytes. The clipnorm sums are `Fused`'s (a vector walk would
+        /// change their order, hence the scale's bits).
+        FusedVec4 => "optim_fused_vec4", crate::cuda::OPTIM,
     }
 }
 
-/// The version the plain entry points run for `opt` on `info`'s
-/// device; the `*_with` forms run the one a caller names. Today there is
-/// one version, so it is always [`OptimKernel::Fused`].
-pub fn select(_opt: &Optimizer, _info: &DeviceInfo) -> OptimKernel {
-    OptimKernel::Fused
+impl OptimKernel {
+    /// The update kernel of this version, plain or clocked.
+    fn update_entry(self, clocked: bool) -> &'static str {
+        match (self, clocked) {
+            (OptimKernel::Fused, false) => "optim_update",
+            (OptimKernel::Fused, true) => "optim_update_clocked",
+            (OptimKernel::FusedVec4, false) => "optim_update_vec4",
+            (OptimKernel::FusedVec4, true) => "optim_update_clocked_vec4",
+        }
+    }
+}
+
+/// The version the plain entry points run for `opt` on `info`'s device
+/// when every buffer of the descriptor table starts on 16 bytes
+/// (`aligned`, see [`CudaOptimizerState::first_misaligned`]) or not; the
+/// `*_with` forms run the one a caller names. Aligned buffers get
+/// [`OptimKernel::FusedVec4`] (a quarter of the memory instructions, the
+/// same bits), the rest [`OptimKernel::Fused`].
+pub fn select(_opt: &Optimizer, aligned: bool, _info: &DeviceInfo) -> OptimKernel {
+    if aligned {
+        OptimKernel::FusedVec4
+    } else {
+        OptimKernel::Fused
+    }
 }
 
 const OP: &str = "optimizer.step";
@@ -54,6 +88,9 @@ const OP: &str = "optimizer.step";
 /// the norm's first stage. Small enough that a 1M-parameter model still
 /// gives hundreds of blocks.
 pub const CHUNK: usize = 4096;
+// The vector update walks each chunk in quads from its start: chunks must
+// start on 16 bytes of an aligned tensor.
+const _: () = assert!(CHUNK.is_multiple_of(4));
 const THREADS: u32 = 256;
 
 // SAFETY: `StepScalars` is `#[repr(C)]` plain old data (a `#[repr(u32)]`
@@ -115,7 +152,8 @@ pub struct CudaOptimizerState {
     kind: OptimizerKind,
     iterations: u64,
     sizes: Vec<usize>,
-    /// Offset of each tensor in the flat slot buffers.
+    /// Offset of each tensor in the flat slot buffers: a multiple of 4
+    /// floats, so that every tensor's slots start on 16 bytes.
     offsets: Vec<usize>,
     total: usize,
     /// Flat slot buffers (at least one element, so that an empty model still
@@ -132,6 +170,10 @@ pub struct CudaOptimizerState {
     /// The device table lacks the current descriptors (set at creation, so
     /// that the first step uploads them whatever the pointers).
     table_stale: bool,
+    /// The first buffer of the table that does not start on 16 bytes, with
+    /// its offset past a boundary (decided whenever the table is written;
+    /// `None` before the first step).
+    misaligned: Option<(String, u64)>,
     partials: CudaSlice<f64>,
     tensor_sq: CudaSlice<f64>,
     scales: CudaSlice<f32>,
@@ -158,14 +200,17 @@ impl CudaOptimizerState {
             ));
         }
         let mut offsets = Vec::with_capacity(sizes.len());
+        // The flat slot buffers' length: every tensor's slots start on a
+        // multiple of 4 floats (the vector update needs 16-byte starts).
+        let mut flat = 0usize;
         let mut total = 0usize;
         let mut chunk_tensor = Vec::new();
         let mut descs = Vec::with_capacity(sizes.len());
+        let overflow = || Error::invalid(OP, "sizes", "the total number of parameters overflows");
         for (i, &n) in sizes.iter().enumerate() {
-            offsets.push(total);
-            total = total.checked_add(n).ok_or_else(|| {
-                Error::invalid(OP, "sizes", "the total number of parameters overflows")
-            })?;
+            offsets.push(flat);
+            total = total.checked_add(n).ok_or_else(overflow)?;
+            flat = flat.checked_add(n.div_ceil(4) * 4).ok_or_else(overflow)?;
             let chunks = n.div_ceil(CHUNK);
             descs.push(OptTensor {
                 len: n as u64,
@@ -176,17 +221,15 @@ impl CudaOptimizerState {
             chunk_tensor.extend(std::iter::repeat_n(i as u32, chunks));
         }
         let adam = host.kind() == OptimizerKind::Adam;
-        let mut flat0 = Vec::with_capacity(total.max(1));
-        let mut flat1 = Vec::with_capacity(if adam { total.max(1) } else { 1 });
-        for i in 0..sizes.len() {
+        let mut flat0 = vec![0.0f32; flat.max(1)];
+        let mut flat1 = vec![0.0f32; if adam { flat.max(1) } else { 1 }];
+        for (i, &off) in offsets.iter().enumerate() {
             let (s0, s1) = host.slots(i).expect("sizes and slots agree");
-            flat0.extend_from_slice(s0);
+            flat0[off..off + s0.len()].copy_from_slice(s0);
             if adam {
-                flat1.extend_from_slice(s1);
+                flat1[off..off + s1.len()].copy_from_slice(s1);
             }
         }
-        flat0.resize(total.max(1), 0.0);
-        flat1.resize(if adam { total.max(1) } else { 1 }, 0.0);
         let chunks = chunk_tensor.len();
         chunk_tensor.resize(chunks.max(1), 0);
         let count = sizes.len().max(1);
@@ -205,6 +248,7 @@ impl CudaOptimizerState {
             descs,
             table: gpu.upload(&table)?,
             table_stale: true,
+            misaligned: None,
             partials: gpu.zeros::<f64>(chunks.max(1))?,
             tensor_sq: gpu.zeros::<f64>(count)?,
             scales: gpu.zeros::<f32>(count)?,
@@ -262,6 +306,38 @@ impl CudaOptimizerState {
     pub fn total_len(&self) -> usize {
         self.total
     }
+
+    /// The first buffer of the current descriptor table (`params[i]`,
+    /// `grads[i]`, then the state's own `slot0[i]` / `slot1[i]`, tensor by
+    /// tensor) that does not start on a 16-byte boundary, which keeps the
+    /// step on [`OptimKernel::Fused`]; `None` when every one does (and
+    /// before the first step, which writes the table). Empty tensors do not
+    /// count: no kernel touches them.
+    pub fn first_misaligned(&self) -> Option<&str> {
+        self.misaligned.as_ref().map(|(name, _)| name.as_str())
+    }
+}
+
+/// The first buffer of `descs` that does not start on 16 bytes (see
+/// [`CudaOptimizerState::first_misaligned`]), with its offset.
+fn first_misaligned(descs: &[OptTensor]) -> Option<(String, u64)> {
+    descs
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.len > 0)
+        .flat_map(|(i, d)| {
+            [
+                ("params", d.param),
+                ("grads", d.grad),
+                ("slot0", d.slot0),
+                ("slot1", d.slot1),
+            ]
+            .into_iter()
+            // slot1 is null for every rule but Adam.
+            .filter(|&(name, ptr)| !(name == "slot1" && ptr == 0))
+            .map(move |(name, ptr)| (format!("{name}[{i}]"), ptr % 16))
+        })
+        .find(|&(_, off)| off != 0)
 }
 
 fn check_kind(opt: &Optimizer, kind: OptimizerKind) -> Result<()> {
@@ -289,19 +365,19 @@ fn chunk_config(gpu: &CudaBackend, chunks: usize) -> LaunchConfig {
 /// (or the table was never written), `upload` writes the new descriptors.
 /// The recorded descriptors and the stale flag change only after the upload
 /// succeeded, so a failed upload is retried by the next step instead of
-/// leaving the kernels on the old pointers.
+/// leaving the kernels on the old pointers. Returns whether it wrote.
 fn refresh_table(
     descs: &mut [OptTensor],
     stale: &mut bool,
     ptrs: &[(u64, u64)],
     upload: impl FnOnce(&[OptTensor]) -> Result<()>,
-) -> Result<()> {
+) -> Result<bool> {
     let moved = descs
         .iter()
         .zip(ptrs)
         .any(|(d, &(p, g))| d.param != p || d.grad != g);
     if !*stale && !moved {
-        return Ok(());
+        return Ok(false);
     }
     let mut next = descs.to_vec();
     for (d, &(p, g)) in next.iter_mut().zip(ptrs) {
@@ -311,7 +387,7 @@ fn refresh_table(
     upload(&next)?;
     descs.copy_from_slice(&next);
     *stale = false;
-    Ok(())
+    Ok(true)
 }
 
 /// One optimizer step on the device over all parameter tensors:
@@ -327,11 +403,14 @@ pub fn step(
     params: &mut [CudaViewMut<'_, f32>],
     grads: &[CudaView<'_, f32>],
 ) -> Result<()> {
-    step_with(gpu, select(opt, gpu.info()), opt, state, params, grads)
+    launch_step(gpu, None, opt, state, params, grads, None)?;
+    state.iterations += 1;
+    Ok(())
 }
 
 /// [`step`] on the version `kernel` (an error, before any launch, on a
-/// device older than it needs).
+/// device older than it needs, or for [`OptimKernel::FusedVec4`] on a
+/// buffer that does not start on 16 bytes, naming the first such).
 pub fn step_with(
     gpu: &CudaBackend,
     kernel: OptimKernel,
@@ -340,7 +419,7 @@ pub fn step_with(
     params: &mut [CudaViewMut<'_, f32>],
     grads: &[CudaView<'_, f32>],
 ) -> Result<()> {
-    launch_step(gpu, kernel, opt, state, params, grads, None)?;
+    launch_step(gpu, Some(kernel), opt, state, params, grads, None)?;
     state.iterations += 1;
     Ok(())
 }
@@ -363,29 +442,37 @@ pub fn step_clocked(
     params: &mut [CudaViewMut<'_, f32>],
     grads: &[CudaView<'_, f32>],
 ) -> Result<()> {
-    launch_step(
-        gpu,
-        select(opt, gpu.info()),
-        opt,
-        state,
-        params,
-        grads,
-        Some(clock),
-    )
+    launch_step(gpu, None, opt, state, params, grads, Some(clock))
 }
 
-/// The launches of one step; with a clock, the clocked update and no
-/// table upload.
-fn launch_step(
+/// [`step_clocked`] on the version `kernel` (an error, before any launch,
+/// as for [`step_with`]).
+pub fn step_clocked_with(
     gpu: &CudaBackend,
     kernel: OptimKernel,
+    opt: &Optimizer,
+    state: &mut CudaOptimizerState,
+    clock: &StepClock,
+    params: &mut [CudaViewMut<'_, f32>],
+    grads: &[CudaView<'_, f32>],
+) -> Result<()> {
+    launch_step(gpu, Some(kernel), opt, state, params, grads, Some(clock))
+}
+
+/// The launches of one step on `kernel`, or on [`select`]'s choice for the
+/// table's buffers; with a clock, the clocked update and no table upload.
+fn launch_step(
+    gpu: &CudaBackend,
+    kernel: Option<OptimKernel>,
     opt: &Optimizer,
     state: &mut CudaOptimizerState,
     params: &mut [CudaViewMut<'_, f32>],
     grads: &[CudaView<'_, f32>],
     clock: Option<&StepClock>,
 ) -> Result<()> {
-    kernel.require(gpu)?;
+    if let Some(k) = kernel {
+        k.require(gpu)?;
+    }
     opt.validate()?;
     check_kind(opt, state.kind)?;
     let sizes = &state.sizes;
@@ -410,7 +497,7 @@ fn launch_step(
         .collect();
     let ptrs: Vec<(u64, u64)> = guards.iter().map(|(p, g)| (p.0, g.0)).collect();
     let table = &mut state.table;
-    refresh_table(&mut state.descs, &mut state.table_stale, &ptrs, |descs| {
+    let wrote = refresh_table(&mut state.descs, &mut state.table_stale, &ptrs, |descs| {
         if clock.is_some() {
             // A capture must not copy from pageable memory (CUDA refuses
             // it), and a table written at capture would not follow later
@@ -426,6 +513,28 @@ fn launch_step(
             .memcpy_htod(descs, table)
             .map_err(|e| gpu.error("cuMemcpyHtoD", e))
     })?;
+    if wrote {
+        // Decided once per table: the pointers change only with it.
+        state.misaligned = first_misaligned(&state.descs);
+    }
+    let kernel = match kernel {
+        Some(k) => k,
+        None => {
+            let k = select(opt, state.misaligned.is_none(), gpu.info());
+            k.require(gpu)?;
+            k
+        }
+    };
+    if kernel == OptimKernel::FusedVec4
+        && let Some((name, off)) = &state.misaligned
+    {
+        let op = if clock.is_some() {
+            "optimizer.step_clocked"
+        } else {
+            OP
+        };
+        crate::cuda::align::require_aligned(op, kernel.name(), &[(name.as_str(), *off)])?;
+    }
 
     let base = opt.scalars(state.iterations);
     if state.chunks > 0 {
@@ -475,12 +584,15 @@ fn launch_step(
             };
             gpu.launched("optim_clip_scales", r)?;
         }
+        let name = kernel.update_entry(clock.is_some());
         let r = match clock {
             None => {
-                let f = gpu.function(kernel.module(), "optim_update")?;
+                let f = gpu.function(kernel.module(), name)?;
                 // SAFETY: as for optim_sumsq; params are distinct `&mut`
                 // views, so no two tensors (and no gradient) alias a written
-                // element; slot1 is only dereferenced when non-null (Adam).
+                // element; slot1 is only dereferenced when non-null (Adam);
+                // the vector form runs only when every pointer of the table
+                // starts on 16 bytes (checked above) and CHUNK % 4 == 0.
                 unsafe {
                     stream
                         .launch_builder(&f)
@@ -495,7 +607,7 @@ fn launch_step(
                 }
             }
             Some(clock) => {
-                let f = gpu.function(kernel.module(), "optim_update_clocked")?;
+                let f = gpu.function(kernel.module(), name)?;
                 // SAFETY: as above; the clock holds its two counters and its
                 // row (below clock.rows(), the fit loop's invariant) indexes
                 // the 2 * rows learning-rate values.
@@ -515,7 +627,7 @@ fn launch_step(
                 }
             }
         };
-        gpu.launched("optim_update", r)?;
+        gpu.launched(name, r)?;
     }
     drop(guards);
     Ok(())

@@ -363,3 +363,66 @@ fn errors_name_the_op_and_the_sizes() {
         &["output size", "expected 3x2", "got 3x5"],
     );
 }
+
+/// The backward pass at every instruction-set level gives the bits of the
+/// plain definition (zero, then `dx[argmax] += dy` in output order): with
+/// the argmax the forward pass leaves (the AVX2 path writes the windows'
+/// cells directly), with argmaxes pointing into other windows or cells no
+/// window covers (the path must fall back), and with -0.0, NaN and
+/// infinities in `dy`. Widths from 16 give rows of at least eight windows.
+#[test]
+fn backward_is_the_same_at_every_isa_level() {
+    let mut rng = common::Rng::new(5);
+    for (h, w, same) in [
+        (30, 30, false),
+        (16, 17, true),
+        (19, 33, true),
+        (17, 40, false),
+        (4, 16, false),
+    ] {
+        let p = MaxPool2d::new([2, 3, h, w], [2, 2], [2, 2], padding(same)).unwrap();
+        let x = data(7, p.x_len(), -1.0, 1.0);
+        let (mut y, mut arg) = (vec![0.0; p.y_len()], vec![0u32; p.y_len()]);
+        cpu::forward(&p, &x, &mut y, &mut arg).unwrap();
+        let mut dy = data(8, p.y_len(), -1.0, 1.0);
+        for (i, v) in dy.iter_mut().enumerate() {
+            match i % 37 {
+                0 => *v = -0.0,
+                5 => *v = f32::NAN,
+                9 => *v = f32::NEG_INFINITY,
+                _ => {}
+            }
+        }
+        let hw = p.h * p.w;
+        let mut foreign = arg.clone();
+        for (i, a) in foreign.iter_mut().enumerate() {
+            if rng.below(50) == 0 {
+                *a = rng.below(hw) as u32;
+            }
+            if i % 97 == 3 {
+                *a = (hw - 1) as u32;
+            }
+        }
+        for argmax in [&arg, &foreign] {
+            let mut want = vec![0.0f32; p.x_len()];
+            let ohw = p.out_h * p.out_w;
+            for (i, (&g, &a)) in dy.iter().zip(argmax.iter()).enumerate() {
+                want[(i / ohw) * hw + a as usize] += g;
+            }
+            for isa in Isa::available() {
+                let mut dx = vec![f32::NAN; p.x_len()];
+                with_isa(isa, || cpu::backward(&p, &dy, argmax, &mut dx))
+                    .unwrap()
+                    .unwrap();
+                let same_bits = dx
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same_bits,
+                    "{isa}: backward differs from the definition for {p:?}"
+                );
+            }
+        }
+    }
+}

@@ -148,20 +148,41 @@ pub fn backward(p: &MaxPool2d, dy: &[f32], argmax: &[u32], dx: &mut [f32]) -> Re
     // plane spent more in scheduling than in work.
     let per_task = (PLANES_MIN_ELEMS / ohw.max(1)).max(1);
     let chunk = (hw * per_task).max(1);
+    let isa = Isa::current();
     dx.par_chunks_mut(chunk)
         .enumerate()
         .for_each(|(t, planes)| {
             for (q, plane) in planes.chunks_mut(hw.max(1)).enumerate() {
                 let pi = t * per_task + q;
-                plane.fill(0.0);
                 let dyp = &dy[pi * ohw..][..ohw];
                 let ap = &argmax[pi * ohw..][..ohw];
-                for (&g, &a) in dyp.iter().zip(ap) {
-                    plane[a as usize] += g;
-                }
+                backward_plane(p, isa, dyp, ap, plane);
             }
         });
     Ok(())
+}
+
+/// One plane of [`backward`]: zero, then `plane[a] += g` window by window.
+/// For 2x2 windows of stride 2 whose rows hold at least eight of them
+/// (keras-cnn's pool1) AVX2 writes the windows' cells directly instead,
+/// eight windows per step, when every window's argmax lies in its own
+/// window (as the forward pass leaves it): then each cell receives at most
+/// one gradient, `0 + g` or nothing, the scatter's bits; any other argmax
+/// sends the whole plane through the scatter.
+fn backward_plane(p: &MaxPool2d, isa: Isa, dyp: &[f32], ap: &[u32], plane: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && avx2::backward_fits(p) {
+        // SAFETY: `Isa::current` never exceeds `Isa::detected`, which
+        // requires AVX2 for `Avx2` and above.
+        if unsafe { avx2::backward_plane_2x2(p, dyp, ap, plane) } {
+            return;
+        }
+    }
+    let _ = isa;
+    plane.fill(0.0);
+    for (&g, &a) in dyp.iter().zip(ap) {
+        plane[a as usize] += g;
+    }
 }
 
 /// The maximum of window `(oy, ox)` of one plane and its index in the plane.
@@ -194,10 +215,102 @@ fn window_max(p: &MaxPool2d, plane: &[f32], oy: usize, ox: usize) -> (f32, usize
     (best, arg)
 }
 
-/// The 2x2 / stride-2 windows of one output row with AVX2, eight at a time.
+/// The 2x2 / stride-2 windows with AVX2, eight at a time.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    use super::MaxPool2d;
+
+    /// Whether [`backward_plane_2x2`] takes layer `p`: 2x2 windows of
+    /// stride 2 from the top left corner, and rows of at least eight
+    /// windows inside the image.
+    pub fn backward_fits(p: &MaxPool2d) -> bool {
+        let fast = p.pool_h == 2 && p.pool_w == 2 && p.stride_h == 2 && p.stride_w == 2;
+        fast && p.pad_top == 0 && p.pad_left == 0 && (p.w / 2).min(p.out_w) >= 8
+    }
+
+    /// The backward pass of one plane when every window's argmax lies in
+    /// its own window: the windows inside the image write their four cells
+    /// (`0 + g` at the argmax, 0 elsewhere), eight windows per step; the
+    /// cells no such window covers are zeroed and the remaining windows
+    /// (clipped by `same` padding) add their gradient. Returns false, having
+    /// written some of the plane, at the first argmax outside its window.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; [`backward_fits`] holds.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn backward_plane_2x2(
+        p: &MaxPool2d,
+        dy: &[f32],
+        arg: &[u32],
+        plane: &mut [f32],
+    ) -> bool {
+        let (w, ow) = (p.w, p.out_w);
+        let inside = (w / 2).min(ow);
+        let rows = (p.h / 2).min(p.out_h);
+        assert!(inside >= 8 && dy.len() == p.out_h * ow && arg.len() == dy.len());
+        assert!(plane.len() == p.h * w);
+        let steps2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        let (wi, wi1, one) = (
+            _mm256_set1_epi32(w as i32),
+            _mm256_set1_epi32(w as i32 + 1),
+            _mm256_set1_epi32(1),
+        );
+        let zero = _mm256_setzero_ps();
+        for oy in 0..rows {
+            let i0 = 2 * oy * w;
+            for step in 0..inside.div_ceil(8) {
+                let ox = (8 * step).min(inside - 8);
+                let j = oy * ow + ox;
+                // SAFETY: j + 8 <= oy*ow + inside <= dy.len(); the stores
+                // write columns 2ox .. 2ox + 16 <= 2*inside <= w of rows
+                // 2oy and 2oy + 1 < h.
+                unsafe {
+                    let g = _mm256_add_ps(zero, _mm256_loadu_ps(dy.as_ptr().add(j)));
+                    let a = _mm256_loadu_si256(arg.as_ptr().add(j).cast());
+                    // Plane indices are below 2^32 (validate): i32 lanes wrap
+                    // as u32, so k is the offset within the window.
+                    let base = _mm256_add_epi32(_mm256_set1_epi32((i0 + 2 * ox) as i32), steps2);
+                    let k = _mm256_sub_epi32(a, base);
+                    let at = |v: __m256i| _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, v));
+                    let (m00, m01, m10, m11) =
+                        (at(_mm256_setzero_si256()), at(one), at(wi), at(wi1));
+                    let any = _mm256_or_ps(_mm256_or_ps(m00, m01), _mm256_or_ps(m10, m11));
+                    if _mm256_movemask_ps(any) != 0xff {
+                        return false;
+                    }
+                    let pair = |e: __m256, o: __m256, dst: *mut f32| {
+                        // Cells 2i and 2i+1 of window i: interleave, then put
+                        // the 128-bit halves in order.
+                        let (lo, hi) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
+                        _mm256_storeu_ps(dst, _mm256_permute2f128_ps::<0x20>(lo, hi));
+                        _mm256_storeu_ps(dst.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+                    };
+                    let row0 = plane.as_mut_ptr().add(i0 + 2 * ox);
+                    pair(_mm256_and_ps(m00, g), _mm256_and_ps(m01, g), row0);
+                    pair(_mm256_and_ps(m10, g), _mm256_and_ps(m11, g), row0.add(w));
+                }
+            }
+            plane[i0 + 2 * inside..i0 + w].fill(0.0);
+            plane[i0 + w + 2 * inside..i0 + 2 * w].fill(0.0);
+        }
+        plane[2 * rows * w..].fill(0.0);
+        // The windows the image clips (same padding): their cells are all
+        // outside the region above, and each is its own.
+        for oy in 0..p.out_h {
+            let first = if oy < rows { inside } else { 0 };
+            for ox in first..ow {
+                let (j, a) = (oy * ow + ox, arg[oy * ow + ox] as usize);
+                let (ay, ax) = (a / w, a % w);
+                if ay / 2 != oy || ax / 2 != ox {
+                    return false;
+                }
+                plane[a] += dy[j];
+            }
+        }
+        true
+    }
 
     /// Even and odd elements of `(v0, v1)` (16 consecutive floats), each in
     /// order.

@@ -200,7 +200,7 @@ if k_gemm:
 k_conv = {}
 for text in kestrel_lines("conv"):
     for line in text.splitlines():
-        m = re.match(r"^(keras-cnn\.\S+)\s+([\d.]+) ms", line)
+        m = re.match(r"^\s*(keras-cnn\.\S+)\s+([\d.]+) ms", line)
         if m:
             k_conv.setdefault(m.group(1), []).append(float(m.group(2)))
 t_conv = torch_rows("conv")

@@ -194,16 +194,21 @@ fn panels(kout: usize) -> Vec<(usize, usize)> {
     v
 }
 
-/// `w[kout][taps]` (row-major) packed per panel of [`panels`], each
+/// `w` (`[kout][taps]`, row-major) packed per panel of [`panels`], each
 /// `[taps][rows]` (zero past `kout`), the panels one after the other: the
-/// order the tile kernels broadcast.
-fn pack_filters(kout: usize, taps: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
-    let mut v = Vec::new();
-    for (k0, rows) in panels(kout) {
-        for t in 0..taps {
-            for i in 0..rows {
-                let k = k0 + i;
-                v.push(if k < kout { at(k, t) } else { 0.0 });
+/// order the tile kernels broadcast. (Runs once per call, before the
+/// images go to the threads: a plain strided copy, no per-element index
+/// arithmetic.)
+fn pack_filters(w: &[f32], kout: usize, taps: usize) -> Vec<f32> {
+    let panels = panels(kout);
+    let rows_total = panels.last().map_or(0, |&(k0, rows)| k0 + rows);
+    let mut v = vec![0.0f32; rows_total * taps];
+    for (k0, rows) in panels {
+        let dst = &mut v[k0 * taps..][..rows * taps];
+        for i in 0..rows.min(kout.saturating_sub(k0)) {
+            let src = &w[(k0 + i) * taps..][..taps];
+            for (d, &x) in dst[i..].iter_mut().step_by(rows).zip(src) {
+                *d = x;
             }
         }
     }
@@ -324,7 +329,7 @@ pub(super) fn forward(
 ) {
     let g = forward_grid(p);
     let taps = p.c * p.r * p.s;
-    let packed = pack_filters(p.k, taps, |k, t| w[k * taps + t]);
+    let packed = pack_filters(w, p.k, taps);
     let offs = g.offsets(p.r, p.s);
     let x_img = p.c * p.h * p.w;
     over_images(y, p.k * p.out_h * p.out_w, |i, dst| {
@@ -339,11 +344,17 @@ pub(super) fn forward(
 pub(super) fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let g = data_grid(p);
     let (rs, taps) = (p.r * p.s, p.k * p.r * p.s);
-    // Tap (k, r', s') of output channel c is w[k][c][R-1-r'][S-1-s'].
-    let packed = pack_filters(p.c, taps, |c, t| {
-        let (k, tap) = (t / rs, t % rs);
-        w[(k * p.c + c) * rs + (rs - 1 - tap)]
-    });
+    // Filter c of the correlation: tap (k, r', s') is w[k][c][R-1-r'][S-1-s'].
+    let mut turned = vec![0.0f32; p.c * taps];
+    for (c, row) in turned.chunks_exact_mut(taps).enumerate() {
+        for (k, dst) in row.chunks_exact_mut(rs).enumerate() {
+            let src = &w[(k * p.c + c) * rs..][..rs];
+            for (d, &x) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = x;
+            }
+        }
+    }
+    let packed = pack_filters(&turned, p.c, taps);
     let offs = g.offsets(p.r, p.s);
     let y_img = p.k * p.out_h * p.out_w;
     over_images(dx, p.c * p.h * p.w, |i, dst| {

@@ -170,14 +170,15 @@ const FILTER_SLICES: usize = 8;
 const SCRATCH_KEEP: usize = 1 << 21;
 
 thread_local! {
-    /// A thread's column matrix and output buffer for one group, reused.
+    /// A thread's scratch: the column matrix and output buffer of one
+    /// group, or the shifted rows' padded input and virtual output.
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Lends `f` `len` floats of the thread's scratch (stale contents). Taking
 /// the buffer out keeps a nested call (rayon running another task on this
 /// thread while one waits) correct: it just allocates.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut v = SCRATCH.take();
     if v.len() < len {
         v.resize(len, 0.0);

@@ -32,11 +32,11 @@
 //! into `kc` blocks, and col2im adds per tap), within the tests' bounds.
 
 use std::arch::x86_64::*;
-use std::cell::Cell;
 
 use rayon::prelude::*;
 
 use super::Conv2d;
+use super::cpu::with_scratch;
 use crate::cpu_isa::Isa;
 use crate::ops::activation::{self, Activation, ActivationKind};
 
@@ -213,27 +213,6 @@ fn pack_filters(w: &[f32], kout: usize, taps: usize) -> Vec<f32> {
         }
     }
     v
-}
-
-thread_local! {
-    /// A thread's padded input and virtual output (or `dyv`), reused.
-    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-}
-
-/// Scratch above this many floats (8 MiB) is freed after use.
-const SCRATCH_KEEP: usize = 1 << 21;
-
-/// Lends `f` `len` floats of the thread's scratch (stale contents).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut v = SCRATCH.take();
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-    let r = f(&mut v[..len]);
-    if v.len() <= SCRATCH_KEEP {
-        SCRATCH.set(v);
-    }
-    r
 }
 
 /// One image of the shifted-rows GEMM: `out[kout][q]` (`ld` per row,

@@ -9,7 +9,9 @@
 //! the layer here is timed in the same rounds too, under the id with its
 //! name appended (`keras-cnn.conv2.b32.fwd.im2col_gemm`).
 //!
-//!     RAYON_NUM_THREADS=2 cargo run --release --example cpu_conv_ab [ROUNDS [BATCH]]
+//!     RAYON_NUM_THREADS=2 cargo run --release --example cpu_conv_ab [ROUNDS [BATCH [LAYER]]]
+//!
+//! `LAYER` (`conv1` .. `conv4`) times that layer alone, for `perf stat`.
 
 use std::time::Instant;
 
@@ -38,6 +40,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(7);
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(32);
+    let only = args.next();
     // keras-cnn (benches/common/mod.rs): (name, C, H = W, K, padding).
     let layers = [
         ("conv1", 3, 32, 32, Padding::Same),
@@ -54,6 +57,9 @@ fn main() {
     );
     let mut total = 0.0;
     for (name, c, hw, k, pad) in layers {
+        if only.as_deref().is_some_and(|l| l != name) {
+            continue;
+        }
         let p = Conv2d::new([n, c, hw, hw], k, [3, 3], [1, 1], pad).expect("valid layer");
         let x = data(1, p.x_len());
         let w = data(2, p.w_len());

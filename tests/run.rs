@@ -1006,3 +1006,36 @@ fn a_run_without_a_good_epoch_records_zero_seconds() {
         "{r}"
     );
 }
+
+/// The commit a build names is the one its sources were at when it was
+/// built (recorded by `build.rs`), a commit that exists in this checkout;
+/// not whatever the checkout holds when the binary runs.
+#[test]
+fn the_recorded_commit_is_a_commit_of_this_checkout() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    let Some(head) = git(&["rev-parse", "HEAD"]) else {
+        // Built outside a checkout: nothing may be claimed.
+        assert_eq!(run::git_commit(), None);
+        return;
+    };
+    let recorded = run::git_commit().expect("a build inside a git checkout names its commit");
+    let hash = recorded.strip_suffix("-dirty").unwrap_or(&recorded);
+    assert!(
+        hash.len() == 40 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+        "not a commit hash: {recorded}"
+    );
+    assert!(
+        git(&["cat-file", "-e", &format!("{hash}^{{commit}}")]).is_some(),
+        "{hash} is no commit of this checkout"
+    );
+    // The tests were built from this HEAD (cargo rebuilds on a new commit).
+    assert_eq!(hash, String::from_utf8_lossy(&head.stdout).trim());
+}

@@ -515,29 +515,14 @@ pub mod files {
     pub const RESULT: &str = "result.json";
 }
 
-/// The commit kestrel was built from: `$KESTREL_GIT_COMMIT` at build time,
-/// else `git rev-parse HEAD` in the source directory when it still exists
-/// (with `-dirty` when the checkout has uncommitted changes).
+/// The commit kestrel was built from, with `-dirty` when the checkout had
+/// uncommitted changes then: recorded by `build.rs` at build time
+/// (`$KESTREL_GIT_COMMIT` there overrides it). `None` for a build outside
+/// a git checkout. (It is not asked of git at run time: the checkout may
+/// have moved on since the build, and a run would then name code that did
+/// not compute it.)
 pub fn git_commit() -> Option<String> {
-    if let Some(c) = option_env!("KESTREL_GIT_COMMIT") {
-        return Some(c.to_string());
-    }
-    let git = |args: &[&str]| -> Option<String> {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(env!("CARGO_MANIFEST_DIR"))
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    let head = git(&["rev-parse", "HEAD"]).filter(|s| !s.is_empty())?;
-    let dirty =
-        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    Some(if dirty { format!("{head}-dirty") } else { head })
+    option_env!("KESTREL_BUILD_COMMIT").map(str::to_string)
 }
 
 /// Trains the config's model (see the module docs), on the backend chosen

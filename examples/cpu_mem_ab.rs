@@ -1,6 +1,6 @@
 //! Timing of the memory-bound CPU ops at keras-cnn's conv1 output size
 //! (batch 32: 32 x 32 x 32 x 32 f32, 4 MiB), and of keras-cnn's max pools
-//! and dropouts at batch 32, each beside a `memcpy` of the same bytes: every op once per round, rounds repeated, median and minimum
+//! and dropouts and the mlp's (dense) batch norms at batch 32, each beside a `memcpy` of the same bytes: every op once per round, rounds repeated, median and minimum
 //! printed in microseconds. Build it at two commits and run the binaries
 //! alternately for an A/B on a loaded machine (`docs/perf-log.md`).
 //!
@@ -179,6 +179,45 @@ fn main() {
             bwd,
             9 * len,
             Box::new(move || dropout::backward(p, ddy, &mask_b, &mut ddx).unwrap()),
+        ));
+    }
+    // The mlp's batch norms (f3: dense inputs, batch 32), under the ids
+    // of benches/ops_cpu.rs, with the bytes counted as for bn above.
+    let dense = [
+        ("mlp.bn784.b32", 784),
+        ("mlp.bn300.b32", 300),
+        ("mlp.bn100.b32", 100),
+    ];
+    let mut dense_bufs = Vec::new();
+    for (id, ch) in dense {
+        let p = BatchNorm::new(32, ch, 1, true, 0.99, 1e-3, VarianceMode::Keras).unwrap();
+        dense_bufs.push((id, p, data(11, 32 * ch), data(12, 32 * ch), data(13, ch)));
+    }
+    for (id, p, dx_in, ddy, g) in dense_bufs.leak().iter() {
+        let (len, ch) = (dx_in.len(), p.c);
+        let mut out = vec![0.0f32; len];
+        let (mut m, mut is) = (vec![0.0f32; ch], vec![0.0f32; ch]);
+        let (mut rm, mut rv) = (vec![0.0f32; ch], vec![1.0f32; ch]);
+        bn::forward_training(p, dx_in, g, g, &mut out, &mut m, &mut is, &mut rm, &mut rv).unwrap();
+        let (mb, ib) = (m.clone(), is.clone());
+        let mut dxo = vec![0.0f32; len];
+        let (mut dg, mut db) = (vec![0.0f32; ch], vec![0.0f32; ch]);
+        let fwd: &'static str = format!("{id}.fwd").leak();
+        let bwd: &'static str = format!("{id}.bwd").leak();
+        ops.push((
+            fwd,
+            8 * len,
+            Box::new(move || {
+                bn::forward_training(p, dx_in, g, g, &mut out, &mut m, &mut is, &mut rm, &mut rv)
+                    .unwrap()
+            }),
+        ));
+        ops.push((
+            bwd,
+            12 * len,
+            Box::new(move || {
+                bn::backward(p, dx_in, ddy, g, &mb, &ib, &mut dxo, &mut dg, &mut db).unwrap()
+            }),
         ));
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];

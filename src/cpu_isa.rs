@@ -143,6 +143,45 @@ fn probe() -> Isa {
     Isa::Portable
 }
 
+/// Runs `f` compiled for `isa`'s instruction set (read by the caller with
+/// [`Isa::current`], on its thread): plain Rust loops inside `f` (inlined
+/// here) get that level's vector width from LLVM. Code whose arithmetic
+/// does not depend on the vector width (integer work, element-wise
+/// operations without FMA contraction, which Rust never does on its own)
+/// gives the same bits at every level; only the speed differs.
+#[inline(always)]
+pub(crate) fn compiled_for<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match isa {
+            // SAFETY: `Isa::current` never exceeds `Isa::detected`, which
+            // requires avx512f, avx2 and fma for `Avx512` and avx2 and fma
+            // for `Avx2`. (avx512bw/vl: every AVX-512 CPU with avx512f that
+            // Rust's detection and ours meet, Skylake-X on, has them; they
+            // are checked anyway.)
+            Isa::Avx512 if avx512_bw_vl() => return unsafe { avx512(f) },
+            // SAFETY: as above.
+            Isa::Avx512 | Isa::Avx2 => return unsafe { avx2(f) },
+            Isa::Portable => {}
+        }
+    }
+    let _ = isa;
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_bw_vl() -> bool {
+    is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+}
+
 thread_local! {
     static OVERRIDE: Cell<Option<Isa>> = const { Cell::new(None) };
 }

@@ -490,3 +490,95 @@ fn every_isa_level_gives_the_same_bits() {
         }
     }
 }
+
+/// The dense path (`spatial == 1`, the mlp's batch norms) runs along rows
+/// in vectors, in chunks of 4096 samples and, when large, row blocks on
+/// several threads. Its order is fixed: each channel's sums are f64 chains
+/// over the samples in order within a chunk of 4096, the chunks added in
+/// order, and every element's f32 arithmetic is the formula's, term by
+/// term. Restated here plainly, one channel at a time, the bits must be
+/// the same, on 1 and on 5 threads and at every ISA level this CPU runs.
+#[test]
+fn dense_path_gives_the_plain_definitions_bits() {
+    const CHUNK: usize = 4096;
+    // 3 chunks per channel; 70,000 elements: the parallel row blocks.
+    let (n, c) = (10_000, 7);
+    let p = BatchNorm::dense(n, c).unwrap();
+    let x = data(21, n * c, -3.0, 5.0);
+    let dy = data(22, n * c, -1.0, 1.0);
+    let gamma = data(23, c, -2.0, 2.0);
+    let beta = data(24, c, -2.0, 2.0);
+    // sum over samples of term(j, ch), in chunks, chained in order.
+    let chained = |ch: usize, term: &dyn Fn(usize) -> f64| {
+        let mut total = 0.0f64;
+        for k in (0..n).step_by(CHUNK) {
+            let mut part = 0.0f64;
+            for j in k..(k + CHUNK).min(n) {
+                part += term(j * c + ch);
+            }
+            total += part;
+        }
+        total
+    };
+    let m = n as f64;
+    let (mut y, mut dx) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+    let (mut mean, mut istd) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+    for ch in 0..c {
+        let mu = chained(ch, &|i| x[i] as f64) / m;
+        let var = chained(ch, &|i| (x[i] as f64 - mu) * (x[i] as f64 - mu)) / m;
+        mean[ch] = mu as f32;
+        istd[ch] = (1.0 / (var + p.epsilon as f64).sqrt()) as f32;
+        let xh = |i: usize| (x[i] - mean[ch]) * istd[ch];
+        for j in 0..n {
+            let i = j * c + ch;
+            y[i] = gamma[ch] * xh(i) + beta[ch];
+        }
+        let s_dy = chained(ch, &|i| dy[i] as f64);
+        let s_dyx = chained(ch, &|i| dy[i] as f64 * xh(i) as f64);
+        db[ch] = s_dy as f32;
+        dg[ch] = s_dyx as f32;
+        let (k, mdy, mdyx) = (gamma[ch] * istd[ch], (s_dy / m) as f32, (s_dyx / m) as f32);
+        for j in 0..n {
+            let i = j * c + ch;
+            dx[i] = k * ((dy[i] - mdy) - xh(i) * mdyx);
+        }
+    }
+    let want = (y, mean, istd, dx, dg, db);
+    for isa in kestrel::cpu_isa::Isa::available() {
+        for threads in [1, 5] {
+            let got = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    kestrel::cpu_isa::with_isa(isa, || {
+                        let o = run_train(&p, &x, &gamma, &beta, &[0.0; 7], &[1.0; 7]);
+                        let mut dx = vec![0.0; n * c];
+                        let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
+                        cpu::backward(
+                            &p, &x, &dy, &gamma, &o.mean, &o.inv_std, &mut dx, &mut dg, &mut db,
+                        )
+                        .unwrap();
+                        (o.y, o.mean, o.inv_std, dx, dg, db)
+                    })
+                    .unwrap()
+                });
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let pairs = [
+                ("y", &got.0, &want.0),
+                ("mean", &got.1, &want.1),
+                ("inv_std", &got.2, &want.2),
+                ("dx", &got.3, &want.3),
+                ("dgamma", &got.4, &want.4),
+                ("dbeta", &got.5, &want.5),
+            ];
+            for (name, g, w) in pairs {
+                assert!(
+                    bits(g) == bits(w),
+                    "{name} differs from the plain definition at {isa}, {threads} threads"
+                );
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::BatchNorm;
-use crate::cpu_isa::Isa;
+use crate::cpu_isa::{Isa, compiled_for};
 use crate::error::Result;
 use crate::ops::lanes::{LANES, Term, add_run, fold};
 
@@ -244,48 +244,74 @@ fn channel_runs<'a>(p: &BatchNorm, out: &'a mut [f32]) -> Vec<Vec<&'a mut [f32]>
     per
 }
 
-/// `sum over the samples of channel ch of term(ch, element index)` for
-/// every channel of a dense input (`[n, c]`), deterministically (see the
-/// module docs).
-fn per_channel_sum<F>(p: &BatchNorm, term: F) -> Vec<f64>
-where
-    F: Fn(usize, usize) -> f64 + Sync,
-{
-    dense_per_channel_sum(p, p.sample_size().div_ceil(CHUNK), term)
-}
-
-/// [`per_channel_sum`]: each channel's samples in order within a chunk of
-/// [`CHUNK`], chunks in order, computed row by row over contiguous memory,
-/// where one task per channel would read with a stride of `c` and drown in
-/// scheduling for the small batches of a dense layer.
-fn dense_per_channel_sum<F>(p: &BatchNorm, chunks: usize, term: F) -> Vec<f64>
-where
-    F: Fn(usize, usize) -> f64 + Sync,
-{
+/// Per-channel sums over the samples of a dense input (`[n, c]`,
+/// `spatial == 1`): `add_row(acc, j)` adds sample `j`'s terms into
+/// `acc[ch]` (one f64 accumulator per sum and channel, `sums` sums), and
+/// gets the samples of a chunk of [`CHUNK`] in order; the chunks' partial
+/// sums are then added in chunk order. So each channel's sum is a chain over
+/// its samples in order, whatever the thread count. A row is contiguous
+/// memory, so `add_row` runs along it in vectors (one task per channel
+/// would read with a stride of `c`, and drown in scheduling for the small
+/// batches of a dense layer).
+fn dense_sums(p: &BatchNorm, sums: usize, add_row: impl Fn(&mut [f64], usize) + Sync) -> Vec<f64> {
     let m = p.sample_size();
-    let partials: Vec<Vec<f64>> = (0..chunks)
-        .into_par_iter()
-        .map(|k| {
-            let mut acc = vec![0.0f64; p.c];
+    // Read here: the level is a per-thread setting, and rayon's threads
+    // do not inherit it.
+    let isa = Isa::current();
+    let chunk = |k: usize| {
+        let mut acc = vec![0.0f64; sums * p.c];
+        compiled_for(isa, || {
             for j in k * CHUNK..((k + 1) * CHUNK).min(m) {
-                let row = j * p.c;
-                for (ch, a) in acc.iter_mut().enumerate() {
-                    *a += term(ch, row + ch);
-                }
+                add_row(&mut acc, j);
             }
-            acc
-        })
-        .collect();
-    let mut sums = vec![0.0f64; p.c];
+        });
+        acc
+    };
+    let chunks = m.div_ceil(CHUNK);
+    if chunks <= 1 {
+        return chunk(0);
+    }
+    let partials: Vec<Vec<f64>> = (0..chunks).into_par_iter().map(chunk).collect();
+    let mut total = vec![0.0f64; sums * p.c];
     for part in &partials {
-        for (s, &v) in sums.iter_mut().zip(part) {
+        for (s, &v) in total.iter_mut().zip(part) {
             *s += v;
         }
     }
-    sums
+    total
 }
 
-/// `out[idx] = f(ch, idx)` for every element, parallel over images.
+/// Elements per parallel task of [`dense_rows`]: below twice this the rows
+/// run on the calling thread (waking the pool costs more than 64K
+/// elements of a row loop take).
+const DENSE_TASK: usize = 1 << 15;
+
+/// `row_fn(j, out_row)` for every sample `j` of a dense input, parallel
+/// over blocks of rows when there are many.
+fn dense_rows(p: &BatchNorm, out: &mut [f32], row_fn: impl Fn(usize, &mut [f32]) + Sync) {
+    let (c, isa) = (p.c, Isa::current());
+    if out.len() < 2 * DENSE_TASK || rayon::current_num_threads() == 1 {
+        compiled_for(isa, || {
+            for (j, o) in out.chunks_exact_mut(c).enumerate() {
+                row_fn(j, o);
+            }
+        });
+        return;
+    }
+    let rows = (DENSE_TASK / c).max(1);
+    out.par_chunks_mut(rows * c)
+        .enumerate()
+        .for_each(|(t, blk)| {
+            compiled_for(isa, || {
+                for (jj, o) in blk.chunks_exact_mut(c).enumerate() {
+                    row_fn(t * rows + jj, o);
+                }
+            })
+        });
+}
+
+/// `out[idx] = f(ch, idx)` for every element of a spatial input, parallel
+/// over images.
 fn map_elements<F>(p: &BatchNorm, out: &mut [f32], f: F)
 where
     F: Fn(usize, usize) -> f32 + Sync,
@@ -299,6 +325,27 @@ where
             }
         }
     });
+}
+
+/// `y = gamma * ((x - mean) * inv_std) + beta` along one dense row (the
+/// per-element arithmetic of every path, in the same order).
+#[inline(always)]
+fn normalize_row(
+    y: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    istd: &[f32],
+) {
+    for (((y, &xv), (&g, &b)), (&mu, &is)) in y
+        .iter_mut()
+        .zip(x)
+        .zip(gamma.iter().zip(beta))
+        .zip(mean.iter().zip(istd))
+    {
+        *y = g * ((xv - mu) * is) + b;
+    }
 }
 
 /// `1 / sqrt(var + epsilon)` in f64, rounded once.
@@ -355,15 +402,21 @@ pub fn forward_training(
         }
         return Ok(());
     }
-    let m = p.sample_size() as f64;
-    let mean64: Vec<f64> = per_channel_sum(p, |_, i| x[i] as f64)
-        .into_iter()
-        .map(|s| s / m)
-        .collect();
+    let (m, c) = (p.sample_size() as f64, p.c);
+    let mean64: Vec<f64> = dense_sums(p, 1, |acc, j| {
+        for (a, &v) in acc.iter_mut().zip(&x[j * c..][..c]) {
+            *a += v as f64;
+        }
+    })
+    .into_iter()
+    .map(|s| s / m)
+    .collect();
     // Two-pass variance, as in `forward_channel_body`.
-    let var64: Vec<f64> = per_channel_sum(p, |ch, i| {
-        let d = x[i] as f64 - mean64[ch];
-        d * d
+    let var64: Vec<f64> = dense_sums(p, 1, |acc, j| {
+        for ((a, &v), &mu) in acc.iter_mut().zip(&x[j * c..][..c]).zip(&mean64) {
+            let d = v as f64 - mu;
+            *a += d * d;
+        }
     })
     .into_iter()
     .map(|s| s / m)
@@ -374,8 +427,8 @@ pub fn forward_training(
         update_running(ch, var64[ch], running_mean, running_var, save_mean);
     }
     let (mean, istd) = (&*save_mean, &*save_inv_std);
-    map_elements(p, y, |ch, i| {
-        gamma[ch] * ((x[i] - mean[ch]) * istd[ch]) + beta[ch]
+    dense_rows(p, y, |j, yr| {
+        normalize_row(yr, &x[j * c..][..c], gamma, beta, mean, istd)
     });
     Ok(())
 }
@@ -405,6 +458,13 @@ pub fn forward_inference(
         .iter()
         .map(|&v| inv_std(v as f64, p.epsilon))
         .collect();
+    if p.spatial == 1 {
+        let c = p.c;
+        dense_rows(p, y, |j, yr| {
+            normalize_row(yr, &x[j * c..][..c], gamma, beta, running_mean, &istd)
+        });
+        return Ok(());
+    }
     map_elements(p, y, |ch, i| {
         gamma[ch] * ((x[i] - running_mean[ch]) * istd[ch]) + beta[ch]
     });
@@ -454,23 +514,46 @@ pub fn backward(
         }
         return Ok(());
     }
-    // x_hat exactly as the forward computed it.
-    let x_hat = |ch: usize, i: usize| (x[i] - save_mean[ch]) * save_inv_std[ch];
-    let sum_dy = per_channel_sum(p, |_, i| dy[i] as f64);
-    let sum_dy_xhat = per_channel_sum(p, |ch, i| dy[i] as f64 * x_hat(ch, i) as f64);
+    // Both sums in one pass over x and dy (each accumulator still a chain
+    // over the samples in order), x_hat exactly as the forward computed it.
+    let c = p.c;
+    let sums = dense_sums(p, 2, |acc, j| {
+        let (a_dy, a_dyx) = acc.split_at_mut(c);
+        let (xr, dyr) = (&x[j * c..][..c], &dy[j * c..][..c]);
+        for (((s_dy, s_dyx), (&xv, &dv)), (&mu, &is)) in a_dy
+            .iter_mut()
+            .zip(a_dyx)
+            .zip(xr.iter().zip(dyr))
+            .zip(save_mean.iter().zip(save_inv_std))
+        {
+            let x_hat = (xv - mu) * is;
+            *s_dy += dv as f64;
+            *s_dyx += dv as f64 * x_hat as f64;
+        }
+    });
+    let (sum_dy, sum_dy_xhat) = sums.split_at(c);
     let m = p.sample_size() as f64;
-    let mut coef = vec![0.0f32; p.c];
-    let mut mean_dy = vec![0.0f32; p.c];
-    let mut mean_dy_xhat = vec![0.0f32; p.c];
-    for ch in 0..p.c {
+    let mut coef = vec![0.0f32; c];
+    let mut mean_dy = vec![0.0f32; c];
+    let mut mean_dy_xhat = vec![0.0f32; c];
+    for ch in 0..c {
         dbeta[ch] = sum_dy[ch] as f32;
         dgamma[ch] = sum_dy_xhat[ch] as f32;
         coef[ch] = gamma[ch] * save_inv_std[ch];
         mean_dy[ch] = (sum_dy[ch] / m) as f32;
         mean_dy_xhat[ch] = (sum_dy_xhat[ch] / m) as f32;
     }
-    map_elements(p, dx, |ch, i| {
-        coef[ch] * ((dy[i] - mean_dy[ch]) - x_hat(ch, i) * mean_dy_xhat[ch])
+    dense_rows(p, dx, |j, dxr| {
+        let (xr, dyr) = (&x[j * c..][..c], &dy[j * c..][..c]);
+        for (((o, (&xv, &dv)), (&mu, &is)), ((&k, &mdy), &mdyx)) in dxr
+            .iter_mut()
+            .zip(xr.iter().zip(dyr))
+            .zip(save_mean.iter().zip(save_inv_std))
+            .zip(coef.iter().zip(&mean_dy).zip(&mean_dy_xhat))
+        {
+            let x_hat = (xv - mu) * is;
+            *o = k * ((dv - mdy) - x_hat * mdyx);
+        }
     });
     Ok(())
 }

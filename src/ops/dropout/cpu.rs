@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::philox::philox4x32_10;
 use super::{Dropout, keep_word};
-use crate::cpu_isa::Isa;
+use crate::cpu_isa::{Isa, compiled_for};
 use crate::error::Result;
 
 /// Elements per rayon task; a multiple of 4 so that blocks never straddle
@@ -88,42 +88,6 @@ fn apply(words: &[u32], rate: f32, scale: f32, x: &[f32], y: &mut [f32], mask: &
     }
 }
 
-/// Runs `f` compiled for the best instruction set of [`Isa::current`] (read
-/// by the caller, on its thread): the same code and the same bits on every
-/// level (integer Philox, one comparison per element), only wider vectors.
-#[inline(always)]
-fn with_isa_build<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        match isa {
-            // SAFETY: `Isa::current` never exceeds `Isa::detected`, which
-            // requires avx512f, avx2 and fma for `Avx512` and avx2 and fma
-            // for `Avx2`. (avx512bw/vl: every AVX-512 CPU with avx512f that
-            // Rust's detection and ours meet, Skylake-X on, has them; the
-            // detection below checks them anyway.)
-            Isa::Avx512 if avx512_bw_vl() => return unsafe { avx512(f) },
-            // SAFETY: as above.
-            Isa::Avx512 | Isa::Avx2 => return unsafe { avx2(f) },
-            Isa::Portable => {}
-        }
-    }
-    let _ = isa;
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx512_bw_vl() -> bool {
-    is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
-}
-
 /// Writes the mask alone (1 kept, 0 dropped), fully overwriting `mask`.
 pub fn mask_only(p: &Dropout, mask: &mut [u8]) -> Result<()> {
     p.check("dropout.mask_only", &[("mask", mask.len())])?;
@@ -141,7 +105,7 @@ pub fn mask_only(p: &Dropout, mask: &mut [u8]) -> Result<()> {
             unsafe { avx2::mask_only(p, t * CHUNK, mc) };
             return;
         }
-        with_isa_build(isa, || {
+        compiled_for(isa, || {
             for_each_run(p, t * CHUNK, mc.len(), |j0, w| {
                 for (m, &wv) in mc[j0..].iter_mut().zip(w) {
                     *m = keep_word(wv, p.rate) as u8;
@@ -176,7 +140,7 @@ pub fn forward(p: &Dropout, x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result
             unsafe { avx2::forward(p, t * CHUNK, xc, yc, mc) };
             return;
         }
-        with_isa_build(isa, || {
+        compiled_for(isa, || {
             if p.rate == 0.0 {
                 // u >= 0 always holds: skip the generator, same result.
                 mc.fill(1);
@@ -222,7 +186,7 @@ pub fn backward(p: &Dropout, dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<
             unsafe { avx2::backward(scale, dyc, mc, dxc) };
             return;
         }
-        with_isa_build(isa, || {
+        compiled_for(isa, || {
             for ((d, &g), &m) in dxc.iter_mut().zip(dyc).zip(mc) {
                 *d = g * if m != 0 { scale } else { 0.0 };
             }

@@ -6,7 +6,10 @@
 //! rounds repeated, median and minimum printed in microseconds. Build it at two commits and run the binaries
 //! alternately for an A/B on a loaded machine (`docs/perf-log.md`).
 //!
-//!     RAYON_NUM_THREADS=1 cargo run --release --example cpu_mem_ab [ROUNDS]
+//!     RAYON_NUM_THREADS=1 cargo run --release --example cpu_mem_ab [ROUNDS] [FILTER]
+//!
+//! FILTER keeps only the ops whose name contains it (`mlp.bn784`), to time
+//! or profile (`perf record`) one op alone.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -221,6 +224,13 @@ fn main() {
                 bn::backward(p, dx_in, ddy, g, &mb, &ib, &mut dxo, &mut dg, &mut db).unwrap()
             }),
         ));
+    }
+    if let Some(only) = std::env::args().nth(2) {
+        ops.retain(|(name, _, _)| name.contains(&only));
+        if ops.is_empty() {
+            eprintln!("no op's name contains {only:?}");
+            std::process::exit(2);
+        }
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
     let mut cold: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];

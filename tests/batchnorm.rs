@@ -498,12 +498,23 @@ fn every_isa_level_gives_the_same_bits() {
 /// order, and every element's f32 arithmetic is the formula's, term by
 /// term. Restated here plainly, one channel at a time, the bits must be
 /// the same, on 1 and on 5 threads and at every ISA level this CPU runs.
+///
+/// The shapes: 3 chunks per channel and 70,000 elements (the parallel row
+/// blocks) with fewer channels than a tile of 16; two chunks with 37
+/// channels (two full tiles and a tail of 5); the mlp's 32 x 784 (49
+/// tiles); one full tile alone; a single sample.
 #[test]
 fn dense_path_gives_the_plain_definitions_bits() {
+    for (n, c) in [(10_000, 7), (4_099, 37), (32, 784), (3, 16), (1, 5)] {
+        dense_path_matches_its_definition(n, c);
+    }
+}
+
+fn dense_path_matches_its_definition(n: usize, c: usize) {
     const CHUNK: usize = 4096;
-    // 3 chunks per channel; 70,000 elements: the parallel row blocks.
-    let (n, c) = (10_000, 7);
     let p = BatchNorm::dense(n, c).unwrap();
+    let rm0 = data(25, c, -1.0, 1.0);
+    let rv0 = data(26, c, 0.5, 2.0);
     let x = data(21, n * c, -3.0, 5.0);
     let dy = data(22, n * c, -1.0, 1.0);
     let gamma = data(23, c, -2.0, 2.0);
@@ -524,11 +535,14 @@ fn dense_path_gives_the_plain_definitions_bits() {
     let (mut y, mut dx) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
     let (mut mean, mut istd) = (vec![0.0f32; c], vec![0.0f32; c]);
     let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+    let (mut rm, mut rv) = (rm0.clone(), rv0.clone());
     for ch in 0..c {
         let mu = chained(ch, &|i| x[i] as f64) / m;
         let var = chained(ch, &|i| (x[i] as f64 - mu) * (x[i] as f64 - mu)) / m;
         mean[ch] = mu as f32;
         istd[ch] = (1.0 / (var + p.epsilon as f64).sqrt()) as f32;
+        rm[ch] = rm[ch] * p.momentum + mean[ch] * (1.0 - p.momentum);
+        rv[ch] = rv[ch] * p.momentum + ((var * p.variance_factor()) as f32) * (1.0 - p.momentum);
         let xh = |i: usize| (x[i] - mean[ch]) * istd[ch];
         for j in 0..n {
             let i = j * c + ch;
@@ -544,7 +558,7 @@ fn dense_path_gives_the_plain_definitions_bits() {
             dx[i] = k * ((dy[i] - mdy) - xh(i) * mdyx);
         }
     }
-    let want = (y, mean, istd, dx, dg, db);
+    let want = (y, mean, istd, dx, dg, db, rm, rv);
     for isa in kestrel::cpu_isa::Isa::available() {
         for threads in [1, 5] {
             let got = rayon::ThreadPoolBuilder::new()
@@ -553,14 +567,14 @@ fn dense_path_gives_the_plain_definitions_bits() {
                 .unwrap()
                 .install(|| {
                     kestrel::cpu_isa::with_isa(isa, || {
-                        let o = run_train(&p, &x, &gamma, &beta, &[0.0; 7], &[1.0; 7]);
+                        let o = run_train(&p, &x, &gamma, &beta, &rm0, &rv0);
                         let mut dx = vec![0.0; n * c];
                         let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
                         cpu::backward(
                             &p, &x, &dy, &gamma, &o.mean, &o.inv_std, &mut dx, &mut dg, &mut db,
                         )
                         .unwrap();
-                        (o.y, o.mean, o.inv_std, dx, dg, db)
+                        (o.y, o.mean, o.inv_std, dx, dg, db, o.rm, o.rv)
                     })
                     .unwrap()
                 });
@@ -572,11 +586,13 @@ fn dense_path_gives_the_plain_definitions_bits() {
                 ("dx", &got.3, &want.3),
                 ("dgamma", &got.4, &want.4),
                 ("dbeta", &got.5, &want.5),
+                ("running_mean", &got.6, &want.6),
+                ("running_var", &got.7, &want.7),
             ];
             for (name, g, w) in pairs {
                 assert!(
                     bits(g) == bits(w),
-                    "{name} differs from the plain definition at {isa}, {threads} threads"
+                    "{name} differs from the plain definition at {isa}, {threads} threads, {n} x {c}"
                 );
             }
         }

@@ -9,6 +9,8 @@
 //! lanes (`ops::lanes`), one rayon task per channel, and gives the
 //! same bits at every [`Isa`] level.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::BatchNorm;
@@ -245,26 +247,32 @@ fn channel_runs<'a>(p: &BatchNorm, out: &'a mut [f32]) -> Vec<Vec<&'a mut [f32]>
 }
 
 /// Per-channel sums over the samples of a dense input (`[n, c]`,
-/// `spatial == 1`): `add_row(acc, j)` adds sample `j`'s terms into
-/// `acc[ch]` (one f64 accumulator per sum and channel, `sums` sums), and
-/// gets the samples of a chunk of [`CHUNK`] in order; the chunks' partial
-/// sums are then added in chunk order. So each channel's sum is a chain over
-/// its samples in order, whatever the thread count. A row is contiguous
-/// memory, so `add_row` runs along it in vectors (one task per channel
-/// would read with a stride of `c`, and drown in scheduling for the small
-/// batches of a dense layer).
-fn dense_sums(p: &BatchNorm, sums: usize, add_row: impl Fn(&mut [f64], usize) + Sync) -> Vec<f64> {
+/// `spatial == 1`): `add_rows(acc, rows)` adds the terms of the samples
+/// `rows` (one chunk of [`CHUNK`]), in order, into `acc[ch]` (one f64
+/// accumulator per sum and channel, `sums` sums); the chunks' partial sums
+/// are then added in chunk order. So each channel's sum is a chain over
+/// its samples in order, whatever the thread count. Rows are contiguous
+/// memory, so `add_rows` runs along them in vectors, a tile of channels at
+/// a time ([`column_tiles`]; one task per channel would read with a stride
+/// of `c`, and drown in scheduling for the small batches of a dense
+/// layer). The closures are `#[inline(always)]`: only code inlined into
+/// [`compiled_for`]'s instance is built for the CPU's level.
+fn dense_sums(
+    p: &BatchNorm,
+    sums: usize,
+    add_rows: impl Fn(&mut [f64], Range<usize>) + Sync,
+) -> Vec<f64> {
     let m = p.sample_size();
     // Read here: the level is a per-thread setting, and rayon's threads
     // do not inherit it.
     let isa = Isa::current();
     let chunk = |k: usize| {
         let mut acc = vec![0.0f64; sums * p.c];
-        compiled_for(isa, || {
-            for j in k * CHUNK..((k + 1) * CHUNK).min(m) {
-                add_row(&mut acc, j);
-            }
-        });
+        compiled_for(
+            isa,
+            #[inline(always)]
+            || add_rows(&mut acc, k * CHUNK..((k + 1) * CHUNK).min(m)),
+        );
         acc
     };
     let chunks = m.div_ceil(CHUNK);
@@ -279,6 +287,104 @@ fn dense_sums(p: &BatchNorm, sums: usize, add_row: impl Fn(&mut [f64], usize) + 
         }
     }
     total
+}
+
+/// Channels per tile of the dense sums: 16 f64 accumulators are four
+/// `ymm` (two `zmm`) registers, which stay in registers while a chunk's
+/// rows pass under them. Adding one row at a time into the whole
+/// accumulator array instead loads and stores every accumulator once per
+/// row, and those stores were the sums' limit (perf-log, third sitting).
+const TILE: usize = 16;
+
+/// `tile(col, wide)` for the column tiles of a row of `c` channels: full
+/// tiles of [`TILE`] (`wide`), then the last `c % TILE` channels one at a
+/// time. A tile's accumulators see the rows in order, so the sums' order
+/// (and bits) are those of the row-at-a-time loop.
+#[inline(always)]
+fn column_tiles(c: usize, mut tile: impl FnMut(usize, bool)) {
+    let full = c - c % TILE;
+    for col in (0..full).step_by(TILE) {
+        tile(col, true);
+    }
+    for col in full..c {
+        tile(col, false);
+    }
+}
+
+/// `acc[i] += x[j][i]` (in f64) for the rows `j` in order, over the
+/// channels `col..col + W`.
+#[inline(always)]
+fn sum_tile<const W: usize>(acc: &mut [f64], x: &[f32], c: usize, col: usize, rows: Range<usize>) {
+    let mut a = [0.0f64; W];
+    a.copy_from_slice(&acc[col..col + W]);
+    for j in rows {
+        let xr: &[f32; W] = x[j * c + col..][..W].try_into().expect("W floats");
+        for i in 0..W {
+            a[i] += xr[i] as f64;
+        }
+    }
+    acc[col..col + W].copy_from_slice(&a);
+}
+
+/// `acc[i] += (x[j][i] - mean[i])^2` (in f64) for the rows `j` in order,
+/// over the channels `col..col + W`.
+#[inline(always)]
+fn square_tile<const W: usize>(
+    acc: &mut [f64],
+    x: &[f32],
+    mean: &[f64],
+    c: usize,
+    col: usize,
+    rows: Range<usize>,
+) {
+    let mut a = [0.0f64; W];
+    a.copy_from_slice(&acc[col..col + W]);
+    let mut mu = [0.0f64; W];
+    mu.copy_from_slice(&mean[col..col + W]);
+    for j in rows {
+        let xr: &[f32; W] = x[j * c + col..][..W].try_into().expect("W floats");
+        for i in 0..W {
+            let d = xr[i] as f64 - mu[i];
+            a[i] += d * d;
+        }
+    }
+    acc[col..col + W].copy_from_slice(&a);
+}
+
+/// The backward's two sums over the channels `col..col + W`, for the rows
+/// `j` in order: `acc[i] += dy` and `acc[c + i] += dy * x_hat` (in f64),
+/// with `x_hat = (x - mean) * inv_std` in f32 as the forward computed it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grad_tile<const W: usize>(
+    acc: &mut [f64],
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    c: usize,
+    col: usize,
+    rows: Range<usize>,
+) {
+    let mut s_dy = [0.0f64; W];
+    s_dy.copy_from_slice(&acc[col..col + W]);
+    let mut s_dyx = [0.0f64; W];
+    s_dyx.copy_from_slice(&acc[c + col..c + col + W]);
+    let mut mu = [0.0f32; W];
+    mu.copy_from_slice(&mean[col..col + W]);
+    let mut is = [0.0f32; W];
+    is.copy_from_slice(&inv_std[col..col + W]);
+    for j in rows {
+        let xr: &[f32; W] = x[j * c + col..][..W].try_into().expect("W floats");
+        let dr: &[f32; W] = dy[j * c + col..][..W].try_into().expect("W floats");
+        for i in 0..W {
+            let x_hat = (xr[i] - mu[i]) * is[i];
+            s_dy[i] += dr[i] as f64;
+            s_dyx[i] += dr[i] as f64 * x_hat as f64;
+        }
+    }
+    acc[col..col + W].copy_from_slice(&s_dy);
+    acc[c + col..c + col + W].copy_from_slice(&s_dyx);
 }
 
 /// Elements per parallel task of [`dense_rows`]: below twice this the rows
@@ -349,6 +455,7 @@ fn normalize_row(
 }
 
 /// `1 / sqrt(var + epsilon)` in f64, rounded once.
+#[inline(always)]
 fn inv_std(var: f64, epsilon: f32) -> f32 {
     (1.0 / (var + epsilon as f64).sqrt()) as f32
 }
@@ -403,29 +510,65 @@ pub fn forward_training(
         return Ok(());
     }
     let (m, c) = (p.sample_size() as f64, p.c);
-    let mean64: Vec<f64> = dense_sums(p, 1, |acc, j| {
-        for (a, &v) in acc.iter_mut().zip(&x[j * c..][..c]) {
-            *a += v as f64;
-        }
-    })
+    let mean64: Vec<f64> = dense_sums(
+        p,
+        1,
+        #[inline(always)]
+        |acc, rows| {
+            column_tiles(
+                c,
+                #[inline(always)]
+                |col, wide| match wide {
+                    true => sum_tile::<TILE>(acc, x, c, col, rows.clone()),
+                    false => sum_tile::<1>(acc, x, c, col, rows.clone()),
+                },
+            )
+        },
+    )
     .into_iter()
     .map(|s| s / m)
     .collect();
     // Two-pass variance, as in `forward_channel_body`.
-    let var64: Vec<f64> = dense_sums(p, 1, |acc, j| {
-        for ((a, &v), &mu) in acc.iter_mut().zip(&x[j * c..][..c]).zip(&mean64) {
-            let d = v as f64 - mu;
-            *a += d * d;
-        }
-    })
+    let var64: Vec<f64> = dense_sums(
+        p,
+        1,
+        #[inline(always)]
+        |acc, rows| {
+            column_tiles(
+                c,
+                #[inline(always)]
+                |col, wide| match wide {
+                    true => square_tile::<TILE>(acc, x, &mean64, c, col, rows.clone()),
+                    false => square_tile::<1>(acc, x, &mean64, c, col, rows.clone()),
+                },
+            )
+        },
+    )
     .into_iter()
     .map(|s| s / m)
     .collect();
-    for ch in 0..p.c {
-        save_mean[ch] = mean64[ch] as f32;
-        save_inv_std[ch] = inv_std(var64[ch], p.epsilon);
-        update_running(ch, var64[ch], running_mean, running_var, save_mean);
-    }
+    // Channel by channel, as the spatial path; in zipped loops, so that the
+    // square roots and divisions (exact in f64 whatever the vector width)
+    // run four or eight channels at a time.
+    compiled_for(Isa::current(), || {
+        for ((sm, si), (&mu, &var)) in save_mean
+            .iter_mut()
+            .zip(save_inv_std.iter_mut())
+            .zip(mean64.iter().zip(&var64))
+        {
+            *sm = mu as f32;
+            *si = inv_std(var, p.epsilon);
+        }
+        for (((rm, rv), &sm), &var) in running_mean
+            .iter_mut()
+            .zip(running_var.iter_mut())
+            .zip(&*save_mean)
+            .zip(&var64)
+        {
+            *rm = *rm * mom + sm * keep;
+            *rv = *rv * mom + (var * factor) as f32 * keep;
+        }
+    });
     let (mean, istd) = (&*save_mean, &*save_inv_std);
     dense_rows(p, y, |j, yr| {
         normalize_row(yr, &x[j * c..][..c], gamma, beta, mean, istd)
@@ -517,20 +660,22 @@ pub fn backward(
     // Both sums in one pass over x and dy (each accumulator still a chain
     // over the samples in order), x_hat exactly as the forward computed it.
     let c = p.c;
-    let sums = dense_sums(p, 2, |acc, j| {
-        let (a_dy, a_dyx) = acc.split_at_mut(c);
-        let (xr, dyr) = (&x[j * c..][..c], &dy[j * c..][..c]);
-        for (((s_dy, s_dyx), (&xv, &dv)), (&mu, &is)) in a_dy
-            .iter_mut()
-            .zip(a_dyx)
-            .zip(xr.iter().zip(dyr))
-            .zip(save_mean.iter().zip(save_inv_std))
-        {
-            let x_hat = (xv - mu) * is;
-            *s_dy += dv as f64;
-            *s_dyx += dv as f64 * x_hat as f64;
-        }
-    });
+    let (mean, istd) = (save_mean, save_inv_std);
+    let sums = dense_sums(
+        p,
+        2,
+        #[inline(always)]
+        |acc, rows| {
+            column_tiles(
+                c,
+                #[inline(always)]
+                |col, wide| match wide {
+                    true => grad_tile::<TILE>(acc, x, dy, mean, istd, c, col, rows.clone()),
+                    false => grad_tile::<1>(acc, x, dy, mean, istd, c, col, rows.clone()),
+                },
+            )
+        },
+    );
     let (sum_dy, sum_dy_xhat) = sums.split_at(c);
     let m = p.sample_size() as f64;
     let mut coef = vec![0.0f32; c];

@@ -61,8 +61,8 @@ def svg(curves, title):
         best = max(range(len(curve)), key=lambda i: curve[i])
         label = f"{name}: {len(curve)} epochs, end {curve[-1]:.2f}%, best {curve[best]:.2f}% (epoch {best + 1})"
         ly = H - BOTTOM - 40 + 18 * k
-        out.append(f'<line x1="{LEFT + 220}" x2="{LEFT + 244}" y1="{ly - 4}" y2="{ly - 4}" stroke="{colour}" stroke-width="2"/>')
-        out.append(f'<text x="{LEFT + 250}" y="{ly}">{label}</text>')
+        out.append(f'<line x1="{LEFT + 110}" x2="{LEFT + 134}" y1="{ly - 4}" y2="{ly - 4}" stroke="{colour}" stroke-width="2"/>')
+        out.append(f'<text x="{LEFT + 140}" y="{ly}">{label}</text>')
     out.append("</svg>\n")
     return "\n".join(out)
 
@@ -75,6 +75,7 @@ def main():
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets, not a figure
     os.replace(tmp, dest)
 
 

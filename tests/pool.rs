@@ -369,7 +369,8 @@ fn errors_name_the_op_and_the_sizes() {
 /// the argmax the forward pass leaves (the AVX2 path writes the windows'
 /// cells directly), with argmaxes pointing into other windows or cells no
 /// window covers (the path must fall back), and with -0.0, NaN and
-/// infinities in `dy`. Widths from 16 give rows of at least eight windows.
+/// infinities in `dy`. Widths from 16 give rows of at least eight windows
+/// (the AVX2 path), narrower ones the scatter at every level.
 #[test]
 fn backward_is_the_same_at_every_isa_level() {
     let mut rng = common::Rng::new(5);
@@ -379,6 +380,12 @@ fn backward_is_the_same_at_every_isa_level() {
         (19, 33, true),
         (17, 40, false),
         (4, 16, false),
+        // Rows of fewer than eight windows (keras-cnn's pool2 is 13x13).
+        (13, 13, false),
+        (7, 9, true),
+        (2, 2, false),
+        (5, 14, true),
+        (1, 3, true),
     ] {
         let p = MaxPool2d::new([2, 3, h, w], [2, 2], [2, 2], padding(same)).unwrap();
         let x = data(7, p.x_len(), -1.0, 1.0);

@@ -247,31 +247,37 @@ fn channel_runs<'a>(p: &BatchNorm, out: &'a mut [f32]) -> Vec<Vec<&'a mut [f32]>
 }
 
 /// Per-channel sums over the samples of a dense input (`[n, c]`,
-/// `spatial == 1`): `add_rows(acc, rows)` adds the terms of the samples
-/// `rows` (one chunk of [`CHUNK`]), in order, into `acc[ch]` (one f64
-/// accumulator per sum and channel, `sums` sums); the chunks' partial sums
-/// are then added in chunk order. So each channel's sum is a chain over
-/// its samples in order, whatever the thread count. Rows are contiguous
-/// memory, so `add_rows` runs along them in vectors, a tile of channels at
-/// a time ([`column_tiles`]; one task per channel would read with a stride
-/// of `c`, and drown in scheduling for the small batches of a dense
-/// layer). The closures are `#[inline(always)]`: only code inlined into
-/// [`compiled_for`]'s instance is built for the CPU's level.
-fn dense_sums(
-    p: &BatchNorm,
-    sums: usize,
-    add_rows: impl Fn(&mut [f64], Range<usize>) + Sync,
-) -> Vec<f64> {
-    let m = p.sample_size();
+/// `spatial == 1`): `terms` adds its terms of each chunk of [`CHUNK`]
+/// samples, in order, into `acc[ch]` (one f64 accumulator per sum and
+/// channel, `sums` sums); the chunks' partial sums are then added in chunk
+/// order. So each channel's sum is a chain over its samples in order,
+/// whatever the thread count. Rows are contiguous memory, so the terms run
+/// along them in vectors, a tile of [`TILE`] channels at a time, then the
+/// last `c % TILE` channels one by one (one task per channel would read
+/// with a stride of `c`, and drown in scheduling for the small batches of
+/// a dense layer). The closure is `#[inline(always)]`, as are the terms:
+/// only code inlined into [`compiled_for`]'s instance is built for the
+/// CPU's level.
+fn dense_sums(p: &BatchNorm, sums: usize, terms: &impl DenseTerms) -> Vec<f64> {
+    let (m, c) = (p.sample_size(), p.c);
     // Read here: the level is a per-thread setting, and rayon's threads
     // do not inherit it.
     let isa = Isa::current();
+    let full = c - c % TILE;
     let chunk = |k: usize| {
-        let mut acc = vec![0.0f64; sums * p.c];
+        let mut acc = vec![0.0f64; sums * c];
+        let rows = k * CHUNK..((k + 1) * CHUNK).min(m);
         compiled_for(
             isa,
             #[inline(always)]
-            || add_rows(&mut acc, k * CHUNK..((k + 1) * CHUNK).min(m)),
+            || {
+                for col in (0..full).step_by(TILE) {
+                    terms.add::<TILE>(&mut acc, c, col, rows.clone());
+                }
+                for col in full..c {
+                    terms.add::<1>(&mut acc, c, col, rows.clone());
+                }
+            },
         );
         acc
     };
@@ -280,7 +286,7 @@ fn dense_sums(
         return chunk(0);
     }
     let partials: Vec<Vec<f64>> = (0..chunks).into_par_iter().map(chunk).collect();
-    let mut total = vec![0.0f64; sums * p.c];
+    let mut total = vec![0.0f64; sums * c];
     for part in &partials {
         for (s, &v) in total.iter_mut().zip(part) {
             *s += v;
@@ -296,95 +302,91 @@ fn dense_sums(
 /// row, and those stores were the sums' limit (perf-log, third sitting).
 const TILE: usize = 16;
 
-/// `tile(col, wide)` for the column tiles of a row of `c` channels: full
-/// tiles of [`TILE`] (`wide`), then the last `c % TILE` channels one at a
-/// time. A tile's accumulators see the rows in order, so the sums' order
-/// (and bits) are those of the row-at-a-time loop.
+/// The terms of one kind of dense sum: `add::<W>` adds, for the rows in
+/// order, the terms of the channels `col..col + W` into their accumulators
+/// (held in a `[f64; W]` meanwhile). A tile's accumulators see the rows in
+/// order, so the sums' order (and bits) are those of a row-at-a-time loop.
+trait DenseTerms: Sync {
+    fn add<const W: usize>(&self, acc: &mut [f64], c: usize, col: usize, rows: Range<usize>);
+}
+
+/// `W` consecutive values of `v` from `at`, as an array.
 #[inline(always)]
-fn column_tiles(c: usize, mut tile: impl FnMut(usize, bool)) {
-    let full = c - c % TILE;
-    for col in (0..full).step_by(TILE) {
-        tile(col, true);
-    }
-    for col in full..c {
-        tile(col, false);
+fn tile<T: Copy + Default, const W: usize>(v: &[T], at: usize) -> [T; W] {
+    let mut t = [T::default(); W];
+    t.copy_from_slice(&v[at..at + W]);
+    t
+}
+
+/// `sum x` (in f64): the mean's numerator.
+struct SumX<'a> {
+    x: &'a [f32],
+}
+
+impl DenseTerms for SumX<'_> {
+    #[inline(always)]
+    fn add<const W: usize>(&self, acc: &mut [f64], c: usize, col: usize, rows: Range<usize>) {
+        let mut a: [f64; W] = tile(acc, col);
+        for j in rows {
+            let xr: [f32; W] = tile(self.x, j * c + col);
+            for i in 0..W {
+                a[i] += xr[i] as f64;
+            }
+        }
+        acc[col..col + W].copy_from_slice(&a);
     }
 }
 
-/// `acc[i] += x[j][i]` (in f64) for the rows `j` in order, over the
-/// channels `col..col + W`.
-#[inline(always)]
-fn sum_tile<const W: usize>(acc: &mut [f64], x: &[f32], c: usize, col: usize, rows: Range<usize>) {
-    let mut a = [0.0f64; W];
-    a.copy_from_slice(&acc[col..col + W]);
-    for j in rows {
-        let xr: &[f32; W] = x[j * c + col..][..W].try_into().expect("W floats");
-        for i in 0..W {
-            a[i] += xr[i] as f64;
-        }
-    }
-    acc[col..col + W].copy_from_slice(&a);
+/// `sum (x - mean)^2` (in f64): the two-pass variance's numerator.
+struct SquaredDeviations<'a> {
+    x: &'a [f32],
+    mean: &'a [f64],
 }
 
-/// `acc[i] += (x[j][i] - mean[i])^2` (in f64) for the rows `j` in order,
-/// over the channels `col..col + W`.
-#[inline(always)]
-fn square_tile<const W: usize>(
-    acc: &mut [f64],
-    x: &[f32],
-    mean: &[f64],
-    c: usize,
-    col: usize,
-    rows: Range<usize>,
-) {
-    let mut a = [0.0f64; W];
-    a.copy_from_slice(&acc[col..col + W]);
-    let mut mu = [0.0f64; W];
-    mu.copy_from_slice(&mean[col..col + W]);
-    for j in rows {
-        let xr: &[f32; W] = x[j * c + col..][..W].try_into().expect("W floats");
-        for i in 0..W {
-            let d = xr[i] as f64 - mu[i];
-            a[i] += d * d;
+impl DenseTerms for SquaredDeviations<'_> {
+    #[inline(always)]
+    fn add<const W: usize>(&self, acc: &mut [f64], c: usize, col: usize, rows: Range<usize>) {
+        let mut a: [f64; W] = tile(acc, col);
+        let mu: [f64; W] = tile(self.mean, col);
+        for j in rows {
+            let xr: [f32; W] = tile(self.x, j * c + col);
+            for i in 0..W {
+                let d = xr[i] as f64 - mu[i];
+                a[i] += d * d;
+            }
         }
+        acc[col..col + W].copy_from_slice(&a);
     }
-    acc[col..col + W].copy_from_slice(&a);
 }
 
-/// The backward's two sums over the channels `col..col + W`, for the rows
-/// `j` in order: `acc[i] += dy` and `acc[c + i] += dy * x_hat` (in f64),
-/// with `x_hat = (x - mean) * inv_std` in f32 as the forward computed it.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn grad_tile<const W: usize>(
-    acc: &mut [f64],
-    x: &[f32],
-    dy: &[f32],
-    mean: &[f32],
-    inv_std: &[f32],
-    c: usize,
-    col: usize,
-    rows: Range<usize>,
-) {
-    let mut s_dy = [0.0f64; W];
-    s_dy.copy_from_slice(&acc[col..col + W]);
-    let mut s_dyx = [0.0f64; W];
-    s_dyx.copy_from_slice(&acc[c + col..c + col + W]);
-    let mut mu = [0.0f32; W];
-    mu.copy_from_slice(&mean[col..col + W]);
-    let mut is = [0.0f32; W];
-    is.copy_from_slice(&inv_std[col..col + W]);
-    for j in rows {
-        let xr: &[f32; W] = x[j * c + col..][..W].try_into().expect("W floats");
-        let dr: &[f32; W] = dy[j * c + col..][..W].try_into().expect("W floats");
-        for i in 0..W {
-            let x_hat = (xr[i] - mu[i]) * is[i];
-            s_dy[i] += dr[i] as f64;
-            s_dyx[i] += dr[i] as f64 * x_hat as f64;
+/// The backward's two sums: `sum dy` into `acc[ch]` and `sum dy * x_hat`
+/// into `acc[c + ch]` (in f64), with `x_hat = (x - mean) * inv_std` in f32
+/// as the forward computed it.
+struct GradSums<'a> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    mean: &'a [f32],
+    inv_std: &'a [f32],
+}
+
+impl DenseTerms for GradSums<'_> {
+    #[inline(always)]
+    fn add<const W: usize>(&self, acc: &mut [f64], c: usize, col: usize, rows: Range<usize>) {
+        let mut s_dy: [f64; W] = tile(acc, col);
+        let mut s_dyx: [f64; W] = tile(acc, c + col);
+        let (mu, is): ([f32; W], [f32; W]) = (tile(self.mean, col), tile(self.inv_std, col));
+        for j in rows {
+            let xr: [f32; W] = tile(self.x, j * c + col);
+            let dr: [f32; W] = tile(self.dy, j * c + col);
+            for i in 0..W {
+                let x_hat = (xr[i] - mu[i]) * is[i];
+                s_dy[i] += dr[i] as f64;
+                s_dyx[i] += dr[i] as f64 * x_hat as f64;
+            }
         }
+        acc[col..col + W].copy_from_slice(&s_dy);
+        acc[c + col..c + col + W].copy_from_slice(&s_dyx);
     }
-    acc[col..col + W].copy_from_slice(&s_dy);
-    acc[c + col..c + col + W].copy_from_slice(&s_dyx);
 }
 
 /// Elements per parallel task of [`dense_rows`]: below twice this the rows
@@ -510,46 +512,17 @@ pub fn forward_training(
         return Ok(());
     }
     let (m, c) = (p.sample_size() as f64, p.c);
-    let mean64: Vec<f64> = dense_sums(
-        p,
-        1,
-        #[inline(always)]
-        |acc, rows| {
-            column_tiles(
-                c,
-                #[inline(always)]
-                |col, wide| match wide {
-                    true => sum_tile::<TILE>(acc, x, c, col, rows.clone()),
-                    false => sum_tile::<1>(acc, x, c, col, rows.clone()),
-                },
-            )
-        },
-    )
-    .into_iter()
-    .map(|s| s / m)
-    .collect();
+    let mean64: Vec<f64> = dense_sums(p, 1, &SumX { x })
+        .into_iter()
+        .map(|s| s / m)
+        .collect();
     // Two-pass variance, as in `forward_channel_body`.
-    let var64: Vec<f64> = dense_sums(
-        p,
-        1,
-        #[inline(always)]
-        |acc, rows| {
-            column_tiles(
-                c,
-                #[inline(always)]
-                |col, wide| match wide {
-                    true => square_tile::<TILE>(acc, x, &mean64, c, col, rows.clone()),
-                    false => square_tile::<1>(acc, x, &mean64, c, col, rows.clone()),
-                },
-            )
-        },
-    )
-    .into_iter()
-    .map(|s| s / m)
-    .collect();
-    // Channel by channel, as the spatial path; in zipped loops, so that the
-    // square roots and divisions (exact in f64 whatever the vector width)
-    // run four or eight channels at a time.
+    let var64: Vec<f64> = dense_sums(p, 1, &SquaredDeviations { x, mean: &mean64 })
+        .into_iter()
+        .map(|s| s / m)
+        .collect();
+    // In a zipped loop, so that the square roots and divisions (exact in
+    // f64 whatever the vector width) run four or eight channels at a time.
     compiled_for(Isa::current(), || {
         for ((sm, si), (&mu, &var)) in save_mean
             .iter_mut()
@@ -559,16 +532,10 @@ pub fn forward_training(
             *sm = mu as f32;
             *si = inv_std(var, p.epsilon);
         }
-        for (((rm, rv), &sm), &var) in running_mean
-            .iter_mut()
-            .zip(running_var.iter_mut())
-            .zip(&*save_mean)
-            .zip(&var64)
-        {
-            *rm = *rm * mom + sm * keep;
-            *rv = *rv * mom + (var * factor) as f32 * keep;
-        }
     });
+    for (ch, &var) in var64.iter().enumerate() {
+        update_running(ch, var, running_mean, running_var, save_mean);
+    }
     let (mean, istd) = (&*save_mean, &*save_inv_std);
     dense_rows(p, y, |j, yr| {
         normalize_row(yr, &x[j * c..][..c], gamma, beta, mean, istd)
@@ -660,22 +627,13 @@ pub fn backward(
     // Both sums in one pass over x and dy (each accumulator still a chain
     // over the samples in order), x_hat exactly as the forward computed it.
     let c = p.c;
-    let (mean, istd) = (save_mean, save_inv_std);
-    let sums = dense_sums(
-        p,
-        2,
-        #[inline(always)]
-        |acc, rows| {
-            column_tiles(
-                c,
-                #[inline(always)]
-                |col, wide| match wide {
-                    true => grad_tile::<TILE>(acc, x, dy, mean, istd, c, col, rows.clone()),
-                    false => grad_tile::<1>(acc, x, dy, mean, istd, c, col, rows.clone()),
-                },
-            )
-        },
-    );
+    let terms = GradSums {
+        x,
+        dy,
+        mean: save_mean,
+        inv_std: save_inv_std,
+    };
+    let sums = dense_sums(p, 2, &terms);
     let (sum_dy, sum_dy_xhat) = sums.split_at(c);
     let m = p.sample_size() as f64;
     let mut coef = vec![0.0f32; c];

@@ -349,6 +349,31 @@ fn errors_name_the_op_and_the_sizes() {
         &["argmax[5] = 20", "5x4", "expected < 20"],
     );
 
+    // Several bad argmaxes: the first in the tensor is named, whichever
+    // task meets its own first. One lies past its plane's end in a window
+    // row that `same` padding clips (odd height), where its row and column
+    // pass for the window's own; the AVX2 path must not take it.
+    // 64 planes of 170 outputs: three tasks of whole planes.
+    let q = MaxPool2d::keras([2, 32, 19, 33], [2, 2], Padding::Same).unwrap();
+    let (hw, ohw) = (q.h * q.w, q.out_h * q.out_w);
+    let qx = data(3, q.x_len(), -1.0, 1.0);
+    let (mut qy, mut qarg) = (vec![0.0; q.y_len()], vec![0u32; q.y_len()]);
+    cpu::forward(&q, &qx, &mut qy, &mut qarg).unwrap();
+    let clipped = 50 * ohw + (q.out_h - 1) * q.out_w + 3;
+    qarg[clipped] = (hw + 6) as u32;
+    let mut qdx = vec![0.0; q.x_len()];
+    for isa in Isa::available() {
+        let r = with_isa(isa, || cpu::backward(&q, &qy, &qarg, &mut qdx)).unwrap();
+        let want = format!("argmax[{clipped}] = {}", hw + 6);
+        assert_err_mentions(r, "maxpool2d.backward", &[&want, "19x33"]);
+    }
+    qarg[30 * ohw + 7] = u32::MAX;
+    for isa in Isa::available() {
+        let r = with_isa(isa, || cpu::backward(&q, &qy, &qarg, &mut qdx)).unwrap();
+        let want = format!("argmax[{}] = {}", 30 * ohw + 7, u32::MAX);
+        assert_err_mentions(r, "maxpool2d.backward", &[&want]);
+    }
+
     // Hand-built layers: padding as large as the window, inconsistent output.
     let bad = MaxPool2d { pad_top: 2, ..p };
     assert_err_mentions(

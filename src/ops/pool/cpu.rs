@@ -129,60 +129,84 @@ pub fn forward_inference(p: &MaxPool2d, x: &[f32], y: &mut [f32]) -> Result<()> 
 /// forward pass selected. `dy` and `argmax` `[N, C, OH, OW]`, `dx`
 /// `[N, C, H, W]` fully overwritten. Where windows overlap (stride < pool)
 /// an input element sums the gradients of every window that selected it, in
-/// row-major output order, so the result is deterministic.
+/// row-major output order, so the result is deterministic. An argmax outside
+/// its image plane is an error naming the first such index; `dx` is then
+/// left partly written.
 pub fn backward(p: &MaxPool2d, dy: &[f32], argmax: &[u32], dx: &mut [f32]) -> Result<()> {
     const OP: &str = "maxpool2d.backward";
     p.check_backward(dy.len(), argmax.len(), dx.len())?;
     let (hw, ohw) = (p.h * p.w, p.out_h * p.out_w);
-    if let Some(i) = argmax.iter().position(|&a| a as usize >= hw) {
-        return Err(Error::invalid(
+    // Whole planes per task, as in the forward pass: one task per 900-pixel
+    // plane spent more in scheduling than in work. The argmaxes are checked
+    // plane by plane while they are in cache (a separate pass over them
+    // took a quarter of the op's time on keras-cnn's pool2); each task stops
+    // at its first bad plane, and the smallest index over the tasks is the
+    // first in the whole tensor.
+    let per_task = (PLANES_MIN_ELEMS / ohw.max(1)).max(1);
+    let chunk = (hw * per_task).max(1);
+    let isa = Isa::current();
+    let first_bad = dx
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .filter_map(|(t, planes)| {
+            for (q, plane) in planes.chunks_mut(hw.max(1)).enumerate() {
+                let pi = t * per_task + q;
+                let dyp = &dy[pi * ohw..][..ohw];
+                let ap = &argmax[pi * ohw..][..ohw];
+                if let Err(j) = backward_plane(p, isa, dyp, ap, plane) {
+                    return Some(pi * ohw + j);
+                }
+            }
+            None
+        })
+        .min();
+    match first_bad {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
             OP,
             "argmax",
             format!(
                 "argmax[{i}] = {} is outside the {}x{} image plane (expected < {hw})",
                 argmax[i], p.h, p.w
             ),
-        ));
+        )),
     }
-    // Whole planes per task, as in the forward pass: one task per 900-pixel
-    // plane spent more in scheduling than in work.
-    let per_task = (PLANES_MIN_ELEMS / ohw.max(1)).max(1);
-    let chunk = (hw * per_task).max(1);
-    let isa = Isa::current();
-    dx.par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(t, planes)| {
-            for (q, plane) in planes.chunks_mut(hw.max(1)).enumerate() {
-                let pi = t * per_task + q;
-                let dyp = &dy[pi * ohw..][..ohw];
-                let ap = &argmax[pi * ohw..][..ohw];
-                backward_plane(p, isa, dyp, ap, plane);
-            }
-        });
-    Ok(())
 }
 
-/// One plane of [`backward`]: zero, then `plane[a] += g` window by window.
-/// For 2x2 windows of stride 2 whose rows hold at least eight of them
+/// One plane of [`backward`]: zero, then `plane[a] += g` window by window;
+/// `Err(j)` at the first output `j` whose argmax lies outside the plane. For
+/// 2x2 windows of stride 2 whose rows hold at least eight of them
 /// (keras-cnn's pool1) AVX2 writes the windows' cells directly instead,
 /// eight windows per step, when every window's argmax lies in its own
 /// window (as the forward pass leaves it): then each cell receives at most
 /// one gradient, `0 + g` or nothing, the scatter's bits; any other argmax
-/// sends the whole plane through the scatter.
-fn backward_plane(p: &MaxPool2d, isa: Isa, dyp: &[f32], ap: &[u32], plane: &mut [f32]) {
+/// sends the whole plane through the scatter. (Four windows per step for
+/// narrower rows, as keras-cnn's pool2 with six, lost to the scatter: 110
+/// against 90 us, `docs/perf-log.md`.)
+fn backward_plane(
+    p: &MaxPool2d,
+    isa: Isa,
+    dyp: &[f32],
+    ap: &[u32],
+    plane: &mut [f32],
+) -> std::result::Result<(), usize> {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && avx2::backward_fits(p) {
         // SAFETY: `Isa::current` never exceeds `Isa::detected`, which
         // requires AVX2 for `Avx2` and above.
         if unsafe { avx2::backward_plane_2x2(p, dyp, ap, plane) } {
-            return;
+            return Ok(());
         }
     }
     let _ = isa;
     plane.fill(0.0);
-    for (&g, &a) in dyp.iter().zip(ap) {
-        plane[a as usize] += g;
+    for (j, (&g, &a)) in dyp.iter().zip(ap).enumerate() {
+        match plane.get_mut(a as usize) {
+            Some(cell) => *cell += g,
+            None => return Err(j),
+        }
     }
+    Ok(())
 }
 
 /// The maximum of window `(oy, ox)` of one plane and its index in the plane.
@@ -235,7 +259,8 @@ mod avx2 {
     /// (`0 + g` at the argmax, 0 elsewhere), eight windows per step; the
     /// cells no such window covers are zeroed and the remaining windows
     /// (clipped by `same` padding) add their gradient. Returns false, having
-    /// written some of the plane, at the first argmax outside its window.
+    /// written some of the plane, at the first argmax outside its window
+    /// (so every argmax of a plane that returns true lies in the plane).
     ///
     /// # Safety
     /// The CPU must have AVX2; [`backward_fits`] holds.
@@ -303,7 +328,9 @@ mod avx2 {
             for ox in first..ow {
                 let (j, a) = (oy * ow + ox, arg[oy * ow + ox] as usize);
                 let (ay, ax) = (a / w, a % w);
-                if ay / 2 != oy || ax / 2 != ox {
+                // Past the plane's end (a foreign argmax) the row test can
+                // pass for the last, clipped window row: check the length.
+                if a >= plane.len() || ay / 2 != oy || ax / 2 != ox {
                     return false;
                 }
                 plane[a] += dy[j];

@@ -5,6 +5,9 @@
 //! when the absolute figures are not (`docs/perf-log.md`).
 //!
 //!     RAYON_NUM_THREADS=1 MATMUL_NUM_THREADS=1 cargo run --release --example cpu_gemm_ab [ROUNDS [SHAPE]]
+//!
+//! `KERNELS=Avx2` (names as printed, comma-separated) runs only those of
+//! our kernels, for `perf record`.
 
 use std::time::Instant;
 
@@ -56,7 +59,13 @@ fn main() {
     // An optional second argument keeps only the shapes whose "MxNxK"
     // contains it.
     let only = std::env::args().nth(2).unwrap_or_default();
-    let kernels = Kernel::available();
+    // KERNELS=Avx2 (a comma list) keeps only those kernels, to profile one;
+    // matrixmultiply always runs.
+    let keep = std::env::var("KERNELS").unwrap_or_default();
+    let kernels: Vec<Kernel> = Kernel::available()
+        .into_iter()
+        .filter(|k| keep.is_empty() || keep.split(',').any(|n| n == format!("{k:?}")))
+        .collect();
     println!(
         "threads: rayon {}, load average {}",
         rayon::current_num_threads(),

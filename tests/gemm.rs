@@ -434,6 +434,19 @@ fn thread_count_independent() {
             (2, 1),
             23,
         ),
+        // One task of eleven row panels on one thread reads B packed; the
+        // row groups of two or three panels that more threads get read it
+        // in place (`Task::b_in_place`): the same bits.
+        Case::new(
+            (64, 20, 1000),
+            (false, false),
+            (1.0, 0.5),
+            1,
+            1,
+            0,
+            (1, 1),
+            24,
+        ),
     ];
     for case in &cases {
         for kern in Kernel::available() {

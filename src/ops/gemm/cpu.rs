@@ -516,16 +516,18 @@ impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
     /// # Safety
     /// No other thread may access the task's elements of C during the call.
     #[inline(always)]
-    unsafe fn run(&self, bp: &mut [f32], micro: impl Fn(&[f32], &[f32], &mut [f32])) {
+    unsafe fn run(&self, bp: &mut [f32], micro: impl Fn(&[f32], &[f32], usize, &mut [f32])) {
         let (plan, p, out) = (self.plan, self.p, self.out);
         let ((r0, r1), (c0, c1)) = (self.rows, self.cols);
         let width = c1 - c0;
         let panels = width.div_ceil(NR);
+        // Full panels read from B where it lies, or all packed.
+        let in_place = if self.b_in_place() { width / NR } else { 0 };
         let mut acc_buf = [0.0f32; ACC_MAX];
         let acc = &mut acc_buf[..MR * NR];
         for kb in 0..plan.k_blocks {
             let (k0, kcb) = plan.k_block(p, kb);
-            pack_b::<NR>(p, self.b, k0, kcb, c0, width, bp);
+            pack_b::<NR>(p, self.b, k0, kcb, c0, width, in_place, bp);
             let stage = Stage {
                 alpha: p.alpha,
                 beta: p.beta,
@@ -540,8 +542,12 @@ impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
             for ic in (r0..r1).step_by(MC) {
                 let ic_end = (ic + MC).min(r1);
                 for jp in 0..panels {
-                    let b_panel = &bp[jp * kcb * NR..][..kcb * NR];
                     let j0 = c0 + jp * NR;
+                    let (b_panel, ldb) = if jp < in_place {
+                        (&self.b[k0 * p.ldb + j0..][..(kcb - 1) * p.ldb + NR], p.ldb)
+                    } else {
+                        (&bp[jp * kcb * NR..][..kcb * NR], NR)
+                    };
                     let nr = NR.min(c1 - j0);
                     for i0 in (ic..ic_end).step_by(MR) {
                         let a_panel = &a_blk[i0 * kcb..][..kcb * MR];
@@ -550,7 +556,7 @@ impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
                         // out of cache: ask for them now, so that they
                         // arrive while the micro-kernel runs.
                         out.prefetch(i0, j0, mr, nr);
-                        micro(a_panel, b_panel, acc);
+                        micro(a_panel, b_panel, ldb, acc);
                         for r in 0..mr {
                             // SAFETY: in bounds (asserted by `row`); the
                             // caller owns this task's tile of C, and the
@@ -565,6 +571,26 @@ impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
     }
 }
 
+impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
+    /// Whether the micro-kernel reads this task's full `NR`-column panels
+    /// of B where they lie instead of from a packed copy. Packing a panel
+    /// pays for itself when many row panels of A reuse it; with few (the
+    /// mlp's batch of 32 is six 6-row panels) the copy of B was a quarter
+    /// of the call (`docs/perf-log.md`). Only for `op(B) = B` (rows of B
+    /// are the panel's rows), for the 16-column kernels (the 32-column one
+    /// is not measured this way), and for row strides that do not pile the
+    /// panel's rows into a few L1 sets (a multiple of 64 floats would put
+    /// a `kc`-row panel in 16 sets or fewer). The same bits either way.
+    fn b_in_place(&self) -> bool {
+        let p = self.p;
+        let row_panels = (self.rows.1 - self.rows.0).div_ceil(MR);
+        NR == 16 && !p.trans_b && row_panels <= B_IN_PLACE_MAX_ROW_PANELS && p.ldb % 64 != 0
+    }
+}
+
+/// [`Task::b_in_place`]: at most this many row panels of A per task.
+const B_IN_PLACE_MAX_ROW_PANELS: usize = 8;
+
 /// [`Task::run`] with the AVX2+FMA micro-kernel, all compiled for AVX2.
 ///
 /// # Safety
@@ -574,7 +600,7 @@ impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
 unsafe fn task_avx2<const MR: usize, const NR: usize>(t: &Task<MR, NR>, bp: &mut [f32]) {
     assert_eq!((MR, NR), Kernel::Avx2.tile());
     // SAFETY: passed on from the caller (CPU features, exclusive tile).
-    unsafe { t.run(bp, |a, b, acc| micro_avx2(a, b, acc)) }
+    unsafe { t.run(bp, |a, b, ldb, acc| micro_avx2(a, b, ldb, acc)) }
 }
 
 /// [`Task::run`] with the AVX-512 micro-kernel, all compiled for AVX-512.
@@ -587,13 +613,17 @@ unsafe fn task_avx2<const MR: usize, const NR: usize>(t: &Task<MR, NR>, bp: &mut
 unsafe fn task_avx512<const MR: usize, const NR: usize>(t: &Task<MR, NR>, bp: &mut [f32]) {
     assert_eq!((MR, NR), Kernel::Avx512.tile());
     // SAFETY: passed on from the caller (CPU features, exclusive tile).
-    unsafe { t.run(bp, |a, b, acc| micro_avx512(a, b, acc)) }
+    // B is always packed for the 32-column kernel (`Task::b_in_place`).
+    unsafe { t.run(bp, |a, b, _, acc| micro_avx512(a, b, acc)) }
 }
 
 /// Packs `op(B)[k0..k0+kcb][c0..c0+width]` into `NR`-column panels of
-/// `kcb x NR` (row `kk` of a panel contiguous), columns past `width` zero.
+/// `kcb x NR` (row `kk` of a panel contiguous), columns past `width` zero,
+/// from panel `first` on (the ones before are read in place). Panel `jp`
+/// starts at `jp * kcb * NR`, whichever is the first.
 /// (Inlined so that it is compiled for the task's instruction set.)
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn pack_b<const NR: usize>(
     p: &Gemm,
     b: &[f32],
@@ -601,9 +631,10 @@ fn pack_b<const NR: usize>(
     kcb: usize,
     c0: usize,
     width: usize,
+    first: usize,
     bp: &mut [f32],
 ) {
-    for (jp, panel) in bp.chunks_exact_mut(kcb * NR).enumerate() {
+    for (jp, panel) in bp.chunks_exact_mut(kcb * NR).enumerate().skip(first) {
         let j0 = jp * NR;
         if j0 >= width {
             break;
@@ -725,9 +756,15 @@ fn finish_row(row: &mut [f32], bias: HostBias, act: Activation, i: usize, j0: us
 ///
 /// The portable micro-kernel: a fixed-size loop nest that LLVM vectorizes
 /// for whatever the target offers (SSE2 on baseline x86-64, NEON, ...).
-fn micro_portable<const MR: usize, const NR: usize>(a: &[f32], b: &[f32], acc: &mut [f32]) {
+fn micro_portable<const MR: usize, const NR: usize>(
+    a: &[f32],
+    b: &[f32],
+    ldb: usize,
+    acc: &mut [f32],
+) {
     let mut t = [[0.0f32; NR]; MR];
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+    for (kk, ap) in a.chunks_exact(MR).enumerate() {
+        let bp = &b[kk * ldb..][..NR];
         for (ti, &av) in t.iter_mut().zip(ap) {
             for (tij, &bv) in ti.iter_mut().zip(bp) {
                 *tij += av * bv;
@@ -745,20 +782,22 @@ fn micro_portable<const MR: usize, const NR: usize>(a: &[f32], b: &[f32], acc: &
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn micro_avx2(a: &[f32], b: &[f32], acc: &mut [f32]) {
+fn micro_avx2(a: &[f32], b: &[f32], ldb: usize, acc: &mut [f32]) {
     use std::arch::x86_64::*;
     const MR: usize = 6;
     const NR: usize = 16;
     let mut t = [[_mm256_setzero_ps(); 2]; MR];
+    let kc = a.len() / MR;
+    assert!(kc == 0 || b.len() >= (kc - 1) * ldb + NR);
+    /// One k-step; `bp` points at 16 readable floats.
     #[inline(always)]
-    fn step(t: &mut [[__m256; 2]; MR], ap: &[f32], bp: &[f32]) {
-        assert!(ap.len() >= MR && bp.len() >= NR);
-        // SAFETY: `bp` holds at least NR = 16 floats (asserted), so both
-        // 8-lane loads are in bounds; loadu has no alignment requirement.
-        // The caller has avx2 and fma, and this is inlined into it.
+    unsafe fn step(t: &mut [[__m256; 2]; MR], ap: &[f32], bp: *const f32) {
+        // SAFETY: the caller's promise of 16 floats at `bp`; loadu has no
+        // alignment requirement. The caller has avx2 and fma, and this is
+        // inlined into it.
         unsafe {
-            let b0 = _mm256_loadu_ps(bp.as_ptr());
-            let b1 = _mm256_loadu_ps(bp.as_ptr().add(8));
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
             for (ti, &av) in t.iter_mut().zip(ap) {
                 let av = _mm256_set1_ps(av);
                 ti[0] = _mm256_fmadd_ps(av, b0, ti[0]);
@@ -767,16 +806,25 @@ fn micro_avx2(a: &[f32], b: &[f32], acc: &mut [f32]) {
         }
     }
     // Four k-steps per trip, to keep the loop's own bookkeeping off the
-    // FMA ports.
-    let (a4, b4) = (a.chunks_exact(4 * MR), b.chunks_exact(4 * NR));
-    let (ar, br) = (a4.remainder(), b4.remainder());
-    for (ap, bp) in a4.zip(b4) {
-        for u in 0..4 {
-            step(&mut t, &ap[u * MR..], &bp[u * NR..]);
+    // FMA ports. Row kk of B is at `b[kk * ldb..]`: `ldb` is NR for a
+    // packed panel, B's own row stride when it is read in place.
+    let a4 = a.chunks_exact(4 * MR);
+    let ar = a4.remainder();
+    let mut bp = b.as_ptr();
+    // SAFETY: rows 0..kc of B at `bp`, `ldb` apart, hold NR floats each
+    // (asserted above); the pointer advances one row per k-step and is
+    // read only for kk < kc.
+    unsafe {
+        for ap in a4 {
+            for u in 0..4 {
+                step(&mut t, &ap[u * MR..], bp.add(u * ldb));
+            }
+            bp = bp.wrapping_add(4 * ldb);
         }
-    }
-    for (ap, bp) in ar.chunks_exact(MR).zip(br.chunks_exact(NR)) {
-        step(&mut t, ap, bp);
+        for ap in ar.chunks_exact(MR) {
+            step(&mut t, ap, bp);
+            bp = bp.wrapping_add(ldb);
+        }
     }
     assert!(acc.len() >= MR * NR);
     for (dst, ti) in acc.chunks_exact_mut(NR).zip(&t) {

@@ -584,7 +584,10 @@ impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
     fn b_in_place(&self) -> bool {
         let p = self.p;
         let row_panels = (self.rows.1 - self.rows.0).div_ceil(MR);
-        NR == 16 && !p.trans_b && row_panels <= B_IN_PLACE_MAX_ROW_PANELS && p.ldb % 64 != 0
+        NR == 16
+            && !p.trans_b
+            && row_panels <= B_IN_PLACE_MAX_ROW_PANELS
+            && !p.ldb.is_multiple_of(64)
     }
 }
 

@@ -185,6 +185,15 @@ fn main() {
             9 * len,
             Box::new(move || dropout::backward(p, ddy, &mask_b, &mut ddx).unwrap()),
         ));
+        // The forward's floor on the arithmetic side: the same Philox draws
+        // and mask, without x and y (its "memcpy" is of the mask's bytes).
+        let mut mask_o = vec![0u8; len];
+        let only: &'static str = format!("{id}.mask_only").leak();
+        ops.push((
+            only,
+            len,
+            Box::new(move || dropout::mask_only(p, &mut mask_o).unwrap()),
+        ));
     }
     // The mlp's batch norms (f3: dense inputs, batch 32), under the ids
     // of benches/ops_cpu.rs, with the bytes counted as for bn above.

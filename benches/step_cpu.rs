@@ -12,6 +12,10 @@
 //! criterion's "elem/s" reads as samples/s. The data are random (the speed
 //! does not depend on them).
 //!
+//! Each `fit` runs on a worker of rayon's pool (`on_pool`), as `kestrel
+//! train` runs its loop, so that the ops' parallel loops start from inside
+//! the pool.
+//!
 //! The GPU versions (keras-cnn b32, elu-cnn b32 and b128, steps and
 //! epochs) are the `gpu_step` group of `benches/gpu.rs`.
 
@@ -25,6 +29,7 @@ use criterion::{
 
 use common::{data, nets, one_hot};
 use kestrel::backend::CpuBackend;
+use kestrel::backend::cpu::on_pool;
 use kestrel::train::{FitOptions, Targets};
 
 fn steps(c: &mut Criterion) {
@@ -40,7 +45,7 @@ fn steps(c: &mut Criterion) {
     let y = one_hot(n, 10);
     g.throughput(Throughput::Elements(n as u64));
     g.bench_function(BenchmarkId::new("kestrel", "keras-cnn.step.b32"), |b| {
-        b.iter(|| m.fit(&x, Targets::Dense(&y), nets::one_epoch(n)).unwrap())
+        b.iter(|| on_pool(|| m.fit(&x, Targets::Dense(&y), nets::one_epoch(n)).unwrap()))
     });
 
     // elu-cnn is ~19x keras-cnn's work per image: a step, not an epoch, is
@@ -54,8 +59,10 @@ fn steps(c: &mut Criterion) {
             BenchmarkId::new("kestrel", format!("elu-cnn.step.b{batch}")),
             |b| {
                 b.iter(|| {
-                    m.fit(&x, Targets::Dense(&y), nets::one_epoch(batch))
-                        .unwrap()
+                    on_pool(|| {
+                        m.fit(&x, Targets::Dense(&y), nets::one_epoch(batch))
+                            .unwrap()
+                    })
                 })
             },
         );
@@ -65,7 +72,7 @@ fn steps(c: &mut Criterion) {
     let x = data(2, n * 784);
     let y: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
     g.bench_function(BenchmarkId::new("kestrel", "mlp.step.b32"), |b| {
-        b.iter(|| m.fit(&x, Targets::Sparse(&y), nets::one_epoch(n)).unwrap())
+        b.iter(|| on_pool(|| m.fit(&x, Targets::Sparse(&y), nets::one_epoch(n)).unwrap()))
     });
     g.finish();
 }
@@ -85,11 +92,13 @@ fn mlp_epoch(c: &mut Criterion) {
     g.throughput(Throughput::Elements(samples as u64));
     g.bench_function(BenchmarkId::new("kestrel", "mlp.epoch.b32"), |b| {
         b.iter(|| {
-            let opts = FitOptions {
-                shuffle: true,
-                ..nets::one_epoch(32)
-            };
-            m.fit(&x, Targets::Sparse(&y), opts).unwrap()
+            on_pool(|| {
+                let opts = FitOptions {
+                    shuffle: true,
+                    ..nets::one_epoch(32)
+                };
+                m.fit(&x, Targets::Sparse(&y), opts).unwrap()
+            })
         })
     });
     g.finish();

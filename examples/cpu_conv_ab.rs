@@ -37,6 +37,13 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
+    // On a worker of rayon's pool, as `kestrel train` runs its loop: each
+    // pass's parallel loop then starts from inside the pool instead of
+    // waking it from outside (`kestrel::backend::cpu::on_pool`).
+    kestrel::backend::cpu::on_pool(run)
+}
+
+fn run() {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(7);
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(32);

@@ -34,6 +34,13 @@ fn data(seed: u64, len: usize) -> Vec<f32> {
 }
 
 fn main() {
+    // On a worker of rayon's pool, as `kestrel train` runs its loop: each
+    // op's parallel loop then starts from inside the pool instead of
+    // waking it from outside (`kestrel::backend::cpu::on_pool`).
+    kestrel::backend::cpu::on_pool(run)
+}
+
+fn run() {
     let rounds: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())

@@ -557,7 +557,14 @@ pub fn train(cfg: &LoadedConfig, opts: &TrainOptions) -> Result<TrainOutcome> {
     if let crate::backend::AnyBackend::Cuda(g) = &backend {
         g.set_staged_upload(!opts.no_staged_upload);
     }
-    crate::with_backend!(backend, b => train_on(cfg, opts, start, b))
+    match backend {
+        // On a worker of the CPU pool: its ops' parallel loops then start
+        // hot instead of waking the pool from outside (`on_pool`).
+        crate::backend::AnyBackend::Cpu(b) => {
+            crate::backend::cpu::on_pool(|| train_on(cfg, opts, start, b))
+        }
+        crate::backend::AnyBackend::Cuda(b) => train_on(cfg, opts, start, b),
+    }
 }
 
 /// Where a run starts: a fresh state or the checkpoint's, and the options

@@ -16,7 +16,7 @@
 //!   B panels, with the B panel (`kc x NR`: 16 KiB for AVX2's 16 columns,
 //!   32 KiB for AVX-512's 32) in L1. The C tile is prefetched before each
 //!   micro-kernel call: its rows are `ldc` apart.
-//! - Small problems (under `PAR_MIN_MACS`) run on the calling thread; a
+//! - Small problems (under `par_min_macs`) run on the calling thread; a
 //!   batch of small products runs one item per thread. Scratch buffers are
 //!   kept per thread, so small calls do not allocate.
 //! - The micro-kernel's accumulators go to C through the epilogue: the
@@ -65,9 +65,21 @@ const MC: usize = 144;
 const fn nc_task(nr: usize) -> usize {
     if nr >= 32 { 512 } else { 128 }
 }
-/// Below this many multiply-adds (~2 MFLOP, some 40 us on one core) waking
-/// rayon's threads costs about as much as it saves.
-const PAR_MIN_MACS: usize = 1 << 20;
+/// Below this many multiply-adds a call runs on the calling thread: the
+/// point where starting a parallel loop costs about what it saves. It
+/// depends on where the caller is. From a worker of rayon's pool (as the
+/// training loop runs, `backend::cpu::on_pool`) a loop starts in ~2 us, and
+/// 2^17 (~0.26 MFLOP, ~5 us on one core) pays: 32x100x300 0.030-0.042 ->
+/// 0.020-0.033 ms, 32x1024x27 0.038-0.058 -> 0.022-0.034 (`docs/perf-log.md`).
+/// From any other thread it costs ~10-20 us (rayon's cold path), and
+/// 2^20 (~2 MFLOP, ~40 us) stays the threshold.
+fn par_min_macs() -> usize {
+    if rayon::current_thread_index().is_some() {
+        1 << 17
+    } else {
+        1 << 20
+    }
+}
 /// The largest `MR * NR` of any kernel (the accumulator buffer's length).
 const ACC_MAX: usize = 8 * 32;
 
@@ -243,7 +255,8 @@ fn run_tiled<const MR: usize, const NR: usize>(
     } else {
         1
     };
-    let item_parallel = macs >= PAR_MIN_MACS && threads > 1;
+    let par_min = par_min_macs();
+    let item_parallel = macs >= par_min && threads > 1;
     let plan = Plan::<MR, NR>::new(p, item_parallel);
     with_scratch(&SCRATCH_A, |shared_a| {
         // Packing A once for the whole batch when it is shared.
@@ -265,7 +278,7 @@ fn run_tiled<const MR: usize, const NR: usize>(
         };
         if p.batch == 1 {
             one(0, c, item_parallel);
-        } else if !item_parallel && threads > 1 && macs.saturating_mul(p.batch) >= PAR_MIN_MACS {
+        } else if !item_parallel && threads > 1 && macs.saturating_mul(p.batch) >= par_min {
             // Many small products: one thread per batch item. `check`
             // guarantees `stride_c >= m * ldc > 0`, so the chunks hold
             // disjoint items.

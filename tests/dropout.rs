@@ -284,6 +284,18 @@ fn bit_identical_on_any_thread_count() {
             .zip(&many.0)
             .all(|(a, b)| a.to_bits() == b.to_bits())
     );
+    // From outside a pool the tasks are four times longer (`chunk_len`):
+    // the same bits, and the definition's mask.
+    let outside = run(&p, &x);
+    assert_eq!(outside.1, one.1);
+    assert!(
+        outside
+            .0
+            .iter()
+            .zip(&one.0)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    assert_eq!(outside.1, mask_def(len, 0.3, p.seed, p.offset));
 }
 
 #[test]

@@ -12,9 +12,25 @@ use super::{Dropout, keep_word};
 use crate::cpu_isa::{Isa, compiled_for};
 use crate::error::Result;
 
-/// Elements per rayon task; a multiple of 4 so that blocks never straddle
-/// tasks.
-const CHUNK: usize = 1 << 14;
+/// Elements per task of the backward (a select per element, ~1 ns: tasks
+/// of a few thousand would cost about what starting them does).
+const BACKWARD_CHUNK: usize = 1 << 14;
+
+/// Elements per rayon task of the forward and the mask; a multiple of 64
+/// (the AVX2 step, and 4 so that blocks never straddle tasks). From a
+/// worker of rayon's pool (the training loop, `backend::cpu::on_pool`) a
+/// parallel loop starts in ~2 us, so tasks of 4,096 elements (~5 us of
+/// Philox on one core) pay, and keras-cnn's smallest dropout (16,384
+/// elements) splits over the threads; from any other thread a start costs
+/// ~10-20 us, and 16,384 stays the unit. The same bits either way: each
+/// element's draw depends on its index alone.
+fn chunk_len() -> usize {
+    if rayon::current_thread_index().is_some() {
+        1 << 12
+    } else {
+        1 << 14
+    }
+}
 
 /// Philox blocks generated together by [`philox_lanes`]: 16 blocks, 64
 /// elements.
@@ -90,6 +106,7 @@ fn apply(words: &[u32], rate: f32, scale: f32, x: &[f32], y: &mut [f32], mask: &
 
 /// Writes the mask alone (1 kept, 0 dropped), fully overwriting `mask`.
 pub fn mask_only(p: &Dropout, mask: &mut [u8]) -> Result<()> {
+    let chunk = chunk_len();
     p.check("dropout.mask_only", &[("mask", mask.len())])?;
     let isa = Isa::current();
     let task = |t: usize, mc: &mut [u8]| {
@@ -102,21 +119,21 @@ pub fn mask_only(p: &Dropout, mask: &mut [u8]) -> Result<()> {
         if isa >= Isa::Avx2 {
             // SAFETY: `Isa::current` never exceeds `Isa::detected`, which
             // requires AVX2 for `Avx2` and above.
-            unsafe { avx2::mask_only(p, t * CHUNK, mc) };
+            unsafe { avx2::mask_only(p, t * chunk, mc) };
             return;
         }
         compiled_for(isa, || {
-            for_each_run(p, t * CHUNK, mc.len(), |j0, w| {
+            for_each_run(p, t * chunk, mc.len(), |j0, w| {
                 for (m, &wv) in mc[j0..].iter_mut().zip(w) {
                     *m = keep_word(wv, p.rate) as u8;
                 }
             })
         });
     };
-    if mask.len() <= CHUNK {
+    if mask.len() <= chunk {
         task(0, mask);
     } else {
-        mask.par_chunks_mut(CHUNK)
+        mask.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(t, mc)| task(t, mc));
     }
@@ -126,6 +143,7 @@ pub fn mask_only(p: &Dropout, mask: &mut [u8]) -> Result<()> {
 /// `y = x * scale` where kept, `x * 0.0` where dropped; writes `y` and the
 /// `mask` (both fully overwritten).
 pub fn forward(p: &Dropout, x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result<()> {
+    let chunk = chunk_len();
     p.check(
         "dropout.forward",
         &[("x", x.len()), ("y", y.len()), ("mask", mask.len())],
@@ -137,7 +155,7 @@ pub fn forward(p: &Dropout, x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result
         if isa >= Isa::Avx2 && p.rate != 0.0 {
             // SAFETY: `Isa::current` never exceeds `Isa::detected`, which
             // requires AVX2 for `Avx2` and above.
-            unsafe { avx2::forward(p, t * CHUNK, xc, yc, mc) };
+            unsafe { avx2::forward(p, t * chunk, xc, yc, mc) };
             return;
         }
         compiled_for(isa, || {
@@ -149,20 +167,20 @@ pub fn forward(p: &Dropout, x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result
                 }
                 return;
             }
-            for_each_run(p, t * CHUNK, yc.len(), |j0, w| {
+            for_each_run(p, t * chunk, yc.len(), |j0, w| {
                 let n = w.len();
                 let (x, y, m) = (&xc[j0..][..n], &mut yc[j0..][..n], &mut mc[j0..][..n]);
                 apply(w, p.rate, scale, x, y, m);
             })
         });
     };
-    if y.len() <= CHUNK {
+    if y.len() <= chunk {
         // One task: no hand-off to the pool.
         task(0, y, mask, x);
     } else {
-        y.par_chunks_mut(CHUNK)
-            .zip(mask.par_chunks_mut(CHUNK))
-            .zip(x.par_chunks(CHUNK))
+        y.par_chunks_mut(chunk)
+            .zip(mask.par_chunks_mut(chunk))
+            .zip(x.par_chunks(chunk))
             .enumerate()
             .for_each(|(t, ((yc, mc), xc))| task(t, yc, mc, xc));
     }
@@ -172,6 +190,7 @@ pub fn forward(p: &Dropout, x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result
 /// `dx = dy * scale` where `mask` is nonzero, `dy * 0.0` elsewhere; `dx` is
 /// fully overwritten.
 pub fn backward(p: &Dropout, dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<()> {
+    let chunk = BACKWARD_CHUNK;
     p.check(
         "dropout.backward",
         &[("dy", dy.len()), ("mask", mask.len()), ("dx", dx.len())],
@@ -192,11 +211,11 @@ pub fn backward(p: &Dropout, dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<
             }
         })
     };
-    if dx.len() <= CHUNK {
+    if dx.len() <= chunk {
         task(dx, dy, mask);
     } else {
-        dx.par_chunks_mut(CHUNK)
-            .zip(dy.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
+        dx.par_chunks_mut(chunk)
+            .zip(dy.par_chunks(chunk).zip(mask.par_chunks(chunk)))
             .for_each(|(dxc, (dyc, mc))| task(dxc, dyc, mc));
     }
     Ok(())

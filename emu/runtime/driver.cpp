@@ -573,10 +573,20 @@ Result do_copy(const char* call, uint64_t dst, bool dst_dev, uint64_t src, bool 
 std::mutex g_defer_m;         // guards g_streams and every Stream's deferred copies
 std::vector<Stream*> g_streams;  // live streams
 uint64_t g_next_stream_id = 1;
+// Held while deferred copies are taken out and performed, so that a settle
+// never returns while another thread is still performing copies it took
+// out: without it, one test's free (which settles every stream) could take
+// another test's copy out of its stream's list, and that test's
+// cuStreamWaitEvent, finding the list empty, let a device-to-device copy
+// read the landing buffer while the host-to-device copy was still writing
+// it (seen once in CI: gpu_upload's first 601 bytes still zero).
+// Recursive: a settle may be reached again from within one.
+std::recursive_mutex g_settle_m;
 
 // Performs `st`'s deferred copies numbered up to `upto`, in order.
 Result settle(Stream* st, uint64_t upto = UINT64_MAX) {
     if (!st) return OK;
+    std::lock_guard<std::recursive_mutex> settling(g_settle_m);
     std::vector<Deferred> due;
     {
         std::lock_guard<std::mutex> g(g_defer_m);

@@ -86,6 +86,7 @@
 pub mod backend;
 pub mod cli;
 pub mod cpu_isa;
+pub mod cpu_pool;
 pub mod cuda;
 pub mod data;
 pub mod error;

@@ -16,22 +16,9 @@ use crate::ops::pool::{self, MaxPool2d};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
-/// Runs `f` on a worker thread of rayon's global pool (directly when the
-/// caller is one already) and returns its result. A training loop on the
-/// CPU should run inside it: every parallel op called from a thread
-/// outside the pool hands its work to the pool and sleeps until it is done
-/// (rayon's cold path, a lock and a condition variable), while a worker
-/// that calls one takes part in it and only waits for what others stole.
-/// On a 2-vCPU VM a bare parallel loop of ten empty tasks took 24 us from
-/// outside and 1.7 us from a worker (`docs/perf-log.md`), and a training
-/// step makes dozens of such calls. The results are the same bits either
-/// way: no op's arithmetic depends on which thread calls it.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
-        return f();
-    }
-    rayon::scope(|_| f())
-}
+/// Runs the CPU training loop on a worker of rayon's pool
+/// ([`crate::cpu_pool`] says why); here beside the backend it serves.
+pub use crate::cpu_pool::on_pool;
 
 /// Copies rows `rows[i]` of `src` to row `i` of `dst` (the batch gather).
 pub(super) fn gather<T: Copy>(

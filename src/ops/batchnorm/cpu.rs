@@ -318,6 +318,28 @@ fn tile<T: Copy + Default, const W: usize>(v: &[T], at: usize) -> [T; W] {
     t
 }
 
+/// `add::<W>` of a sum of one f64 term per element of x: `term(x, i)`
+/// for the tile's channel `i`; the shape that [`SumX`] and
+/// [`SquaredDeviations`] share.
+#[inline(always)]
+fn add_x_terms<const W: usize>(
+    x: &[f32],
+    acc: &mut [f64],
+    c: usize,
+    col: usize,
+    rows: Range<usize>,
+    term: impl Fn(f32, usize) -> f64,
+) {
+    let mut a: [f64; W] = tile(acc, col);
+    for j in rows {
+        let xr: [f32; W] = tile(x, j * c + col);
+        for i in 0..W {
+            a[i] += term(xr[i], i);
+        }
+    }
+    acc[col..col + W].copy_from_slice(&a);
+}
+
 /// `sum x` (in f64): the mean's numerator.
 struct SumX<'a> {
     x: &'a [f32],
@@ -326,14 +348,15 @@ struct SumX<'a> {
 impl DenseTerms for SumX<'_> {
     #[inline(always)]
     fn add<const W: usize>(&self, acc: &mut [f64], c: usize, col: usize, rows: Range<usize>) {
-        let mut a: [f64; W] = tile(acc, col);
-        for j in rows {
-            let xr: [f32; W] = tile(self.x, j * c + col);
-            for i in 0..W {
-                a[i] += xr[i] as f64;
-            }
-        }
-        acc[col..col + W].copy_from_slice(&a);
+        add_x_terms::<W>(
+            self.x,
+            acc,
+            c,
+            col,
+            rows,
+            #[inline(always)]
+            |v, _| v as f64,
+        );
     }
 }
 
@@ -346,16 +369,19 @@ struct SquaredDeviations<'a> {
 impl DenseTerms for SquaredDeviations<'_> {
     #[inline(always)]
     fn add<const W: usize>(&self, acc: &mut [f64], c: usize, col: usize, rows: Range<usize>) {
-        let mut a: [f64; W] = tile(acc, col);
         let mu: [f64; W] = tile(self.mean, col);
-        for j in rows {
-            let xr: [f32; W] = tile(self.x, j * c + col);
-            for i in 0..W {
-                let d = xr[i] as f64 - mu[i];
-                a[i] += d * d;
-            }
-        }
-        acc[col..col + W].copy_from_slice(&a);
+        add_x_terms::<W>(
+            self.x,
+            acc,
+            c,
+            col,
+            rows,
+            #[inline(always)]
+            |v, i| {
+                let d = v as f64 - mu[i];
+                d * d
+            },
+        );
     }
 }
 

@@ -18,14 +18,13 @@ const BACKWARD_CHUNK: usize = 1 << 14;
 
 /// Elements per rayon task of the forward and the mask; a multiple of 64
 /// (the AVX2 step, and 4 so that blocks never straddle tasks). From a
-/// worker of rayon's pool (the training loop, `backend::cpu::on_pool`) a
-/// parallel loop starts in ~2 us, so tasks of 4,096 elements (~5 us of
-/// Philox on one core) pay, and keras-cnn's smallest dropout (16,384
-/// elements) splits over the threads; from any other thread a start costs
-/// ~10-20 us, and 16,384 stays the unit. The same bits either way: each
-/// element's draw depends on its index alone.
+/// worker of the pool, where a task starts cheaply ([`crate::cpu_pool`]),
+/// tasks of 4,096 elements (~5 us of Philox on one core) pay, and
+/// keras-cnn's smallest dropout (16,384 elements) splits over the threads;
+/// from any other thread 16,384 stays the unit. The same bits either way:
+/// each element's draw depends on its index alone.
 fn chunk_len() -> usize {
-    if rayon::current_thread_index().is_some() {
+    if crate::cpu_pool::in_pool() {
         1 << 12
     } else {
         1 << 14
@@ -190,7 +189,6 @@ pub fn forward(p: &Dropout, x: &[f32], y: &mut [f32], mask: &mut [u8]) -> Result
 /// `dx = dy * scale` where `mask` is nonzero, `dy * 0.0` elsewhere; `dx` is
 /// fully overwritten.
 pub fn backward(p: &Dropout, dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<()> {
-    let chunk = BACKWARD_CHUNK;
     p.check(
         "dropout.backward",
         &[("dy", dy.len()), ("mask", mask.len()), ("dx", dx.len())],
@@ -211,11 +209,14 @@ pub fn backward(p: &Dropout, dy: &[f32], mask: &[u8], dx: &mut [f32]) -> Result<
             }
         })
     };
-    if dx.len() <= chunk {
+    if dx.len() <= BACKWARD_CHUNK {
         task(dx, dy, mask);
     } else {
-        dx.par_chunks_mut(chunk)
-            .zip(dy.par_chunks(chunk).zip(mask.par_chunks(chunk)))
+        dx.par_chunks_mut(BACKWARD_CHUNK)
+            .zip(
+                dy.par_chunks(BACKWARD_CHUNK)
+                    .zip(mask.par_chunks(BACKWARD_CHUNK)),
+            )
             .for_each(|(dxc, (dyc, mc))| task(dxc, dyc, mc));
     }
     Ok(())

@@ -66,15 +66,13 @@ const fn nc_task(nr: usize) -> usize {
     if nr >= 32 { 512 } else { 128 }
 }
 /// Below this many multiply-adds a call runs on the calling thread: the
-/// point where starting a parallel loop costs about what it saves. It
-/// depends on where the caller is. From a worker of rayon's pool (as the
-/// training loop runs, `backend::cpu::on_pool`) a loop starts in ~2 us, and
-/// 2^17 (~0.26 MFLOP, ~5 us on one core) pays: 32x100x300 0.030-0.042 ->
-/// 0.020-0.033 ms, 32x1024x27 0.038-0.058 -> 0.022-0.034 (`docs/perf-log.md`).
-/// From any other thread it costs ~10-20 us (rayon's cold path), and
-/// 2^20 (~2 MFLOP, ~40 us) stays the threshold.
+/// point where starting a parallel loop costs about what it saves, which
+/// depends on where the caller is ([`crate::cpu_pool`]). From a worker of
+/// the pool 2^17 (~0.26 MFLOP, ~5 us on one core) pays: 32x100x300
+/// 0.030-0.042 -> 0.020-0.033 ms, 32x1024x27 0.038-0.058 -> 0.022-0.034
+/// (`docs/perf-log.md`); from any other thread 2^20 (~2 MFLOP, ~40 us).
 fn par_min_macs() -> usize {
-    if rayon::current_thread_index().is_some() {
+    if crate::cpu_pool::in_pool() {
         1 << 17
     } else {
         1 << 20
@@ -522,6 +520,24 @@ struct Task<'a, const MR: usize, const NR: usize> {
 }
 
 impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
+    /// Whether the micro-kernel reads this task's full `NR`-column panels
+    /// of B where they lie instead of from a packed copy. Packing a panel
+    /// pays for itself when many row panels of A reuse it; with few (the
+    /// mlp's batch of 32 is six 6-row panels) the copy of B was a quarter
+    /// of the call (`docs/perf-log.md`). Only for `op(B) = B` (rows of B
+    /// are the panel's rows), for the 16-column kernels (the 32-column one
+    /// is not measured this way), and for row strides that do not pile the
+    /// panel's rows into a few L1 sets (a multiple of 64 floats would put
+    /// a `kc`-row panel in 16 sets or fewer). The same bits either way.
+    fn b_in_place(&self) -> bool {
+        let p = self.p;
+        let row_panels = (self.rows.1 - self.rows.0).div_ceil(MR);
+        NR == 16
+            && !p.trans_b
+            && row_panels <= B_IN_PLACE_MAX_ROW_PANELS
+            && !p.ldb.is_multiple_of(64)
+    }
+
     /// Runs the task with micro-kernel `micro`, packing B into `bp`.
     /// Inlined into [`task_avx2`] so that the packing and write-back loops
     /// are compiled for AVX2 too.
@@ -581,26 +597,6 @@ impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
                 }
             }
         }
-    }
-}
-
-impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
-    /// Whether the micro-kernel reads this task's full `NR`-column panels
-    /// of B where they lie instead of from a packed copy. Packing a panel
-    /// pays for itself when many row panels of A reuse it; with few (the
-    /// mlp's batch of 32 is six 6-row panels) the copy of B was a quarter
-    /// of the call (`docs/perf-log.md`). Only for `op(B) = B` (rows of B
-    /// are the panel's rows), for the 16-column kernels (the 32-column one
-    /// is not measured this way), and for row strides that do not pile the
-    /// panel's rows into a few L1 sets (a multiple of 64 floats would put
-    /// a `kc`-row panel in 16 sets or fewer). The same bits either way.
-    fn b_in_place(&self) -> bool {
-        let p = self.p;
-        let row_panels = (self.rows.1 - self.rows.0).div_ceil(MR);
-        NR == 16
-            && !p.trans_b
-            && row_panels <= B_IN_PLACE_MAX_ROW_PANELS
-            && !p.ldb.is_multiple_of(64)
     }
 }
 

@@ -728,6 +728,30 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Enough channels that the shifted rows cut their taps into chunks of
+    /// channels (about 37 of a 3x3 kernel, 13 of a 5x5; 63, 65 and primes
+    /// leave uneven chunks), planes near 4 KiB (32 x 32, 33 x 31: the gap
+    /// between planes) and tiny ones: every algorithm against the
+    /// definition, bit for bit across thread counts.
+    #[test]
+    fn every_algorithm_matches_direct_loops_on_many_channels(
+        c in dim(80), k in dim(40), hw in prop_oneof![dim(9).prop_map(|d| (d, d)), Just((32, 32)), Just((33, 31))],
+        r in 1usize..=5, s in 1usize..=5, same: bool, seed: u64,
+    ) {
+        let (h, w) = hw;
+        // Large planes with few channels and filters, to keep the f64
+        // definition quick.
+        let (c, k) = if h >= 32 { (c.min(9), k.min(5)) } else { (c, k) };
+        let (h, w) = if same { (h, w) } else { (h.max(r), w.max(s)) };
+        let p = Conv2d::new([1, c, h, w], k, [r, s], [1, 1], padding(same)).unwrap();
+        let res = check_every_algorithm(&p, seed, Activation::RELU);
+        prop_assert!(res.is_ok(), "{}", res.unwrap_err());
+    }
+}
+
 /// keras-cnn's and elu-cnn's layer shapes at a small batch, every algorithm.
 #[test]
 fn every_algorithm_on_the_seed_layers() {

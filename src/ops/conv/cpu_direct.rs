@@ -92,8 +92,57 @@ impl Grid {
     fn plane(&self) -> usize {
         self.hp * self.wp
     }
+    /// Floats from one channel's plane to the next in the padded buffer:
+    /// the plane, plus a gap of zeros where a plane of 896 floats or more
+    /// is within 128 floats (512 bytes, 8 of the 64 sets of a 32 KiB 8-way
+    /// L1d) of a multiple of 1024 floats (4 KiB). Without it every
+    /// channel's rows map to the same few L1 sets (keras-cnn's conv2 planes
+    /// are 32 x 32 = 4 KiB exactly) and a tile's reads of its taps, one per
+    /// channel and row, evict each other (`docs/perf-log.md`). Smaller
+    /// planes lie side by side in the sets anyway. Only the addresses
+    /// change, not what is added, so the bits stay the same.
+    fn stride(&self) -> usize {
+        const WAY: usize = 1024;
+        const NEAR: usize = 128;
+        let plane = self.plane();
+        let m = plane % WAY;
+        if plane < WAY - NEAR || (NEAR..=WAY - NEAR).contains(&m) {
+            plane
+        } else {
+            // The next plane starts NEAR floats past a multiple of WAY.
+            plane + (WAY + NEAR - m) % WAY
+        }
+    }
     fn q_len(&self) -> usize {
         self.oh * self.wp
+    }
+    /// How the forward and data-gradient GEMM walks one image:
+    /// `(channels, tiles)`, blocks of `tiles` tiles of `NR` virtual outputs
+    /// and, within a block, the taps in chunks of `channels` input channels
+    /// (`channels * R * S` taps); for each chunk, each panel of filters
+    /// meets the block's tiles one after the other. Sized so that a panel's
+    /// chunk of packed filters (at most ~8 KiB) stays in L1 across the
+    /// tiles and the block's reach into the chunk's input, `channels` x
+    /// (`R - 1` rows + the block + `S - 1`), at most 16 KiB, stays there
+    /// across the panels. Walked tile by tile with every tap at once,
+    /// every panel's filters (36 KiB for keras-cnn's conv2, 55 KiB for
+    /// conv4's data gradient) and a reach of up to 19 KiB passed through
+    /// the 32 KiB L1 for each tile (`docs/perf-log.md`). A chunk's tile
+    /// continues the accumulators the previous chunk stored, so each
+    /// output is the same FMA chain over the taps in order, and the bits do
+    /// not depend on the blocking.
+    fn blocking(&self, kernel_w: usize) -> (usize, usize) {
+        const REACH_FLOATS: usize = 4096;
+        const PANEL_TAPS: usize = 2048 / MR;
+        let (r, ch) = (self.hp + 1 - self.oh, self.ch.max(1));
+        let reach = (r - 1) * self.wp + kernel_w - 1 + NR;
+        let fit = (REACH_FLOATS / reach)
+            .min(PANEL_TAPS / (r * kernel_w))
+            .max(1);
+        // Equal chunks: 64 channels that fit 37 go as two of 32.
+        let channels = ch.div_ceil(ch.div_ceil(fit));
+        let tiles = (REACH_FLOATS / channels).saturating_sub(reach) / NR + 1;
+        (channels, tiles.min(8))
     }
     /// Virtual outputs rounded up to whole tiles.
     fn q_tiles(&self) -> usize {
@@ -104,15 +153,17 @@ impl Grid {
     /// < plane + S` past its plane's start, and tiles round `q` up by less
     /// than `NR`.
     fn buf_len(&self, s: usize) -> usize {
-        self.ch * self.plane() + NR + s
+        self.ch.saturating_sub(1) * self.stride() + self.plane() + NR + s
     }
 
-    /// `ch` planes of `h x w` from `src` into `out` (`buf_len` long), zero
-    /// around them and in the tail.
+    /// `ch` planes of `h x w` from `src` into `out` (`buf_len` long), one
+    /// every `stride` floats, zero around them, in the gaps and in the tail.
     fn pad_into(&self, src: &[f32], out: &mut [f32]) {
-        let (hw, plane) = (self.h * self.w, self.plane());
-        debug_assert!(src.len() == self.ch * hw && out.len() >= self.ch * plane);
-        for (c, dst) in out[..self.ch * plane].chunks_exact_mut(plane).enumerate() {
+        let (hw, plane, stride) = (self.h * self.w, self.plane(), self.stride());
+        debug_assert!(src.len() == self.ch * hw && out.len() >= self.buf_len(0));
+        for (c, dst) in out.chunks_mut(stride).take(self.ch).enumerate() {
+            let (dst, gap) = dst.split_at_mut(plane);
+            gap.fill(0.0);
             let img = &src[c * hw..][..hw];
             dst[..self.top * self.wp].fill(0.0);
             for (y, row) in img.chunks_exact(self.w).enumerate() {
@@ -123,7 +174,9 @@ impl Grid {
             }
             dst[(self.top + self.h) * self.wp..].fill(0.0);
         }
-        out[self.ch * plane..].fill(0.0);
+        if let Some(tail) = out.get_mut(self.ch * stride..) {
+            tail.fill(0.0);
+        }
     }
 
     /// Offsets of tap `(c, r, s)` (in that order, `r` and `s` over an
@@ -133,7 +186,7 @@ impl Grid {
         for c in 0..self.ch {
             for rr in 0..r {
                 for ss in 0..s {
-                    v.push(c * self.plane() + rr * self.wp + ss);
+                    v.push(c * self.stride() + rr * self.wp + ss);
                 }
             }
         }
@@ -240,22 +293,32 @@ fn image(
         let (xp, out) = buf.split_at_mut(xp_len);
         g.pad_into(src, xp);
         let taps = offs.len();
-        for q0 in (0..ld).step_by(NR) {
-            let xb = xp[q0..].as_ptr();
-            for &(k0, rows) in &panels {
-                let a = &packed[k0 * taps..][..rows * taps];
-                let o = out[k0 * ld + q0..].as_mut_ptr();
-                // SAFETY: AVX2 and FMA (the callers' `Isa` check); the
-                // tile reads xp[q0 + offs[t] .. + NR], inside xp_len
-                // (`Grid::buf_len`), and writes rows k0 .. k0 + rows
-                // (<= kpad) of `out` at q0 .. q0 + NR <= ld.
-                unsafe {
-                    if rows == MR {
-                        tile::<MR>(a, xb, offs, o, ld)
-                    } else {
-                        tile::<MR4>(a, xb, offs, o, ld)
+        let (channels, tiles) = g.blocking(kernel_w);
+        let (block, chunk) = (tiles * NR, channels * taps / g.ch.max(1));
+        for qb in (0..ld).step_by(block) {
+            for t0 in (0..taps).step_by(chunk) {
+                let t1 = taps.min(t0 + chunk);
+                let offs = &offs[t0..t1];
+                for &(k0, rows) in &panels {
+                    let a = &packed[k0 * taps + t0 * rows..][..(t1 - t0) * rows];
+                    for q0 in (qb..ld.min(qb + block)).step_by(NR) {
+                        let xb = xp[q0..].as_ptr();
+                        let o = out[k0 * ld + q0..].as_mut_ptr();
+                        // SAFETY: AVX2 and FMA (the callers' `Isa` check);
+                        // the tile reads xp[q0 + offs[t] .. + NR], inside
+                        // xp_len (`Grid::buf_len`), and reads (after the
+                        // first chunk) and writes rows k0 .. k0 + rows (<=
+                        // kpad) of `out` at q0 .. q0 + NR <= ld.
+                        unsafe {
+                            match (rows == MR, t0 == 0) {
+                                (true, true) => tile::<MR, false>(a, xb, offs, o, ld),
+                                (true, false) => tile::<MR, true>(a, xb, offs, o, ld),
+                                (false, true) => tile::<MR4, false>(a, xb, offs, o, ld),
+                                (false, false) => tile::<MR4, true>(a, xb, offs, o, ld),
+                            }
+                        };
                     }
-                };
+                }
             }
         }
         let isa = Isa::current();
@@ -477,13 +540,16 @@ fn filter_slice(
 
 /// `M x NR` outputs at `out` (row stride `ld`): for each tap `t`, the `M`
 /// filters `a[t*M ..]` broadcast times `NR` inputs at `xb + offs[t]`, one
-/// FMA chain per output over the taps in order.
+/// FMA chain per output over the taps in order, from zero or, with
+/// `CONTINUE`, from the values at `out` (the same chain over an earlier
+/// chunk of taps, stored).
 ///
 /// # Safety
 /// AVX2 and FMA; `a` holds `offs.len() * M` floats; `NR` floats readable
-/// at `xb + offs[t]` for every `t`; `M` rows of `NR` writable at `out`.
+/// at `xb + offs[t]` for every `t`; `M` rows of `NR` writable (and, with
+/// `CONTINUE`, readable) at `out`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile<const M: usize>(
+unsafe fn tile<const M: usize, const CONTINUE: bool>(
     a: &[f32],
     xb: *const f32,
     offs: &[usize],
@@ -491,9 +557,15 @@ unsafe fn tile<const M: usize>(
     ld: usize,
 ) {
     debug_assert!(a.len() >= offs.len() * M);
-    let mut acc = [[_mm256_setzero_ps(); NR / 8]; M];
     // SAFETY: the reads and writes the caller vouches for.
     unsafe {
+        let mut acc: [[__m256; NR / 8]; M] = if CONTINUE {
+            std::array::from_fn(|i| {
+                std::array::from_fn(|j| _mm256_loadu_ps(out.add(i * ld + 8 * j)))
+            })
+        } else {
+            [[_mm256_setzero_ps(); NR / 8]; M]
+        };
         for (t, &o) in offs.iter().enumerate() {
             let p = xb.add(o);
             let b: [__m256; NR / 8] = std::array::from_fn(|j| _mm256_loadu_ps(p.add(8 * j)));

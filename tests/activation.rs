@@ -390,10 +390,21 @@ fn expm1_nonpositive_is_within_its_ulp_bound() {
 fn forward_is_the_same_at_every_isa_level() {
     use kestrel::cpu_isa::{Isa, with_isa};
     // Odd length (vector tails), over two rayon chunks, from -30 to 30 (elu's
-    // saturated region, every range-reduction interval, the positive side).
-    let x: Vec<f32> = data(7, 40_013, -30.0, 30.0)
+    // saturated region, every range-reduction interval, the positive side);
+    // the special values both in the first vectors and in the tail.
+    let special = [
+        -0.0,
+        0.0,
+        -1e-30,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+    ];
+    let x: Vec<f32> = special
         .into_iter()
-        .chain([-0.0, 0.0, -1e-30, f32::NEG_INFINITY, f32::NAN])
+        .chain(data(7, 40_013, -30.0, 30.0))
+        .chain(special)
         .collect();
     for act in kinds(0.7) {
         let run = || {

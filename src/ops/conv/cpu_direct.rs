@@ -37,8 +37,8 @@ use rayon::prelude::*;
 
 use super::Conv2d;
 use super::cpu::with_scratch;
-use crate::cpu_isa::Isa;
-use crate::ops::activation::{self, Activation, ActivationKind};
+use crate::ops::activation::Activation;
+use crate::ops::activation::cpu::by_kind;
 
 /// Output channels per tile of the forward and data-gradient GEMM: panels
 /// of 6, and of 4 where 6 would leave a padded panel (32 filters = 6 + 6 +
@@ -321,22 +321,21 @@ fn image(
                 }
             }
         }
-        let isa = Isa::current();
+        // Bias and activation on the way out, one pass, the activation's
+        // kind fixed per loop. (As a second pass in place, relu compiled
+        // to AVX2's masked stores, slow on AMD's cores: `docs/perf-log.md`.)
         for (k, plane) in dst.chunks_exact_mut(g.oh * g.ow).enumerate().take(kout) {
+            let bk = bias.map_or(0.0, |b| b[k]);
             for (oy, row) in plane.chunks_exact_mut(g.ow).enumerate() {
                 let v = &out[k * ld + oy * g.wp..][..g.ow];
                 match bias {
-                    Some(b) => {
-                        let bk = b[k];
-                        for (d, &s) in row.iter_mut().zip(v) {
-                            *d = s + bk;
-                        }
-                    }
-                    None => row.copy_from_slice(v),
+                    Some(_) => by_kind!(act, |a| for (d, &s) in row.iter_mut().zip(v) {
+                        *d = a.apply(s + bk);
+                    }),
+                    None => by_kind!(act, |a| for (d, &s) in row.iter_mut().zip(v) {
+                        *d = a.apply(s);
+                    }),
                 }
-            }
-            if act.kind != ActivationKind::Linear {
-                activation::cpu::forward_chunk(isa, act, None, plane);
             }
         }
     });

@@ -47,7 +47,8 @@ use super::{Bias, Epilogue, Gemm, GradGemm, HostEpilogue, Operand};
 type HostBias<'a> = Bias<&'a [f32]>;
 use crate::cpu_isa::Isa;
 use crate::error::{Error, Result};
-use crate::ops::activation::{Activation, ActivationKind};
+use crate::ops::activation::cpu::by_kind;
+use crate::ops::activation::{self, Activation, ActivationKind};
 
 /// Largest `kc` block: a `kc x NR` panel of B is 16 KiB with 16 columns
 /// (half of a 32 KiB L1d), 32 KiB with 32 (two thirds of a 48 KiB one). The
@@ -740,26 +741,28 @@ impl Stage<'_> {
     }
 }
 
-/// Adds the bias and applies the activation to (part of) row `i` of C,
-/// with a loop per case so that each stays simple (and vectorizes).
+/// Adds the bias and applies the activation to (part of) row `i` of C, in
+/// one loop per case with the activation's kind fixed, so that each stays
+/// simple (and vectorizes). Without a bias the activation runs in place
+/// through [`activation::cpu::forward_chunk`], whose relu avoids the masked
+/// stores that the plain in-place loop compiles to on AVX2.
 #[inline(always)]
 fn finish_row(row: &mut [f32], bias: HostBias, act: Activation, i: usize, j0: usize) {
     match bias {
-        Bias::None => {}
-        Bias::PerRow(v) => {
-            let bi = v[i];
-            row.iter_mut().for_each(|c| *c += bi);
-        }
-        Bias::PerCol(v) => {
-            for (c, &bj) in row.iter_mut().zip(&v[j0..]) {
-                *c += bj;
+        Bias::None => {
+            if act.kind != ActivationKind::Linear {
+                activation::cpu::forward_chunk(Isa::current(), act, None, row);
             }
         }
-    }
-    match act.kind {
-        ActivationKind::Linear => {}
-        ActivationKind::Relu => row.iter_mut().for_each(|c| *c = Activation::RELU.apply(*c)),
-        _ => row.iter_mut().for_each(|c| *c = act.apply(*c)),
+        Bias::PerRow(v) => {
+            let bi = v[i];
+            by_kind!(act, |a| row.iter_mut().for_each(|c| *c = a.apply(*c + bi)));
+        }
+        Bias::PerCol(v) => {
+            by_kind!(act, |a| for (c, &bj) in row.iter_mut().zip(&v[j0..]) {
+                *c = a.apply(*c + bj);
+            });
+        }
     }
 }
 

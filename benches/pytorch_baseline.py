@@ -149,28 +149,56 @@ def conv_flops(n, c, hw, k, pad):
     return 2.0 * n * k * out * out * c * 9
 
 
+def conv_passes(device, n, c, hw, k, pad):
+    """The three timed passes of one convolution: (name, callable) pairs."""
+    x = torch.randn(n, c, hw, hw, device=device)
+    w = torch.randn(k, c, 3, 3, device=device)
+    y = F.conv2d(x, w, padding=pad)
+    dy = torch.randn_like(y)
+
+    def fwd():
+        F.conv2d(x, w, padding=pad)
+
+    def bwd(mask):
+        torch.ops.aten.convolution_backward(
+            dy, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask)
+
+    return [("fwd", fwd), ("bwd_data", lambda: bwd([True, False, False])),
+            ("bwd_filter", lambda: bwd([False, True, False]))]
+
+
 def bench_convs(timer, device, batches, out):
     for n in batches:
         for net, name, c, hw, k, pad in KERAS_CNN_CONVS + ELU_CNN_CONVS:
-            x = torch.randn(n, c, hw, hw, device=device)
-            w = torch.randn(k, c, 3, 3, device=device)
-            y = F.conv2d(x, w, padding=pad)
-            dy = torch.randn_like(y)
             flops = conv_flops(n, c, hw, k, pad)
             base = f"{net}.{name}.b{n}"
-
-            def fwd():
-                F.conv2d(x, w, padding=pad)
-
-            def bwd(mask):
-                torch.ops.aten.convolution_backward(
-                    dy, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask)
-
-            for pass_, fn in [("fwd", fwd), ("bwd_data", lambda: bwd([True, False, False])),
-                              ("bwd_filter", lambda: bwd([False, True, False]))]:
+            for pass_, fn in conv_passes(device, n, c, hw, k, pad):
                 ms = timer.median_ms(fn)
                 out.append(dict(family="conv", id=f"{base}.{pass_}", median_ms=ms,
                                 work=flops, unit="GFLOP/s"))
+
+
+def serve_convs(device, n):
+    """Answers `LAYER PASS ROUNDS` lines on stdin (`conv2 fwd 5`, keras-cnn's
+    layers) with that many milliseconds of single calls on one line, as
+    kestrel's `cpu_conv_ab serve` does: benches/cpu_conv_pairs.py alternates
+    the two."""
+    passes = {}
+    for net, name, c, hw, k, pad in KERAS_CNN_CONVS:
+        for pass_, fn in conv_passes(device, n, c, hw, k, pad):
+            passes[(name, pass_)] = fn
+    for line in sys.stdin:
+        f = line.split()
+        fn = passes.get(tuple(f[:2])) if len(f) == 3 and f[2].isdigit() else None
+        if fn is None:
+            print(f"error: unknown request {line.strip()!r}", flush=True)
+            continue
+        times = []
+        for _ in range(int(f[2])):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        print(" ".join(f"{t:.4f}" for t in times), flush=True)
 
 
 def gemm_shapes(batches):
@@ -529,6 +557,8 @@ def main():
     ap.add_argument("--only", default="",
                     help="comma list of: conv,gemm,step,epoch (GPU and CPU), gpumem (GPU), cpugemm,mem (CPU)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--serve-conv", action="store_true",
+                    help="answer `LAYER PASS ROUNDS` requests on stdin (benches/cpu_conv_pairs.py)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -538,6 +568,9 @@ def main():
     torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.serve_conv:
+        serve_convs(device, 32)
+        return
     only = set(filter(None, args.only.split(",")))
 
     def want(f):

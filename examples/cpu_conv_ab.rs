@@ -12,6 +12,14 @@
 //!     RAYON_NUM_THREADS=2 cargo run --release --example cpu_conv_ab [ROUNDS [BATCH [LAYER]]]
 //!
 //! `LAYER` (`conv1` .. `conv4`) times that layer alone, for `perf stat`.
+//!
+//!     cpu_conv_ab serve [BATCH]
+//!
+//! answers lines `LAYER PASS ROUNDS` on standard input (`conv2 fwd 5`) with
+//! that many times in milliseconds of the pass the algorithm selection
+//! picks, on one line: `benches/cpu_conv_pairs.py` alternates it with a
+//! PyTorch process serving the same requests, so that both sides of a
+//! pair run within a second of each other.
 
 use std::time::Instant;
 
@@ -43,18 +51,111 @@ fn main() {
     kestrel::backend::cpu::on_pool(run)
 }
 
+/// keras-cnn's convolutions (benches/common/mod.rs): (name, C, H = W, K,
+/// padding).
+const LAYERS: [(&str, usize, usize, usize, Padding); 4] = [
+    ("conv1", 3, 32, 32, Padding::Same),
+    ("conv2", 32, 32, 32, Padding::Valid),
+    ("conv3", 32, 15, 64, Padding::Same),
+    ("conv4", 64, 15, 64, Padding::Valid),
+];
+
+/// One layer's operands.
+struct Layer {
+    p: Conv2d,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    dy: Vec<f32>,
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    dw: Vec<f32>,
+}
+
+impl Layer {
+    fn new(n: usize, c: usize, hw: usize, k: usize, pad: Padding) -> Layer {
+        let p = Conv2d::new([n, c, hw, hw], k, [3, 3], [1, 1], pad).expect("valid layer");
+        Layer {
+            x: data(1, p.x_len()),
+            w: data(2, p.w_len()),
+            bias: data(3, p.k),
+            dy: data(4, p.y_len()),
+            y: vec![0.0; p.y_len()],
+            dx: vec![0.0; p.x_len()],
+            dw: vec![0.0; p.w_len()],
+            p,
+        }
+    }
+
+    /// Runs pass 0 (forward with bias and relu), 1 (data gradient) or 2
+    /// (filter gradient) with `algo`; seconds.
+    fn pass(&mut self, pass: usize, algo: CpuConvAlgo) -> f64 {
+        let t0 = Instant::now();
+        let p = &self.p;
+        match pass {
+            0 => conv::forward_with(
+                algo,
+                p,
+                &self.x,
+                &self.w,
+                Some(&self.bias),
+                Activation::RELU,
+                &mut self.y,
+            ),
+            1 => conv::backward_data_with(algo, p, &self.dy, &self.w, &mut self.dx),
+            _ => conv::backward_filter_with(algo, p, &self.x, &self.dy, &mut self.dw),
+        }
+        .unwrap();
+        t0.elapsed().as_secs_f64()
+    }
+}
+
+const PASSES: [&str; 3] = ["fwd", "bwd_data", "bwd_filter"];
+
+/// The `serve` mode (module docs).
+fn serve(n: usize) {
+    use std::io::{BufRead, Write};
+    let mut layers: Vec<(&str, Layer)> = LAYERS
+        .iter()
+        .map(|&(name, c, hw, k, pad)| (name, Layer::new(n, c, hw, k, pad)))
+        .collect();
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let answer = match f[..] {
+            [name, pass_name, rounds] => {
+                let layer = layers.iter_mut().find(|(l, _)| *l == name);
+                let pass = PASSES.iter().position(|&q| q == pass_name);
+                match (layer, pass, rounds.parse::<usize>()) {
+                    (Some((_, l)), Some(pass), Ok(rounds)) => {
+                        let algo = CpuConvAlgo::select(&l.p, pass == 1);
+                        (0..rounds)
+                            .map(|_| format!("{:.4}", l.pass(pass, algo) * 1e3))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    }
+                    _ => format!("error: unknown request {line:?}"),
+                }
+            }
+            _ => format!("error: expected LAYER PASS ROUNDS, got {line:?}"),
+        };
+        let mut out = stdout.lock();
+        writeln!(out, "{answer}")
+            .and_then(|()| out.flush())
+            .expect("stdout");
+    }
+}
+
 fn run() {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("serve") {
+        args.next();
+        return serve(args.next().and_then(|s| s.parse().ok()).unwrap_or(32));
+    }
     let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(7);
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(32);
     let only = args.next();
-    // keras-cnn (benches/common/mod.rs): (name, C, H = W, K, padding).
-    let layers = [
-        ("conv1", 3, 32, 32, Padding::Same),
-        ("conv2", 32, 32, 32, Padding::Valid),
-        ("conv3", 32, 15, 64, Padding::Same),
-        ("conv4", 64, 15, 64, Padding::Valid),
-    ];
     println!(
         "threads: rayon {}, load average {}",
         rayon::current_num_threads(),
@@ -63,18 +164,12 @@ fn run() {
             .trim()
     );
     let mut total = 0.0;
-    for (name, c, hw, k, pad) in layers {
+    for (name, c, hw, k, pad) in LAYERS {
         if only.as_deref().is_some_and(|l| l != name) {
             continue;
         }
-        let p = Conv2d::new([n, c, hw, hw], k, [3, 3], [1, 1], pad).expect("valid layer");
-        let x = data(1, p.x_len());
-        let w = data(2, p.w_len());
-        let bias = data(3, p.k);
-        let dy = data(4, p.y_len());
-        let mut y = vec![0.0f32; p.y_len()];
-        let mut dx = vec![0.0f32; p.x_len()];
-        let mut dw = vec![0.0f32; p.w_len()];
+        let mut l = Layer::new(n, c, hw, k, pad);
+        let p = l.p;
         // (pass, algorithm) pairs: every algorithm that runs the pass here.
         let runs: Vec<(usize, CpuConvAlgo)> = (0..3)
             .flat_map(|pass| CpuConvAlgo::ALL.into_iter().map(move |a| (pass, a)))
@@ -83,18 +178,10 @@ fn run() {
         let mut times = vec![Vec::new(); runs.len()];
         for round in 0..=rounds {
             for (&(pass, algo), t) in runs.iter().zip(times.iter_mut()) {
-                let t0 = Instant::now();
-                match pass {
-                    0 => {
-                        conv::forward_with(algo, &p, &x, &w, Some(&bias), Activation::RELU, &mut y)
-                    }
-                    1 => conv::backward_data_with(algo, &p, &dy, &w, &mut dx),
-                    _ => conv::backward_filter_with(algo, &p, &x, &dy, &mut dw),
-                }
-                .unwrap();
+                let secs = l.pass(pass, algo);
                 // Round 0 warms up.
                 if round > 0 {
-                    t.push(t0.elapsed().as_secs_f64());
+                    t.push(secs);
                 }
             }
         }
@@ -108,7 +195,7 @@ fn run() {
             );
             med
         };
-        for (pass, pname) in ["fwd", "bwd_data", "bwd_filter"].iter().enumerate() {
+        for (pass, pname) in PASSES.iter().enumerate() {
             let picked = CpuConvAlgo::select(&p, pass == 1);
             let id = format!("keras-cnn.{name}.b{n}.{pname}");
             for (&(ps, algo), t) in runs.iter().zip(times.iter_mut()) {

@@ -178,10 +178,36 @@ def bench_convs(timer, device, batches, out):
                                 work=flops, unit="GFLOP/s"))
 
 
+def serve_gemms():
+    """Answers `MxNxK REPS ROUNDS` lines on stdin with ROUNDS milliseconds per
+    call of torch.mm (each over REPS calls) on one line, as kestrel's
+    `cpu_gemm_ab serve` does (benches/cpu_close_pairs.py --family gemm)."""
+    cache = {}
+    for line in sys.stdin:
+        f = line.split()
+        try:
+            m, n, k = (int(d) for d in f[0].split("x"))
+            reps, rounds = int(f[1]), int(f[2])
+            assert len(f) == 3 and reps > 0
+        except (ValueError, IndexError, AssertionError):
+            print(f"error: expected MxNxK REPS ROUNDS, got {line.strip()!r}", flush=True)
+            continue
+        if (m, n, k) not in cache:
+            cache[(m, n, k)] = (torch.randn(m, k), torch.randn(k, n), torch.empty(m, n))
+        a, b, c = cache[(m, n, k)]
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b, out=c)
+            times.append((time.perf_counter() - t) * 1e3 / reps)
+        print(" ".join(f"{t:.6f}" for t in times), flush=True)
+
+
 def serve_convs(device, n):
     """Answers `LAYER PASS ROUNDS` lines on stdin (`conv2 fwd 5`, keras-cnn's
     layers) with that many milliseconds of single calls on one line, as
-    kestrel's `cpu_conv_ab serve` does: benches/cpu_conv_pairs.py alternates
+    kestrel's `cpu_conv_ab serve` does: benches/cpu_close_pairs.py alternates
     the two."""
     passes = {}
     for net, name, c, hw, k, pad in KERAS_CNN_CONVS:
@@ -558,7 +584,9 @@ def main():
                     help="comma list of: conv,gemm,step,epoch (GPU and CPU), gpumem (GPU), cpugemm,mem (CPU)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--serve-conv", action="store_true",
-                    help="answer `LAYER PASS ROUNDS` requests on stdin (benches/cpu_conv_pairs.py)")
+                    help="answer `LAYER PASS ROUNDS` requests on stdin (benches/cpu_close_pairs.py)")
+    ap.add_argument("--serve-gemm", action="store_true",
+                    help="answer `MxNxK REPS ROUNDS` requests on stdin (CPU; benches/cpu_close_pairs.py)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -570,6 +598,9 @@ def main():
         torch.set_num_threads(args.threads)
     if args.serve_conv:
         serve_convs(device, 32)
+        return
+    if args.serve_gemm:
+        serve_gemms()
         return
     only = set(filter(None, args.only.split(",")))
 

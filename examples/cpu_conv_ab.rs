@@ -17,7 +17,7 @@
 //!
 //! answers lines `LAYER PASS ROUNDS` on standard input (`conv2 fwd 5`) with
 //! that many times in milliseconds of the pass the algorithm selection
-//! picks, on one line: `benches/cpu_conv_pairs.py` alternates it with a
+//! picks, on one line: `benches/cpu_close_pairs.py` alternates it with a
 //! PyTorch process serving the same requests, so that both sides of a
 //! pair run within a second of each other.
 

@@ -8,6 +8,14 @@
 //!
 //! `KERNELS=Avx2` (names as printed, comma-separated) runs only those of
 //! our kernels, for `perf record`.
+//!
+//!     cpu_gemm_ab serve
+//!
+//! answers lines `MxNxK REPS ROUNDS` on standard input (`512x512x512 1 5`)
+//! with `ROUNDS` times in milliseconds per call of the kernel `gemm` picks,
+//! each over `REPS` calls, on one line: `benches/cpu_close_pairs.py
+//! --family gemm` alternates it with a PyTorch process serving the same
+//! requests.
 
 use std::time::Instant;
 
@@ -38,7 +46,45 @@ fn main() {
     kestrel::backend::cpu::on_pool(run)
 }
 
+/// The `serve` mode (module docs).
+fn serve() {
+    use std::io::{BufRead, Write};
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let dims: Vec<usize> = f
+            .first()
+            .map(|s| s.split('x').filter_map(|d| d.parse().ok()).collect())
+            .unwrap_or_default();
+        let nums: Vec<usize> = f.iter().skip(1).filter_map(|s| s.parse().ok()).collect();
+        let answer = match (&dims[..], &nums[..]) {
+            (&[m, n, k], &[reps, rounds]) if f.len() == 3 && reps > 0 => {
+                let (a, b) = (data(1, m * k), data(2, k * n));
+                let mut c = vec![0.0f32; m * n];
+                let p = Gemm::new(m, n, k);
+                (0..rounds)
+                    .map(|_| {
+                        let t0 = Instant::now();
+                        for _ in 0..reps {
+                            cpu::gemm(&p, &a, &b, &mut c, Epilogue::default()).unwrap();
+                        }
+                        format!("{:.6}", t0.elapsed().as_secs_f64() * 1e3 / reps as f64)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+            _ => format!("error: expected MxNxK REPS ROUNDS, got {line:?}"),
+        };
+        let mut out = stdout.lock();
+        writeln!(out, "{answer}").and_then(|()| out.flush()).expect("stdout");
+    }
+}
+
 fn run() {
+    if std::env::args().nth(1).as_deref() == Some("serve") {
+        return serve();
+    }
     let rounds: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())

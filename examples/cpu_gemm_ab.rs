@@ -77,7 +77,9 @@ fn serve() {
             _ => format!("error: expected MxNxK REPS ROUNDS, got {line:?}"),
         };
         let mut out = stdout.lock();
-        writeln!(out, "{answer}").and_then(|()| out.flush()).expect("stdout");
+        writeln!(out, "{answer}")
+            .and_then(|()| out.flush())
+            .expect("stdout");
     }
 }
 

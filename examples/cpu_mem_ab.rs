@@ -126,6 +126,20 @@ fn run() {
                 act::backward_from_output(a, yr, &mut g).unwrap()
             }),
         ));
+        // In place, as the training loop runs it; the buffer's values
+        // after the first call are the activation's outputs (negative ones
+        // stay negative under elu, zero under relu), which costs the same.
+        let inplace: &'static str = if name == "relu" {
+            "relu.fwd_inplace"
+        } else {
+            "elu.fwd_inplace"
+        };
+        let mut z = x.clone();
+        ops.push((
+            inplace,
+            8 * len,
+            Box::new(move || act::forward_inplace(a, &mut z).unwrap()),
+        ));
     }
     // keras-cnn's pools and dropouts at batch 32, under the ids of
     // benches/ops_cpu.rs and benches/pytorch_baseline.py (`mem` rows), with

@@ -93,6 +93,20 @@ class Server:
         self.p.wait()
 
 
+def cpu_and_simd_flags():
+    """The CPU's model name and its SIMD flags, from the first processor in
+    /proc/cpuinfo."""
+    info = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    want = ("avx", "avx2", "fma", "sse4_2")
+    flags = " ".join(x for x in info.get("flags", "").split()
+                     if x in want or x.startswith("avx512") or x.startswith("amx"))
+    return info.get("model name", "unknown CPU"), flags
+
+
 def quartiles(v):
     q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
     return q[0], q[2]
@@ -164,20 +178,7 @@ def main():
     others = max(0.0, (busy1 - busy0) - ours) / ((wall1 - wall0) * os.cpu_count())
     under = under or others > 0.05
 
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    flags = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                want = ("avx", "avx2", "fma", "sse4_2")
-                flags = " ".join(x for x in line.split(":", 1)[1].split()
-                                 if x in want or x.startswith("avx512") or x.startswith("amx"))
-                break
+    cpu, flags = cpu_and_simd_flags()
     mark = " **UNDER LOAD: void for comparison**" if under else ""
     what = {"conv": "keras-cnn convolutions at batch 32", "gemm": "GEMM (C = A B, row-major)"}
     lines = [

@@ -27,22 +27,8 @@ use kestrel::ops::activation::Activation;
 use kestrel::ops::conv::cpu::CpuConvAlgo;
 use kestrel::ops::conv::{Conv2d, Padding, cpu as conv};
 
-fn data(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+mod common;
+use common::{data, median, ms_line, serve_lines};
 
 fn main() {
     // On a worker of rayon's pool, as `kestrel train` runs its loop: each
@@ -114,37 +100,24 @@ const PASSES: [&str; 3] = ["fwd", "bwd_data", "bwd_filter"];
 
 /// The `serve` mode (module docs).
 fn serve(n: usize) {
-    use std::io::{BufRead, Write};
     let mut layers: Vec<(&str, Layer)> = LAYERS
         .iter()
         .map(|&(name, c, hw, k, pad)| (name, Layer::new(n, c, hw, k, pad)))
         .collect();
-    let stdout = std::io::stdout();
-    for line in std::io::stdin().lock().lines() {
-        let line = line.expect("stdin");
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let answer = match f[..] {
-            [name, pass_name, rounds] => {
-                let layer = layers.iter_mut().find(|(l, _)| *l == name);
-                let pass = PASSES.iter().position(|&q| q == pass_name);
-                match (layer, pass, rounds.parse::<usize>()) {
-                    (Some((_, l)), Some(pass), Ok(rounds)) => {
-                        let algo = CpuConvAlgo::select(&l.p, pass == 1);
-                        (0..rounds)
-                            .map(|_| format!("{:.4}", l.pass(pass, algo) * 1e3))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    }
-                    _ => format!("error: unknown request {line:?}"),
-                }
-            }
-            _ => format!("error: expected LAYER PASS ROUNDS, got {line:?}"),
+    serve_lines(|words, line| {
+        let [name, pass_name, rounds] = words[..] else {
+            return format!("error: expected LAYER PASS ROUNDS, got {line:?}");
         };
-        let mut out = stdout.lock();
-        writeln!(out, "{answer}")
-            .and_then(|()| out.flush())
-            .expect("stdout");
-    }
+        let layer = layers.iter_mut().find(|(l, _)| *l == name);
+        let pass = PASSES.iter().position(|&q| q == pass_name);
+        match (layer, pass, rounds.parse::<usize>()) {
+            (Some((_, l)), Some(pass), Ok(rounds)) => {
+                let algo = CpuConvAlgo::select(&l.p, pass == 1);
+                ms_line((0..rounds).map(|_| l.pass(pass, algo) * 1e3))
+            }
+            _ => format!("error: unknown request {line:?}"),
+        }
+    });
 }
 
 fn run() {

@@ -17,27 +17,14 @@
 //! --family gemm` alternates it with a PyTorch process serving the same
 //! requests.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use kestrel::ops::gemm::cpu::{self, Kernel};
 use kestrel::ops::gemm::{Epilogue, Gemm};
 
-fn data(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+mod common;
+use common::{data, median, ms_line, serve_lines};
 
 fn main() {
     // On a worker of rayon's pool, as `kestrel train` runs its loop: each
@@ -46,41 +33,39 @@ fn main() {
     kestrel::backend::cpu::on_pool(run)
 }
 
-/// The `serve` mode (module docs).
+/// A shape's A, B and C.
+type Operands = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// The `serve` mode (module docs). Each shape's operands are made once.
 fn serve() {
-    use std::io::{BufRead, Write};
-    let stdout = std::io::stdout();
-    for line in std::io::stdin().lock().lines() {
-        let line = line.expect("stdin");
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let dims: Vec<usize> = f
+    let mut operands: HashMap<(usize, usize, usize), Operands> = HashMap::new();
+    serve_lines(|words, line| {
+        let dims: Vec<usize> = words
             .first()
             .map(|s| s.split('x').filter_map(|d| d.parse().ok()).collect())
             .unwrap_or_default();
-        let nums: Vec<usize> = f.iter().skip(1).filter_map(|s| s.parse().ok()).collect();
-        let answer = match (&dims[..], &nums[..]) {
-            (&[m, n, k], &[reps, rounds]) if f.len() == 3 && reps > 0 => {
-                let (a, b) = (data(1, m * k), data(2, k * n));
-                let mut c = vec![0.0f32; m * n];
+        let nums: Vec<usize> = words
+            .iter()
+            .skip(1)
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        match (&dims[..], &nums[..]) {
+            (&[m, n, k], &[reps, rounds]) if words.len() == 3 && reps > 0 => {
+                let (a, b, c) = operands
+                    .entry((m, n, k))
+                    .or_insert_with(|| (data(1, m * k), data(2, k * n), vec![0.0; m * n]));
                 let p = Gemm::new(m, n, k);
-                (0..rounds)
-                    .map(|_| {
-                        let t0 = Instant::now();
-                        for _ in 0..reps {
-                            cpu::gemm(&p, &a, &b, &mut c, Epilogue::default()).unwrap();
-                        }
-                        format!("{:.6}", t0.elapsed().as_secs_f64() * 1e3 / reps as f64)
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                ms_line((0..rounds).map(|_| {
+                    let t0 = Instant::now();
+                    for _ in 0..reps {
+                        cpu::gemm(&p, a, b, c, Epilogue::default()).unwrap();
+                    }
+                    t0.elapsed().as_secs_f64() * 1e3 / reps as f64
+                }))
             }
             _ => format!("error: expected MxNxK REPS ROUNDS, got {line:?}"),
-        };
-        let mut out = stdout.lock();
-        writeln!(out, "{answer}")
-            .and_then(|()| out.flush())
-            .expect("stdout");
-    }
+        }
+    });
 }
 
 fn run() {

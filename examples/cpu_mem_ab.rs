@@ -21,17 +21,8 @@ use kestrel::ops::conv::Padding;
 use kestrel::ops::dropout::{Dropout, cpu as dropout};
 use kestrel::ops::pool::{MaxPool2d, cpu as pool};
 
-fn data(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+mod common;
+use common::data;
 
 fn main() {
     // On a worker of rayon's pool, as `kestrel train` runs its loop: each
@@ -99,20 +90,28 @@ fn run() {
         8 * len,
         Box::new(|| bias::add_inplace(&bs, &mut dx_c, &gamma).unwrap()),
     ));
-    for (name, a) in [("relu", Activation::RELU), ("elu", Activation::elu(1.0))] {
+    // (forward, backward from the output, forward in place: the public op
+    // `forward_inplace`; after its first call the buffer holds outputs,
+    // negative ones staying negative under elu and zero under relu, which
+    // costs the same).
+    for (a, fwd, bwd, inplace) in [
+        (
+            Activation::RELU,
+            "relu.fwd",
+            "relu.bwd_from_output",
+            "relu.fwd_inplace",
+        ),
+        (
+            Activation::elu(1.0),
+            "elu.fwd",
+            "elu.bwd_from_output",
+            "elu.fwd_inplace",
+        ),
+    ] {
         let (xr, yr, dyr) = (&x, &yk, &dy);
         let mut out = vec![0.0f32; len];
         let mut g = dy.clone();
-        let fwd: &'static str = if name == "relu" {
-            "relu.fwd"
-        } else {
-            "elu.fwd"
-        };
-        let bwd: &'static str = if name == "relu" {
-            "relu.bwd_from_output"
-        } else {
-            "elu.bwd_from_output"
-        };
+        let mut z = x.clone();
         ops.push((
             fwd,
             8 * len,
@@ -126,15 +125,6 @@ fn run() {
                 act::backward_from_output(a, yr, &mut g).unwrap()
             }),
         ));
-        // In place, as the training loop runs it; the buffer's values
-        // after the first call are the activation's outputs (negative ones
-        // stay negative under elu, zero under relu), which costs the same.
-        let inplace: &'static str = if name == "relu" {
-            "relu.fwd_inplace"
-        } else {
-            "elu.fwd_inplace"
-        };
-        let mut z = x.clone();
         ops.push((
             inplace,
             8 * len,

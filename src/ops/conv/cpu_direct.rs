@@ -182,11 +182,12 @@ impl Grid {
     /// Offsets of tap `(c, r, s)` (in that order, `r` and `s` over an
     /// `r x s` kernel) from a virtual output's position.
     fn offsets(&self, r: usize, s: usize) -> Vec<usize> {
+        let stride = self.stride();
         let mut v = Vec::with_capacity(self.ch * r * s);
         for c in 0..self.ch {
             for rr in 0..r {
                 for ss in 0..s {
-                    v.push(c * self.stride() + rr * self.wp + ss);
+                    v.push(c * stride + rr * self.wp + ss);
                 }
             }
         }
@@ -325,11 +326,11 @@ fn image(
         // kind fixed per loop. (As a second pass in place, relu compiled
         // to AVX2's masked stores, slow on AMD's cores: `docs/perf-log.md`.)
         for (k, plane) in dst.chunks_exact_mut(g.oh * g.ow).enumerate().take(kout) {
-            let bk = bias.map_or(0.0, |b| b[k]);
+            let bias_k = bias.map(|b| b[k]);
             for (oy, row) in plane.chunks_exact_mut(g.ow).enumerate() {
                 let v = &out[k * ld + oy * g.wp..][..g.ow];
-                match bias {
-                    Some(_) => by_kind!(act, |a| for (d, &s) in row.iter_mut().zip(v) {
+                match bias_k {
+                    Some(bk) => by_kind!(act, |a| for (d, &s) in row.iter_mut().zip(v) {
                         *d = a.apply(s + bk);
                     }),
                     None => by_kind!(act, |a| for (d, &s) in row.iter_mut().zip(v) {

@@ -477,6 +477,7 @@ impl<const MR: usize, const NR: usize> Plan<MR, NR> {
                 epi,
                 rows: (r0, r1),
                 cols: (c0, c1),
+                isa: kern.isa(),
             };
             with_scratch(&SCRATCH_B, |bp| {
                 bp.resize(self.kc * (c1 - c0).div_ceil(NR) * NR, 0.0);
@@ -518,6 +519,8 @@ struct Task<'a, const MR: usize, const NR: usize> {
     epi: &'a HostEpilogue<'a>,
     rows: (usize, usize),
     cols: (usize, usize),
+    /// The kernel's instruction set, for the epilogue's in-place activation.
+    isa: Isa,
 }
 
 impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
@@ -565,6 +568,7 @@ impl<const MR: usize, const NR: usize> Task<'_, MR, NR> {
                 last: kb + 1 == plan.k_blocks,
                 bias: self.epi.bias,
                 act: self.epi.activation,
+                isa: self.isa,
             };
             let a_blk = &self.packed_a[kb * plan.kc * plan.m_pad..];
             // MC rows at a time, so that their packed A stays in L2 while
@@ -693,6 +697,7 @@ struct Stage<'a> {
     last: bool,
     bias: HostBias<'a>,
     act: Activation,
+    isa: Isa,
 }
 
 impl Stage<'_> {
@@ -735,7 +740,7 @@ impl Stage<'_> {
                         *c = alpha * s + beta * *c;
                     }
                 }
-                finish_row(row, self.bias, self.act, i, j0);
+                finish_row(row, self.bias, self.act, self.isa, i, j0);
             }
         }
     }
@@ -747,11 +752,11 @@ impl Stage<'_> {
 /// through [`activation::cpu::forward_chunk`], whose relu avoids the masked
 /// stores that the plain in-place loop compiles to on AVX2.
 #[inline(always)]
-fn finish_row(row: &mut [f32], bias: HostBias, act: Activation, i: usize, j0: usize) {
+fn finish_row(row: &mut [f32], bias: HostBias, act: Activation, isa: Isa, i: usize, j0: usize) {
     match bias {
         Bias::None => {
             if act.kind != ActivationKind::Linear {
-                activation::cpu::forward_chunk(Isa::current(), act, None, row);
+                activation::cpu::forward_chunk(isa, act, None, row);
             }
         }
         Bias::PerRow(v) => {

@@ -752,6 +752,72 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The channel vectors run each output's chain of the shifted rows
+    /// without the padding's zero products (`acc + w * 0 = acc` for finite
+    /// `w`), so on finite data the two agree bit for bit up to the sign of
+    /// a zero. Batches up to 12 on 1, 2 and 3 threads put tiles across
+    /// images in groups of every size (the grouping follows the thread
+    /// count; the bits must not); output channels off the 16-lane blocks
+    /// and below 8; padding wider than the kernel (the data gradient then
+    /// clips taps on the far side).
+    #[test]
+    fn channel_vectors_match_the_shifted_rows_bit_for_bit(
+        n in 1usize..=12, c in dim(20), k in dim(37), h in dim(11), w in dim(11),
+        r in 1usize..=4, s in 1usize..=4,
+        pads in prop::option::of([0usize..=4, 0usize..=4, 0usize..=4, 0usize..=4]),
+        same: bool, seed: u64,
+    ) {
+        use kestrel::cpu_isa::Isa;
+        if Isa::current() < Isa::Avx2 {
+            return Ok(());
+        }
+        let (h, w) = (h.max(r), w.max(s));
+        let p = match pads {
+            Some(pd) => Conv2d::with_pads([n, c, h, w], k, [r, s], [1, 1], pd).unwrap(),
+            None => Conv2d::new([n, c, h, w], k, [r, s], [1, 1], padding(same)).unwrap(),
+        };
+        let x = data(seed, p.x_len(), -1.0, 1.0);
+        let wt = data(seed ^ 1, p.w_len(), -1.0, 1.0);
+        let b = data(seed ^ 3, p.k, -1.0, 1.0);
+        let dy = data(seed ^ 2, p.y_len(), -1.0, 1.0);
+        let on = |threads: usize, algo: CpuConvAlgo| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut y = vec![f32::NAN; p.y_len()];
+                cpu::forward_with(algo, &p, &x, &wt, Some(&b), Activation::RELU, &mut y).unwrap();
+                let dx = algo.runs(&p, true).then(|| {
+                    let mut dx = vec![f32::NAN; p.x_len()];
+                    cpu::backward_data_with(algo, &p, &dy, &wt, &mut dx).unwrap();
+                    dx
+                });
+                (y, dx)
+            })
+        };
+        // Zeros of either sign as one value; NaN never expected.
+        let bits = |v: &[f32]| v.iter().map(|f| if *f == 0.0 { 0 } else { f.to_bits() }).collect::<Vec<_>>();
+        let (y, dx) = on(2, CpuConvAlgo::ShiftedRows);
+        for threads in [1, 2, 3] {
+            let (yc, dxc) = on(threads, CpuConvAlgo::ChannelVectors);
+            prop_assert!(bits(&yc) == bits(&y), "forward, {threads} threads: {p:?}");
+            let dxc = dxc.expect("the channel vectors run every stride-1 data gradient");
+            if let Some(dx) = &dx {
+                prop_assert!(bits(&dxc) == bits(dx), "backward_data, {threads} threads: {p:?}");
+            } else {
+                // Padding beyond the shifted rows' reach: against the
+                // column matrix within the data gradient's bound.
+                let mut want = vec![0.0; p.x_len()];
+                cpu::backward_data_with(CpuConvAlgo::Im2colGemm, &p, &dy, &wt, &mut want).unwrap();
+                let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+                let res = check_close("backward_data", &dxc, &want, tol(p.k * p.r * p.s));
+                prop_assert!(res.is_ok(), "{} {p:?}", res.unwrap_err());
+            }
+        }
+    }
+}
+
 /// keras-cnn's and elu-cnn's layer shapes at a small batch, every algorithm.
 #[test]
 fn every_algorithm_on_the_seed_layers() {

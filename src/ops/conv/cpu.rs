@@ -53,17 +53,29 @@ pub enum CpuConvAlgo {
     /// (the shifted-rows GEMM, no column matrix); the data gradient as the
     /// full correlation with the turned filters (`src/ops/conv/cpu_direct.rs`).
     ShiftedRows,
+    /// Stride 1 on AVX2+FMA: vectors across 16 output channels, tiles of
+    /// 6 pixels, each pixel running only its taps inside the input (no
+    /// thrown-away columns, no zero taps); forward and data gradient
+    /// (`src/ops/conv/cpu_channel_vectors.rs`), the filter gradient the
+    /// shifted rows'.
+    ChannelVectors,
 }
 
 impl CpuConvAlgo {
     /// Every algorithm.
-    pub const ALL: [CpuConvAlgo; 2] = [CpuConvAlgo::Im2colGemm, CpuConvAlgo::ShiftedRows];
+    pub const ALL: [CpuConvAlgo; 3] = [
+        CpuConvAlgo::Im2colGemm,
+        CpuConvAlgo::ShiftedRows,
+        CpuConvAlgo::ChannelVectors,
+    ];
 
-    /// The name in bench ids and results: `im2col_gemm`, `shifted_rows`.
+    /// The name in bench ids and results: `im2col_gemm`, `shifted_rows`,
+    /// `channel_vectors`.
     pub fn name(self) -> &'static str {
         match self {
             CpuConvAlgo::Im2colGemm => "im2col_gemm",
             CpuConvAlgo::ShiftedRows => "shifted_rows",
+            CpuConvAlgo::ChannelVectors => "channel_vectors",
         }
     }
 
@@ -78,18 +90,31 @@ impl CpuConvAlgo {
             CpuConvAlgo::ShiftedRows => {
                 Isa::current() >= Isa::Avx2 && super::cpu_direct::fits(p, data_gradient)
             }
+            #[cfg(target_arch = "x86_64")]
+            CpuConvAlgo::ChannelVectors => {
+                Isa::current() >= Isa::Avx2 && super::cpu_channel_vectors::fits(p)
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            CpuConvAlgo::ShiftedRows => false,
+            CpuConvAlgo::ShiftedRows | CpuConvAlgo::ChannelVectors => false,
         }
     }
 
-    /// The default: the shifted rows where they run, else the column
-    /// matrix. On AVX-512 CPUs the column matrix keeps its 16-lane GEMM
-    /// (the shifted rows are AVX2 code, and no AVX-512 machine has timed
-    /// the two side by side yet).
+    /// The default: the channel vectors on small maps with enough channels
+    /// and taps (`cpu_channel_vectors::preferred`), else the shifted rows
+    /// where they run, else the column matrix. On AVX-512 CPUs the column
+    /// matrix keeps its 16-lane GEMM (the other two are AVX2 code, and no
+    /// AVX-512 machine has timed them side by side yet).
     pub fn select(p: &Conv2d, data_gradient: bool) -> CpuConvAlgo {
-        let avx512 = Isa::current() >= Isa::Avx512;
-        if !avx512 && CpuConvAlgo::ShiftedRows.runs(p, data_gradient) {
+        if Isa::current() >= Isa::Avx512 {
+            return CpuConvAlgo::Im2colGemm;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if CpuConvAlgo::ChannelVectors.runs(p, data_gradient)
+            && super::cpu_channel_vectors::preferred(p, data_gradient)
+        {
+            return CpuConvAlgo::ChannelVectors;
+        }
+        if CpuConvAlgo::ShiftedRows.runs(p, data_gradient) {
             CpuConvAlgo::ShiftedRows
         } else {
             CpuConvAlgo::Im2colGemm
@@ -109,7 +134,7 @@ impl CpuConvAlgo {
                 p.stride_h,
                 p.stride_w,
                 Isa::current(),
-                if data_gradient {
+                if data_gradient && self == CpuConvAlgo::ShiftedRows {
                     format!(
                         ", and for the data gradient every padding below the kernel's extent \
                          (got top/bottom {}/{} for height {}, left/right {}/{} for width {})",
@@ -256,6 +281,11 @@ pub fn forward_with(
         super::cpu_direct::forward(p, x, w, bias, activation, y);
         return Ok(());
     }
+    #[cfg(target_arch = "x86_64")]
+    if algo == CpuConvAlgo::ChannelVectors {
+        super::cpu_channel_vectors::forward(p, x, w, bias, activation, y);
+        return Ok(());
+    }
     let epi = Epilogue {
         bias: bias.map_or(Bias::None, Bias::PerRow),
         activation,
@@ -324,6 +354,11 @@ pub fn backward_data_with(
         super::cpu_direct::backward_data(p, dy, w, dx);
         return Ok(());
     }
+    #[cfg(target_arch = "x86_64")]
+    if algo == CpuConvAlgo::ChannelVectors {
+        super::cpu_channel_vectors::backward_data(p, dy, w, dx);
+        return Ok(());
+    }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);
     let (x_img, y_img) = (p.c * p.h * p.w, p.k * ohw);
     let g = images_per_group(p);
@@ -389,7 +424,9 @@ pub fn backward_filter_with(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if algo == CpuConvAlgo::ShiftedRows {
+    if matches!(algo, CpuConvAlgo::ShiftedRows | CpuConvAlgo::ChannelVectors) {
+        // The channel vectors keep the shifted rows' filter gradient: its
+        // vectors already run along the pixels it sums over.
         super::cpu_direct::backward_filter(p, x, dy, dw);
         return Ok(());
     }

@@ -1,5 +1,6 @@
 //! 2-D convolution through im2col / col2im and GEMM, and on the CPU for
-//! stride 1 also as the shifted-rows GEMM over the padded input
+//! stride 1 also as the shifted-rows GEMM over the padded input or as
+//! tiles of output channels x pixels with the taps clipped to the input
 //! ([`cpu::CpuConvAlgo`]).
 //!
 //! As in Keras and cuDNN this is cross-correlation (the kernel is not
@@ -24,6 +25,8 @@
 //! zeroed).
 
 pub mod cpu;
+#[cfg(target_arch = "x86_64")]
+mod cpu_channel_vectors;
 #[cfg(target_arch = "x86_64")]
 mod cpu_direct;
 pub mod cuda;

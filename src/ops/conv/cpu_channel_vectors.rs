@@ -1,0 +1,511 @@
+//! Stride-1 convolution on AVX2 with the vectors across output channels:
+//! tiles of 16 output channels x 6 output pixels, each pixel running only
+//! the taps that fall inside the input.
+//!
+//! Why beside the shifted rows (`cpu_direct.rs`): those vectorize along a
+//! *virtual* row as wide as the padded input, so they compute `S - 1`
+//! thrown-away columns per row, round to tiles of 16, and, for the data
+//! gradient of a `valid` layer, correlate over `dy` padded by `R - 1`, whose
+//! border outputs run taps that read only zeros. keras-cnn's conv3 and
+//! conv4 thus executed 1.14x to 1.51x their FLOPs (`docs/perf-log.md`).
+//! Here the vectors run across 16 output channels, the pixels are
+//! broadcast one at a time, and a pixel's taps are clipped to the input:
+//! every multiply-add executed is one of the convolution's (a `valid`
+//! layer executes exactly its FLOPs, a padded one fewer), up to the last
+//! tile's rounding.
+//!
+//! Both passes are one correlation,
+//!
+//! ```text
+//! out[o][oy][ox] = sum_i sum_{(r, s) inside} f[o][i][r][s] * in[i][oy + r - top][ox + s - left]
+//! ```
+//!
+//! the forward with `in = x`, `f = w`, `top, left` the padding; the data
+//! gradient with `in = dy`, `f[c][k][r][s] = w[k][c][R-1-r][S-1-s]` (the
+//! filters transposed and turned) and `top = R - 1 - pad_top` (negative
+//! where the padding is wider than the kernel: nothing then needs a
+//! padded copy). `(r, s)` is inside when the input row and column exist:
+//! a range of rows per output row and of columns per output column, so the
+//! output pixels fall into classes (at most `(2R - 1) x (2S - 1)`, one for
+//! the whole interior) sharing one list of taps. Tiles take six pixels of
+//! one class, from a group of images side by side (a 13 x 13 map's border
+//! classes are too small to fill tiles one image at a time).
+//!
+//! Determinism: every output is one FMA chain over `(i, r, s)` in that
+//! order, its inside taps only, whatever the tiling, grouping or threads.
+//! The shifted rows run the same chain plus the padding's zero products
+//! (`acc + w * 0 = acc` for finite `w`), so the two agree bit for bit on
+//! finite filters up to the sign of zero outputs; a tap that never meets
+//! the input cannot carry a non-finite filter value into the output here
+//! (as in the definition, which sums over the window inside the image).
+
+use std::arch::x86_64::*;
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+
+use super::Conv2d;
+use super::cpu::with_scratch;
+use crate::ops::activation::Activation;
+use crate::ops::activation::cpu::by_kind;
+
+/// Output channels per tile (two `ymm` vectors).
+const OB: usize = 16;
+/// Output pixels per tile: 12 accumulators, two filter vectors and one
+/// broadcast fill 15 of the 16 `ymm` registers (the GEMM micro-kernel's
+/// 6 x 16 shape, with the pixels as its broadcast side).
+const PIX: usize = 6;
+/// Most images a task takes side by side (enough to fill the border
+/// classes' tiles of a small map).
+const GROUP_MAX: usize = 4;
+/// Floats of a group's inputs and accumulator scratch at most (256 KiB),
+/// so that both stay in a 512 KiB L2 while each block of filters passes
+/// over them: three of keras-cnn's conv4 inputs, one of conv2's (whose
+/// data gradient ran 7% slower in groups of four).
+const GROUP_FLOATS: usize = 1 << 16;
+
+/// Whether the layer can take this path: stride 1 (one tap list per class
+/// of pixels; the data gradient of a strided layer is no correlation).
+/// Any padding. The caller checks the CPU (AVX2 and FMA).
+pub(super) fn fits(p: &Conv2d) -> bool {
+    p.stride_h == 1 && p.stride_w == 1
+}
+
+/// Whether the default takes this path over the shifted rows for the
+/// pass: small maps, where the shifted rows waste most (keras-cnn's conv3
+/// and conv4, 15 x 15 and 13 x 13: 1.14x to 1.51x their FLOPs executed,
+/// and this path 8-20% faster on one thread), with enough output channels
+/// to fill the vectors (conv1's data gradient has 3) and taps per output to
+/// pay for a tile's set-up (conv1's forward has 27). On conv2's 30 x 30 and
+/// 32 x 32 maps the two ran within 5% of each other either way, and the
+/// shifted rows keep them (`docs/perf-log.md`).
+pub(super) fn preferred(p: &Conv2d, data_gradient: bool) -> bool {
+    const MAP_MAX: usize = 400;
+    let c = if data_gradient {
+        Corr::data(p)
+    } else {
+        Corr::forward(p)
+    };
+    c.cout >= OB && c.cin * c.r * c.s >= 64 && c.oh * c.ow <= MAP_MAX
+}
+
+/// One correlation (module docs): input planes `cin x ih x iw`, output
+/// planes `cout x oh x ow`, an `r x s` kernel placed at `-top, -left`.
+struct Corr {
+    cin: usize,
+    ih: usize,
+    iw: usize,
+    cout: usize,
+    oh: usize,
+    ow: usize,
+    r: usize,
+    s: usize,
+    top: isize,
+    left: isize,
+}
+
+/// Output pixels sharing one list of inside taps.
+struct Class {
+    /// `(filter offset, input offset)` per inside tap `(r, s)`, in order:
+    /// `(r*S + s) * OB` into an input channel's packed filters, and `(r -
+    /// top) * iw + s - left` from the pixel's position `oy * iw + ox` in
+    /// an input plane.
+    taps: Vec<(usize, isize)>,
+    /// `(oy * ow + ox, oy * iw + ox)`: where the pixel is in an output
+    /// plane and where its taps are counted from in an input plane.
+    pixels: Vec<(usize, isize)>,
+}
+
+/// The taps `t < k` for which `o + t - top` lies in `0..n`.
+fn inside(o: usize, top: isize, k: usize, n: usize) -> (usize, usize) {
+    let o = o as isize;
+    let lo = (top - o).clamp(0, k as isize) as usize;
+    let hi = (n as isize + top - o).clamp(0, k as isize) as usize;
+    (lo, hi.max(lo))
+}
+
+impl Corr {
+    fn forward(p: &Conv2d) -> Corr {
+        Corr {
+            cin: p.c,
+            ih: p.h,
+            iw: p.w,
+            cout: p.k,
+            oh: p.out_h,
+            ow: p.out_w,
+            r: p.r,
+            s: p.s,
+            top: p.pad_top as isize,
+            left: p.pad_left as isize,
+        }
+    }
+
+    fn data(p: &Conv2d) -> Corr {
+        Corr {
+            cin: p.k,
+            ih: p.out_h,
+            iw: p.out_w,
+            cout: p.c,
+            oh: p.h,
+            ow: p.w,
+            r: p.r,
+            s: p.s,
+            top: p.r as isize - 1 - p.pad_top as isize,
+            left: p.s as isize - 1 - p.pad_left as isize,
+        }
+    }
+
+    /// The classes of output pixels, each pixel in exactly one, row-major
+    /// within a class.
+    fn classes(&self) -> Vec<Class> {
+        let mut rows: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+        for oy in 0..self.oh {
+            rows.entry(inside(oy, self.top, self.r, self.ih))
+                .or_default()
+                .push(oy);
+        }
+        let mut cols: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+        for ox in 0..self.ow {
+            cols.entry(inside(ox, self.left, self.s, self.iw))
+                .or_default()
+                .push(ox);
+        }
+        let (iw, top, left) = (self.iw as isize, self.top, self.left);
+        let mut v = Vec::with_capacity(rows.len() * cols.len());
+        for (&(r0, r1), oys) in &rows {
+            for (&(s0, s1), oxs) in &cols {
+                let taps = (r0..r1)
+                    .flat_map(|r| (s0..s1).map(move |s| (r, s)))
+                    .map(|(r, s)| {
+                        let off = (r as isize - top) * iw + s as isize - left;
+                        ((r * self.s + s) * OB, off)
+                    })
+                    .collect();
+                let pixels = oys
+                    .iter()
+                    .flat_map(|&oy| oxs.iter().map(move |&ox| (oy, ox)))
+                    .map(|(oy, ox)| (oy * self.ow + ox, (oy * self.iw + ox) as isize))
+                    .collect();
+                v.push(Class { taps, pixels });
+            }
+        }
+        v
+    }
+
+    /// `f` (`[cout][cin][r][s]`, row-major) in blocks of [`OB`] output
+    /// channels, each `[cin][r][s][OB]` (zero lanes past `cout`): the
+    /// order a tile loads them. (Aligning the lines to 64 bytes, so that
+    /// no filter load straddles two, moved no timing measurably.)
+    fn pack(&self, f: &[f32]) -> Vec<f32> {
+        let rs = self.r * self.s;
+        let per_block = self.cin * rs * OB;
+        let mut v = vec![0.0f32; self.cout.div_ceil(OB) * per_block];
+        for (o, filter) in f.chunks_exact(self.cin * rs).enumerate() {
+            let block = &mut v[(o / OB) * per_block..][..per_block];
+            for (d, &x) in block[o % OB..].iter_mut().step_by(OB).zip(filter) {
+                *d = x;
+            }
+        }
+        v
+    }
+
+    /// `out` (`images` outputs of `cout * oh * ow`) from `inp` (the same
+    /// images' inputs, `cin * ih * iw` each) and the [`Corr::pack`]ed
+    /// filters, plus `bias[o]` when given, through `act`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        inp: &[f32],
+        packed: &[f32],
+        classes: &[Class],
+        bias: Option<&[f32]>,
+        act: Activation,
+        out: &mut [f32],
+    ) {
+        let (in_img, out_img) = (self.cin * self.ih * self.iw, self.cout * self.oh * self.ow);
+        let images = out.len() / out_img.max(1);
+        let threads = rayon::current_num_threads();
+        // Groups small enough that every thread gets a few and that stay
+        // in L2; the bits do not depend on the grouping.
+        let per_image = in_img + self.oh * self.ow * OB;
+        let group = images
+            .div_ceil(4 * threads)
+            .min(GROUP_MAX)
+            .min(GROUP_FLOATS / per_image)
+            .max(1);
+        let task = |gi: usize, out: &mut [f32]| {
+            let inp = &inp[gi * group * in_img..][..out.len() / out_img * in_img];
+            self.group(inp, packed, classes, bias, act, out);
+        };
+        if images > group && threads > 1 {
+            out.par_chunks_mut(group * out_img)
+                .enumerate()
+                .for_each(|(gi, o)| task(gi, o));
+        } else {
+            out.chunks_mut(group * out_img)
+                .enumerate()
+                .for_each(|(gi, o)| task(gi, o));
+        }
+    }
+
+    /// Input channels per chunk of a tile's chain: the chunk's packed
+    /// filters at most 12 KiB, so that they stay in L1 while the tiles
+    /// pass, beside the tiles' reach into the input. All of conv4's (64
+    /// channels x 9 taps x 16 lanes, 36 KiB) went through the 32 KiB L1
+    /// once per tile. Equal chunks, as in the shifted rows.
+    fn chunk(&self) -> usize {
+        const CHUNK_FLOATS: usize = 3072;
+        let fit = (CHUNK_FLOATS / (self.r * self.s * OB)).max(1);
+        self.cin.div_ceil(self.cin.div_ceil(fit))
+    }
+
+    /// One group of images: per block of filters and chunk of input
+    /// channels, per class, its pixels in the group's images in tiles of
+    /// [`PIX`] (the last tile repeats its last pixel: the same chain
+    /// computed twice, stored twice). Each pixel's 16 accumulators wait in
+    /// scratch at the pixel's place (`[image][pixel][OB]`) between chunks,
+    /// the next chunk continuing them (the same chain); after the last,
+    /// each image's block is transposed to planes and goes out with the
+    /// bias and the activation. (Written straight from the tiles, 16
+    /// scattered stores per pixel cost a fifth of the tiles' time.)
+    #[allow(clippy::too_many_arguments)]
+    fn group(
+        &self,
+        inp: &[f32],
+        packed: &[f32],
+        classes: &[Class],
+        bias: Option<&[f32]>,
+        act: Activation,
+        out: &mut [f32],
+    ) {
+        let (in_plane, out_plane) = (self.ih * self.iw, self.oh * self.ow);
+        let (in_img, out_img) = (self.cin * in_plane, self.cout * out_plane);
+        let per_in = self.r * self.s * OB;
+        let per_block = self.cin * per_in;
+        let images = out.len() / out_img;
+        // The tiles: (class, input position and scratch slot per entry).
+        let mut tiles: Vec<(usize, [isize; PIX], [usize; PIX])> = Vec::new();
+        for (ci, class) in classes.iter().enumerate() {
+            let (len, total) = (class.pixels.len(), images * class.pixels.len());
+            for t0 in (0..total).step_by(PIX) {
+                let entry = |j: usize| {
+                    let t = (t0 + j).min(total - 1);
+                    let (img, (po, pi)) = (t / len, class.pixels[t % len]);
+                    ((img * in_img) as isize + pi, img * out_plane + po)
+                };
+                tiles.push((
+                    ci,
+                    std::array::from_fn(|j| entry(j).0),
+                    std::array::from_fn(|j| entry(j).1),
+                ));
+            }
+        }
+        let chunk = self.chunk();
+        // Per class, its taps over a chunk's channels in one list (filter
+        // and input offsets from the chunk's first channel): one loop in
+        // the tile, no per-channel pointer arithmetic.
+        let chunk_taps: Vec<Vec<(usize, isize)>> = classes
+            .iter()
+            .map(|class| {
+                (0..chunk)
+                    .flat_map(|i| {
+                        let (fi, ii) = (i * per_in, (i * in_plane) as isize);
+                        class.taps.iter().map(move |&(fo, off)| (fi + fo, ii + off))
+                    })
+                    .collect()
+            })
+            .collect();
+        let base = inp.as_ptr();
+        let acc_len = images * out_plane * OB;
+        with_scratch(acc_len + OB * out_plane, |buf| {
+            let (acc, planes) = buf.split_at_mut(acc_len);
+            let ap = acc.as_mut_ptr();
+            for (b, block) in packed.chunks_exact(per_block).enumerate() {
+                let (o0, lanes) = (b * OB, OB.min(self.cout - b * OB));
+                for i0 in (0..self.cin).step_by(chunk) {
+                    let channels = chunk.min(self.cin - i0);
+                    let f = &block[i0 * per_in..][..channels * per_in];
+                    let moved = (i0 * in_plane) as isize;
+                    for (ci, pos, slot) in &tiles {
+                        // Pointers from which the taps' offsets land in
+                        // `inp` (the class's taps are the inside ones),
+                        // moved to the chunk's first channel; they
+                        // themselves may lie before or past `inp`.
+                        let px = pos.map(|p| base.wrapping_offset(p + moved));
+                        let sl = slot.map(|s| ap.wrapping_add(s * OB));
+                        let taps = &chunk_taps[*ci][..channels * classes[*ci].taps.len()];
+                        // SAFETY: AVX2 and FMA (the callers' `Isa` check);
+                        // `f` holds whole channels of `per_in` floats; every
+                        // `px[j] + i*in_plane + off` of an inside tap is an
+                        // element of input channel `i0 + i` of `inp`; each
+                        // slot is `OB` floats of `acc` (slot < images *
+                        // out_plane).
+                        unsafe {
+                            match (lanes > 8, i0 == 0) {
+                                (true, false) => tile::<2, true>(f, taps, px, sl),
+                                (true, true) => tile::<2, false>(f, taps, px, sl),
+                                (false, false) => tile::<1, true>(f, taps, px, sl),
+                                (false, true) => tile::<1, false>(f, taps, px, sl),
+                            }
+                        };
+                    }
+                }
+                for (img, sums) in acc.chunks_exact(out_plane * OB).enumerate() {
+                    // SAFETY: AVX2 (the callers' `Isa` check).
+                    unsafe { to_planes(sums, planes) };
+                    // Bias and activation on the way out, the activation's
+                    // kind fixed per loop.
+                    for l in 0..lanes {
+                        let src = &planes[l * out_plane..][..out_plane];
+                        let dst = &mut out[img * out_img + (o0 + l) * out_plane..][..out_plane];
+                        match bias.map(|b| b[o0 + l]) {
+                            Some(bk) => by_kind!(act, |a| for (d, &s) in dst.iter_mut().zip(src) {
+                                *d = a.apply(s + bk);
+                            }),
+                            None => by_kind!(act, |a| for (d, &s) in dst.iter_mut().zip(src) {
+                                *d = a.apply(s);
+                            }),
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// `sums` (`[pixel][OB]`) transposed into `planes` (`[OB][pixels]`),
+/// eight pixels x eight lanes at a time in registers.
+///
+/// # Safety
+/// AVX2; `planes` holds `sums.len()` floats.
+#[target_feature(enable = "avx2")]
+unsafe fn to_planes(sums: &[f32], planes: &mut [f32]) {
+    let pixels = sums.len() / OB;
+    debug_assert!(planes.len() >= sums.len());
+    let whole = pixels - pixels % 8;
+    // SAFETY: rows p < pixels of `sums`, columns of `planes` < pixels.
+    unsafe {
+        let (s, d) = (sums.as_ptr(), planes.as_mut_ptr());
+        for p0 in (0..whole).step_by(8) {
+            for half in 0..OB / 8 {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|j| _mm256_loadu_ps(s.add((p0 + j) * OB + 8 * half)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let cols = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (k, &c) in cols.iter().enumerate() {
+                    _mm256_storeu_ps(d.add((8 * half + k) * pixels + p0), c);
+                }
+            }
+        }
+        for p in whole..pixels {
+            for l in 0..OB {
+                *d.add(l * pixels + p) = *s.add(p * OB + l);
+            }
+        }
+    }
+}
+
+/// `PIX` pixels x `8 * V` output channels into their slots (`OB` floats
+/// each): for each tap `(fo, off)` of the chunk in order (its input
+/// channels one after the other), the channels' filter values at `f[fo
+/// ..]` times pixel `j`'s input at `px[j] + off`, broadcast; one FMA chain
+/// per output, from zero or, with `CONTINUE`, from the slots (the same
+/// chain over the earlier chunks, stored). Loads all come before stores,
+/// so two entries sharing a slot (the last tile's repeats) store the same
+/// values.
+///
+/// # Safety
+/// AVX2 and FMA; `fo + 8 * V <= f.len()` for every tap; each
+/// `px[j].wrapping_offset(off)` is readable for every tap; each slot
+/// `8 * V` floats readable and writable.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile<const V: usize, const CONTINUE: bool>(
+    f: &[f32],
+    taps: &[(usize, isize)],
+    px: [*const f32; PIX],
+    slots: [*mut f32; PIX],
+) {
+    // SAFETY: the reads and writes the caller vouches for.
+    unsafe {
+        let mut sums: [[__m256; V]; PIX] = if CONTINUE {
+            std::array::from_fn(|j| std::array::from_fn(|v| _mm256_loadu_ps(slots[j].add(8 * v))))
+        } else {
+            [[_mm256_setzero_ps(); V]; PIX]
+        };
+        let fp = f.as_ptr();
+        for &(fo, off) in taps {
+            let wp = fp.add(fo);
+            let wv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(wp.add(8 * v)));
+            for (row, &p) in sums.iter_mut().zip(&px) {
+                let b = _mm256_broadcast_ss(&*p.wrapping_offset(off));
+                for (a, &w) in row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(w, b, *a);
+                }
+            }
+        }
+        for (row, &s) in sums.iter().zip(&slots) {
+            for (v, &a) in row.iter().enumerate() {
+                _mm256_storeu_ps(s.add(8 * v), a);
+            }
+        }
+    }
+}
+
+/// `y = act(conv(x, w) + bias)`, checked by the caller; [`fits`] and AVX2
+/// with FMA required.
+pub(super) fn forward(
+    p: &Conv2d,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    act: Activation,
+    y: &mut [f32],
+) {
+    let corr = Corr::forward(p);
+    let packed = corr.pack(w);
+    corr.run(x, &packed, &corr.classes(), bias, act, y);
+}
+
+/// `dx` (checked by the caller): the correlation of `dy` with `w`
+/// transposed and turned by 180 degrees. [`fits`] and AVX2 with FMA
+/// required.
+pub(super) fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    let corr = Corr::data(p);
+    let rs = p.r * p.s;
+    // Filter c of the correlation: tap (k, r', s') is w[k][c][R-1-r'][S-1-s'].
+    let mut turned = vec![0.0f32; p.c * p.k * rs];
+    for (c, row) in turned.chunks_exact_mut(p.k * rs).enumerate() {
+        for (k, dst) in row.chunks_exact_mut(rs).enumerate() {
+            let src = &w[(k * p.c + c) * rs..][..rs];
+            for (d, &x) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = x;
+            }
+        }
+    }
+    let packed = corr.pack(&turned);
+    corr.run(dy, &packed, &corr.classes(), None, Activation::LINEAR, dx);
+}

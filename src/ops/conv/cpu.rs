@@ -99,7 +99,7 @@ impl CpuConvAlgo {
         }
     }
 
-    /// The default: the channel vectors on small maps with enough channels
+    /// The default: the channel vectors on maps up to 32 x 32 with enough channels
     /// and taps (`cpu_channel_vectors::preferred`), else the shifted rows
     /// where they run, else the column matrix. On AVX-512 CPUs the column
     /// matrix keeps its 16-lane GEMM (the other two are AVX2 code, and no

@@ -72,15 +72,14 @@ pub(super) fn fits(p: &Conv2d) -> bool {
 }
 
 /// Whether the default takes this path over the shifted rows for the
-/// pass: small maps, where the shifted rows waste most (keras-cnn's conv3
-/// and conv4, 15 x 15 and 13 x 13: 1.14x to 1.51x their FLOPs executed,
-/// and this path 8-20% faster on one thread), with enough output channels
-/// to fill the vectors (conv1's data gradient has 3) and taps per output to
-/// pay for a tile's set-up (conv1's forward has 27). On conv2's 30 x 30 and
-/// 32 x 32 maps the two ran within 5% of each other either way, and the
-/// shifted rows keep them (`docs/perf-log.md`).
+/// pass: maps of up to 32 x 32 outputs (keras-cnn's conv2 to conv4, where
+/// the shifted rows executed 1.07x to 1.51x their FLOPs, and this path ran
+/// 0.78-0.98x their time on one and two threads; larger maps are untimed),
+/// with enough output channels to fill the vectors (conv1's data gradient
+/// has 3) and taps per output to pay for a tile's set-up (conv1's forward
+/// has 27), where the shifted rows stay (`docs/perf-log.md`).
 pub(super) fn preferred(p: &Conv2d, data_gradient: bool) -> bool {
-    const MAP_MAX: usize = 400;
+    const MAP_MAX: usize = 1024;
     let c = if data_gradient {
         Corr::data(p)
     } else {

@@ -265,8 +265,7 @@ impl Corr {
 
     /// One group of images: per block of filters and chunk of input
     /// channels, per class, its pixels in the group's images in tiles of
-    /// [`PIX`] (the last tile repeats its last pixel: the same chain
-    /// computed twice, stored twice). Each pixel's 16 accumulators wait in
+    /// [`PIX`] (the last one narrower). Each pixel's 16 accumulators wait in
     /// scratch at the pixel's place (`[image][pixel][OB]`) between chunks,
     /// the next chunk continuing them (the same chain); after the last,
     /// each image's block is transposed to planes and goes out with the
@@ -287,7 +286,8 @@ impl Corr {
         let per_in = self.r * self.s * OB;
         let per_block = self.cin * per_in;
         let images = out.len() / out_img;
-        // The tiles: (class, input position and scratch slot per entry).
+        // The tiles: (class, entries, input position and scratch slot per
+        // entry; past the entries, the last one's again, unused).
         let mut tiles: Vec<(usize, usize, [isize; PIX], [usize; PIX])> = Vec::new();
         for (ci, class) in classes.iter().enumerate() {
             let (len, total) = (class.pixels.len(), images * class.pixels.len());
@@ -475,9 +475,7 @@ unsafe fn any_tile(
 /// channels one after the other), the channels' filter values at `f[fo
 /// ..]` times pixel `j`'s input at `px[j] + off`, broadcast; one FMA chain
 /// per output, from zero or, with `CONTINUE`, from the slots (the same
-/// chain over the earlier chunks, stored). Loads all come before stores,
-/// so two entries sharing a slot (the last tile's repeats) store the same
-/// values.
+/// chain over the earlier chunks, stored).
 ///
 /// # Safety
 /// AVX2 and FMA; `fo + 8 * V <= f.len()` for every tap; each

@@ -5,7 +5,7 @@
 //! and run the binaries alternately for an A/B on a loaded machine
 //! (`docs/perf-log.md`); `benches/cpu_quiet_pairs.sh` runs it beside
 //! PyTorch's `conv` rows, whose ids (`keras-cnn.conv1.b32.fwd`) it prints
-//! for the algorithm `CpuConvAlgo::select` picks. Every algorithm that runs
+//! for the algorithm `CpuConvAlgo::select` (`select_filter`) picks. Every algorithm that runs
 //! the layer here is timed in the same rounds too, under the id with its
 //! name appended (`keras-cnn.conv2.b32.fwd.im2col_gemm`).
 //!
@@ -98,6 +98,16 @@ impl Layer {
 
 const PASSES: [&str; 3] = ["fwd", "bwd_data", "bwd_filter"];
 
+/// The algorithm the library's default picks for `pass` (0 forward, 1
+/// data gradient, 2 filter gradient).
+fn picked(p: &Conv2d, pass: usize) -> CpuConvAlgo {
+    if pass == 2 {
+        CpuConvAlgo::select_filter(p)
+    } else {
+        CpuConvAlgo::select(p, pass == 1)
+    }
+}
+
 /// The `serve` mode (module docs).
 fn serve(n: usize) {
     let mut layers: Vec<(&str, Layer)> = LAYERS
@@ -112,7 +122,7 @@ fn serve(n: usize) {
         let pass = PASSES.iter().position(|&q| q == pass_name);
         match (layer, pass, rounds.parse::<usize>()) {
             (Some((_, l)), Some(pass), Ok(rounds)) => {
-                let algo = CpuConvAlgo::select(&l.p, pass == 1);
+                let algo = picked(&l.p, pass);
                 ms_line((0..rounds).map(|_| l.pass(pass, algo) * 1e3))
             }
             _ => format!("error: unknown request {line:?}"),
@@ -169,7 +179,7 @@ fn run() {
             med
         };
         for (pass, pname) in PASSES.iter().enumerate() {
-            let picked = CpuConvAlgo::select(&p, pass == 1);
+            let picked = picked(&p, pass);
             let id = format!("keras-cnn.{name}.b{n}.{pname}");
             for (&(ps, algo), t) in runs.iter().zip(times.iter_mut()) {
                 if ps == pass && algo == picked {

@@ -758,7 +758,8 @@ proptest! {
     /// The channel vectors run each output's chain of the shifted rows
     /// without the padding's zero products (`acc + w * 0 = acc` for finite
     /// `w`), so on finite data the two agree bit for bit up to the sign of
-    /// a zero. Batches up to 12 on 1, 2 and 3 threads put tiles across
+    /// a zero (forward and data gradient; the filter gradient against the
+    /// definition). Batches up to 12 on 1, 2 and 3 threads put tiles across
     /// images in groups of every size (the grouping follows the thread
     /// count; the bits must not); output channels off the 16-lane blocks
     /// and below 8; padding wider than the kernel (the data gradient then
@@ -793,14 +794,26 @@ proptest! {
                     cpu::backward_data_with(algo, &p, &dy, &wt, &mut dx).unwrap();
                     dx
                 });
-                (y, dx)
+                let mut dw = vec![f32::NAN; p.w_len()];
+                cpu::backward_filter_with(algo, &p, &x, &dy, &mut dw).unwrap();
+                (y, dx, dw)
             })
         };
         // Zeros of either sign as one value; NaN never expected.
         let bits = |v: &[f32]| v.iter().map(|f| if *f == 0.0 { 0 } else { f.to_bits() }).collect::<Vec<_>>();
-        let (y, dx) = on(2, CpuConvAlgo::ShiftedRows);
+        let (y, dx, _) = on(2, CpuConvAlgo::ShiftedRows);
+        // The filter gradient is a different chain (one per element of dw
+        // over the images and pixels, not the shifted rows' eight lanes):
+        // against the definition, and the same bits on every thread count
+        // (slices of several images from a batch of 9 up).
+        let want_dw = backward_filter_ref(&p, &to_f64(&x), &to_f64(&dy));
+        let (_, _, dw) = on(2, CpuConvAlgo::ChannelVectors);
+        let res = check_close("backward_filter", &dw, &want_dw, tol(p.col_cols()));
+        prop_assert!(res.is_ok(), "{} {p:?}", res.unwrap_err());
         for threads in [1, 2, 3] {
-            let (yc, dxc) = on(threads, CpuConvAlgo::ChannelVectors);
+            let (yc, dxc, dwc) = on(threads, CpuConvAlgo::ChannelVectors);
+            prop_assert!(dwc.iter().map(|v| v.to_bits()).eq(dw.iter().map(|v| v.to_bits())),
+                "backward_filter, {threads} threads: {p:?}");
             prop_assert!(bits(&yc) == bits(&y), "forward, {threads} threads: {p:?}");
             let dxc = dxc.expect("the channel vectors run every stride-1 data gradient");
             if let Some(dx) = &dx {

@@ -42,8 +42,9 @@ use crate::ops::gemm::{Bias, Epilogue, Gemm};
 pub const SCRATCH_FLOATS: usize = 1 << 23;
 
 /// The CPU convolution's algorithms (versions as data, as the GPU's
-/// `ConvAlgo`): [`forward`] and the backward passes take
-/// [`CpuConvAlgo::select`]'s, the `*_with` forms a named one.
+/// `ConvAlgo`): [`forward`] and [`backward_data`] take
+/// [`CpuConvAlgo::select`]'s, [`backward_filter`]
+/// [`CpuConvAlgo::select_filter`]'s, the `*_with` forms a named one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CpuConvAlgo {
     /// Column matrix (im2col / col2im) and the packed GEMM, groups of
@@ -55,9 +56,9 @@ pub enum CpuConvAlgo {
     ShiftedRows,
     /// Stride 1 on AVX2+FMA: vectors across 16 output channels, tiles of
     /// 6 pixels, each pixel running only its taps inside the input (no
-    /// thrown-away columns, no zero taps); forward and data gradient
-    /// (`src/ops/conv/cpu_channel_vectors.rs`), the filter gradient the
-    /// shifted rows'.
+    /// thrown-away columns, no zero taps); the filter gradient with
+    /// vectors across 16 filters, tiles of 6 taps over every real pixel
+    /// (`src/ops/conv/cpu_channel_vectors.rs`).
     ChannelVectors,
 }
 
@@ -119,6 +120,22 @@ impl CpuConvAlgo {
         } else {
             CpuConvAlgo::Im2colGemm
         }
+    }
+
+    /// The default for the filter gradient ([`backward_filter`]): the
+    /// channel vectors' (`cpu_channel_vectors::filter_preferred`: 16
+    /// filters or more, keras-cnn's conv1 to conv4 included) where they run
+    /// and the CPU has no AVX-512, else as [`CpuConvAlgo::select`] picks
+    /// for the forward.
+    pub fn select_filter(p: &Conv2d) -> CpuConvAlgo {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::current() < Isa::Avx512
+            && CpuConvAlgo::ChannelVectors.runs(p, false)
+            && super::cpu_channel_vectors::filter_preferred(p)
+        {
+            return CpuConvAlgo::ChannelVectors;
+        }
+        CpuConvAlgo::select(p, false)
     }
 
     /// An error naming `op`, the algorithm and why it cannot run `p`.
@@ -405,7 +422,7 @@ pub fn backward_data_with(
 /// the shape alone, so the order, and the bits, are the same on any thread
 /// count.
 pub fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Result<()> {
-    backward_filter_with(CpuConvAlgo::select(p, false), p, x, dy, dw)
+    backward_filter_with(CpuConvAlgo::select_filter(p), p, x, dy, dw)
 }
 
 /// [`backward_filter`] with algorithm `algo`; an error when it cannot run
@@ -424,10 +441,13 @@ pub fn backward_filter_with(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if matches!(algo, CpuConvAlgo::ShiftedRows | CpuConvAlgo::ChannelVectors) {
-        // The channel vectors keep the shifted rows' filter gradient: its
-        // vectors already run along the pixels it sums over.
+    if algo == CpuConvAlgo::ShiftedRows {
         super::cpu_direct::backward_filter(p, x, dy, dw);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if algo == CpuConvAlgo::ChannelVectors {
+        super::cpu_channel_vectors::backward_filter(p, x, dy, dw);
         return Ok(());
     }
     let (crs, ohw) = (p.col_rows(), p.out_h * p.out_w);

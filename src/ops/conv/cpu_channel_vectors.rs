@@ -88,6 +88,14 @@ pub(super) fn preferred(p: &Conv2d, data_gradient: bool) -> bool {
     c.cout >= OB && c.cin * c.r * c.s >= 64 && c.oh * c.ow <= MAP_MAX
 }
 
+/// Whether the default filter gradient is this path's: 16 filters or more
+/// to fill its vectors (fewer take the shifted rows' tiles of 4 filters).
+/// On keras-cnn's four layers it ran 0.64-0.76x the shifted rows' time,
+/// conv1 included, on one and two threads (`docs/perf-log.md`).
+pub(super) fn filter_preferred(p: &Conv2d) -> bool {
+    p.k >= OB
+}
+
 /// One correlation (module docs): input planes `cin x ih x iw`, output
 /// planes `cout x oh x ow`, an `r x s` kernel placed at `-top, -left`.
 struct Corr {
@@ -388,32 +396,7 @@ unsafe fn to_planes(sums: &[f32], planes: &mut [f32]) {
             for half in 0..OB / 8 {
                 let r: [__m256; 8] =
                     std::array::from_fn(|j| _mm256_loadu_ps(s.add((p0 + j) * OB + 8 * half)));
-                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                let cols = [
-                    _mm256_permute2f128_ps::<0x20>(u0, u4),
-                    _mm256_permute2f128_ps::<0x20>(u1, u5),
-                    _mm256_permute2f128_ps::<0x20>(u2, u6),
-                    _mm256_permute2f128_ps::<0x20>(u3, u7),
-                    _mm256_permute2f128_ps::<0x31>(u0, u4),
-                    _mm256_permute2f128_ps::<0x31>(u1, u5),
-                    _mm256_permute2f128_ps::<0x31>(u2, u6),
-                    _mm256_permute2f128_ps::<0x31>(u3, u7),
-                ];
+                let cols = transpose8(r);
                 for (k, &c) in cols.iter().enumerate() {
                     _mm256_storeu_ps(d.add((8 * half + k) * pixels + p0), c);
                 }
@@ -425,6 +408,38 @@ unsafe fn to_planes(sums: &[f32], planes: &mut [f32]) {
             }
         }
     }
+}
+
+/// The 8 x 8 transpose of `r`: element `j` of vector `i` to element `i`
+/// of vector `j`.
+#[target_feature(enable = "avx2")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 /// [`tile`] over the first `count` (1 to `PIX`) entries of `px` and
@@ -547,4 +562,155 @@ pub(super) fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     }
     let packed = corr.pack(&turned);
     corr.run(dy, &packed, &corr.classes(), None, Activation::LINEAR, dx);
+}
+
+/// Filter taps `(c, r, s)` per tile of the filter gradient: its broadcast
+/// side, as the pixels are the forward's.
+const FT: usize = 6;
+
+/// `dw` (checked by the caller, `p.n > 0`): `dw[k][(c, r, s)] = sum over
+/// images and output pixels q of dy[k][q] * xp[c][q's window + (r, s)]`,
+/// `xp` the input padded as the layer pads it (the shifted rows' padded
+/// planes, so a tap over the padding adds `dy * 0`). Vectors across 16
+/// filters, `dy` transposed to pixel-major `[q][16]` per block of
+/// filters; tiles of 16 filters x 6 taps walk every pixel of every image
+/// of a slice (slices as in the other algorithms' filter gradients), one
+/// FMA chain per element of `dw` over the images and pixels in order, so
+/// the bits do not depend on the threads. Unlike the shifted rows, no
+/// thrown-away columns: each step is one real pixel.
+pub(super) fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let g = super::cpu_direct::forward_grid(p);
+    let offs = g.offsets(p.r, p.s);
+    let taps = offs.len();
+    let (x_img, ohw) = (p.c * p.h * p.w, p.out_h * p.out_w);
+    let (blocks, xp_len) = (p.k.div_ceil(OB), g.buf_len(p.s));
+    super::cpu_direct::over_filter_slices(p, dw, |images, acc| {
+        let count = images.len();
+        let per_block = count * ohw * OB;
+        with_scratch(count * xp_len + blocks * per_block, |buf| {
+            let (xp, dyt) = buf.split_at_mut(count * xp_len);
+            if !p.k.is_multiple_of(OB) {
+                // The last block's lanes past K.
+                dyt[(blocks - 1) * per_block..].fill(0.0);
+            }
+            for (m, img) in images.enumerate() {
+                g.pad_into(&x[img * x_img..][..x_img], &mut xp[m * xp_len..][..xp_len]);
+                let dyi = &dy[img * p.k * ohw..][..p.k * ohw];
+                for (b, planes) in dyi.chunks(OB * ohw).enumerate() {
+                    let dst = &mut dyt[b * per_block + m * ohw * OB..][..ohw * OB];
+                    // SAFETY: AVX2 (the callers' `Isa` check).
+                    unsafe { to_pixels(planes, ohw, dst) };
+                }
+            }
+            let (xp, dyt) = (&*xp, &*dyt);
+            let mut sums = [[0.0f32; OB]; FT];
+            for (b, block) in dyt.chunks_exact(per_block).enumerate() {
+                let (k0, lanes) = (b * OB, OB.min(p.k - b * OB));
+                for t0 in (0..taps).step_by(FT) {
+                    // Taps past the last read offset 0 (discarded).
+                    let o: [usize; FT] =
+                        std::array::from_fn(|j| offs.get(t0 + j).copied().unwrap_or(0));
+                    let shape = (count, xp_len, p.out_h, p.out_w, g.wp);
+                    // SAFETY: AVX2 and FMA (the callers' `Isa` check);
+                    // `block` holds `count` images of `ohw` pixels of `OB`
+                    // floats; image m's padded input is `xp_len` floats at
+                    // `m * xp_len`, and a pixel's window plus any tap's
+                    // offset lies inside it (`Grid::buf_len`).
+                    unsafe {
+                        if lanes > 8 {
+                            filter_tile::<2>(block, xp, shape, o, &mut sums)
+                        } else {
+                            filter_tile::<1>(block, xp, shape, o, &mut sums)
+                        }
+                    };
+                    for (j, tap) in sums.iter().enumerate().take(taps - t0) {
+                        for (l, &v) in tap[..lanes].iter().enumerate() {
+                            acc[(k0 + l) * taps + t0 + j] = v;
+                        }
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// `sums[j][l] = sum over images m < count and pixels (oy, ox) in order of
+/// dyt_m[(oy*ow + ox)][l] * xp_m[oy*wp + ox + o[j]]` for the `8 * V`
+/// lanes `l`, image m's pixel-major `dy` block at `dyt + m*ow*oh*OB` and
+/// padded input at `xp + m*xp_len`; `shape` = `(count, xp_len, oh, ow,
+/// wp)`.
+///
+/// # Safety
+/// AVX2 and FMA; `dyt` holds `count * oh * ow * OB` floats; `xp` holds
+/// `count * xp_len` floats with `(oh - 1)*wp + ow - 1 + o[j] < xp_len`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn filter_tile<const V: usize>(
+    dyt: &[f32],
+    xp: &[f32],
+    shape: (usize, usize, usize, usize, usize),
+    o: [usize; FT],
+    sums: &mut [[f32; OB]; FT],
+) {
+    let (count, xp_len, oh, ow, wp) = shape;
+    debug_assert!(dyt.len() >= count * oh * ow * OB && xp.len() >= count * xp_len);
+    let mut acc = [[_mm256_setzero_ps(); V]; FT];
+    // SAFETY: the reads the caller vouches for.
+    unsafe {
+        let mut d = dyt.as_ptr();
+        for m in 0..count {
+            let xm = xp.as_ptr().add(m * xp_len);
+            let taps = o.map(|oj| xm.add(oj));
+            for oy in 0..oh {
+                let row = oy * wp;
+                for ox in row..row + ow {
+                    let dv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(d.add(8 * v)));
+                    for (a, &t) in acc.iter_mut().zip(&taps) {
+                        let b = _mm256_broadcast_ss(&*t.add(ox));
+                        for (s, &dvv) in a.iter_mut().zip(&dv) {
+                            *s = _mm256_fmadd_ps(dvv, b, *s);
+                        }
+                    }
+                    d = d.add(OB);
+                }
+            }
+        }
+        for (dst, a) in sums.iter_mut().zip(&acc) {
+            for (v, &s) in a.iter().enumerate() {
+                _mm256_storeu_ps(dst.as_mut_ptr().add(8 * v), s);
+            }
+        }
+    }
+}
+
+/// Up to `OB` planes of `pixels` (`planes`, `[k][pixels]`) into
+/// pixel-major `dst` (`[pixels][OB]`, lanes past the planes untouched),
+/// eight planes x eight pixels at a time in registers.
+///
+/// # Safety
+/// AVX2; `dst` holds `pixels * OB` floats.
+#[target_feature(enable = "avx2")]
+unsafe fn to_pixels(planes: &[f32], pixels: usize, dst: &mut [f32]) {
+    let rows = planes.len() / pixels.max(1);
+    debug_assert!(rows <= OB && dst.len() >= pixels * OB);
+    let whole = pixels - pixels % 8;
+    // SAFETY: plane rows < rows, pixels < pixels; dst rows < pixels.
+    unsafe {
+        let (s, d) = (planes.as_ptr(), dst.as_mut_ptr());
+        for k0 in (0..rows - rows % 8).step_by(8) {
+            for p0 in (0..whole).step_by(8) {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|j| _mm256_loadu_ps(s.add((k0 + j) * pixels + p0)));
+                for (j, &c) in transpose8(r).iter().enumerate() {
+                    _mm256_storeu_ps(d.add((p0 + j) * OB + k0), c);
+                }
+            }
+        }
+        // The rest: planes past the last eight, pixels past the last eight.
+        for k in 0..rows {
+            let from = if k < rows - rows % 8 { whole } else { 0 };
+            for q in from..pixels {
+                *d.add(q * OB + k) = *s.add(k * pixels + q);
+            }
+        }
+    }
 }

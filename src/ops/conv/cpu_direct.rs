@@ -74,10 +74,10 @@ pub(super) fn fits(p: &Conv2d, data_gradient: bool) -> bool {
 /// `q < q_len = oh * wp` on it, and the buffer length that lets every tile
 /// read past the last plane (into zeros).
 #[derive(Clone, Copy)]
-struct Grid {
+pub(super) struct Grid {
     ch: usize,
     hp: usize,
-    wp: usize,
+    pub(super) wp: usize,
     oh: usize,
     ow: usize,
     /// Rows above / columns left of the image in the padded planes.
@@ -89,7 +89,7 @@ struct Grid {
 }
 
 impl Grid {
-    fn plane(&self) -> usize {
+    pub(super) fn plane(&self) -> usize {
         self.hp * self.wp
     }
     /// Floats from one channel's plane to the next in the padded buffer:
@@ -101,7 +101,7 @@ impl Grid {
     /// channel and row, evict each other (`docs/perf-log.md`). Smaller
     /// planes lie side by side in the sets anyway. Only the addresses
     /// change, not what is added, so the bits stay the same.
-    fn stride(&self) -> usize {
+    pub(super) fn stride(&self) -> usize {
         const WAY: usize = 1024;
         const NEAR: usize = 128;
         let plane = self.plane();
@@ -152,13 +152,13 @@ impl Grid {
     /// `(r, s)` at virtual output `q < oh*wp` reads up to `(r + oh)*wp + s - 1
     /// < plane + S` past its plane's start, and tiles round `q` up by less
     /// than `NR`.
-    fn buf_len(&self, s: usize) -> usize {
+    pub(super) fn buf_len(&self, s: usize) -> usize {
         self.ch.saturating_sub(1) * self.stride() + self.plane() + NR + s
     }
 
     /// `ch` planes of `h x w` from `src` into `out` (`buf_len` long), one
     /// every `stride` floats, zero around them, in the gaps and in the tail.
-    fn pad_into(&self, src: &[f32], out: &mut [f32]) {
+    pub(super) fn pad_into(&self, src: &[f32], out: &mut [f32]) {
         let (hw, plane, stride) = (self.h * self.w, self.plane(), self.stride());
         debug_assert!(src.len() == self.ch * hw && out.len() >= self.buf_len(0));
         for (c, dst) in out.chunks_mut(stride).take(self.ch).enumerate() {
@@ -181,7 +181,7 @@ impl Grid {
 
     /// Offsets of tap `(c, r, s)` (in that order, `r` and `s` over an
     /// `r x s` kernel) from a virtual output's position.
-    fn offsets(&self, r: usize, s: usize) -> Vec<usize> {
+    pub(super) fn offsets(&self, r: usize, s: usize) -> Vec<usize> {
         let stride = self.stride();
         let mut v = Vec::with_capacity(self.ch * r * s);
         for c in 0..self.ch {
@@ -196,7 +196,7 @@ impl Grid {
 }
 
 /// The forward grid of `p`: `x` padded as the layer pads it.
-fn forward_grid(p: &Conv2d) -> Grid {
+pub(super) fn forward_grid(p: &Conv2d) -> Grid {
     Grid {
         ch: p.c,
         hp: p.h + p.pad_top + p.pad_bottom,
@@ -433,6 +433,22 @@ pub(super) fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32])
             f32::from_bits(if on { u32::MAX } else { 0 })
         })
         .collect();
+    over_filter_slices(p, dw, |images, acc| {
+        filter_slice(p, &g, &offs, &valid, x, dy, images, acc)
+    });
+}
+
+/// `dw` as the sum of per-slice partial filter gradients: the images in at
+/// most [`FILTER_SLICES`] slices fixed by the shape, `slice(images, acc)`
+/// writing each slice's sum into its own `acc` (`w_len` floats,
+/// overwritten; the first is `dw` itself), the slices in parallel, the
+/// partials then added in slice order. So the order of every addition,
+/// and the bits, do not depend on the thread count. (`p.n > 0`.)
+pub(super) fn over_filter_slices(
+    p: &Conv2d,
+    dw: &mut [f32],
+    slice: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
     let wl = p.w_len();
     let slices = p.n.min(FILTER_SLICES);
     let per_slice = p.n.div_ceil(slices);
@@ -440,8 +456,7 @@ pub(super) fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32])
     let mut partial = vec![0.0f32; (slices - 1) * wl];
     let slice = |si: usize, acc: &mut [f32]| {
         let n0 = si * per_slice;
-        let images = n0..(n0 + per_slice).min(p.n);
-        filter_slice(p, &g, &offs, &valid, x, dy, images, acc);
+        slice(n0..(n0 + per_slice).min(p.n), acc);
     };
     let threads = rayon::current_num_threads();
     if slices == 1 {

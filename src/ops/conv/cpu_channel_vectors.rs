@@ -111,6 +111,17 @@ struct Corr {
     left: isize,
 }
 
+/// What one pass computes besides its input and output: the
+/// [`Corr::pack`]ed filters, the [`Corr::classes`], and the epilogue's bias
+/// (`bias[o]`, when given) and activation.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    packed: &'a [f32],
+    classes: &'a [Class],
+    bias: Option<&'a [f32]>,
+    act: Activation,
+}
+
 /// Output pixels sharing one list of inside taps.
 struct Class {
     /// `(filter offset, input offset)` per inside tap `(r, s)`, in order:
@@ -236,18 +247,8 @@ impl Corr {
     }
 
     /// `out` (`images` outputs of `cout * oh * ow`) from `inp` (the same
-    /// images' inputs, `cin * ih * iw` each) and the [`Corr::pack`]ed
-    /// filters, plus `bias[o]` when given, through `act`.
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        inp: &[f32],
-        packed: &[f32],
-        classes: &[Class],
-        bias: Option<&[f32]>,
-        act: Activation,
-        out: &mut [f32],
-    ) {
+    /// images' inputs, `cin * ih * iw` each) as `job` says.
+    fn run(&self, job: &Job, inp: &[f32], out: &mut [f32]) {
         let (in_img, out_img) = (self.cin * self.ih * self.iw, self.cout * self.oh * self.ow);
         let images = out.len() / out_img.max(1);
         let threads = rayon::current_num_threads();
@@ -266,7 +267,7 @@ impl Corr {
             .unwrap_or(1);
         let task = |gi: usize, out: &mut [f32]| {
             let inp = &inp[gi * group * in_img..][..out.len() / out_img * in_img];
-            self.group(inp, packed, classes, bias, act, out);
+            self.group(job, inp, out);
         };
         if images > group && threads > 1 {
             out.par_chunks_mut(group * out_img)
@@ -298,16 +299,13 @@ impl Corr {
     /// each image's block is transposed to planes and goes out with the
     /// bias and the activation. (Written straight from the tiles, 16
     /// scattered stores per pixel cost a fifth of the tiles' time.)
-    #[allow(clippy::too_many_arguments)]
-    fn group(
-        &self,
-        inp: &[f32],
-        packed: &[f32],
-        classes: &[Class],
-        bias: Option<&[f32]>,
-        act: Activation,
-        out: &mut [f32],
-    ) {
+    fn group(&self, job: &Job, inp: &[f32], out: &mut [f32]) {
+        let Job {
+            packed,
+            classes,
+            bias,
+            act,
+        } = *job;
         let (in_plane, out_plane) = (self.ih * self.iw, self.oh * self.ow);
         let (in_img, out_img) = (self.cin * in_plane, self.cout * out_plane);
         let per_in = self.r * self.s * OB;
@@ -560,7 +558,14 @@ pub(super) fn forward(
 ) {
     let corr = Corr::forward(p);
     let packed = corr.pack(w);
-    corr.run(x, &packed, &corr.classes(), bias, act, y);
+    let classes = corr.classes();
+    let job = Job {
+        packed: &packed,
+        classes: &classes,
+        bias,
+        act,
+    };
+    corr.run(&job, x, y);
 }
 
 /// `dx` (checked by the caller): the correlation of `dy` with `w`
@@ -569,7 +574,14 @@ pub(super) fn forward(
 pub(super) fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let corr = Corr::data(p);
     let packed = corr.pack_turned(w);
-    corr.run(dy, &packed, &corr.classes(), None, Activation::LINEAR, dx);
+    let classes = corr.classes();
+    let job = Job {
+        packed: &packed,
+        classes: &classes,
+        bias: None,
+        act: Activation::LINEAR,
+    };
+    corr.run(&job, dy, dx);
 }
 
 /// Filter taps `(c, r, s)` per tile of the filter gradient: its broadcast

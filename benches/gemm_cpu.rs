@@ -19,17 +19,8 @@ use kestrel::cpu_isa::Isa;
 use kestrel::ops::gemm::cpu::Kernel;
 use kestrel::ops::gemm::{Epilogue, Gemm, cpu};
 
-fn data(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+mod common;
+use common::data;
 
 /// Times `C = A * B` (m x k times k x n, row-major, no transpose).
 fn bench_shape(c: &mut Criterion, group: &str, m: usize, n: usize, k: usize) {

@@ -1,23 +1,16 @@
 //! Helpers shared by the CPU timing examples (`cpu_gemm_ab`, `cpu_conv_ab`,
-//! `cpu_mem_ab`): seeded data, the median, and the request loop of their
-//! `serve` modes.
+//! `cpu_mem_ab`): seeded data (the benches'), the median, and the request
+//! loop of their `serve` modes.
 //!
 //! Each example includes this with `mod common;`; not every one uses every
 //! helper.
 #![allow(dead_code)]
 
-/// `len` floats in [-0.5, 0.5) from an xorshift stream seeded by `seed`.
-pub fn data(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+// The benches' seeded data (one generator, so the examples time the same
+// operands as the criterion benches).
+#[path = "../../benches/common/mod.rs"]
+mod bench_common;
+pub use bench_common::data;
 
 /// The median of `v` (sorted in place, so `v[0]` is then the minimum).
 pub fn median(v: &mut [f64]) -> f64 {

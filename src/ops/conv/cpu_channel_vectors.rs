@@ -124,14 +124,32 @@ struct Job<'a> {
 
 /// Output pixels sharing one list of inside taps.
 struct Class {
-    /// `(filter offset, input offset)` per inside tap `(r, s)`, in order:
-    /// `(r*S + s) * OB` into an input channel's packed filters, and `(r -
-    /// top) * iw + s - left` from the pixel's position `oy * iw + ox` in
-    /// an input plane.
+    /// `(filter offset, input offset)` per inside tap `(r, s)` of each
+    /// input channel of a chunk ([`Corr::chunk`]), channel by channel, in
+    /// order: `i * R*S*OB + (r*S + s) * OB` from the chunk's first
+    /// channel's packed filters, and `i * ih*iw + (r - top) * iw + s -
+    /// left` from the pixel's position `oy * iw + ox` in the chunk's first
+    /// input plane. One list, so the tile runs one loop with no
+    /// per-channel pointer arithmetic.
     taps: Vec<(usize, isize)>,
+    /// Inside taps per input channel (a shorter last chunk takes
+    /// `channels * per_channel` of `taps`).
+    per_channel: usize,
     /// `(oy * ow + ox, oy * iw + ox)`: where the pixel is in an output
     /// plane and where its taps are counted from in an input plane.
     pixels: Vec<(usize, isize)>,
+}
+
+/// Up to [`PIX`] pixels of one class from a group's images.
+struct Tile {
+    class: usize,
+    /// Pixels in the tile (1 to `PIX`; the class's last tile may hold
+    /// fewer); the entries past them repeat the last one and are unused.
+    count: usize,
+    /// Per entry, its pixel's input position from the group's first input
+    /// image and its accumulators' slot in the group's `[image][pixel]`.
+    pos: [isize; PIX],
+    slot: [usize; PIX],
 }
 
 /// The taps `t < k` for which `o + t - top` lies in `0..n`.
@@ -189,14 +207,22 @@ impl Corr {
                 .push(ox);
         }
         let (iw, top, left) = (self.iw as isize, self.top, self.left);
+        let (per_in, in_plane) = (self.r * self.s * OB, (self.ih * self.iw) as isize);
+        let chunk = self.chunk();
         let mut v = Vec::with_capacity(rows.len() * cols.len());
         for (&(r0, r1), oys) in &rows {
             for (&(s0, s1), oxs) in &cols {
-                let taps = (r0..r1)
+                let one: Vec<(usize, isize)> = (r0..r1)
                     .flat_map(|r| (s0..s1).map(move |s| (r, s)))
                     .map(|(r, s)| {
                         let off = (r as isize - top) * iw + s as isize - left;
                         ((r * self.s + s) * OB, off)
+                    })
+                    .collect();
+                let taps = (0..chunk)
+                    .flat_map(|i| {
+                        let (fi, ii) = (i * per_in, i as isize * in_plane);
+                        one.iter().map(move |&(fo, off)| (fi + fo, ii + off))
                     })
                     .collect();
                 let pixels = oys
@@ -204,7 +230,11 @@ impl Corr {
                     .flat_map(|&oy| oxs.iter().map(move |&ox| (oy, ox)))
                     .map(|(oy, ox)| (oy * self.ow + ox, (oy * self.iw + ox) as isize))
                     .collect();
-                v.push(Class { taps, pixels });
+                v.push(Class {
+                    taps,
+                    per_channel: one.len(),
+                    pixels,
+                });
             }
         }
         v
@@ -247,8 +277,16 @@ impl Corr {
     }
 
     /// `out` (`images` outputs of `cout * oh * ow`) from `inp` (the same
-    /// images' inputs, `cin * ih * iw` each) as `job` says.
-    fn run(&self, job: &Job, inp: &[f32], out: &mut [f32]) {
+    /// images' inputs, `cin * ih * iw` each) and the [`Corr::pack`]ed
+    /// filters, plus `bias[o]` when given, through `act`.
+    fn run(
+        &self,
+        packed: &[f32],
+        bias: Option<&[f32]>,
+        act: Activation,
+        inp: &[f32],
+        out: &mut [f32],
+    ) {
         let (in_img, out_img) = (self.cin * self.ih * self.iw, self.cout * self.oh * self.ow);
         let images = out.len() / out_img.max(1);
         let threads = rayon::current_num_threads();
@@ -265,9 +303,21 @@ impl Corr {
         let group = (1..=limit)
             .min_by_key(|&g| (images.div_ceil(g).div_ceil(threads) * g, usize::MAX - g))
             .unwrap_or(1);
+        let classes = self.classes();
+        let job = Job {
+            packed,
+            classes: &classes,
+            bias,
+            act,
+        };
+        // The tiles of a whole group, and of the last group if it is
+        // smaller: positions are relative to a group's first image.
+        let full = self.tiles(&classes, group);
+        let last = self.tiles(&classes, images % group);
         let task = |gi: usize, out: &mut [f32]| {
-            let inp = &inp[gi * group * in_img..][..out.len() / out_img * in_img];
-            self.group(job, inp, out);
+            let n = out.len() / out_img;
+            let inp = &inp[gi * group * in_img..][..n * in_img];
+            self.group(&job, if n == group { &full } else { &last }, inp, out);
         };
         if images > group && threads > 1 {
             out.par_chunks_mut(group * out_img)
@@ -278,6 +328,30 @@ impl Corr {
                 .enumerate()
                 .for_each(|(gi, o)| task(gi, o));
         }
+    }
+
+    /// The tiles of `images` images side by side: per class, its pixels in
+    /// every image in turn, [`PIX`] at a time.
+    fn tiles(&self, classes: &[Class], images: usize) -> Vec<Tile> {
+        let (in_img, out_plane) = (self.cin * self.ih * self.iw, self.oh * self.ow);
+        let mut v = Vec::new();
+        for (ci, class) in classes.iter().enumerate() {
+            let (len, total) = (class.pixels.len(), images * class.pixels.len());
+            for t0 in (0..total).step_by(PIX) {
+                let entry = |j: usize| {
+                    let t = (t0 + j).min(total - 1);
+                    let (img, (po, pi)) = (t / len, class.pixels[t % len]);
+                    ((img * in_img) as isize + pi, img * out_plane + po)
+                };
+                v.push(Tile {
+                    class: ci,
+                    count: PIX.min(total - t0),
+                    pos: std::array::from_fn(|j| entry(j).0),
+                    slot: std::array::from_fn(|j| entry(j).1),
+                });
+            }
+        }
+        v
     }
 
     /// Input channels per chunk of a tile's chain: the chunk's packed
@@ -299,7 +373,7 @@ impl Corr {
     /// each image's block is transposed to planes and goes out with the
     /// bias and the activation. (Written straight from the tiles, 16
     /// scattered stores per pixel cost a fifth of the tiles' time.)
-    fn group(&self, job: &Job, inp: &[f32], out: &mut [f32]) {
+    fn group(&self, job: &Job, tiles: &[Tile], inp: &[f32], out: &mut [f32]) {
         let Job {
             packed,
             classes,
@@ -307,44 +381,11 @@ impl Corr {
             act,
         } = *job;
         let (in_plane, out_plane) = (self.ih * self.iw, self.oh * self.ow);
-        let (in_img, out_img) = (self.cin * in_plane, self.cout * out_plane);
+        let out_img = self.cout * out_plane;
         let per_in = self.r * self.s * OB;
         let per_block = self.cin * per_in;
         let images = out.len() / out_img;
-        // The tiles: (class, entries, input position and scratch slot per
-        // entry; past the entries, the last one's again, unused).
-        let mut tiles: Vec<(usize, usize, [isize; PIX], [usize; PIX])> = Vec::new();
-        for (ci, class) in classes.iter().enumerate() {
-            let (len, total) = (class.pixels.len(), images * class.pixels.len());
-            for t0 in (0..total).step_by(PIX) {
-                let entry = |j: usize| {
-                    let t = (t0 + j).min(total - 1);
-                    let (img, (po, pi)) = (t / len, class.pixels[t % len]);
-                    ((img * in_img) as isize + pi, img * out_plane + po)
-                };
-                tiles.push((
-                    ci,
-                    PIX.min(total - t0),
-                    std::array::from_fn(|j| entry(j).0),
-                    std::array::from_fn(|j| entry(j).1),
-                ));
-            }
-        }
         let chunk = self.chunk();
-        // Per class, its taps over a chunk's channels in one list (filter
-        // and input offsets from the chunk's first channel): one loop in
-        // the tile, no per-channel pointer arithmetic.
-        let chunk_taps: Vec<Vec<(usize, isize)>> = classes
-            .iter()
-            .map(|class| {
-                (0..chunk)
-                    .flat_map(|i| {
-                        let (fi, ii) = (i * per_in, (i * in_plane) as isize);
-                        class.taps.iter().map(move |&(fo, off)| (fi + fo, ii + off))
-                    })
-                    .collect()
-            })
-            .collect();
         let base = inp.as_ptr();
         let acc_len = images * out_plane * OB;
         with_scratch(acc_len + OB * out_plane, |buf| {
@@ -356,21 +397,22 @@ impl Corr {
                     let channels = chunk.min(self.cin - i0);
                     let f = &block[i0 * per_in..][..channels * per_in];
                     let moved = (i0 * in_plane) as isize;
-                    for &(ci, count, pos, slot) in &tiles {
+                    for t in tiles {
                         // Pointers from which the taps' offsets land in
                         // `inp` (the class's taps are the inside ones),
                         // moved to the chunk's first channel; they
                         // themselves may lie before or past `inp`.
-                        let px = pos.map(|p| base.wrapping_offset(p + moved));
-                        let sl = slot.map(|s| ap.wrapping_add(s * OB));
-                        let taps = &chunk_taps[ci][..channels * classes[ci].taps.len()];
+                        let px = t.pos.map(|p| base.wrapping_offset(p + moved));
+                        let sl = t.slot.map(|s| ap.wrapping_add(s * OB));
+                        let class = &classes[t.class];
+                        let taps = &class.taps[..channels * class.per_channel];
                         // SAFETY: AVX2 and FMA (the callers' `Isa` check);
                         // `f` holds whole channels of `per_in` floats; every
                         // `px[j] + i*in_plane + off` of an inside tap is an
                         // element of input channel `i0 + i` of `inp`; each
                         // slot is `OB` floats of `acc` (slot < images *
                         // out_plane).
-                        unsafe { any_tile(lanes > 8, i0 > 0, count, f, taps, &px, &sl) };
+                        unsafe { any_tile(lanes > 8, i0 > 0, t.count, f, taps, &px, &sl) };
                     }
                 }
                 let plain = bias.is_none() && act.kind == ActivationKind::Linear;
@@ -381,11 +423,11 @@ impl Corr {
                         // row: the transposes write them (the data
                         // gradient's copy out was 3% of its time).
                         // SAFETY: AVX2 (the callers' `Isa` check).
-                        unsafe { to_planes(sums, lanes, dst) };
+                        unsafe { transpose(sums, OB, out_plane, lanes, dst, out_plane) };
                         continue;
                     }
                     // SAFETY: AVX2 (the callers' `Isa` check).
-                    unsafe { to_planes(sums, lanes, planes) };
+                    unsafe { transpose(sums, OB, out_plane, lanes, planes, out_plane) };
                     // Bias and activation on the way out, the activation's
                     // kind fixed per loop.
                     for l in 0..lanes {
@@ -406,34 +448,46 @@ impl Corr {
     }
 }
 
-/// The first `lanes` lanes of `sums` (`[pixel][OB]`) transposed into
-/// `planes` (`[lanes][pixels]`), eight pixels x eight lanes at a time in
-/// registers.
+/// `dst[c * dst_ld + r] = src[r * src_ld + c]` for `r < rows`, `c <
+/// cols`: a strided matrix transposed eight by eight in registers, its
+/// edges one element at a time. (The accumulators `[pixel][OB]` to output
+/// planes; `dy`'s planes to pixel-major.)
 ///
 /// # Safety
-/// AVX2; `planes` holds `lanes * pixels` floats, `lanes <= OB`.
+/// AVX2; `src` holds `rows` rows of `src_ld >= cols` floats (the last one
+/// `cols` long), `dst` `cols` rows of `dst_ld >= rows`.
 #[target_feature(enable = "avx2")]
-unsafe fn to_planes(sums: &[f32], lanes: usize, planes: &mut [f32]) {
-    let pixels = sums.len() / OB;
-    debug_assert!(lanes <= OB && planes.len() >= lanes * pixels);
-    let whole = pixels - pixels % 8;
-    // SAFETY: rows p < pixels of `sums`, rows l < lanes and columns <
-    // pixels of `planes`.
+unsafe fn transpose(
+    src: &[f32],
+    src_ld: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    dst_ld: usize,
+) {
+    debug_assert!(
+        rows == 0
+            || cols == 0
+            || ((rows - 1) * src_ld + cols <= src.len() && (cols - 1) * dst_ld + rows <= dst.len())
+    );
+    let (r8, c8) = (rows - rows % 8, cols - cols % 8);
+    // SAFETY: reads at r * src_ld + c and writes at c * dst_ld + r for r <
+    // rows, c < cols only, inside the slices (above).
     unsafe {
-        let (s, d) = (sums.as_ptr(), planes.as_mut_ptr());
-        for p0 in (0..whole).step_by(8) {
-            for half in 0..lanes.div_ceil(8) {
-                let r: [__m256; 8] =
-                    std::array::from_fn(|j| _mm256_loadu_ps(s.add((p0 + j) * OB + 8 * half)));
-                let cols = transpose8(r);
-                for (k, &c) in cols.iter().enumerate().take(lanes - 8 * half) {
-                    _mm256_storeu_ps(d.add((8 * half + k) * pixels + p0), c);
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        for r0 in (0..r8).step_by(8) {
+            for c0 in (0..c8).step_by(8) {
+                let v: [__m256; 8] =
+                    std::array::from_fn(|j| _mm256_loadu_ps(s.add((r0 + j) * src_ld + c0)));
+                for (k, &t) in transpose8(v).iter().enumerate() {
+                    _mm256_storeu_ps(d.add((c0 + k) * dst_ld + r0), t);
                 }
             }
         }
-        for p in whole..pixels {
-            for l in 0..lanes {
-                *d.add(l * pixels + p) = *s.add(p * OB + l);
+        for r in 0..rows {
+            let from = if r < r8 { c8 } else { 0 };
+            for c in from..cols {
+                *d.add(c * dst_ld + r) = *s.add(r * src_ld + c);
             }
         }
     }
@@ -569,15 +623,7 @@ pub(super) fn forward(
     y: &mut [f32],
 ) {
     let corr = Corr::forward(p);
-    let packed = corr.pack(w);
-    let classes = corr.classes();
-    let job = Job {
-        packed: &packed,
-        classes: &classes,
-        bias,
-        act,
-    };
-    corr.run(&job, x, y);
+    corr.run(&corr.pack(w), bias, act, x, y);
 }
 
 /// `dx` (checked by the caller): the correlation of `dy` with `w`
@@ -585,15 +631,7 @@ pub(super) fn forward(
 /// required.
 pub(super) fn backward_data(p: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let corr = Corr::data(p);
-    let packed = corr.pack_turned(w);
-    let classes = corr.classes();
-    let job = Job {
-        packed: &packed,
-        classes: &classes,
-        bias: None,
-        act: Activation::LINEAR,
-    };
-    corr.run(&job, dy, dx);
+    corr.run(&corr.pack_turned(w), None, Activation::LINEAR, dy, dx);
 }
 
 /// Filter taps `(c, r, s)` per tile of the filter gradient: its broadcast
@@ -631,18 +669,18 @@ pub(super) fn backward_filter(p: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32])
                 for (b, planes) in dyi.chunks(OB * ohw).enumerate() {
                     let dst = &mut dyt[b * per_block + m * ohw * OB..][..ohw * OB];
                     // SAFETY: AVX2 (the callers' `Isa` check).
-                    unsafe { to_pixels(planes, ohw, dst) };
+                    unsafe { transpose(planes, ohw, planes.len() / ohw, ohw, dst, OB) };
                 }
             }
             let (xp, dyt) = (&*xp, &*dyt);
             let mut sums = [[0.0f32; OB]; FT];
+            let shape = (count, xp_len, p.out_h, p.out_w, g.wp);
             for (b, block) in dyt.chunks_exact(per_block).enumerate() {
                 let (k0, lanes) = (b * OB, OB.min(p.k - b * OB));
                 for t0 in (0..taps).step_by(FT) {
                     // Taps past the last read offset 0 (discarded).
                     let o: [usize; FT] =
                         std::array::from_fn(|j| offs.get(t0 + j).copied().unwrap_or(0));
-                    let shape = (count, xp_len, p.out_h, p.out_w, g.wp);
                     // SAFETY: AVX2 and FMA (the callers' `Isa` check);
                     // `block` holds `count` images of `ohw` pixels of `OB`
                     // floats; image m's padded input is `xp_len` floats at
@@ -709,39 +747,6 @@ unsafe fn filter_tile<const V: usize>(
         for (dst, a) in sums.iter_mut().zip(&acc) {
             for (v, &s) in a.iter().enumerate() {
                 _mm256_storeu_ps(dst.as_mut_ptr().add(8 * v), s);
-            }
-        }
-    }
-}
-
-/// Up to `OB` planes of `pixels` (`planes`, `[k][pixels]`) into
-/// pixel-major `dst` (`[pixels][OB]`, lanes past the planes untouched),
-/// eight planes x eight pixels at a time in registers.
-///
-/// # Safety
-/// AVX2; `dst` holds `pixels * OB` floats.
-#[target_feature(enable = "avx2")]
-unsafe fn to_pixels(planes: &[f32], pixels: usize, dst: &mut [f32]) {
-    let rows = planes.len() / pixels.max(1);
-    debug_assert!(rows <= OB && dst.len() >= pixels * OB);
-    let whole = pixels - pixels % 8;
-    // SAFETY: plane rows < rows, pixels < pixels; dst rows < pixels.
-    unsafe {
-        let (s, d) = (planes.as_ptr(), dst.as_mut_ptr());
-        for k0 in (0..rows - rows % 8).step_by(8) {
-            for p0 in (0..whole).step_by(8) {
-                let r: [__m256; 8] =
-                    std::array::from_fn(|j| _mm256_loadu_ps(s.add((k0 + j) * pixels + p0)));
-                for (j, &c) in transpose8(r).iter().enumerate() {
-                    _mm256_storeu_ps(d.add((p0 + j) * OB + k0), c);
-                }
-            }
-        }
-        // The rest: planes past the last eight, pixels past the last eight.
-        for k in 0..rows {
-            let from = if k < rows - rows % 8 { whole } else { 0 };
-            for q in from..pixels {
-                *d.add(q * OB + k) = *s.add(k * pixels + q);
             }
         }
     }

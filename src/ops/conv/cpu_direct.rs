@@ -89,7 +89,7 @@ pub(super) struct Grid {
 }
 
 impl Grid {
-    pub(super) fn plane(&self) -> usize {
+    fn plane(&self) -> usize {
         self.hp * self.wp
     }
     /// Floats from one channel's plane to the next in the padded buffer:
@@ -101,7 +101,7 @@ impl Grid {
     /// channel and row, evict each other (`docs/perf-log.md`). Smaller
     /// planes lie side by side in the sets anyway. Only the addresses
     /// change, not what is added, so the bits stay the same.
-    pub(super) fn stride(&self) -> usize {
+    fn stride(&self) -> usize {
         const WAY: usize = 1024;
         const NEAR: usize = 128;
         let plane = self.plane();
